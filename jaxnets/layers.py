@@ -16,6 +16,7 @@ Conventions (shared with :mod:`jaxnets.conv`):
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxnets._checks import check_choice, check_dim, check_ndim
 
@@ -62,3 +63,325 @@ def linear_backward(params, cache, dy):
     """dW = x^T dy,  db = sum_batch dy,  dx = dy W^T."""
     x = cache
     return {"w": x.T @ dy, "b": dy.sum(axis=0)}, dy @ params["w"].T
+
+
+# ------------------------------------------------------------------------ activations
+# Each activation caches what its derivative is cheapest to compute from: the input x
+# for piecewise/exponential units, the output y for tanh and sigmoid.
+
+
+def relu(x):
+    """y = max(x, 0). Cache: x."""
+    return jnp.maximum(x, 0), x
+
+
+def relu_backward(cache, dy):
+    """dx = dy * [x > 0]."""
+    return jnp.where(cache > 0, dy, 0)
+
+
+def leaky_relu(x, *, negative_slope=0.01):
+    """y = x if x > 0 else negative_slope * x. Cache: x."""
+    return jnp.where(x > 0, x, negative_slope * x), x
+
+
+def leaky_relu_backward(cache, dy, *, negative_slope=0.01):
+    """dx = dy if x > 0 else negative_slope * dy."""
+    return jnp.where(cache > 0, dy, negative_slope * dy)
+
+
+def elu(x, *, alpha=1.0):
+    """y = x if x > 0 else alpha * (exp(x) - 1). Cache: x."""
+    return jnp.where(x > 0, x, alpha * jnp.expm1(jnp.minimum(x, 0))), x
+
+
+def elu_backward(cache, dy, *, alpha=1.0):
+    """dx = dy if x > 0 else dy * alpha * exp(x)."""
+    x = cache
+    return jnp.where(x > 0, dy, dy * alpha * jnp.exp(jnp.minimum(x, 0)))
+
+
+SELU_ALPHA = 1.6732632423543772
+SELU_SCALE = 1.0507009873554805
+
+
+def selu(x):
+    """y = scale * (x if x > 0 else alpha * (exp(x) - 1)), Klambauer et al.'s constants."""
+    y, _ = elu(x, alpha=SELU_ALPHA)
+    return SELU_SCALE * y, x
+
+
+def selu_backward(cache, dy):
+    """dx = scale * dy * (1 if x > 0 else alpha * exp(x))."""
+    return SELU_SCALE * elu_backward(cache, dy, alpha=SELU_ALPHA)
+
+
+def tanh(x):
+    """y = tanh(x). Cache: y."""
+    y = jnp.tanh(x)
+    return y, y
+
+
+def tanh_backward(cache, dy):
+    """dx = dy * (1 - y^2)."""
+    return dy * (1 - cache * cache)
+
+
+def sigmoid(x):
+    """y = 1 / (1 + exp(-x)). Cache: y."""
+    y = jax.nn.sigmoid(x)
+    return y, y
+
+
+def sigmoid_backward(cache, dy):
+    """dx = dy * y * (1 - y)."""
+    return dy * cache * (1 - cache)
+
+
+ACTIVATIONS = {
+    "relu": (relu, relu_backward),
+    "leaky_relu": (leaky_relu, leaky_relu_backward),
+    "elu": (elu, elu_backward),
+    "selu": (selu, selu_backward),
+    "tanh": (tanh, tanh_backward),
+    "sigmoid": (sigmoid, sigmoid_backward),
+}
+
+
+def activation(name):
+    """The ``(forward, backward)`` pair of the activation called ``name`` (default settings)."""
+    check_choice("activation", "activation", name, tuple(ACTIVATIONS))
+    return ACTIVATIONS[name]
+
+
+# --------------------------------------------------------------------- softmax, losses
+
+
+def softmax(x):
+    """y_i = exp(x_i - max x) / sum_j exp(x_j - max x) over the last axis. Cache: y."""
+    y = jax.nn.softmax(x, axis=-1)
+    return y, y
+
+
+def softmax_backward(cache, dy):
+    """dx = y * (dy - sum_j dy_j y_j)."""
+    y = cache
+    return y * (dy - jnp.sum(dy * y, axis=-1, keepdims=True))
+
+
+def log_softmax(x):
+    """y = x - logsumexp(x) over the last axis. Cache: softmax(x)."""
+    y = jax.nn.log_softmax(x, axis=-1)
+    return y, jnp.exp(y)
+
+
+def log_softmax_backward(cache, dy):
+    """dx = dy - softmax(x) * sum_j dy_j."""
+    return dy - cache * jnp.sum(dy, axis=-1, keepdims=True)
+
+
+def _targets(layer, logits, labels, label_smoothing):
+    """Dense (B, C) target distributions from integer labels or soft/one-hot targets."""
+    check_ndim(layer, "logits", logits, 2)
+    batch, classes = logits.shape
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        check_ndim(layer, "integer labels", labels, 1)
+        check_dim(layer, "integer labels", labels, 0, batch, "entries (batch size)")
+        if not isinstance(labels, jax.core.Tracer):  # concrete labels: check their values
+            values = np.asarray(labels)
+            low, high = int(values.min()), int(values.max())
+            if low < 0 or high >= classes:
+                raise ValueError(
+                    f"{layer}: labels must lie in [0, {classes}), got values in [{low}, {high}]"
+                )
+        targets = jax.nn.one_hot(labels, classes, dtype=logits.dtype)
+    else:
+        if labels.shape != logits.shape:
+            raise ValueError(
+                f"{layer}: soft targets must have the logits' shape {tuple(logits.shape)}, "
+                f"got {tuple(labels.shape)}"
+            )
+        targets = labels.astype(logits.dtype)
+    if label_smoothing:
+        targets = (1 - label_smoothing) * targets + label_smoothing / classes
+    return targets
+
+
+def softmax_cross_entropy(logits, labels, *, label_smoothing=0.0):
+    """Mean over the batch of -sum_c t_c log softmax(logits)_c.
+
+    ``labels`` are integer class indices (B,) or target distributions (B, C) (one-hot or
+    soft). With ``label_smoothing`` e, targets become (1 - e) t + e / C. Computed from
+    log-softmax, so it stays finite for logits of any magnitude. Cache: (softmax, targets).
+    """
+    targets = _targets("softmax_cross_entropy", logits, labels, label_smoothing)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    loss = -jnp.sum(targets * logp) / logits.shape[0]
+    return loss, (jnp.exp(logp), targets)
+
+
+def softmax_cross_entropy_backward(cache, dloss=1.0):
+    """dlogits = dloss * (softmax(logits) - t) / B."""
+    probs, targets = cache
+    return dloss * (probs - targets) / probs.shape[0]
+
+
+def l2_penalty(params, *, strength):
+    """0.5 * strength * sum of w^2 over every leaf named ``"w"`` (weights, not biases/BN).
+
+    Cache: params.
+    """
+    value = sum(jnp.sum(w * w) for _, w in _weight_leaves(params))
+    return 0.5 * strength * value, params
+
+
+def l2_penalty_backward(cache, dvalue=1.0, *, strength):
+    """d/dw = dvalue * strength * w for weights; zero for every other leaf."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: dvalue * strength * leaf if _is_weight(path) else jnp.zeros_like(leaf),
+        cache,
+    )
+
+
+def _is_weight(path):
+    last = path[-1] if path else None
+    return isinstance(last, jax.tree_util.DictKey) and last.key == "w"
+
+
+def _weight_leaves(params):
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    return [(path, leaf) for path, leaf in flat if _is_weight(path)]
+
+
+# -------------------------------------------------------------------------- dropout
+
+
+def dropout(x, *, rate, key=None, train=True):
+    """Inverted dropout: y = x * m / (1 - rate), m ~ Bernoulli(1 - rate) drawn from ``key``.
+
+    Exactly the identity when ``train`` is False or ``rate`` is 0. Cache: the scaled mask
+    m / (1 - rate), or None for the identity.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout: rate must be in [0, 1), got {rate}")
+    if not train or rate == 0.0:
+        return x, None
+    if key is None:
+        raise ValueError("dropout: training with rate > 0 needs a PRNG key (key=...)")
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    scale = jnp.where(keep, 1.0 / (1.0 - rate), 0.0).astype(x.dtype)
+    return x * scale, scale
+
+
+def dropout_backward(cache, dy):
+    """dx = dy * m / (1 - rate) (the identity in eval)."""
+    return dy if cache is None else dy * cache
+
+
+# -------------------------------------------------------------------- normalisation
+
+
+def batch_norm_init(num_features, dtype=jnp.float32):
+    """``params = {"gamma": 1, "beta": 0}`` and ``state = {"mean": 0, "var": 1}``, each (F,)."""
+    params = {"gamma": jnp.ones((num_features,), dtype), "beta": jnp.zeros((num_features,), dtype)}
+    state = {"mean": jnp.zeros((num_features,), dtype), "var": jnp.ones((num_features,), dtype)}
+    return params, state
+
+
+def batch_norm(params, state, x, *, train, momentum=0.1, eps=1e-5, axis_name=None):
+    """Batch normalisation over every axis but the last (features/channels).
+
+    Training: mu, var = batch mean and biased variance; xhat = (x - mu) / sqrt(var + eps);
+    y = gamma * xhat + beta. The running statistics follow PyTorch:
+    mean <- (1 - momentum) mean + momentum mu, var <- (1 - momentum) var + momentum
+    var * n / (n - 1) (unbiased), n = elements per feature. Evaluation uses the running
+    statistics and leaves them unchanged. ``axis_name`` (inside ``shard_map``/``pmap``)
+    averages the statistics across devices (synchronised BN).
+
+    Returns ``(y, cache, new_state)``; cache = (xhat, 1 / sqrt(var + eps)).
+    """
+    check_ndim("batch_norm", "input", x, (2, 4))
+    check_dim("batch_norm", "input", x, -1, params["gamma"].shape[0], "features")
+    axes = tuple(range(x.ndim - 1))
+    if train:
+        # Two passes (mean, then mean squared deviation): E[x^2] - E[x]^2 cancels badly
+        # in float32 when |mean| >> std.
+        mean = jnp.mean(x, axis=axes)
+        count = x.size // x.shape[-1]
+        if axis_name is not None:
+            mean = jax.lax.pmean(mean, axis_name)
+        var = jnp.mean(jnp.square(x - mean), axis=axes)
+        if axis_name is not None:
+            var = jax.lax.pmean(var, axis_name)
+            count = count * jax.lax.psum(1, axis_name)
+        unbiased = var * (count / max(count - 1, 1))
+        new_state = {
+            "mean": (1 - momentum) * state["mean"] + momentum * jax.lax.stop_gradient(mean),
+            "var": (1 - momentum) * state["var"] + momentum * jax.lax.stop_gradient(unbiased),
+        }
+    else:
+        mean, var, new_state = state["mean"], state["var"], state
+    inv_std = jax.lax.rsqrt(var + eps)
+    xhat = (x - mean) * inv_std
+    return params["gamma"] * xhat + params["beta"], (xhat, inv_std), new_state
+
+
+def batch_norm_backward(params, cache, dy, *, train, axis_name=None):
+    """Gradients of batch norm; sums run over every axis but the last, n elements each.
+
+    dgamma = sum(dy * xhat),  dbeta = sum(dy),  and with g = dy * gamma:
+    training: dx = inv_std / n * (n g - sum(g) - xhat * sum(g * xhat));
+    evaluation (constant statistics): dx = g * inv_std.
+    With ``axis_name`` the two sums inside dx are taken over all devices too.
+    """
+    xhat, inv_std = cache
+    axes = tuple(range(dy.ndim - 1))
+    dgamma = jnp.sum(dy * xhat, axis=axes)
+    dbeta = jnp.sum(dy, axis=axes)
+    g = dy * params["gamma"]
+    if not train:
+        return {"gamma": dgamma, "beta": dbeta}, g * inv_std
+    sum_g = jnp.sum(g, axis=axes)
+    sum_gx = jnp.sum(g * xhat, axis=axes)
+    count = dy.size // dy.shape[-1]
+    if axis_name is not None:
+        sum_g, sum_gx = jax.lax.psum((sum_g, sum_gx), axis_name)
+        count = count * jax.lax.psum(1, axis_name)
+    dx = inv_std / count * (count * g - sum_g - xhat * sum_gx)
+    return {"gamma": dgamma, "beta": dbeta}, dx
+
+
+def layer_norm_init(num_features, dtype=jnp.float32):
+    """``{"gamma": 1, "beta": 0}``, each (F,)."""
+    return {"gamma": jnp.ones((num_features,), dtype), "beta": jnp.zeros((num_features,), dtype)}
+
+
+def layer_norm(params, x, *, eps=1e-5):
+    """Per-sample normalisation over the last axis (F features), no running statistics.
+
+    mu, var = mean and biased variance of each row; xhat = (x - mu) / sqrt(var + eps);
+    y = gamma * xhat + beta. Cache: (xhat, 1 / sqrt(var + eps)).
+    """
+    check_dim("layer_norm", "input", x, -1, params["gamma"].shape[0], "features")
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    inv_std = jax.lax.rsqrt(var + eps)
+    xhat = (x - mean) * inv_std
+    return params["gamma"] * xhat + params["beta"], (xhat, inv_std)
+
+
+def layer_norm_backward(params, cache, dy):
+    """With g = dy * gamma and sums over the F features of each row:
+    dx = inv_std / F * (F g - sum(g) - xhat * sum(g * xhat));
+    dgamma = sum over rows of dy * xhat, dbeta = sum over rows of dy.
+    """
+    xhat, inv_std = cache
+    rows = tuple(range(dy.ndim - 1))
+    g = dy * params["gamma"]
+    features = dy.shape[-1]
+    dx = inv_std / features * (
+        features * g
+        - jnp.sum(g, axis=-1, keepdims=True)
+        - xhat * jnp.sum(g * xhat, axis=-1, keepdims=True)
+    )
+    return {"gamma": jnp.sum(dy * xhat, axis=rows), "beta": jnp.sum(dy, axis=rows)}, dx

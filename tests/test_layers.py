@@ -1,0 +1,228 @@
+"""Hand-written backward passes of the dense layers vs jax.vjp and finite differences."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gradcheck import finite_difference_error, vjp_error
+from jaxnets import layers as L
+
+F64 = jnp.float64
+
+
+def normal(seed, shape, scale=1.0):
+    # numpy, not jax.random: compiling threefry for every shape costs seconds.
+    return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), F64)
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def check(forward, manual, primals, seed=0):
+    assert vjp_error(forward, manual, primals, seed) < 1e-6
+    assert finite_difference_error(forward, manual, primals, seed=seed) < 1e-5
+
+
+BATCHES = [1, 3, 8]
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("fan_in,fan_out", [(5, 4), (1, 7)])
+def test_linear(batch, fan_in, fan_out):
+    params = L.linear_init(jax.random.PRNGKey(1), fan_in, fan_out, scheme="pytorch", dtype=F64)
+    x = normal(2, (batch, fan_in))
+    check(
+        lambda p, x: L.linear(p, x)[0],
+        lambda p, x, dy: L.linear_backward(p, L.linear(p, x)[1], dy),
+        (params, x),
+    )
+
+
+ACTIVATION_KWARGS = {"leaky_relu": {"negative_slope": 0.2}, "elu": {"alpha": 0.7}}
+
+
+@pytest.mark.parametrize("name", sorted(L.ACTIVATIONS) + ["softmax", "log_softmax"])
+@pytest.mark.parametrize("shape", [(1, 5), (7, 3), (2, 3, 5, 4)])
+def test_activation(name, shape):
+    forward = getattr(L, name)
+    backward = getattr(L, name + "_backward")
+    kwargs = ACTIVATION_KWARGS.get(name, {})
+    x = normal(3, shape, 2.0)
+    check(
+        lambda x: forward(x, **kwargs)[0],
+        lambda x, dy: (backward(forward(x, **kwargs)[1], dy, **kwargs),),
+        (x,),
+    )
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("label_form", ["int", "onehot", "soft"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_softmax_cross_entropy(batch, label_form, smoothing):
+    classes = 6
+    logits = normal(4, (batch, classes), 3.0)
+    ints = jnp.asarray(np.random.default_rng(5).integers(0, classes, batch))
+    labels = {
+        "int": ints,
+        "onehot": jax.nn.one_hot(ints, classes, dtype=F64),
+        "soft": jax.nn.softmax(normal(6, (batch, classes))),
+    }[label_form]
+    check(
+        lambda z: L.softmax_cross_entropy(z, labels, label_smoothing=smoothing)[0],
+        lambda z, dl: (
+            L.softmax_cross_entropy_backward(
+                L.softmax_cross_entropy(z, labels, label_smoothing=smoothing)[1], dl
+            ),
+        ),
+        (logits,),
+    )
+
+
+def test_cross_entropy_matches_formula_and_forms_agree():
+    logits = normal(7, (5, 4))
+    labels = jnp.array([0, 3, 1, 1, 2])
+    expected = -np.mean(np.asarray(jax.nn.log_softmax(logits))[np.arange(5), labels])
+    got_int, _ = L.softmax_cross_entropy(logits, labels)
+    got_onehot, _ = L.softmax_cross_entropy(logits, jax.nn.one_hot(labels, 4, dtype=F64))
+    np.testing.assert_allclose(got_int, expected, rtol=1e-12)
+    np.testing.assert_allclose(got_onehot, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_cross_entropy_finite_for_huge_logits(dtype):
+    logits = jnp.array([[1e4, -1e4, 0.0], [-1e4, 1e4, 5e3]], dtype)
+    loss, cache = L.softmax_cross_entropy(logits, jnp.array([1, 0]))
+    grad = L.softmax_cross_entropy_backward(cache)
+    assert np.isfinite(loss) and loss > 1e3
+    assert np.all(np.isfinite(grad))
+
+
+def test_l2_penalty():
+    params = {"a": {"w": normal(8, (3, 4)), "b": normal(9, (4,))}, "bn": {"gamma": normal(10, (4,))}}
+    value, cache = L.l2_penalty(params, strength=0.3)
+    np.testing.assert_allclose(value, 0.15 * np.sum(np.asarray(params["a"]["w"]) ** 2), rtol=1e-12)
+    check(
+        lambda p: L.l2_penalty(p, strength=0.3)[0],
+        lambda p, dv: (L.l2_penalty_backward(L.l2_penalty(p, strength=0.3)[1], dv, strength=0.3),),
+        (params,),
+    )
+
+
+@pytest.mark.parametrize("shape", [(1, 6), (9, 5), (2, 3, 3, 4)])
+def test_dropout_backward(shape):
+    key = jax.random.PRNGKey(11)
+    check(
+        lambda x: L.dropout(x, rate=0.3, key=key)[0],
+        lambda x, dy: (L.dropout_backward(L.dropout(x, rate=0.3, key=key)[1], dy),),
+        (normal(12, shape),),
+    )
+
+
+def test_dropout_keep_rate_scale_and_eval_identity():
+    x = jnp.ones((200, 500), F64)
+    y, _ = L.dropout(x, rate=0.25, key=jax.random.PRNGKey(0))
+    kept = np.mean(np.asarray(y) != 0)
+    assert abs(kept - 0.75) < 0.01
+    np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 1 / 0.75])
+    assert abs(float(y.mean()) - 1.0) < 0.02  # inverted dropout keeps the expectation
+    x = normal(1, (4, 5))
+    y, cache = L.dropout(x, rate=0.5, key=jax.random.PRNGKey(0), train=False)
+    assert y is x and cache is None
+    with pytest.raises(ValueError, match="dropout"):
+        L.dropout(x, rate=1.0, key=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="PRNG key"):
+        L.dropout(x, rate=0.5)
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("shape", [(2, 5), (7, 3), (3, 5, 7, 4), (1, 3, 3, 2)])
+def test_batch_norm_backward(train, shape):
+    params, state = L.batch_norm_init(shape[-1], F64)
+    params = {"gamma": normal(13, params["gamma"].shape) + 1.0, "beta": normal(14, params["beta"].shape)}
+    state = {"mean": normal(15, state["mean"].shape), "var": jnp.exp(normal(16, state["var"].shape))}
+    x = normal(17, shape, 2.0) + 0.5
+
+    def forward(p, x):
+        return L.batch_norm(p, state, x, train=train)[0]
+
+    def manual(p, x, dy):
+        return L.batch_norm_backward(p, L.batch_norm(p, state, x, train=train)[1], dy, train=train)
+
+    check(forward, manual, (params, x))
+
+
+def test_batch_norm_statistics_and_running_update():
+    params, state = L.batch_norm_init(6, F64)
+    x = normal(18, (64, 6), 3.0) + 7.0
+    y, _, new_state = L.batch_norm(params, state, x, train=True, momentum=0.1)
+    assert np.max(np.abs(np.asarray(y.mean(0)))) < 1e-5
+    assert np.max(np.abs(np.asarray(y.var(0)) - 1.0)) < 0.1
+    batch_mean, batch_var = np.asarray(x.mean(0)), np.asarray(x.var(0, ddof=1))
+    np.testing.assert_allclose(new_state["mean"], 0.9 * 0.0 + 0.1 * batch_mean, rtol=1e-10)
+    np.testing.assert_allclose(new_state["var"], 0.9 * 1.0 + 0.1 * batch_var, rtol=1e-10)
+    # Evaluation normalises with the running statistics and leaves them as they are.
+    y_eval, _, same_state = L.batch_norm(params, new_state, x, train=False)
+    expected = (np.asarray(x) - new_state["mean"]) / np.sqrt(np.asarray(new_state["var"]) + 1e-5)
+    np.testing.assert_allclose(y_eval, expected, rtol=1e-10)
+    assert same_state is new_state
+
+
+def test_batch_norm_conv_statistics_per_channel():
+    params, state = L.batch_norm_init(3, F64)
+    x = normal(19, (4, 5, 5, 3)) * jnp.array([1.0, 5.0, 0.1]) + jnp.array([2.0, -3.0, 9.0])
+    y, _, _ = L.batch_norm(params, state, x, train=True)
+    assert np.max(np.abs(np.asarray(y.mean((0, 1, 2))))) < 1e-5
+    assert np.max(np.abs(np.asarray(y.var((0, 1, 2))) - 1.0)) < 0.1
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (6, 3), (2, 4, 4, 3)])
+def test_layer_norm(shape):
+    params = {"gamma": normal(20, shape[-1:]) + 1.0, "beta": normal(21, shape[-1:])}
+    x = normal(22, shape, 2.0) - 1.0
+    check(
+        lambda p, x: L.layer_norm(p, x)[0],
+        lambda p, x, dy: L.layer_norm_backward(p, L.layer_norm(p, x)[1], dy),
+        (params, x),
+    )
+    y, _ = L.layer_norm(L.layer_norm_init(shape[-1], F64), x)
+    assert np.max(np.abs(np.asarray(y.mean(-1)))) < 1e-5
+    if shape[-1] > 2:
+        assert np.max(np.abs(np.asarray(y.var(-1)) - 1.0)) < 0.1
+
+
+def test_bad_inputs_name_the_layer_and_shapes():
+    params = L.linear_init(jax.random.PRNGKey(0), 4, 3)
+    with pytest.raises(ValueError, match=r"linear: input has 5 features .*expects 4"):
+        L.linear(params, jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match=r"linear: input must be 2-D"):
+        L.linear(params, jnp.ones((2, 2, 4)))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\).*\[0, 3\]"):
+        L.softmax_cross_entropy(jnp.zeros((2, 3)), jnp.array([0, 3]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\).*\[-1, 1\]"):
+        L.softmax_cross_entropy(jnp.zeros((2, 3)), jnp.array([-1, 1]))
+    with pytest.raises(ValueError, match="integer labels has 3 entries"):
+        L.softmax_cross_entropy(jnp.zeros((2, 3)), jnp.array([0, 1, 2]))
+    with pytest.raises(ValueError, match="soft targets"):
+        L.softmax_cross_entropy(jnp.zeros((2, 3)), jnp.zeros((2, 4)))
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        L.activation("swish")
+    with pytest.raises(ValueError, match="unknown init scheme 'xavier'"):
+        L.linear_init(jax.random.PRNGKey(0), 2, 2, scheme="xavier")
+    bn_params, bn_state = L.batch_norm_init(4)
+    with pytest.raises(ValueError, match="batch_norm: input has 3 features"):
+        L.batch_norm(bn_params, bn_state, jnp.ones((2, 3)), train=True)
+
+
+def test_init_scales():
+    key = jax.random.PRNGKey(0)
+    w = L.linear_init(key, 1000, 400, scheme="kaiming")["w"]
+    assert abs(float(w.std()) - np.sqrt(2 / 1000)) < 0.002
+    w = L.linear_init(key, 1000, 400, scheme="course")["w"]
+    assert abs(float(w.std()) - 1e-4) < 2e-6
+    p = L.linear_init(key, 100, 400, scheme="pytorch")
+    assert float(jnp.abs(p["w"]).max()) <= 0.1 and float(jnp.abs(p["b"]).max()) <= 0.1
+    assert float(p["w"].std()) > 0.05
