@@ -1,0 +1,550 @@
+"""Datasets: MNIST and CIFAR-10 as uint8 NHWC numpy arrays.
+
+Two ways in:
+
+* **Offline files** (numpy only, no TensorFlow): the standard distribution files.
+
+  - MNIST: the four IDX files ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+    ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each gzipped (``.gz``, as
+    published) or not.
+  - CIFAR-10: the extracted ``cifar-10-batches-py/`` directory (``data_batch_1`` ..
+    ``data_batch_5``, ``test_batch``) or the official ``cifar-10-python.tar.gz``.
+
+* **tensorflow-datasets**: ``tfds.load(name, batch_size=-1, as_supervised=True)``. It needs
+  TensorFlow (the ``jaxnets[tfds]`` extra) and, the first time, internet access.
+
+Where the files are looked for (``root`` is the ``data_dir`` argument, else the
+``JAXNETS_DATA_DIR`` environment variable):
+
+================  ===========================================================================
+MNIST             ``root/`` itself if it holds any of the four files, else ``root/mnist/``
+CIFAR-10          ``root/`` if it *is* the batches directory (holds ``data_batch_1``), else
+                  ``root/cifar-10-batches-py/``, ``root/cifar10/cifar-10-batches-py/``,
+                  ``root/cifar-10-python.tar.gz``, ``root/cifar10/cifar-10-python.tar.gz``
+                  (first that exists; the extracted directory loads faster than the tarball)
+================  ===========================================================================
+
+So one ``JAXNETS_DATA_DIR`` can serve both datasets, e.g. ``DIR/mnist/*.gz`` beside
+``DIR/cifar-10-batches-py/``, and ``data_dir`` may also point straight at the folder with
+the files. Nothing is cached on disk; loading MNIST takes well under a second and
+CIFAR-10 from the batches directory about one.
+
+Every problem with the files (missing, truncated, corrupt, inconsistent) raises
+:class:`DataError` with a one-line message that names the file and what was expected; the
+CLI prints it and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import io
+import os
+import pickle
+import tarfile
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "Dataset",
+    "load_dataset",
+    "normalization_stats",
+    "split_validation",
+]
+
+#: Names accepted by :func:`load_dataset`.
+DATASETS = ("mnist", "cifar10")
+
+#: Environment variable consulted when ``data_dir`` is not given.
+DATA_DIR_ENV = "JAXNETS_DATA_DIR"
+
+_SOURCES = ("auto", "files", "tfds")
+_NUM_CLASSES = {"mnist": 10, "cifar10": 10}
+
+MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+CIFAR10_BATCHES_DIR = "cifar-10-batches-py"
+CIFAR10_TARBALL = "cifar-10-python.tar.gz"
+CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_BATCH = "test_batch"
+
+_IDX_UBYTE_MAGIC = {1: 0x00000801, 3: 0x00000803}  # ndim -> magic for unsigned-byte IDX
+
+
+class DataError(Exception):
+    """A dataset could not be loaded: missing, truncated, corrupt or inconsistent files,
+    or tensorflow-datasets could not provide it. The message is a single line."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """A labelled image dataset held in host memory.
+
+    Attributes:
+        name: ``"mnist"`` or ``"cifar10"``.
+        train_images: uint8 array ``(N_train, H, W, C)`` (NHWC; MNIST has ``C == 1``).
+        train_labels: int32 array ``(N_train,)`` with values in ``[0, num_classes)``.
+        test_images: uint8 array ``(N_test, H, W, C)``.
+        test_labels: int32 array ``(N_test,)``.
+        num_classes: number of classes (10 for both datasets).
+        source: where the data came from: ``"files:<path>"`` (a directory or tarball) or
+            ``"tfds:<data_dir>"`` (``"tfds:default"`` for tfds's own default directory).
+    """
+
+    name: str
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+    source: str
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(H, W, C)`` of one image."""
+        return tuple(self.train_images.shape[1:])
+
+    def __repr__(self) -> str:
+        return (
+            f"Dataset(name={self.name!r}, train={self.train_images.shape}, "
+            f"test={self.test_images.shape}, num_classes={self.num_classes}, "
+            f"source={self.source!r})"
+        )
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
+                 source: str = "auto") -> Dataset:
+    """Load MNIST or CIFAR-10 as uint8 NHWC arrays with int32 labels.
+
+    Args:
+        name: ``"mnist"`` or ``"cifar10"``.
+        data_dir: directory with the standard files (see the module docstring for where
+            they are looked for). With ``source="tfds"`` it is passed to ``tfds.load`` as
+            its ``data_dir`` instead.
+        source: ``"files"`` reads the offline files from ``data_dir``, else from
+            ``$JAXNETS_DATA_DIR``; ``"tfds"`` uses tensorflow-datasets; ``"auto"`` (default)
+            reads files when ``data_dir`` or ``$JAXNETS_DATA_DIR`` is given (and then does not
+            fall back to tfds: a wrong directory is reported, not papered over), else tfds.
+
+    Returns:
+        A :class:`Dataset`.
+
+    Raises:
+        ValueError: unknown ``name`` or ``source``.
+        DataError: the data could not be read (one-line message naming the file).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if source not in _SOURCES:
+        raise ValueError(f"unknown source {source!r}; choose one of {', '.join(_SOURCES)}")
+
+    if source == "tfds":
+        return _load_tfds(name, data_dir)
+    root = data_dir if data_dir not in (None, "") else os.environ.get(DATA_DIR_ENV) or None
+    if root is None:
+        if source == "files":
+            raise DataError(
+                f"no data directory for {name}: pass --data-dir DIR (or set {DATA_DIR_ENV}) "
+                f"with the standard files"
+            )
+        return _load_tfds(name, None)
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data directory {root} does not exist or is not a directory")
+    if name == "mnist":
+        return _load_mnist(root)
+    return _load_cifar10(root)
+
+
+def normalization_stats(train_images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation of images on the [0, 1] scale.
+
+    Args:
+        train_images: ``(N, H, W, C)`` array; uint8 values are divided by 255, floating
+            values are taken to be on [0, 1] already.
+
+    Returns:
+        ``(mean, std)``, each a float32 array of shape ``(C,)`` (population std, ddof=0).
+        Sums are accumulated in float64 over chunks (exact for uint8 input), so no
+        full-size float copy of the set is made.
+    """
+    x = np.asarray(train_images)
+    if x.ndim != 4:
+        raise ValueError(f"normalization_stats: expected (N, H, W, C) images, got shape {x.shape}")
+    if x.shape[0] == 0:
+        raise ValueError("normalization_stats: no images")
+    scale = 255.0 if x.dtype == np.uint8 else 1.0
+    n, c = x.shape[0], x.shape[-1]
+    flat = x.reshape(n, -1)  # (N, H*W*C); column j belongs to channel j % C
+    total = np.zeros(flat.shape[1], np.float64)
+    total_sq = np.zeros(flat.shape[1], np.float64)
+    chunk = max(1, (1 << 22) // flat.shape[1])  # ~4M values (16 MB of float32) a chunk
+    for start in range(0, n, chunk):
+        # uint8 values and their squares are exact in float32; the sums are in float64.
+        part = flat[start:start + chunk].astype(np.float32)
+        total += part.sum(axis=0, dtype=np.float64)
+        part *= part
+        total_sq += part.sum(axis=0, dtype=np.float64)
+    count = x.size // c
+    mean = total.reshape(-1, c).sum(axis=0) / count
+    var = np.maximum(total_sq.reshape(-1, c).sum(axis=0) / count - mean * mean, 0.0)
+    return (mean / scale).astype(np.float32), (np.sqrt(var) / scale).astype(np.float32)
+
+
+def split_validation(images: np.ndarray, labels: np.ndarray, val_size: int, seed: int):
+    """Split off a random validation set, deterministically.
+
+    The examples are drawn with ``np.random.default_rng(seed).permutation(N)``: the first
+    ``val_size`` indices form the validation set, the rest the training set. Both keep the
+    original relative order of their examples, so the same ``(N, val_size, seed)`` always
+    gives the same split and ``val_size=0`` returns the input unchanged.
+
+    Args:
+        images: ``(N, ...)`` array.
+        labels: ``(N,)`` array.
+        val_size: number of validation examples, ``0 <= val_size < N``.
+        seed: integer seed for the permutation.
+
+    Returns:
+        ``(train_x, train_y, val_x, val_y)``.
+
+    Raises:
+        ValueError: ``val_size`` out of range, or images and labels of different lengths.
+    """
+    n = len(images)
+    if len(labels) != n:
+        raise ValueError(f"split_validation: {n} images but {len(labels)} labels")
+    if isinstance(val_size, bool) or int(val_size) != val_size:
+        raise ValueError(f"split_validation: val_size must be an integer, got {val_size!r}")
+    val_size = int(val_size)
+    if not 0 <= val_size < n:
+        raise ValueError(
+            f"split_validation: val_size must be in [0, {n}) for {n} examples, got {val_size}"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    val_idx = np.sort(perm[:val_size])
+    train_idx = np.sort(perm[val_size:])
+    return images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]
+
+
+# --------------------------------------------------------------------------- MNIST (IDX)
+
+
+def _find_mnist_dir(root: Path) -> Path:
+    """``root`` if it holds any MNIST file, else ``root/mnist`` if that is a directory."""
+    for base in MNIST_FILES.values():
+        if (root / (base + ".gz")).is_file() or (root / base).is_file():
+            return root
+    return root / "mnist" if (root / "mnist").is_dir() else root
+
+
+def _load_mnist(root: Path) -> Dataset:
+    folder = _find_mnist_dir(root)
+    arrays = {}
+    for key, base in MNIST_FILES.items():
+        path = _find_file(folder, (base + ".gz", base))
+        if path is None:
+            found_any = any((folder / f).is_file()
+                            for b in MNIST_FILES.values() for f in (b, b + ".gz"))
+            searched = str(folder) if found_any else f"{root} (nor in {root / 'mnist'})"
+            expected = ", ".join(b + ".gz" for b in MNIST_FILES.values())
+            raise DataError(
+                f"MNIST file {base}.gz not found in {searched}; expected {expected} "
+                f"(gzipped or not)"
+            )
+        arrays[key] = (path, read_idx(path, ndim=3 if key.endswith("images") else 1))
+    out = {}
+    for split in ("train", "test"):
+        (ipath, images), (lpath, labels) = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.shape[0] != labels.shape[0]:
+            raise DataError(
+                f"{lpath} has {labels.shape[0]} labels but {ipath.name} has "
+                f"{images.shape[0]} images; expected equal counts"
+            )
+        out[f"{split}_images"] = images[..., None]
+        out[f"{split}_labels"] = _checked_labels(labels, 10, lpath)
+    return Dataset(name="mnist", num_classes=10, source=f"files:{folder}", **out)
+
+
+def read_idx(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
+    """Read an unsigned-byte IDX file (gzipped if its name ends in ``.gz``) as uint8.
+
+    Args:
+        path: the file.
+        ndim: expected number of dimensions (3 for images, 1 for labels), or None for any.
+
+    Raises:
+        DataError: unreadable file, truncated gzip, wrong magic number, or a payload size
+            that does not match the header's dimensions.
+    """
+    path = Path(path)
+    data = _read_bytes(path, gz=path.name.endswith(".gz"))
+    if len(data) < 4:
+        raise DataError(f"{path}: {len(data)} bytes, too short for an IDX header")
+    magic = int.from_bytes(data[:4], "big")
+    dims_in_header = data[3]
+    if data[0] != 0 or data[1] != 0 or data[2] != 0x08 or not 1 <= dims_in_header <= 4:
+        want = f"0x{_IDX_UBYTE_MAGIC[ndim]:08x}" if ndim in _IDX_UBYTE_MAGIC else "0x000008NN"
+        raise DataError(
+            f"{path}: bad magic number 0x{magic:08x}; expected {want} (unsigned-byte IDX file)"
+        )
+    if ndim is not None and dims_in_header != ndim:
+        raise DataError(
+            f"{path}: magic number 0x{magic:08x} says {dims_in_header}-D data; expected "
+            f"0x{_IDX_UBYTE_MAGIC.get(ndim, 0x800 + ndim):08x} ({ndim}-D)"
+        )
+    header = 4 + 4 * dims_in_header
+    if len(data) < header:
+        raise DataError(f"{path}: {len(data)} bytes, too short for its {header}-byte IDX header")
+    dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims_in_header))
+    want = int(np.prod(dims, dtype=np.int64))
+    have = len(data) - header
+    if have != want:
+        raise DataError(
+            f"{path}: {have} bytes of data after the header, but its dimensions "
+            f"{'x'.join(map(str, dims))} need {want}"
+        )
+    return np.frombuffer(data, np.uint8, offset=header).reshape(dims).copy()
+
+
+# --------------------------------------------------------------------------- CIFAR-10
+
+
+def _load_cifar10(root: Path) -> Dataset:
+    if (root / CIFAR10_TRAIN_BATCHES[0]).is_file() or (root / CIFAR10_TEST_BATCH).is_file():
+        batches_dir = root
+    else:
+        batches_dir = next((p for p in (root / CIFAR10_BATCHES_DIR,
+                                        root / "cifar10" / CIFAR10_BATCHES_DIR) if p.is_dir()),
+                           None)
+    if batches_dir is not None:
+        blobs = {}
+        for b in CIFAR10_TRAIN_BATCHES + (CIFAR10_TEST_BATCH,):
+            path = batches_dir / b
+            if not path.is_file():
+                raise DataError(
+                    f"CIFAR-10 file {b} not found in {batches_dir}; expected "
+                    f"{', '.join(CIFAR10_TRAIN_BATCHES)}, {CIFAR10_TEST_BATCH}"
+                )
+            blobs[b] = (str(path), _read_bytes(path, gz=False))
+        return _cifar10_from_blobs(blobs, f"files:{batches_dir}")
+
+    tarball = next((p for p in (root / CIFAR10_TARBALL, root / "cifar10" / CIFAR10_TARBALL)
+                    if p.is_file()), None)
+    if tarball is None:
+        raise DataError(
+            f"CIFAR-10 not found in {root}: expected {CIFAR10_BATCHES_DIR}/ (data_batch_1..5, "
+            f"test_batch) or {CIFAR10_TARBALL} there or in {root / 'cifar10'}"
+        )
+    return _cifar10_from_blobs(_read_cifar10_tarball(tarball), f"files:{tarball}")
+
+
+def _read_cifar10_tarball(tarball: Path) -> dict:
+    """Raw bytes of each batch file inside the official tarball, keyed by batch name."""
+    wanted = set(CIFAR10_TRAIN_BATCHES + (CIFAR10_TEST_BATCH,))
+    blobs = {}
+    try:
+        with tarfile.open(tarball, "r:gz") as tar:
+            for member in tar:
+                base = member.name.rstrip("/").rsplit("/", 1)[-1]
+                if member.isfile() and base in wanted and base not in blobs:
+                    blobs[base] = (f"{tarball}:{member.name}", tar.extractfile(member).read())
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise DataError(
+            f"{tarball}: truncated or corrupt tar.gz ({_one_line(e)}); expected the official "
+            f"{CIFAR10_TARBALL}"
+        ) from None
+    missing = [b for b in CIFAR10_TRAIN_BATCHES + (CIFAR10_TEST_BATCH,) if b not in blobs]
+    if missing:
+        raise DataError(
+            f"{tarball}: no {', '.join(missing)} inside; expected {CIFAR10_BATCHES_DIR}/"
+            f"data_batch_1..5 and test_batch"
+        )
+    return blobs
+
+
+def _cifar10_from_blobs(blobs: dict, source: str) -> Dataset:
+    parts = {b: _parse_cifar_batch(label, raw) for b, (label, raw) in blobs.items()}
+    train = [parts[b] for b in CIFAR10_TRAIN_BATCHES]
+    return Dataset(
+        name="cifar10",
+        train_images=np.concatenate([x for x, _ in train]),
+        train_labels=np.concatenate([y for _, y in train]),
+        test_images=parts[CIFAR10_TEST_BATCH][0],
+        test_labels=parts[CIFAR10_TEST_BATCH][1],
+        num_classes=10,
+        source=source,
+    )
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickler that only builds numpy arrays (and plain containers).
+
+    The CIFAR-10 batches are pickles; refusing every other global keeps a doctored file
+    from running code while still reading the official files and those of build_cifar10.py.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+        ("copy_reg", "_reconstructor"),
+        ("copyreg", "_reconstructor"),
+        ("__builtin__", "object"),
+        ("builtins", "object"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        with warnings.catch_warnings():  # numpy 2 warns on the numpy.core names old pickles use
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return super().find_class(module, name)
+
+
+def _parse_cifar_batch(label: str, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N,32,32,3) uint8, labels (N,) int32) from one pickled batch's bytes."""
+    try:
+        obj = _BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as e:  # pickle raises many types on garbage: EOFError, KeyError, ...
+        raise DataError(
+            f"{label}: truncated or not a CIFAR-10 pickle ({type(e).__name__}: "
+            f"{_one_line(e)}); expected a pickled dict with b'data' and b'labels'"
+        ) from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{label}: holds a {type(obj).__name__}; expected a dict with "
+                        f"b'data' and b'labels'")
+    data, labels = _get(obj, "data"), _get(obj, "labels")
+    if data is None or labels is None:
+        raise DataError(f"{label}: no b'data' or b'labels' entry; expected a CIFAR-10 batch")
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(
+            f"{label}: b'data' is {data.dtype} of shape {data.shape}; expected uint8 (N, 3072)"
+        )
+    try:
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{label}: b'labels' is not a list of integers ({_one_line(e)})") from None
+    if labels.shape[0] != data.shape[0]:
+        raise DataError(
+            f"{label}: {data.shape[0]} images but {labels.shape[0]} labels; expected equal counts"
+        )
+    images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    return images, _checked_labels(labels, 10, label)
+
+
+def _get(d: dict, key: str):
+    """``d[b"key"]`` or ``d["key"]`` (pickles written from Python 3 may use str keys)."""
+    return d.get(key.encode(), d.get(key))
+
+
+# --------------------------------------------------------------------------- tfds
+
+
+def _tensorflow_available() -> bool:
+    """Whether TensorFlow is importable (tfds cannot load anything without it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def _load_tfds(name: str, data_dir) -> Dataset:
+    hint = (
+        f"pass --data-dir DIR with the standard {name} files "
+        + ("(train-images-idx3-ubyte.gz, ...)" if name == "mnist"
+           else f"({CIFAR10_BATCHES_DIR}/ or {CIFAR10_TARBALL})")
+    )
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise DataError(f"tensorflow-datasets is not installed, so {name} can't be "
+                        f"downloaded; {hint}") from None
+    if not _tensorflow_available():
+        raise DataError(f"tensorflow-datasets needs TensorFlow (pip install 'jaxnets[tfds]') "
+                        f"to load {name}; {hint}")
+    tfds_name = {"mnist": "mnist", "cifar10": "cifar10"}[name]
+    out = {}
+    try:
+        for split in ("train", "test"):
+            ds = tfds.load(tfds_name, split=split, batch_size=-1, as_supervised=True,
+                           data_dir=None if data_dir is None else str(data_dir))
+            images, labels = ds  # eager tf.Tensors (batch_size=-1): the whole split
+            out[f"{split}_images"] = np.asarray(images)
+            out[f"{split}_labels"] = np.asarray(labels)
+    except Exception as e:  # no internet, no TensorFlow, broken download dir, ...
+        raise DataError(f"tensorflow-datasets could not provide {name} "
+                        f"({type(e).__name__}: {_one_line(e)}); {hint}") from None
+    for split in ("train", "test"):
+        images, labels = out[f"{split}_images"], out[f"{split}_labels"]
+        where = f"tfds {tfds_name} {split} split"
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise DataError(f"{where}: images are {images.dtype} {images.shape}; "
+                            f"expected uint8 (N, H, W, C)")
+        if labels.shape != (images.shape[0],):
+            raise DataError(f"{where}: {images.shape[0]} images but labels of shape "
+                            f"{labels.shape}; expected equal counts")
+        out[f"{split}_images"] = np.ascontiguousarray(images)
+        out[f"{split}_labels"] = _checked_labels(labels, _NUM_CLASSES[name], where)
+    return Dataset(name=name, num_classes=_NUM_CLASSES[name],
+                   source=f"tfds:{data_dir if data_dir is not None else 'default'}", **out)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _find_file(folder: Path, names) -> Path | None:
+    for n in names:
+        if (folder / n).is_file():
+            return folder / n
+    return None
+
+
+def _read_bytes(path: Path, gz: bool) -> bytes:
+    """Whole file contents, gunzipped if ``gz``; every failure becomes a DataError."""
+    try:
+        if gz:
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{path}: truncated or corrupt gzip ({_one_line(e)}); "
+                        f"expected a complete .gz file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({_one_line(e)})") from None
+
+
+def _checked_labels(labels: np.ndarray, num_classes: int, where) -> np.ndarray:
+    """Labels as int32, after checking every one is in ``[0, num_classes)``."""
+    labels = np.asarray(labels).reshape(-1)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(
+            f"{where}: labels range {int(labels.min())}..{int(labels.max())}; expected "
+            f"0..{num_classes - 1}"
+        )
+    return labels.astype(np.int32)
+
+
+def _one_line(e: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."

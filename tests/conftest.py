@@ -1,0 +1,95 @@
+"""Shared pytest fixtures: where the real datasets live.
+
+The real data sits in ``shared/data`` beside the checkout (``../shared`` from the repo
+root), or wherever ``JAXNETS_SHARED_DATA`` points. It is read in place, never copied into
+the repo. Tests that need it are skipped, with the reason, when it is absent.
+
+CIFAR-10 is shipped as JPEGs and has to be converted to the standard
+``cifar-10-batches-py/`` layout by ``shared/tools/build_cifar10.py`` (about a minute). The
+``cifar10_dir`` fixture does that once per test session: into ``$JAXNETS_CIFAR10_DIR`` when
+set (a persistent cache: reused when already built, so later sessions skip the build),
+else into a temporary directory of the session.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
+                 "data_batch_5", "test_batch", "batches.meta")
+
+
+def _shared_dir() -> Path:
+    env = os.environ.get("JAXNETS_SHARED_DATA")
+    return Path(env).expanduser().resolve() if env else (REPO_ROOT / ".." / "shared" / "data").resolve()
+
+
+def _cifar10_built(root: Path) -> bool:
+    return all((root / "cifar-10-batches-py" / f).is_file() for f in CIFAR10_FILES)
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """``shared/data`` (or ``$JAXNETS_SHARED_DATA``); skips when it does not exist."""
+    path = _shared_dir()
+    if not path.is_dir():
+        pytest.skip(f"shared data not found at {path} (set JAXNETS_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(shared_data_dir) -> Path:
+    """Directory holding the four standard MNIST IDX ``.gz`` files."""
+    path = shared_data_dir / "mnist"
+    if not (path / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"MNIST files not found in {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir(tmp_path_factory) -> Path:
+    """Directory that contains ``cifar-10-batches-py/`` (built once per session, or cached).
+
+    ``$JAXNETS_CIFAR10_DIR`` is used as a cache when set: if it already holds a complete
+    build it is returned as is, otherwise the build is written there (atomically: into a
+    temporary sibling first, then renamed). Without it the build goes to a session temp dir.
+    """
+    env = os.environ.get("JAXNETS_CIFAR10_DIR")
+    root = Path(env).expanduser().resolve() if env else None
+    if root is not None and _cifar10_built(root):
+        return root
+
+    shared = _shared_dir()
+    tool = shared.parent / "tools" / "build_cifar10.py"
+    source = shared / "cifar10-jpeg.tar.gz"
+    if not tool.is_file() or not source.is_file():
+        pytest.skip(f"cannot build CIFAR-10: {tool} or {source} missing")
+    try:
+        import PIL  # noqa: F401  (build_cifar10.py needs Pillow)
+    except ImportError:
+        pytest.skip("cannot build CIFAR-10: Pillow is not installed")
+
+    if root is None:
+        root = tmp_path_factory.mktemp("cifar10")
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
+    try:
+        proc = subprocess.run([sys.executable, str(tool), str(staging)],
+                              capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            pytest.fail(f"build_cifar10.py failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        target = root / "cifar-10-batches-py"
+        if target.exists():  # an incomplete earlier build
+            shutil.rmtree(target)
+        os.replace(staging / "cifar-10-batches-py", target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return root
