@@ -23,8 +23,12 @@ from jaxnets._checks import check_choice, check_dim, check_ndim
 # ----------------------------------------------------------------------------- linear
 
 
-def linear_init(key, fan_in, fan_out, *, scheme="kaiming", dtype=jnp.float32):
+def linear_init(key, fan_in, fan_out, *, scheme="kaiming", bias=True, dtype=jnp.float32):
     """Parameters ``{"w": (fan_in, fan_out), "b": (fan_out,)}`` of a linear layer.
+
+    ``bias=False`` leaves out ``"b"``: for a layer followed by batch norm, whose mean
+    subtraction cancels any bias (its gradient is exactly zero, and an optimizer like Adam
+    would only amplify the rounding noise in it).
 
     Schemes: ``"kaiming"`` w ~ N(0, 2/fan_in) (He et al., for ReLU-like units);
     ``"lecun"`` w ~ N(0, 1/fan_in) (used for the first layer, whose input is not a ReLU
@@ -46,23 +50,27 @@ def linear_init(key, fan_in, fan_out, *, scheme="kaiming", dtype=jnp.float32):
         bound = 1.0 / jnp.sqrt(fan_in)
         w = jax.random.uniform(wkey, shape, dtype, -bound, bound)
         b = jax.random.uniform(bkey, (fan_out,), dtype, -bound, bound)
-    return {"w": w, "b": b}
+    return {"w": w, "b": b} if bias else {"w": w}
 
 
 INIT_SCHEMES = ("kaiming", "lecun", "pytorch", "course")
 
 
 def linear(params, x):
-    """y = x W + b for x of shape (B, fan_in). Cache: x."""
+    """y = x W + b for x of shape (B, fan_in) (no b when params has no ``"b"``). Cache: x."""
     check_ndim("linear", "input", x, 2)
     check_dim("linear", "input", x, 1, params["w"].shape[0], "features")
-    return x @ params["w"] + params["b"], x
+    y = x @ params["w"]
+    return (y + params["b"] if "b" in params else y), x
 
 
 def linear_backward(params, cache, dy):
     """dW = x^T dy,  db = sum_batch dy,  dx = dy W^T."""
     x = cache
-    return {"w": x.T @ dy, "b": dy.sum(axis=0)}, dy @ params["w"].T
+    grads = {"w": x.T @ dy}
+    if "b" in params:
+        grads["b"] = dy.sum(axis=0)
+    return grads, dy @ params["w"].T
 
 
 # ------------------------------------------------------------------------ activations

@@ -40,6 +40,8 @@ def _first_layer_scheme(scheme):
 class MLP:
     """Multi-layer perceptron: [linear -> (batch_norm) -> activation -> (dropout)] * n -> linear.
 
+    A linear layer followed by batch norm has no bias (BN's beta takes its place).
+
     ``hidden=()`` gives multinomial logistic regression. Image batches (B, H, W, C) are
     flattened. ``init`` is one of ``"kaiming"`` (He normal; first layer 1/sqrt(fan_in)),
     ``"pytorch"`` (``torch.nn.Linear``'s uniform) or ``"course"`` (N(0, 1e-4^2)).
@@ -76,6 +78,7 @@ class MLP:
                 fan_in,
                 fan_out,
                 scheme=_first_layer_scheme(self.init_scheme) if i == 0 else self.init_scheme,
+                bias=not (self.batch_norm and i < len(self.hidden)),
                 dtype=self.dtype,
             )
             for i, (k, fan_in, fan_out) in enumerate(zip(keys, sizes[:-1], sizes[1:]))

@@ -5,16 +5,18 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def rel_error(a, b):
-    """max|a - b| / max(1e-8, max|a| + max|b|) over all leaves of two pytrees.
+def rel_error(a, b, floor=1e-8):
+    """max|a - b| / max(floor, max|a| + max|b|), the worst over all leaves of two pytrees.
 
-    Normalised by the leaves' scale rather than element by element, so entries that are
-    zero up to rounding (sums that cancel) do not dominate.
+    Normalised by each leaf's scale rather than element by element, so entries that are
+    zero up to rounding (sums that cancel) do not dominate. ``floor`` keeps leaves that are
+    zero in exact arithmetic (the bias of a linear layer followed by batch norm) from
+    comparing rounding noise with rounding noise.
     """
     errors = jax.tree_util.tree_map(
         lambda x, y: float(
             np.max(np.abs(np.asarray(x) - np.asarray(y)), initial=0.0)
-            / max(1e-8, np.max(np.abs(x), initial=0.0) + np.max(np.abs(y), initial=0.0))
+            / max(floor, np.max(np.abs(x), initial=0.0) + np.max(np.abs(y), initial=0.0))
         ),
         a,
         b,

@@ -1,0 +1,151 @@
+"""Whole-model manual backprop vs jax.grad, shapes, vmap, and bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gradcheck import assert_same_structure, rel_error
+from jaxnets import models as M
+
+
+def data(seed, shape, classes, dtype):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal(shape), dtype)
+    y = jnp.asarray(rng.integers(0, classes, shape[0]), jnp.int32)
+    return x, y
+
+
+def compare_paths(model, batch, dtype, **loss_kwargs):
+    params, state = model.init(jax.random.PRNGKey(0))
+    params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
+    state = jax.tree_util.tree_map(lambda a: a.astype(dtype), state)
+    shape = (batch, model.input_size) if isinstance(model, M.MLP) else (batch, *model.input_shape)
+    x, y = data(1, shape, model.classes, dtype)
+    kwargs = dict(key=jax.random.PRNGKey(2), **loss_kwargs)
+    (loss_a, state_a), grads_a = jax.jit(lambda p: M.autodiff_value_and_grad(model, p, state, x, y, **kwargs))(params)
+    (loss_m, state_m), grads_m = jax.jit(lambda p: M.manual_value_and_grad(model, p, state, x, y, **kwargs))(params)
+    assert_same_structure(grads_a, grads_m)
+    assert_same_structure(state_a, state_m)
+    np.testing.assert_allclose(loss_a, loss_m, rtol=1e-6)
+    assert rel_error(state_a, state_m) < 1e-6
+    # Leaves that are zero in exact arithmetic (a linear bias in front of batch norm) hold
+    # only rounding noise, ~1e-8 in float32: compare those at 1e-3 of the gradients' scale.
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(grads_a))
+    floor = 1e-8 if dtype == jnp.float64 else 1e-3 * scale
+    return rel_error(grads_a, grads_m, floor=floor)
+
+
+MLP_CASES = {
+    "logreg": dict(hidden=()),
+    "relu-bn-dropout": dict(hidden=(16, 9), batch_norm=True, dropout=0.3),
+    "elu-dropout": dict(hidden=(11,), activation="elu", dropout=0.2),
+    "tanh-bn": dict(hidden=(8, 8, 5), activation="tanh", batch_norm=True),
+    "sigmoid-course-init": dict(hidden=(7,), activation="sigmoid", init_scheme="pytorch"),
+    "selu-leaky": dict(hidden=(6,), activation="selu"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MLP_CASES))
+@pytest.mark.parametrize("batch", [1, 5])
+def test_mlp_manual_matches_autodiff_float64(case, batch):
+    if batch == 1 and MLP_CASES[case].get("batch_norm"):
+        batch = 2  # batch statistics of one example are degenerate (xhat = 0)
+    model = M.MLP(input_size=13, classes=4, **MLP_CASES[case])
+    with jax.enable_x64(True):
+        assert compare_paths(model, batch, jnp.float64, l2=0.01, label_smoothing=0.1) < 1e-6
+
+
+def test_mlp_manual_matches_autodiff_float32():
+    model = M.MLP(input_size=3072, hidden=(128, 64), batch_norm=True, dropout=0.2)
+    assert compare_paths(model, 32, jnp.float32) < 1e-4
+
+
+SMALL_VGG = (4, "M", 6, 6, "M")
+
+
+@pytest.mark.parametrize("preact", [False, True])
+def test_convnet_manual_matches_autodiff_float64(preact):
+    model = M.ConvNet(input_shape=(7, 5, 3), plan=SMALL_VGG, classes=3, preact=preact)
+    with jax.enable_x64(True):
+        assert compare_paths(model, 3, jnp.float64, l2=0.01) < 1e-6
+
+
+@pytest.mark.parametrize("preact", [False, True])
+def test_course_convnet_manual_matches_autodiff_float32(preact):
+    model = M.ConvNet(preact=preact)
+    assert compare_paths(model, 4, jnp.float32) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "model,shape",
+    [
+        (M.MLP(input_size=784, hidden=(30,)), (5, 28, 28, 1)),
+        (M.MLP(input_size=20, hidden=()), (3, 20)),
+        (M.ConvNet(), (2, 32, 32, 3)),
+        (M.ConvNet(input_shape=(28, 28, 1)), (2, 28, 28, 1)),
+        (M.ConvNet(input_shape=(28, 28, 1), preact=True), (2, 28, 28, 1)),
+    ],
+)
+def test_init_and_apply_agree_on_shapes(model, shape):
+    params, state = model.init(jax.random.PRNGKey(0))
+    x = jnp.zeros(shape)
+    logits, new_state = jax.eval_shape(lambda p, s: model.apply(p, s, x, train=True), params, state)
+    assert logits.shape == (shape[0], model.classes)
+    assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
+
+
+def test_eval_mode_is_deterministic_and_keeps_state():
+    model = M.MLP(input_size=10, hidden=(8,), batch_norm=True, dropout=0.5)
+    params, state = model.init(jax.random.PRNGKey(0))
+    x, _ = data(0, (6, 10), 10, jnp.float32)
+    a, s1 = model.apply(params, state, x, train=False)
+    b, _ = model.apply(params, state, x, train=False)
+    np.testing.assert_array_equal(a, b)
+    assert s1 is state or jax.tree_util.tree_all(jax.tree_util.tree_map(lambda u, v: bool(jnp.all(u == v)), s1, state))
+    with pytest.raises(ValueError, match="PRNG key"):
+        model.apply(params, state, x, train=True)
+
+
+def test_vmap_over_params():
+    model = M.MLP(input_size=12, hidden=(8,), batch_norm=True)
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    params, state = jax.vmap(model.init)(keys)
+    x, y = data(0, (5, 12), 10, jnp.float32)
+    (losses, _), grads = jax.vmap(lambda p, s: M.manual_value_and_grad(model, p, s, x, y))(params, state)
+    assert losses.shape == (3,)
+    for i in range(3):
+        p_i = jax.tree_util.tree_map(lambda a: a[i], params)
+        s_i = jax.tree_util.tree_map(lambda a: a[i], state)
+        (loss_i, _), grads_i = M.autodiff_value_and_grad(model, p_i, s_i, x, y)
+        np.testing.assert_allclose(losses[i], loss_i, rtol=1e-5)
+        assert rel_error(jax.tree_util.tree_map(lambda a: a[i], grads), grads_i) < 1e-4
+
+
+def test_bad_input_errors():
+    mlp = M.MLP(input_size=784, hidden=(10,))
+    params, state = mlp.init(jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"MLP: input has 3072 features .*expects 784"):
+        mlp.apply(params, state, jnp.zeros((2, 32, 32, 3)), train=False)
+    with pytest.raises(ValueError, match=r"MLP: input must be 2-D or 4-D"):
+        mlp.apply(params, state, jnp.zeros((2, 28, 28)), train=False)
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        M.MLP(input_size=4, activation="gelu")
+    with pytest.raises(ValueError, match="unknown init scheme 'glorot'"):
+        M.MLP(input_size=4, init_scheme="glorot")
+    net = M.ConvNet()
+    params, state = net.init(jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"ConvNet: input images have shape \(28, 28, 1\)"):
+        net.apply(params, state, jnp.zeros((2, 28, 28, 1)), train=False)
+    with pytest.raises(ValueError, match=r"ConvNet: input must be 4-D"):
+        net.apply(params, state, jnp.zeros((2, 32, 32)), train=False)
+    with pytest.raises(ValueError, match="gradient path"):
+        M.value_and_grad(mlp, None, None, None, None, grad="numeric")
+
+
+def test_flops_per_example():
+    assert M.flops_per_example(M.MLP(input_size=3072, hidden=(512, 512))) == 2 * (3072 * 512 + 512 * 512 + 5120)
+    # The course ConvNet: conv FLOPs of 32x32x3 -> ... -> 1x1x512, plus the head.
+    expected = 2 * (32 * 32 * 9 * 3 * 64 + 16 * 16 * 9 * 64 * 128 + 8 * 8 * 9 * (128 * 256 + 256 * 256)
+                    + 4 * 4 * 9 * (256 * 512 + 512 * 512) + 2 * 2 * 9 * 2 * 512 * 512 + 512 * 10)
+    assert M.flops_per_example(M.ConvNet()) == expected

@@ -1,0 +1,182 @@
+"""End-to-end runs of the trainer and the CLI on the real data, and its fault handling."""
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import train as cli
+from jaxnets import data as D
+from jaxnets import training as T
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "checkpoint.msgpack")
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_dir):
+    return D.load_dataset("mnist", mnist_dir)
+
+
+def small(dataset, n_train, n_test):
+    return D.Dataset(dataset.name, dataset.train_images[:n_train], dataset.train_labels[:n_train],
+                     dataset.test_images[:n_test], dataset.test_labels[:n_test], dataset.num_classes,
+                     dataset.source)
+
+
+def config(tmp_path, **kwargs):
+    base = dict(out=str(tmp_path / "run"), progress=False, hidden_units=(64,), dropout=0.0, val_size=500)
+    base.update(kwargs)
+    return T.TrainConfig(**base)
+
+
+@pytest.mark.slow
+def test_one_epoch_mlp_on_real_mnist(mnist, tmp_path):
+    summary = T.train(config(tmp_path, epochs=1, hidden_units=(256,), val_size=5000), dataset=mnist, log=lambda *_: None)
+    assert summary["test_accuracy"] > 0.90
+    run = tmp_path / "run"
+    for name in OUTPUTS:
+        assert (run / name).stat().st_size > 0, name
+    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert list(metrics[0]) == ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+                                "seconds", "images_per_second", "steps"]
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["config"]["hidden_units"] == [256] and saved["environment"]["backend"] == "cpu"
+
+
+def test_manual_and_autodiff_give_the_same_loss_curve(mnist, tmp_path):
+    # SGD with momentum: Adam divides by sqrt(v), which in the first steps turns float32
+    # rounding differences in near-zero gradient entries into full-size steps, so two
+    # correct paths drift apart by ~1e-3 within an epoch there.
+    data = small(mnist, 3000, 500)
+    curves = {}
+    for grad in ("autodiff", "manual"):
+        cfg = config(tmp_path / grad, epochs=3, grad=grad, batch_norm=True, dropout=0.3, hidden_units=(64, 32),
+                     optimizer="momentum", lr=0.05)
+        T.train(cfg, dataset=data, log=lambda *_: None)
+        curves[grad] = [json.loads(l) for l in (tmp_path / grad / "run" / "metrics.jsonl").read_text().splitlines()]
+    for a, m in zip(curves["autodiff"], curves["manual"]):
+        for key in ("train_loss", "val_loss"):
+            assert abs(a[key] - m[key]) <= 1e-4 * abs(a[key]), (key, a[key], m[key])
+
+
+def test_same_seed_same_result(mnist, tmp_path):
+    data = small(mnist, 2000, 300)
+    a = T.train(config(tmp_path / "a", epochs=1, dropout=0.2), dataset=data, log=lambda *_: None)
+    b = T.train(config(tmp_path / "b", epochs=1, dropout=0.2), dataset=data, log=lambda *_: None)
+    assert a["test_loss"] == b["test_loss"]
+
+
+def test_resume_after_interrupt_matches_uninterrupted_run(mnist, tmp_path):
+    data = small(mnist, 2000, 300)
+    kwargs = dict(epochs=3, dropout=0.2, batch_norm=True, schedule="cosine")
+    full_params = {}
+    full = T.train(config(tmp_path / "full", **kwargs), dataset=data, log=lambda *_: None,
+                   on_epoch_end=lambda r, p, s: full_params.update(p=p))
+
+    def stop_after_first(record, params, state):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        T.train(config(tmp_path / "cut", **kwargs), dataset=data, log=lambda *_: None, on_epoch_end=stop_after_first)
+    run = tmp_path / "cut" / "run"
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    resumed_params = {}
+    resumed = T.train(config(tmp_path / "cut", **kwargs), dataset=data, resume=run, log=lambda *_: None,
+                      on_epoch_end=lambda r, p, s: resumed_params.update(p=p))
+    assert resumed["test_accuracy"] == full["test_accuracy"]
+    assert resumed["test_loss"] == full["test_loss"]
+    for a, b in zip(jax.tree_util.tree_leaves(full_params["p"]), jax.tree_util.tree_leaves(resumed_params["p"])):
+        np.testing.assert_array_equal(a, b)
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_resume_with_mismatched_model_is_refused(mnist, tmp_path):
+    data = small(mnist, 1000, 100)
+    T.train(config(tmp_path, epochs=1), dataset=data, log=lambda *_: None)
+    with pytest.raises(T.TrainingError, match=r"hidden_units: checkpoint \(64,\) vs requested \(32,\)"):
+        T.train(config(tmp_path, epochs=2, hidden_units=(32,)), dataset=data, resume=tmp_path / "run")
+    with pytest.raises(T.TrainingError, match="no config.json"):
+        T.train(config(tmp_path, epochs=2), dataset=data, resume=tmp_path)
+
+
+def test_existing_run_directory_is_not_overwritten(mnist, tmp_path):
+    data = small(mnist, 1000, 100)
+    T.train(config(tmp_path, epochs=1), dataset=data, log=lambda *_: None)
+    before = (tmp_path / "run" / "summary.json").read_text()
+    with pytest.raises(T.TrainingError, match="already holds files"):
+        T.train(config(tmp_path, epochs=1), dataset=data, log=lambda *_: None)
+    assert (tmp_path / "run" / "summary.json").read_text() == before
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(mnist, tmp_path):
+    data = small(mnist, 2000, 100)
+    # Plain SGD at lr 1e4 on a deep-ish tanh-free net blows up within the second epoch.
+    logs = []
+    cfg = config(tmp_path, epochs=2, optimizer="sgd", lr=1e4, schedule="step", hidden_units=(64, 64), chunk_steps=4)
+    summary = T.train(cfg, dataset=data, log=logs.append)
+    assert summary["status"].startswith("diverged: non-finite loss at step")
+    assert "test_accuracy" not in summary
+    assert any("non-finite loss at step" in line for line in logs)
+
+
+def test_augment_keeps_shapes_and_content():
+    images = np.arange(2 * 8 * 8 * 3, dtype=np.uint8).reshape(2, 8, 8, 3)
+    out = np.asarray(T.augment(jax.random.key(0), images, pad=2))
+    assert out.shape == images.shape and out.dtype == np.uint8
+    # Every crop is a window of the zero-padded image, possibly flipped.
+    for img, crop in zip(images, out):
+        padded = np.pad(img, ((2, 2), (2, 2), (0, 0)))
+        windows = [padded[i:i + 8, j:j + 8] for i in range(5) for j in range(5)]
+        assert any(np.array_equal(crop, w) or np.array_equal(crop, w[:, ::-1]) for w in windows)
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+def test_cli_unknown_choice_lists_valid_ones(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--optimizer", "lbfgs"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'lbfgs'" in capsys.readouterr().err
+
+
+def test_cli_missing_data_file_is_one_line_exit_2(tmp_path):
+    data_dir = tmp_path / "mnist"
+    data_dir.mkdir()
+    (data_dir / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03" + b"\x00" * 12))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--dataset", "mnist", "--data-dir", str(data_dir),
+         "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "train-images-idx3-ubyte.gz" in lines[0]
+
+
+def test_cli_flags_reach_the_config():
+    args = cli.build_parser().parse_args(
+        ["--preset", "course_mlp", "--lr", "0.01", "--hidden-units", "300,100", "--batch-norm", "--no-progress"])
+    cfg = cli.config_from_args(args)
+    assert cfg.lr == 0.01 and cfg.hidden_units == (300, 100) and cfg.batch_norm and not cfg.progress
+    assert cfg.optimizer == "sgd" and cfg.init == "course"  # from the preset
+
+
+@pytest.mark.slow
+def test_short_convnet_run_on_cifar10_subset(cifar10_dir, tmp_path):
+    dataset = small(D.load_dataset("cifar10", cifar10_dir), 640, 200)
+    cfg = config(tmp_path, model="convnet", dataset="cifar10", epochs=1, batch_size=32, val_size=128,
+                 augment=True, chunk_steps=8)
+    summary = T.train(cfg, dataset=dataset, log=lambda *_: None)
+    assert summary["status"] == "completed" and 0.0 <= summary["test_accuracy"] <= 1.0
+    for name in OUTPUTS:
+        assert (tmp_path / "run" / name).stat().st_size > 0, name

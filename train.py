@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Train an MLP or ConvNet on MNIST or CIFAR-10: a thin CLI over :func:`jaxnets.training.train`.
+
+    python train.py --model mlp --dataset mnist
+    python train.py --model mlp --dataset mnist --data-dir ../shared/data/mnist --epochs 10
+    python train.py --preset course_mlp --data-dir DIR_WITH_cifar-10-batches-py
+
+Every flag's default comes from ``TrainConfig``; ``--help`` lists them.
+"""
+
+import argparse
+import dataclasses
+import sys
+
+HELP = {
+    "model": "architecture: mlp, convnet (the course mini-VGG) or preact_convnet (its pre-activation residual variant)",
+    "dataset": "mnist or cifar10",
+    "data_dir": "directory with the standard files (MNIST IDX .gz; cifar-10-batches-py/ or cifar-10-python.tar.gz); "
+                "else $JAXNETS_DATA_DIR, else tensorflow-datasets",
+    "epochs": "training epochs",
+    "batch_size": "examples per step",
+    "optimizer": "Optax optimizer",
+    "lr": "peak learning rate",
+    "weight_decay": "weight decay on weights (not biases/BN): decoupled for adamw, L2 on the gradient otherwise",
+    "momentum": "momentum of --optimizer momentum/nesterov",
+    "schedule": "learning-rate schedule: constant, cosine (decay to 0), onecycle, step (x0.1 at 50%% and 75%%)",
+    "warmup_epochs": "linear warm-up from 0 (constant/cosine/step schedules)",
+    "hidden_units": "MLP hidden sizes, comma separated; empty string for logistic regression",
+    "activation": "MLP activation",
+    "batch_norm": "MLP: batch norm between each linear layer and its activation",
+    "dropout": "MLP dropout rate after each hidden activation",
+    "init": "weight init: kaiming, lecun, pytorch (torch.nn defaults) or course (N(0, 1e-4^2))",
+    "label_smoothing": "label smoothing of the cross-entropy targets",
+    "augment": "CIFAR-10: random crop with 4-pixel padding + horizontal flip, on the device",
+    "normalize": "channel: per-channel mean/std of the training split; mean_image: subtract the mean image only",
+    "val_size": "examples held out from train for validation (seeded)",
+    "grad": "gradient path: autodiff (jax.grad) or manual (the hand-written backward passes)",
+    "seed": "seed of init, split, shuffling, augmentation and dropout",
+    "max_steps": "stop after this many steps (0: epochs decide)",
+    "train_subset": "use only the first N training images (0: all)",
+    "eval_batch_size": "batch size of evaluation",
+    "chunk_steps": "steps per compiled call (the progress bar advances per chunk)",
+    "out": "run directory (default runs/<model>-<dataset>-<timestamp>)",
+    "progress": "progress bar",
+}
+
+
+def build_parser():
+    from jaxnets import data as D
+    from jaxnets import layers as L
+    from jaxnets import training as T
+
+    choices = {"model": T.MODELS, "dataset": D.DATASETS, "optimizer": T.OPTIMIZERS, "schedule": T.SCHEDULES,
+               "normalize": T.NORMALIZATIONS, "activation": tuple(L.ACTIVATIONS), "init": L.INIT_SCHEMES,
+               "grad": ("autodiff", "manual")}
+    parser = argparse.ArgumentParser(
+        description="Train an MLP or ConvNet on MNIST or CIFAR-10 with jaxnets.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--preset", choices=sorted(T.PRESETS),
+                        help="start from a named setup (flags given explicitly override it): "
+                        + "; ".join(f"{k}: {v}" for k, v in T.PRESETS.items()).replace("%", "%%"))
+    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last epoch checkpoint")
+    for field in dataclasses.fields(T.TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{HELP[field.name]} (default: {default})")
+        elif field.name == "hidden_units":
+            parser.add_argument(flag, type=_int_list, default=None, metavar="N,N,...",
+                                help=f"{HELP[field.name]} (default: {','.join(map(str, default))})")
+        else:
+            kind = {int: int, float: float}.get(type(default), str)
+            if field.name in ("lr", "weight_decay", "momentum", "dropout", "label_smoothing", "warmup_epochs"):
+                kind = float
+            parser.add_argument(flag, type=kind, default=None, choices=choices.get(field.name),
+                                help=f"{HELP[field.name]} (default: {default})")
+    return parser
+
+
+def _int_list(text):
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def config_from_args(args):
+    from jaxnets import training as T
+
+    values = dict(T.PRESETS[args.preset]) if args.preset else {}
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(T.TrainConfig)
+                   if getattr(args, f.name) is not None})
+    return T.TrainConfig(**values)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from jaxnets import data as D
+    from jaxnets import training as T
+
+    config = config_from_args(args)
+    try:
+        config.validate()
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        T.train(config, resume=args.resume)
+    except (D.DataError, T.TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
