@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxnets._checks import check_choice, check_dim, check_ndim
-from jaxnets.layers import INIT_SCHEMES
+from jaxnets.layers import init_weights
 
 CONV_IMPLS = ("auto", "gemm", "xla")
 _ENV_VAR = "JAXNETS_CONV_IMPL"
@@ -189,42 +189,28 @@ def _crop(xp, pads, in_hw):
 
 
 def conv2d_init(
-    key, in_channels, out_channels, kernel_size=3, *, scheme="kaiming", dtype=jnp.float32
+    key, in_channels, out_channels, kernel_size=3, *, scheme="kaiming", bias=True, dtype=jnp.float32
 ):
     """Parameters ``{"w": (kh, kw, cin, cout), "b": (cout,)}`` of a 2-D convolution.
 
-    ``fan_in = kh*kw*cin``. Schemes as in :func:`jaxnets.layers.linear_init`:
-    ``"kaiming"`` w ~ N(0, 2/fan_in); ``"lecun"`` w ~ N(0, 1/fan_in); ``"pytorch"``
-    w, b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (``torch.nn.Conv2d``); ``"course"``
-    w ~ N(0, 1e-4^2). Biases are zero except for ``"pytorch"``.
+    ``fan_in = kh*kw*cin``; ``scheme`` and ``bias`` as in :func:`jaxnets.layers.init_weights`.
     """
-    check_choice("conv2d_init", "init scheme", scheme, INIT_SCHEMES)
     kh, kw = _pair("conv2d_init", "kernel_size", kernel_size)
-    fan_in = kh * kw * in_channels
-    wkey, bkey = jax.random.split(key)
-    shape = (kh, kw, in_channels, out_channels)
-    b = jnp.zeros((out_channels,), dtype)
-    if scheme == "kaiming":
-        w = jax.random.normal(wkey, shape, dtype) * jnp.sqrt(2.0 / fan_in).astype(dtype)
-    elif scheme == "lecun":
-        w = jax.random.normal(wkey, shape, dtype) * jnp.sqrt(1.0 / fan_in).astype(dtype)
-    elif scheme == "course":
-        w = jax.random.normal(wkey, shape, dtype) * jnp.asarray(1e-4, dtype)
-    else:  # pytorch
-        bound = 1.0 / jnp.sqrt(fan_in)
-        w = jax.random.uniform(wkey, shape, dtype, -bound, bound)
-        b = jax.random.uniform(bkey, (out_channels,), dtype, -bound, bound)
-    return {"w": w, "b": b}
+    return init_weights(
+        key, (kh, kw, in_channels, out_channels), kh * kw * in_channels,
+        scheme=scheme, bias=bias, dtype=dtype, layer="conv2d_init",
+    )
 
 
 def _conv_geometry(layer, params, x, stride, padding):
     """Validate and return (k_hw, s_hw, pads, out_hw)."""
-    w, b = params["w"], params["b"]
+    w = params["w"]
     check_ndim(layer, "kernel w", w, 4)
     check_ndim(layer, "input", x, 4)
     check_dim(layer, "input", x, 3, w.shape[2], "channels")
-    check_ndim(layer, "bias b", b, 1)
-    check_dim(layer, "bias b", b, 0, w.shape[3], "entries")
+    if "b" in params:
+        check_ndim(layer, "bias b", params["b"], 1)
+        check_dim(layer, "bias b", params["b"], 0, w.shape[3], "entries")
     k_hw, s_hw = w.shape[:2], _check_stride(layer, stride)
     in_hw = x.shape[1:3]
     pads = _resolve_padding(layer, padding, in_hw, k_hw, s_hw)
@@ -254,13 +240,13 @@ def conv2d(params, x, *, stride=1, padding="SAME"):
     Implementation per :func:`get_conv_impl` (im2col + GEMM on CPU, native conv elsewhere).
     """
     k_hw, s_hw, pads, out_hw = _conv_geometry("conv2d", params, x, stride, padding)
-    w, b = params["w"], params["b"]
+    w = params["w"]
     if get_conv_impl() == "gemm":
         cols = _patches(x, k_hw, s_hw, pads, out_hw)
         y = jnp.dot(cols, w.reshape(-1, w.shape[3]))
     else:
         y = lax.conv_general_dilated(x, w, s_hw, pads, dimension_numbers=_xla_dims())
-    return y + b, x
+    return (y + params["b"] if "b" in params else y), x
 
 
 def conv2d_backward(params, cache, dy, *, stride=1, padding="SAME"):
@@ -291,7 +277,6 @@ def conv2d_backward(params, cache, dy, *, stride=1, padding="SAME"):
             f"conv2d_backward: dy has shape {tuple(dy.shape)}, but the layer's output has "
             f"shape {(x.shape[0], *out_hw, cout)}"
         )
-    db = dy.sum(axis=(0, 1, 2))
     in_hw = x.shape[1:3]
     padded_hw = tuple(n + lo + hi for n, (lo, hi) in zip(in_hw, pads))
     if get_conv_impl() == "gemm":
@@ -336,7 +321,10 @@ def conv2d_backward(params, cache, dy, *, stride=1, padding="SAME"):
                 dy.shape, w.shape, ("NHWC", "HWOI", "NHWC")
             ),
         )
-    return {"w": dw, "b": db}, dx
+    grads = {"w": dw}
+    if "b" in params:
+        grads["b"] = dy.sum(axis=(0, 1, 2))
+    return grads, dx
 
 
 # ----------------------------------------------------------------------------- pooling

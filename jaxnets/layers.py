@@ -14,6 +14,8 @@ Conventions (shared with :mod:`jaxnets.conv`):
 * Bad shapes or names raise ``ValueError`` at trace time (see :mod:`jaxnets._checks`).
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,37 +25,37 @@ from jaxnets._checks import check_choice, check_dim, check_ndim
 # ----------------------------------------------------------------------------- linear
 
 
-def linear_init(key, fan_in, fan_out, *, scheme="kaiming", bias=True, dtype=jnp.float32):
-    """Parameters ``{"w": (fan_in, fan_out), "b": (fan_out,)}`` of a linear layer.
+INIT_SCHEMES = ("kaiming", "lecun", "pytorch", "course")
 
-    ``bias=False`` leaves out ``"b"``: for a layer followed by batch norm, whose mean
-    subtraction cancels any bias (its gradient is exactly zero, and an optimizer like Adam
-    would only amplify the rounding noise in it).
+
+def init_weights(key, shape, fan_in, *, scheme="kaiming", bias=True, dtype=jnp.float32, layer="init_weights"):
+    """``{"w": shape, "b": (shape[-1],)}`` for a layer whose units each see ``fan_in`` inputs.
 
     Schemes: ``"kaiming"`` w ~ N(0, 2/fan_in) (He et al., for ReLU-like units);
     ``"lecun"`` w ~ N(0, 1/fan_in) (used for the first layer, whose input is not a ReLU
-    output); ``"pytorch"`` w, b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (``torch.nn.Linear``);
-    ``"course"`` w ~ N(0, 1e-4^2), the old course default. Biases are zero except for
-    ``"pytorch"``.
+    output); ``"pytorch"`` w, b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (``torch.nn``'s
+    Linear/Conv2d default); ``"course"`` w ~ N(0, 1e-4^2), the old course default. Biases
+    are zero except for ``"pytorch"``. ``bias=False`` leaves out ``"b"``: for a layer
+    followed by batch norm, whose mean subtraction cancels any bias (its gradient is
+    exactly zero, and an optimizer like Adam would only amplify the rounding noise in it).
     """
-    check_choice("linear_init", "init scheme", scheme, INIT_SCHEMES)
+    check_choice(layer, "init scheme", scheme, INIT_SCHEMES)
     wkey, bkey = jax.random.split(key)
-    shape = (fan_in, fan_out)
-    b = jnp.zeros((fan_out,), dtype)
-    if scheme == "kaiming":
-        w = jax.random.normal(wkey, shape, dtype) * jnp.sqrt(2.0 / fan_in).astype(dtype)
-    elif scheme == "lecun":
-        w = jax.random.normal(wkey, shape, dtype) * jnp.sqrt(1.0 / fan_in).astype(dtype)
-    elif scheme == "course":
-        w = jax.random.normal(wkey, shape, dtype) * jnp.asarray(1e-4, dtype)
-    else:  # pytorch
-        bound = 1.0 / jnp.sqrt(fan_in)
+    b = jnp.zeros(shape[-1:], dtype)
+    if scheme == "pytorch":
+        bound = 1.0 / math.sqrt(fan_in)
         w = jax.random.uniform(wkey, shape, dtype, -bound, bound)
-        b = jax.random.uniform(bkey, (fan_out,), dtype, -bound, bound)
+        b = jax.random.uniform(bkey, shape[-1:], dtype, -bound, bound)
+    else:
+        std = {"kaiming": math.sqrt(2.0 / fan_in), "lecun": math.sqrt(1.0 / fan_in), "course": 1e-4}[scheme]
+        w = jax.random.normal(wkey, shape, dtype) * jnp.asarray(std, dtype)
     return {"w": w, "b": b} if bias else {"w": w}
 
 
-INIT_SCHEMES = ("kaiming", "lecun", "pytorch", "course")
+def linear_init(key, fan_in, fan_out, *, scheme="kaiming", bias=True, dtype=jnp.float32):
+    """Parameters ``{"w": (fan_in, fan_out), "b": (fan_out,)}``; see :func:`init_weights`."""
+    return init_weights(key, (fan_in, fan_out), fan_in, scheme=scheme, bias=bias, dtype=dtype, layer="linear_init")
+
 
 
 def linear(params, x):

@@ -16,6 +16,7 @@ gradient path: both return ``((loss, new_state), grads)`` like
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -172,6 +173,10 @@ class ConvNet:
     ``preact=False``: each int in ``plan`` is conv3x3 -> batch_norm -> relu (the course's
     block). ``preact=True``: pre-activation residual blocks x + conv3x3(relu(bn(x))), with a
     1x1 conv in front where the width changes, and bn -> relu before the head.
+
+    No conv has a bias: every conv output reaches a batch norm (directly, or through the
+    residual stream and max pools, which commute with a per-channel shift), whose mean
+    subtraction cancels it exactly.
     """
 
     input_shape: tuple = (32, 32, 3)
@@ -211,17 +216,18 @@ class ConvNet:
     def init(self, key):
         widths, cout = self._widths()
         keys = iter(jax.random.split(key, 2 * len(widths) + 1))
+        conv = functools.partial(C.conv2d_init, bias=False, dtype=self.dtype)
         blocks, states = [], []
         for i, (cin, width) in enumerate(widths):
             block, state = {}, {}
             first = _first_layer_scheme(self.init_scheme) if i == 0 else self.init_scheme
             if self.preact:
                 if cin != width:
-                    block["proj"] = C.conv2d_init(next(keys), cin, width, 1, scheme=first, dtype=self.dtype)
+                    block["proj"] = conv(next(keys), cin, width, 1, scheme=first)
                 block["bn"], state["bn"] = L.batch_norm_init(width, self.dtype)
-                block["conv"] = C.conv2d_init(next(keys), width, width, 3, scheme=self.init_scheme, dtype=self.dtype)
+                block["conv"] = conv(next(keys), width, width, 3, scheme=self.init_scheme)
             else:
-                block["conv"] = C.conv2d_init(next(keys), cin, width, 3, scheme=first, dtype=self.dtype)
+                block["conv"] = conv(next(keys), cin, width, 3, scheme=first)
                 block["bn"], state["bn"] = L.batch_norm_init(width, self.dtype)
             blocks.append(block)
             states.append(state)

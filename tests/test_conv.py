@@ -395,3 +395,18 @@ def test_pool_bad_inputs(kind):
     y, cache = fwd(x)
     with pytest.raises(ValueError, match=rf"{name}_backward: dy has shape"):
         bwd(cache, jnp.ones((2, 2, 2, 3)))
+
+
+def test_conv2d_without_bias():
+    params = C.conv2d_init(jax.random.PRNGKey(0), 3, 4, bias=False)
+    assert set(params) == {"w"}
+    with jax.enable_x64(True):
+        params = {"w": params["w"].astype(jnp.float64)}
+        x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 5, 3)))
+        y, vjp = jax.vjp(lambda p, x: C.conv2d(p, x, stride=2)[0], params, x)
+        dy = jnp.asarray(np.random.default_rng(1).normal(size=y.shape))
+        dp, dx = C.conv2d_backward(params, C.conv2d(params, x, stride=2)[1], dy, stride=2)
+        ref_dp, ref_dx = vjp(dy)
+        assert set(dp) == {"w"}
+        np.testing.assert_allclose(dp["w"], ref_dp["w"], rtol=1e-10)
+        np.testing.assert_allclose(dx, ref_dx, rtol=1e-10)
