@@ -9,7 +9,8 @@ Measures, after warm-up, the median of ``--repeats`` timings of:
 1. ``gemm``: the best fp32 GEMM rate (2048^3 matmul) in jax and in torch: our "limit";
 2. ``mlp``: one train step of 3072-512-512-10 (ReLU, batch 200, Adam): jaxnets autodiff,
    jaxnets manual backprop, PyTorch eager, Flax linen + Optax;
-3. ``convnet``: one train step of the course mini-VGG with BN (batch 128, Adam): same four;
+3. ``convnet``: one train step of the course mini-VGG with BN (batch 128, Adam): same four,
+   plus jaxnets on XLA's native convolution (the GPU/TPU path) to show why CPU uses GEMMs;
 4. ``epoch``: a full training epoch of each model on CIFAR-10-sized data (45,000 images,
    data handling included): jaxnets' trainer vs an idiomatic PyTorch loop over in-memory
    tensors;
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxnets import conv as C
 from jaxnets import data as D
 from jaxnets import models as M
 from jaxnets import training as T
@@ -282,6 +284,14 @@ def main(argv=None):
             row[f"jaxnets_{grad}_first_call_s"] = first
             if kind in parts:
                 row[f"jaxnets_{grad}_s"] = seconds
+        if kind == "convnet" and kind in parts:
+            # The same step on lax.conv_general_dilated, what the GPU/TPU path uses: the
+            # im2col + GEMM formulation is the CPU default because of this comparison.
+            previous = C.set_conv_impl("xla")
+            try:
+                row["jaxnets_xla_conv_s"], _ = jaxnets_step_time(model, batch, "autodiff", steps, max(1, args.repeats // 2))
+            finally:
+                C.set_conv_impl(previous)
         if kind in parts:
             if torch is not None:
                 row["torch_s"] = torch_step_time(torch, kind, batch, args.repeats)
@@ -324,7 +334,7 @@ def print_table(results):
     print(f"\n{'benchmark':32s} {'images/s':>10s} {'GFLOP/s':>9s} {'vs torch':>9s} {'of limit':>9s}")
     for kind in ("mlp", "convnet"):
         row = results.get(kind, {})
-        for label in ("jaxnets_autodiff", "jaxnets_manual", "torch", "torch_channels_last", "flax"):
+        for label in ("jaxnets_autodiff", "jaxnets_manual", "jaxnets_xla_conv", "torch", "torch_channels_last", "flax"):
             if f"{label}_images_per_s" in row:
                 print(f"{kind + ' ' + label:32s} {row[f'{label}_images_per_s']:10.1f} {row[f'{label}_gflops']:9.1f} "
                       f"{row.get(f'{label}_speedup_vs_torch', float('nan')):9.2f} "
