@@ -32,7 +32,7 @@ HELP = {
     "init": "weight init: kaiming, lecun, pytorch (torch.nn defaults) or course (N(0, 1e-4^2))",
     "label_smoothing": "label smoothing of the cross-entropy targets",
     "augment": "CIFAR-10: random crop with 4-pixel padding + horizontal flip, on the device",
-    "normalize": "channel: per-channel mean/std of the training split; mean_image: subtract the mean image only",
+    "normalize": "channel: per-channel mean/std of the training split; mean_image: subtract the mean image from raw 0..255 pixels (the course)",
     "val_size": "examples held out from train for validation (seeded)",
     "grad": "gradient path: autodiff (jax.grad) or manual (the hand-written backward passes)",
     "seed": "seed of init, split, shuffling, augmentation and dropout",
@@ -61,6 +61,13 @@ def build_parser():
                         help="start from a named setup (flags given explicitly override it): "
                         + "; ".join(f"{k}: {v}" for k, v in T.PRESETS.items()).replace("%", "%%"))
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last epoch checkpoint")
+    parser.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...",
+                        help="sweep a setting (repeat for a grid: every combination trains, vmapped per shape "
+                             "group); KEY is any flag name without '--'; integer ranges A..B; hidden units "
+                             "300x100 for two layers, none for zero; e.g. --sweep lr=1e-2,1e-3 --sweep seed=0..2")
+    parser.add_argument("--memory-budget", metavar="BYTES",
+                        help="sweeps: estimated memory per vmapped chunk, e.g. 4G (default: 25%% of free memory)")
+    parser.add_argument("--max-members", type=int, metavar="N", help="sweeps: at most N configurations per chunk")
     for field in dataclasses.fields(T.TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         default = field.default
@@ -106,9 +113,36 @@ def main(argv=None):
         config.validate()
     except ValueError as e:
         parser.error(str(e))
+    if args.sweep:
+        return _sweep(parser, args, config)
     try:
         T.train(config, resume=args.resume)
     except (D.DataError, T.TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _sweep(parser, args, config):
+    from jaxnets import data as D
+    from jaxnets import sweep as S
+    from jaxnets import training as T
+
+    if args.resume:
+        parser.error("--resume continues a single run; it cannot be combined with --sweep")
+    if args.max_members is not None and args.max_members <= 0:
+        parser.error(f"--max-members must be positive, got {args.max_members}")
+    try:
+        axes = S.parse_sweep(args.sweep, config)
+        S.expand(config, axes)
+        budget = S.parse_bytes(args.memory_budget) if args.memory_budget else None
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        S.sweep(config, axes, budget=budget, max_members=args.max_members)
+    except (D.DataError, T.TrainingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

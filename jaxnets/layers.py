@@ -212,7 +212,7 @@ def _targets(layer, logits, labels, label_smoothing):
                 f"got {tuple(labels.shape)}"
             )
         targets = labels.astype(logits.dtype)
-    if label_smoothing:
+    if isinstance(label_smoothing, jax.core.Tracer) or label_smoothing:  # traced: a swept value
         targets = (1 - label_smoothing) * targets + label_smoothing / classes
     return targets
 
@@ -271,14 +271,20 @@ def dropout(x, *, rate, key=None, train=True):
 
     Exactly the identity when ``train`` is False or ``rate`` is 0. Cache: the scaled mask
     m / (1 - rate), or None for the identity.
+
+    ``rate`` may be a traced scalar (a hyperparameter vmapped over a sweep): it is then
+    taken to be in [0, 1) and a mask is always drawn (rate 0 keeps every unit, scale 1).
     """
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"dropout: rate must be in [0, 1), got {rate}")
-    if not train or rate == 0.0:
+    if not isinstance(rate, jax.core.Tracer):
+        if not 0.0 <= float(rate) < 1.0:
+            raise ValueError(f"dropout: rate must be in [0, 1), got {rate}")
+        if float(rate) == 0.0:
+            return x, None
+    if not train:
         return x, None
     if key is None:
         raise ValueError("dropout: training with rate > 0 needs a PRNG key (key=...)")
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    keep = _keep_mask(key, x.shape, 1.0 - rate)
     scale = jnp.where(keep, 1.0 / (1.0 - rate), 0.0).astype(x.dtype)
     return x * scale, scale
 
@@ -286,6 +292,31 @@ def dropout(x, *, rate, key=None, train=True):
 def dropout_backward(cache, dy):
     """dx = dy * m / (1 - rate) (the identity in eval)."""
     return dy if cache is None else dy * cache
+
+
+def _mix32(h):
+    # The "lowbias32" integer finaliser (C. Wellons): full avalanche in 5 vector ops.
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = h * jnp.uint32(0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def _keep_mask(key, shape, keep_prob):
+    """Bernoulli(keep_prob) mask: each position's index hashed, keyed by two words from ``key``.
+
+    Measured on XLA:CPU (2 cores), a 128x2048 mask takes ~5.6 ms with
+    ``jax.random.bernoulli`` (threefry) and ~0.3 ms this way; dropout's threefry calls were
+    the largest part of an MLP train step. The two keyed rounds keep masks of different
+    keys from being shifted copies of one another.
+    """
+    seeds = jax.random.bits(key, (2,), jnp.uint32)
+    index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+    h = _mix32(_mix32(index + seeds[0]) ^ seeds[1])
+    # Threshold on [0, 2^32); the largest float32 below 2^32 avoids an overflowing cast.
+    threshold = jnp.minimum(jnp.asarray(keep_prob, jnp.float32) * 4294967296.0, 4294967040.0)
+    return (h < threshold.astype(jnp.uint32)) | (keep_prob >= 1.0)
 
 
 # -------------------------------------------------------------------- normalisation

@@ -100,9 +100,14 @@ class MLP:
         check_dim("MLP", "input", x, 1, self.input_size, "features")
         return x
 
-    def forward(self, params, state, x, *, train, key=None):
-        """Logits, new state and the caches that :meth:`backward` needs."""
+    def forward(self, params, state, x, *, train, key=None, dropout_rate=None):
+        """Logits, new state and the caches that :meth:`backward` needs.
+
+        ``dropout_rate`` overrides ``self.dropout`` (which still decides whether there is a
+        dropout layer at all): a traced scalar, for sweeps that vmap over the rate.
+        """
         act, _ = L.activation(self.activation)
+        rate = self.dropout if dropout_rate is None else dropout_rate
         x = self._flat_input(x)
         caches, new_states = [], []
         for i, (block, block_state) in enumerate(zip(params["blocks"], state["blocks"])):
@@ -115,15 +120,15 @@ class MLP:
             x, cache["act"] = act(x)
             if self.dropout:
                 x, cache["dropout"] = L.dropout(
-                    x, rate=self.dropout, train=train, key=_layer_key(key, i, train)
+                    x, rate=rate, train=train, key=_layer_key(key, i, train)
                 )
             caches.append(cache)
             new_states.append(new_state)
         logits, head_cache = L.linear(params["head"], x)
         return logits, {"blocks": new_states}, (caches, head_cache)
 
-    def apply(self, params, state, x, *, train, key=None):
-        logits, new_state, _ = self.forward(params, state, x, train=train, key=key)
+    def apply(self, params, state, x, *, train, key=None, dropout_rate=None):
+        logits, new_state, _ = self.forward(params, state, x, train=train, key=key, dropout_rate=dropout_rate)
         return logits, new_state
 
     def backward(self, params, cache, dlogits, *, train=True):
@@ -322,9 +327,17 @@ class ConvNet:
 # -------------------------------------------------------------------- loss, gradients
 
 
-def loss(model, params, state, x, labels, *, key=None, train=True, label_smoothing=0.0, l2=0.0):
-    """Mean softmax cross-entropy (+ 0.5 * l2 * sum of squared weights); returns (loss, new_state)."""
-    logits, new_state = model.apply(params, state, x, train=train, key=key)
+def _rate(dropout_rate):
+    # Only MLPs have dropout; other models' apply/forward take no dropout_rate.
+    return {} if dropout_rate is None else {"dropout_rate": dropout_rate}
+
+
+def loss(model, params, state, x, labels, *, key=None, train=True, label_smoothing=0.0, l2=0.0, dropout_rate=None):
+    """Mean softmax cross-entropy (+ 0.5 * l2 * sum of squared weights); returns (loss, new_state).
+
+    ``dropout_rate`` (MLP only) overrides the model's rate, e.g. with a traced sweep value.
+    """
+    logits, new_state = model.apply(params, state, x, train=train, key=key, **_rate(dropout_rate))
     value, _ = L.softmax_cross_entropy(logits, labels, label_smoothing=label_smoothing)
     if l2:
         penalty, _ = L.l2_penalty(params, strength=l2)
@@ -339,12 +352,13 @@ def autodiff_value_and_grad(model, params, state, x, labels, **kwargs):
     )(params)
 
 
-def manual_value_and_grad(model, params, state, x, labels, *, key=None, train=True, label_smoothing=0.0, l2=0.0):
+def manual_value_and_grad(model, params, state, x, labels, *, key=None, train=True, label_smoothing=0.0, l2=0.0,
+                          dropout_rate=None):
     """``((loss, new_state), grads)`` by the hand-written backward passes.
 
     Same inputs, outputs and pytree structure as :func:`autodiff_value_and_grad`.
     """
-    logits, new_state, cache = model.forward(params, state, x, train=train, key=key)
+    logits, new_state, cache = model.forward(params, state, x, train=train, key=key, **_rate(dropout_rate))
     value, ce_cache = L.softmax_cross_entropy(logits, labels, label_smoothing=label_smoothing)
     grads = model.backward(params, cache, L.softmax_cross_entropy_backward(ce_cache), train=train)
     if l2:

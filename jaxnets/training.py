@@ -125,19 +125,20 @@ def build_model(config: TrainConfig, image_shape, classes):
 
 
 def _schedule(config: TrainConfig, total_steps: int):
-    lr, warmup = config.lr, int(config.warmup_epochs * total_steps / max(config.epochs, 1))
+    """The learning-rate multiplier over steps: a schedule with peak 1 (times the peak lr)."""
+    warmup = int(config.warmup_epochs * total_steps / max(config.epochs, 1))
     if config.schedule == "constant":
-        main = optax.constant_schedule(lr)
+        main = optax.constant_schedule(1.0)
     elif config.schedule == "cosine":
-        main = optax.cosine_decay_schedule(lr, max(total_steps - warmup, 1))
+        main = optax.cosine_decay_schedule(1.0, max(total_steps - warmup, 1))
     elif config.schedule == "onecycle":
-        return optax.cosine_onecycle_schedule(total_steps, lr)
+        return optax.cosine_onecycle_schedule(total_steps, 1.0)
     else:  # step: x0.1 at 50% and 75% of training
         main = optax.piecewise_constant_schedule(
-            lr, {int(total_steps * 0.5) - warmup: 0.1, int(total_steps * 0.75) - warmup: 0.1}
+            1.0, {int(total_steps * 0.5) - warmup: 0.1, int(total_steps * 0.75) - warmup: 0.1}
         )
     if warmup:
-        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+        return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), main], [warmup])
     return main
 
 
@@ -148,26 +149,53 @@ def _decay_mask(params):
     )
 
 
-def build_optimizer(config: TrainConfig, total_steps: int):
-    """An Optax optimizer with the learning rate injected as a (schedulable) hyperparameter."""
-    schedule = _schedule(config, total_steps)
+#: Numeric settings that may differ between the members of one vmapped sweep group: each
+#: member carries them as float32 arrays (the optimizer's in its injected state).
+HPARAMS = ("lr", "weight_decay", "momentum", "dropout", "label_smoothing")
+OPTIMIZER_HPARAMS = {"lr": "peak_lr", "weight_decay": "weight_decay", "momentum": "momentum"}
 
-    def make(learning_rate):
-        o, m, wd = config.optimizer, config.momentum, config.weight_decay
+
+def hparams_of(config: TrainConfig):
+    """The member's numeric hyperparameters as float32 arrays (see :data:`HPARAMS`)."""
+    return {k: jnp.asarray(getattr(config, k), jnp.float32) for k in HPARAMS}
+
+
+def build_optimizer(config: TrainConfig, total_steps: int):
+    """An Optax optimizer whose numeric hyperparameters live in its state.
+
+    ``optax.inject_hyperparams`` holds ``peak_lr``, ``weight_decay`` and ``momentum`` as
+    arrays (so a sweep can give every vmapped member its own values without recompiling)
+    and ``lr_scale``, the schedule's multiplier at the current step; the learning rate is
+    ``peak_lr * lr_scale``. Whether weight decay is applied at all is fixed by
+    ``config.weight_decay != 0``.
+    """
+    decay = config.weight_decay != 0
+
+    def make(peak_lr, lr_scale, weight_decay, momentum):
+        learning_rate = peak_lr * lr_scale
+        o = config.optimizer
         if o == "adamw":
-            return optax.adamw(learning_rate, weight_decay=wd, mask=_decay_mask)
+            return optax.adamw(learning_rate, weight_decay=weight_decay, mask=_decay_mask)
         base = {
             "sgd": lambda: optax.sgd(learning_rate),
-            "momentum": lambda: optax.sgd(learning_rate, momentum=m),
-            "nesterov": lambda: optax.sgd(learning_rate, momentum=m, nesterov=True),
+            "momentum": lambda: optax.sgd(learning_rate, momentum=momentum),
+            "nesterov": lambda: optax.sgd(learning_rate, momentum=momentum, nesterov=True),
             "adam": lambda: optax.adam(learning_rate),
             "adagrad": lambda: optax.adagrad(learning_rate),
             "rmsprop": lambda: optax.rmsprop(learning_rate),
         }[o]()
         # L2 regularisation (coupled weight decay): adds wd * w to the gradient.
-        return optax.chain(optax.add_decayed_weights(wd, mask=_decay_mask), base) if wd else base
+        return optax.chain(optax.add_decayed_weights(weight_decay, mask=_decay_mask), base) if decay else base
 
-    return optax.inject_hyperparams(make)(learning_rate=schedule)
+    return optax.inject_hyperparams(make)(
+        peak_lr=jnp.float32(config.lr), lr_scale=_schedule(config, total_steps),
+        weight_decay=jnp.float32(config.weight_decay), momentum=jnp.float32(config.momentum))
+
+
+def _with_hparams(opt_state, hp):
+    """``opt_state`` with the member's optimizer hyperparameters from ``hp``."""
+    values = {name: hp[k] for k, name in OPTIMIZER_HPARAMS.items()}
+    return opt_state._replace(hyperparams={**opt_state.hyperparams, **values})
 
 
 # ----------------------------------------------------------------------- device data
@@ -186,24 +214,37 @@ class DeviceData(NamedTuple):
     std: jax.Array
 
 
-def prepare_data(dataset: D.Dataset, config: TrainConfig) -> DeviceData:
+def _training_pool(dataset: D.Dataset, config: TrainConfig):
+    """The training images a run splits into train and validation (``train_subset`` applied)."""
     train_x, train_y = dataset.train_images, dataset.train_labels
     if config.train_subset:
         train_x, train_y = train_x[: config.train_subset], train_y[: config.train_subset]
+    return train_x, train_y
+
+
+def member_split(train_x, train_y, config: TrainConfig):
+    """``(train_idx, val_idx, mean, std)``: the seeded validation split of the training pool
+    (indices into it) and the normalisation constants of its training part."""
     if config.val_size >= len(train_x):
         raise ValueError(f"val_size {config.val_size} leaves no training data ({len(train_x)} examples)")
-    train_x, train_y, val_x, val_y = D.split_validation(train_x, train_y, config.val_size, config.seed)
-    if len(train_x) < config.batch_size:
-        raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train_x)} training examples")
+    train_idx, _, val_idx, _ = D.split_validation(np.arange(len(train_x)), train_y, config.val_size, config.seed)
+    if len(train_idx) < config.batch_size:
+        raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train_idx)} training examples")
     if config.normalize == "channel":
-        mean, std = D.normalization_stats(train_x)
-    else:  # the course's per-pixel mean image, no std scaling
-        mean = (train_x.astype(np.float64) / 255.0).mean(axis=0).astype(np.float32)
-        std = np.ones((), np.float32)
+        mean, std = D.normalization_stats(train_x[train_idx])
+    else:  # the course's per-pixel mean image subtracted from raw 0..255 pixels, no scaling
+        mean = (train_x[train_idx].astype(np.float64) / 255.0).mean(axis=0).astype(np.float32)
+        std = np.full((), 1.0 / 255.0, np.float32)
+    return train_idx.astype(np.int32), val_idx.astype(np.int32), mean, std
+
+
+def prepare_data(dataset: D.Dataset, config: TrainConfig) -> DeviceData:
+    train_x, train_y = _training_pool(dataset, config)
+    train_idx, val_idx, mean, std = member_split(train_x, train_y, config)
     put = jax.device_put
-    return DeviceData(put(train_x), put(train_y.astype(np.int32)), put(val_x), put(val_y.astype(np.int32)),
-                      put(dataset.test_images), put(dataset.test_labels.astype(np.int32)),
-                      put(mean), put(std))
+    return DeviceData(put(train_x[train_idx]), put(train_y[train_idx].astype(np.int32)), put(train_x[val_idx]),
+                      put(train_y[val_idx].astype(np.int32)), put(dataset.test_images),
+                      put(dataset.test_labels.astype(np.int32)), put(mean), put(std))
 
 
 def normalize(images_u8, mean, std):
@@ -226,57 +267,102 @@ def augment(key, images, pad=4):
 # --------------------------------------------------------------------------- steps
 
 
-def make_train_chunk(model, optimizer, config: TrainConfig):
-    """``chunk(carry, data, perm, start) -> (carry, (losses, correct))``: ``n`` steps in one scan.
+def make_step(model, optimizer, config: TrainConfig):
+    """The one training step every path runs (single runs and each member of a sweep).
 
-    ``carry = (params, state, opt_state)``; step ``i`` of the epoch uses the examples
-    ``perm[i*B:(i+1)*B]`` and the key ``fold_in(epoch_key, i)``.
+    ``step(params, state, opt_state, images_u8, labels, key, mean, std, hp)`` ->
+    ``(params, state, opt_state, loss, correct)``: augment, normalise, gradient by the
+    chosen path, Optax update. ``hp`` holds the member's ``dropout`` and
+    ``label_smoothing`` (arrays, see :func:`hparams_of`); the optimizer's hyperparameters
+    are in ``opt_state``. ``key`` is split into the augmentation and the dropout keys.
     """
     value_and_grad = M.GRADIENT_PATHS[config.grad]
-    batch = config.batch_size
+    dropout_on = config.model == "mlp" and config.dropout > 0
 
-    def step(carry, inputs, data, perm, epoch_key):
-        params, state, opt_state = carry
-        index = inputs
-        idx = jax.lax.dynamic_slice_in_dim(perm, index * batch, batch)
-        x, y = data.train_x[idx], data.train_y[idx]
-        key = jax.random.fold_in(epoch_key, index)
+    def step(params, state, opt_state, images, labels, key, mean, std, hp):
         aug_key, dropout_key = jax.random.split(key)
-        if config.augment:
-            x = augment(aug_key, x)
-        x = normalize(x, data.mean, data.std)
-        (loss, (new_state, logits)), grads = _value_grad_logits(
-            value_and_grad, model, params, state, x, y, dropout_key, config
+        x = augment(aug_key, images) if config.augment else images
+        x = normalize(x, mean, std)
+        extra = {"dropout_rate": hp["dropout"]} if dropout_on else {}
+        (loss, new_state), grads = value_and_grad(
+            model, params, state, x, labels, key=dropout_key, label_smoothing=hp["label_smoothing"], **extra
         )
+        # The logits for the training accuracy: XLA merges this forward pass with the one
+        # inside the gradient (same inputs, same ops), so it costs next to nothing.
+        logits, _ = model.apply(params, state, x, train=True, key=dropout_key, **extra)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        correct = jnp.sum(jnp.argmax(logits, -1) == y)
-        return (params, new_state, opt_state), (loss, correct)
+        return params, new_state, opt_state, loss, jnp.sum(jnp.argmax(logits, -1) == labels)
+
+    return step
+
+
+def make_train_chunk(model, optimizer, config: TrainConfig):
+    """``chunk(carry, data, perm, epoch_key, start, n) -> (carry, (losses, correct))``: ``n`` steps in one scan.
+
+    ``carry = (params, state, opt_state)``, ``data`` a :class:`DeviceData`; step ``i`` of
+    the epoch uses the examples ``perm[i*B:(i+1)*B]`` of ``data.train_x`` and the key
+    ``fold_in(epoch_key, i)``. The same :func:`make_step` as :func:`make_group_chunk`,
+    for one configuration without a member axis (handy for benchmarks and research code).
+    """
+    step = make_step(model, optimizer, config)
+    batch = config.batch_size
 
     def chunk(carry, data, perm, epoch_key, start, n):
-        indices = start + jnp.arange(n)
-        return jax.lax.scan(lambda c, i: step(c, i, data, perm, epoch_key), carry, indices)
+        hp = hparams_of(config)
+
+        def body(c, i):
+            idx = jax.lax.dynamic_slice_in_dim(perm, i * batch, batch)
+            *c, loss, correct = step(*c, data.train_x[idx], data.train_y[idx], jax.random.fold_in(epoch_key, i),
+                                     data.mean, data.std, hp)
+            return tuple(c), (loss, correct)
+
+        return jax.lax.scan(body, carry, start + jnp.arange(n))
 
     return jax.jit(chunk, static_argnames="n", donate_argnums=0)
 
 
-def _value_grad_logits(value_and_grad, model, params, state, x, y, key, config):
-    """The chosen gradient path, plus the logits for the training accuracy.
+def make_group_chunk(model, optimizer, config: TrainConfig):
+    """The vmapped chunk of a group of members that share every shape-fixing setting.
 
-    The logits are recomputed by a forward pass that XLA merges with the one inside the
-    gradient (same inputs, same ops), so the accuracy costs next to nothing.
+    ``chunk(carry, images, labels, perms, epoch_keys, means, stds, hps, start, n)`` ->
+    ``(carry, (losses, correct))`` with ``carry = (params, state, opt_state, diverged)``,
+    each with a leading member axis, as are ``perms`` (indices into the shared uint8
+    ``images``/``labels``), ``epoch_keys``, ``means``/``stds`` and ``hps``. A member whose
+    loss turns non-finite is frozen at its last finite step and flagged ``diverged``; the
+    others go on unaffected. Losses and correct counts are ``(members, n)``.
     """
-    (loss, new_state), grads = value_and_grad(
-        model, params, state, x, y, key=key, label_smoothing=config.label_smoothing
-    )
-    logits, _ = model.apply(params, state, x, train=True, key=key)
-    return (loss, (new_state, logits)), grads
+    step = make_step(model, optimizer, config)
+    batch = config.batch_size
+
+    def member_chunk(carry, images, labels, perm, epoch_key, mean, std, hp, start, n, mask=True):
+        def body(c, i):
+            params, state, opt_state, diverged = c
+            idx = jax.lax.dynamic_slice_in_dim(perm, i * batch, batch)
+            *new, loss, correct = step(params, state, opt_state, images[idx], labels[idx],
+                                       jax.random.fold_in(epoch_key, i), mean, std, hp)
+            finite = jnp.isfinite(loss)
+            if not mask:  # a lone member: the host stops the run at its first non-finite loss
+                return (*new, diverged | ~finite), (loss, correct)
+            ok = finite & ~diverged
+            keep = lambda a, b: jnp.where(ok, a, b)
+            new = jax.tree_util.tree_map(keep, tuple(new), (params, state, opt_state))
+            return (*new, diverged | ~finite), (loss, correct)
+
+        return jax.lax.scan(body, carry, start + jnp.arange(n))
+
+    def chunk(carry, images, labels, perms, epoch_keys, means, stds, hps, start, n):
+        one = lambda c, p, k, m, s, h, mask=True: member_chunk(c, images, labels, p, k, m, s, h, start, n, mask)
+        members = (carry, perms, epoch_keys, means, stds, hps)
+        if perms.shape[0] == 1:  # a single run: the same member function, without a batch axis
+            out = one(*_member(members, 0), mask=False)
+            return jax.tree_util.tree_map(lambda a: a[None], out)
+        return jax.vmap(one)(*members)
+
+    return jax.jit(chunk, static_argnames="n", donate_argnums=0)
 
 
-def make_evaluate(model, batch_size):
-    """``evaluate(params, state, x_u8, y, mean, std) -> (mean loss, accuracy)``, in batches."""
-
-    @jax.jit
+def _evaluate_fn(model, batch_size):
     def evaluate(params, state, images, labels, mean, std):
         n = images.shape[0]
         batches = math.ceil(n / batch_size)
@@ -296,6 +382,26 @@ def make_evaluate(model, batch_size):
         return jnp.sum(losses) / n, jnp.sum(correct) / n
 
     return evaluate
+
+
+def make_evaluate(model, batch_size):
+    """``evaluate(params, state, x_u8, y, mean, std) -> (mean loss, accuracy)``, in batches."""
+    return jax.jit(_evaluate_fn(model, batch_size))
+
+
+def make_group_evaluate(model, batch_size):
+    """``evaluate(params, state, images, labels, index, means, stds) -> (losses, accuracies)``
+    per member: member ``m`` is scored on ``images[index[m]]`` (``index`` (members, n)), or
+    every member on all of ``images`` when ``index`` is None (the test set)."""
+    evaluate = _evaluate_fn(model, batch_size)
+
+    def group(params, state, images, labels, index, means, stds):
+        if index is None:
+            return jax.vmap(lambda p, s, m, sd: evaluate(p, s, images, labels, m, sd))(params, state, means, stds)
+        one = lambda p, s, idx, m, sd: evaluate(p, s, images[idx], labels[idx], m, sd)
+        return jax.vmap(one)(params, state, index, means, stds)
+
+    return jax.jit(group)
 
 
 # ----------------------------------------------------------------------- run files
@@ -392,6 +498,19 @@ def plot_curves(metrics, path: Path, title=""):
 # ---------------------------------------------------------------------------- train
 
 
+def group_key(config: TrainConfig):
+    """What configs must share to train together as one vmapped program: every setting
+    except the numeric :data:`HPARAMS` and the seed (and ``out``/``progress``), plus
+    whether dropout and weight decay are on at all (they add ops to the program)."""
+    d = dataclasses.asdict(config)
+    for k in HPARAMS + ("seed", "out", "progress"):
+        d.pop(k)
+    d["hidden_units"] = tuple(d["hidden_units"])
+    d["dropout_on"] = config.model == "mlp" and config.dropout > 0
+    d["weight_decay_on"] = config.weight_decay != 0
+    return tuple(sorted(d.items()))
+
+
 def train(config: TrainConfig, *, dataset: D.Dataset | None = None, resume: str | os.PathLike | None = None,
           log=print, on_epoch_end=None):
     """Train, evaluate and write a run directory; returns the summary dict.
@@ -400,7 +519,7 @@ def train(config: TrainConfig, *, dataset: D.Dataset | None = None, resume: str 
     run in that directory from its last epoch checkpoint; the config must match in every
     setting that fixes parameter shapes. ``on_epoch_end(record, params, state)`` is called
     after each epoch's checkpoint is written (raising KeyboardInterrupt there stops the
-    run as Ctrl-C would).
+    run as Ctrl-C would). A single run is a :func:`train_group` of one member.
     """
     t_start = time.time()
     if resume is not None:
@@ -414,124 +533,227 @@ def train(config: TrainConfig, *, dataset: D.Dataset | None = None, resume: str 
         if mismatched:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in mismatched.items())
             raise TrainingError(f"--resume {run_dir}: config does not match the checkpoint ({detail})")
+    else:
+        run_dir = Path(config.out) if config.out else default_run_dir(config)
     config.validate()
     if dataset is None:
         dataset = D.load_dataset(config.dataset, config.data_dir)
-    data = prepare_data(dataset, config)
-    model = build_model(config, dataset.image_shape, dataset.num_classes)
+    return train_group([config], [run_dir], dataset=dataset, resume=resume is not None, log=log,
+                       on_epoch_end=on_epoch_end, t_start=t_start)[0]
 
-    n_train = data.train_x.shape[0]
-    steps_per_epoch = n_train // config.batch_size
-    total_steps = steps_per_epoch * config.epochs
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
+
+def _stack(trees):
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
+
+
+def _member(tree, m):
+    return jax.tree_util.tree_map(lambda a: a[m], tree)
+
+
+def _epoch_inputs(run_key, train_idx, epoch):
+    """A member's epoch order (indices into the pool) and the key its steps fold in."""
+    perm_key, epoch_key = jax.random.split(jax.random.fold_in(run_key, epoch))
+    return train_idx[jax.random.permutation(perm_key, train_idx.shape[0])], epoch_key
+
+
+def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=print, on_epoch_end=None,
+                names=None, t_start=None, extra_config=None):
+    """Train ``configs`` together, vmapped in one compiled program; one run directory each.
+
+    The configs must agree in :func:`group_key` (shapes and static settings); they may
+    differ in the :data:`HPARAMS` and the seed. Each member gets exactly the files, and
+    follows exactly the computation, of ``train(config)`` (which is this function with
+    one member): its own validation split, normalisation, init, data order, dropout
+    masks. A member whose loss turns non-finite stops there (status ``diverged: ...``,
+    last good epoch checkpoint kept) while the others go on. Returns the summaries, in
+    order. ``resume`` (one member only) continues ``run_dirs[0]``. ``extra_config``
+    (a list of dicts) adds entries to each member's config.json.
+    """
+    t_start = time.time() if t_start is None else t_start
+    configs, run_dirs = list(configs), [Path(d) for d in run_dirs]
+    base, size = configs[0], len(configs)
+    if len(run_dirs) != size:
+        raise ValueError(f"train_group: {size} configs but {len(run_dirs)} run directories")
+    if resume and size != 1:
+        raise ValueError("train_group: resume works on a single run only")
+    for c in configs:
+        c.validate()
+        if group_key(c) != group_key(base):
+            diff = [k for (k, a), (_, b) in zip(group_key(c), group_key(base)) if a != b]
+            raise ValueError(f"train_group: configs differ in shape-fixing settings {diff}; group them apart")
+    names = names or [d.name for d in run_dirs]
+    say = (lambda m, text: log(text)) if size == 1 else (lambda m, text: log(f"[{names[m]}] {text}"))
+
+    pool_x, pool_y = _training_pool(dataset, base)
+    splits = {}
+    for c in configs:
+        if c.seed not in splits:
+            splits[c.seed] = member_split(pool_x, pool_y, c)
+    train_idx, val_idx, means, stds = (np.stack(a) for a in zip(*(splits[c.seed] for c in configs)))
+    model = build_model(base, dataset.image_shape, dataset.num_classes)
+    n_train, n_val, batch = train_idx.shape[1], val_idx.shape[1], base.batch_size
+    steps_per_epoch = n_train // batch
+    total_steps = steps_per_epoch * base.epochs
+    if base.max_steps:
+        total_steps = min(total_steps, base.max_steps)
     epochs = math.ceil(total_steps / steps_per_epoch)
-    optimizer = build_optimizer(config, total_steps)
+    optimizer = build_optimizer(base, total_steps)
 
-    key = jax.random.key(config.seed)
-    init_key, run_key = jax.random.split(key)
-    params, state = model.init(init_key)
-    opt_state = optimizer.init(params)
-    start_epoch, metrics = 0, []
+    hps = _stack([hparams_of(c) for c in configs])
+    seeds = jnp.asarray([c.seed for c in configs], jnp.uint32)
 
-    if resume is not None:
-        restored = load_checkpoint(run_dir, params, state, opt_state, run_key)
-        params, state, opt_state = restored["params"], restored["state"], restored["opt_state"]
-        run_key, start_epoch = restored["key"], int(restored["epoch"])
+    @jax.jit
+    def init(seeds, hps):
+        def one(seed, hp):
+            init_key, run_key = jax.random.split(jax.random.key(seed))
+            params, state = model.init(init_key)
+            return params, state, _with_hparams(optimizer.init(params), hp), run_key
+        return jax.vmap(one)(seeds, hps)
+
+    params, state, opt_state, run_keys = init(seeds, hps)
+    start_epoch, metrics = 0, [[] for _ in configs]
+    if resume:
+        run_dir = run_dirs[0]
+        restored = load_checkpoint(run_dir, _member(params, 0), _member(state, 0), _member(opt_state, 0),
+                                   run_keys[0])
+        params, state, opt_state = (_stack([restored[k]]) for k in ("params", "state", "opt_state"))
+        run_keys, start_epoch = restored["key"][None], int(restored["epoch"])
         metrics_path = run_dir / "metrics.jsonl"
         if metrics_path.exists():
-            metrics = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
-        metrics = [m for m in metrics if m["epoch"] <= start_epoch]
+            metrics[0] = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+        metrics[0] = [m for m in metrics[0] if m["epoch"] <= start_epoch]
         log(f"resuming {run_dir} after epoch {start_epoch}")
     else:
-        run_dir = Path(config.out) if config.out else default_run_dir(config)
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise TrainingError(f"--out {run_dir} already holds files; choose a new directory or --resume it")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(
-            {"config": dataclasses.asdict(config), "model": repr(model), "environment": environment_info(),
-             "data_source": dataset.source, "train_examples": int(n_train),
-             "val_examples": int(data.val_x.shape[0]), "test_examples": int(data.test_x.shape[0])},
-            indent=2, default=str))
+        for run_dir in run_dirs:
+            if run_dir.exists() and any(run_dir.iterdir()):
+                raise TrainingError(f"--out {run_dir} already holds files; choose a new directory or --resume it")
+        env = environment_info()
+        for m, (c, run_dir) in enumerate(zip(configs, run_dirs)):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            info = {"config": dataclasses.asdict(c),
+                    "model": repr(build_model(c, dataset.image_shape, dataset.num_classes)),
+                    "environment": env, "data_source": dataset.source, "train_examples": int(n_train),
+                    "val_examples": int(n_val), "test_examples": int(len(dataset.test_labels))}
+            info.update((extra_config or [{}] * size)[m])
+            (run_dir / "config.json").write_text(json.dumps(info, indent=2, default=str))
 
-    chunk_fn = make_train_chunk(model, optimizer, config)
-    evaluate = make_evaluate(model, config.eval_batch_size)
-    log(f"{model!r}\n{n_train} train / {data.val_x.shape[0]} val / {data.test_x.shape[0]} test images; "
-        f"{steps_per_epoch} steps per epoch, {epochs} epochs ({total_steps} steps); run dir {run_dir}")
+    put = jax.device_put
+    images, labels = put(pool_x), put(pool_y.astype(np.int32))
+    train_idx, val_idx, means, stds = put(train_idx), put(val_idx), put(means), put(stds)
+    chunk_fn = make_group_chunk(model, optimizer, base)
+    evaluate = make_group_evaluate(model, base.eval_batch_size)
+    epoch_inputs = jax.jit(jax.vmap(_epoch_inputs, in_axes=(0, 0, None)))
+    where = f"run dir {run_dirs[0]}" if size == 1 else f"{size} members vmapped"
+    log(f"{model!r}\n{n_train} train / {n_val} val / {len(dataset.test_labels)} test images; "
+        f"{steps_per_epoch} steps per epoch, {epochs} epochs ({total_steps} steps); {where}")
 
-    carry = (params, state, opt_state)
-    last_good = None
-    status = "completed"
+    carry = (params, state, opt_state, jnp.zeros(size, bool))
+    alive = np.ones(size, bool)
+    status = ["completed"] * size
+    last_good = [start_epoch] * size
+    interrupted = False
     try:
         for epoch in range(start_epoch, epochs):
             epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
-            perm_key, epoch_key = jax.random.split(jax.random.fold_in(run_key, epoch))
-            perm = jax.random.permutation(perm_key, n_train)
+            perms, epoch_keys = epoch_inputs(run_keys, train_idx, epoch)
             losses, corrects = [], []
             t0 = time.time()
-            bar = _progress(epoch_steps, f"epoch {epoch + 1}/{epochs}", config.progress)
+            bar = _progress(epoch_steps, f"epoch {epoch + 1}/{epochs}", base.progress)
             done = 0
-            while done < epoch_steps:
-                n = min(config.chunk_steps, epoch_steps - done)
-                carry, (chunk_loss, chunk_correct) = chunk_fn(carry, data, perm, epoch_key, done, n)
+            while done < epoch_steps and alive.any():
+                n = min(base.chunk_steps, epoch_steps - done)
+                carry, (chunk_loss, chunk_correct) = chunk_fn(carry, images, labels, perms, epoch_keys, means,
+                                                              stds, hps, done, n)
                 chunk_loss = np.asarray(chunk_loss)
-                if not np.all(np.isfinite(chunk_loss)):
-                    bad = epoch * steps_per_epoch + done + int(np.argmin(np.isfinite(chunk_loss))) + 1
-                    status = f"diverged: non-finite loss at step {bad} (epoch {epoch + 1})"
-                    raise FloatingPointError(status)
+                for m in np.flatnonzero(alive):
+                    finite = np.isfinite(chunk_loss[m])
+                    if not finite.all():
+                        bad = epoch * steps_per_epoch + done + int(np.argmin(finite)) + 1
+                        status[m] = f"diverged: non-finite loss at step {bad} (epoch {epoch + 1})"
+                        alive[m] = False
+                        say(m, f"stopped: {status[m]}; kept the checkpoint of epoch {last_good[m]} "
+                               f"and the metrics so far")
                 losses.append(chunk_loss)
                 corrects.append(np.asarray(chunk_correct))
                 done += n
                 elapsed = time.time() - t0
                 bar.update(n)
-                bar.set_postfix(loss=f"{chunk_loss.mean():.4f}", img_s=f"{done * config.batch_size / elapsed:.0f}")
+                if alive.any():
+                    bar.set_postfix(loss=f"{chunk_loss[alive].mean():.4f}",
+                                    img_s=f"{done * batch * alive.sum() / elapsed:.0f}")
             bar.close()
+            if not alive.any():
+                break
             seconds = time.time() - t0
-            params, state, opt_state = carry
-            val_loss, val_acc = evaluate(params, state, data.val_x, data.val_y, data.mean, data.std) \
-                if data.val_x.shape[0] else (float("nan"), float("nan"))
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": float(np.concatenate(losses).mean()),
-                "train_accuracy": float(np.concatenate(corrects).sum() / (done * config.batch_size)),
-                "val_loss": float(val_loss), "val_accuracy": float(val_acc),
-                "seconds": round(seconds, 3), "images_per_second": round(done * config.batch_size / seconds, 1),
-                "steps": epoch * steps_per_epoch + done,
-            }
-            metrics.append(record)
-            log(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | "
-                f"val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f} | "
-                f"{seconds:.1f}s, {record['images_per_second']:.0f} img/s")
-            save_checkpoint(run_dir, params, state, opt_state, run_key, epoch + 1)
-            _write_metrics(run_dir, metrics)
-            last_good = epoch + 1
-            if on_epoch_end is not None:
-                on_epoch_end(record, params, state)
-    except FloatingPointError:
-        log(f"stopped: {status}; kept the checkpoint of epoch {last_good or start_epoch} and the metrics so far")
+            params, state, opt_state, _ = carry
+            if n_val:
+                val_loss, val_acc = map(np.asarray, evaluate(params, state, images, labels, val_idx, means, stds))
+            else:
+                val_loss = val_acc = np.full(size, np.nan)
+            epoch_loss, epoch_correct = np.concatenate(losses, axis=1), np.concatenate(corrects, axis=1)
+            host = jax.device_get((params, state, opt_state))
+            for m in np.flatnonzero(alive):
+                record = {
+                    "epoch": epoch + 1,
+                    "train_loss": float(epoch_loss[m].mean()),
+                    "train_accuracy": float(epoch_correct[m].sum() / (done * batch)),
+                    "val_loss": float(val_loss[m]), "val_accuracy": float(val_acc[m]),
+                    "seconds": round(seconds, 3), "images_per_second": round(done * batch / seconds, 1),
+                    "steps": epoch * steps_per_epoch + done,
+                }
+                metrics[m].append(record)
+                if size == 1:
+                    say(m, f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc "
+                           f"{record['train_accuracy']:.4f} | val loss {record['val_loss']:.4f} acc "
+                           f"{record['val_accuracy']:.4f} | {seconds:.1f}s, {record['images_per_second']:.0f} img/s")
+                p_m, s_m, o_m = _member(host, m)
+                save_checkpoint(run_dirs[m], p_m, s_m, o_m, run_keys[m], epoch + 1)
+                _write_metrics(run_dirs[m], metrics[m])
+                last_good[m] = epoch + 1
+                if on_epoch_end is not None:
+                    on_epoch_end(record, jax.tree_util.tree_map(jnp.asarray, p_m), jax.tree_util.tree_map(jnp.asarray, s_m))
+            if size > 1:
+                best = int(np.nanargmax(np.where(alive, val_acc, -np.inf))) if alive.any() else 0
+                log(f"epoch {epoch + 1}: {alive.sum()}/{size} members training; best val acc {val_acc[best]:.4f} "
+                    f"({names[best]}); {seconds:.1f}s, {done * batch * alive.sum() / seconds:.0f} img/s in all")
     except KeyboardInterrupt:
-        status = "interrupted"
-        log(f"\ninterrupted: checkpoint of epoch {last_good or start_epoch} kept in {run_dir}; "
-            f"continue with --resume {run_dir}")
+        interrupted = True
+        for m in np.flatnonzero(alive):
+            status[m] = "interrupted"
+        where = f"continue with --resume {run_dirs[0]}" if size == 1 else "the group's runs are incomplete"
+        log(f"\ninterrupted: checkpoint of epoch {max(last_good)} kept in {run_dirs[0] if size == 1 else 'each run dir'}; "
+            f"{where}")
 
-    _write_metrics(run_dir, metrics)
-    if metrics:
-        plot_curves(metrics, run_dir / "curves.png", title=f"{config.model} on {config.dataset}")
-    summary = {"status": status, "epochs": len(metrics), "steps": metrics[-1]["steps"] if metrics else 0,
-               "best_val_accuracy": max((m["val_accuracy"] for m in metrics), default=None),
-               "wall_seconds": round(time.time() - t_start, 2)}
-    if status == "completed":
-        test_loss, test_acc = evaluate(params, state, data.test_x, data.test_y, data.mean, data.std)
-        summary.update(test_loss=float(test_loss), test_accuracy=float(test_acc))
-        log(f"test accuracy {test_acc:.4f}, loss {test_loss:.4f} ({summary['wall_seconds']:.0f}s); wrote {run_dir}")
-    if resume is not None and (run_dir / "summary.json").exists():
-        previous = json.loads((run_dir / "summary.json").read_text())
-        summary["wall_seconds"] = round(summary["wall_seconds"] + previous.get("wall_seconds", 0.0), 2)
-    summary["run_dir"] = str(run_dir)
-    _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
-    if status == "interrupted":
+    completed = [s == "completed" for s in status]
+    if any(completed):
+        params, state, _, _ = carry
+        test_loss, test_acc = map(np.asarray, evaluate(params, state, put(dataset.test_images),
+                                                       put(dataset.test_labels.astype(np.int32)), None, means, stds))
+    summaries = []
+    wall = round(time.time() - t_start, 2)
+    for m, (c, run_dir) in enumerate(zip(configs, run_dirs)):
+        _write_metrics(run_dir, metrics[m])
+        if metrics[m]:
+            plot_curves(metrics[m], run_dir / "curves.png", title=f"{c.model} on {c.dataset}")
+        summary = {"status": status[m], "epochs": len(metrics[m]),
+                   "steps": metrics[m][-1]["steps"] if metrics[m] else 0,
+                   "best_val_accuracy": max((r["val_accuracy"] for r in metrics[m]), default=None),
+                   "wall_seconds": wall}
+        if size > 1:
+            summary["group_size"] = size  # wall_seconds is the whole group's
+        if completed[m]:
+            summary.update(test_loss=float(test_loss[m]), test_accuracy=float(test_acc[m]))
+            if size == 1:
+                log(f"test accuracy {test_acc[m]:.4f}, loss {test_loss[m]:.4f} ({wall:.0f}s); wrote {run_dir}")
+        if resume and (run_dir / "summary.json").exists():
+            previous = json.loads((run_dir / "summary.json").read_text())
+            summary["wall_seconds"] = round(summary["wall_seconds"] + previous.get("wall_seconds", 0.0), 2)
+        summary["run_dir"] = str(run_dir)
+        _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+        summaries.append(summary)
+    if interrupted:
         raise KeyboardInterrupt
-    return summary
+    return summaries
 
 
 def _write_metrics(run_dir: Path, metrics):

@@ -1,0 +1,398 @@
+"""Sweeps: many configurations trained at once, vmapped in one compiled program per shape group.
+
+A sweep is a base :class:`~jaxnets.training.TrainConfig` and axes ``{setting: [values]}``;
+every combination of the values (their Cartesian product) is one member. Members that
+agree in every setting that fixes shapes or the program (:func:`~jaxnets.training.group_key`:
+hidden sizes, depth, batch size, batch norm, activation, optimizer, epochs/max_steps, ...)
+form a group and train together in one ``jax.vmap``-ed, jitted program: their learning
+rate, weight decay, momentum, dropout rate and label smoothing are per-member arrays, and
+their seed gives each its own split, init, data order and dropout masks. Groups too big for
+the memory budget are split into chunks. Groups run one after another.
+
+Each member writes exactly the files of a single run (``train_group`` is also what
+``train`` runs). The sweep directory gets ``sweep.csv``/``sweep.json`` (every member, best
+first), ``sweep_<setting>.png`` (validation accuracy vs each swept value, mean +- std
+across the other settings) and, when seeds are swept, ``seed_bands.png`` (validation
+curves, mean +- std across seeds).
+
+    from jaxnets import sweep as S, training as T
+    rows = S.sweep(T.TrainConfig(dataset="cifar10", hidden_units=(200,)),
+                   {"lr": [1e-2, 1e-3], "seed": [0, 1, 2]}, out="runs/lr-sweep")
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxnets import data as D
+from jaxnets import training as T
+
+#: Settings a sweep may not vary (they name where things go, not what is trained).
+NOT_SWEEPABLE = ("out", "data_dir", "progress", "dataset")
+SWEEPABLE = tuple(f.name for f in dataclasses.fields(T.TrainConfig) if f.name not in NOT_SWEEPABLE)
+_FIELDS = {f.name: f for f in dataclasses.fields(T.TrainConfig)}
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+# ------------------------------------------------------------------------- parsing
+
+
+def parse_value(name: str, text: str):
+    """One value of setting ``name`` from its text; ValueError saying what was expected."""
+    default = _FIELDS[name].default
+    text = text.strip()
+    if name == "hidden_units":
+        if text.lower() in ("none", ""):
+            return ()
+        try:
+            return tuple(int(v) for v in text.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"{text!r} is not a list of layer sizes like 200 or 300x100 (or none)") from None
+    if isinstance(default, bool):
+        if text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        raise ValueError(f"{text!r} is not a boolean (true/false)")
+    if isinstance(default, int) and name not in T.HPARAMS and name != "warmup_epochs":
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not an integer") from None
+    if isinstance(default, (int, float)):
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{text!r} is not a finite number")
+        return value
+    return text
+
+
+def parse_values(name: str, text: str):
+    """``a,b,c`` -> [a, b, c]; for integer settings ``A..B`` is the inclusive range."""
+    values = []
+    for item in text.split(","):
+        if ".." in item and type(_FIELDS[name].default) is int:
+            lo, _, hi = item.partition("..")
+            lo, hi = parse_value(name, lo), parse_value(name, hi)
+            if hi < lo:
+                raise ValueError(f"empty range {item!r}")
+            values.extend(range(lo, hi + 1))
+        else:
+            values.append(parse_value(name, item))
+    return values
+
+
+def parse_sweep(specs, base: T.TrainConfig | None = None):
+    """``["lr=1e-2,1e-3", "seed=0..2", "hidden-units=100,300x100"]`` -> ``{"lr": [...], ...}``.
+
+    Keys are TrainConfig field names (``-`` or ``_``); each value is checked against
+    ``base`` (``TrainConfig()`` by default). Raises ValueError naming the bad spec.
+    """
+    base = base or T.TrainConfig()
+    axes = {}
+    for spec in specs:
+        key, sep, text = spec.partition("=")
+        name = key.strip().replace("-", "_")
+        if not sep or not name:
+            raise ValueError(f"--sweep {spec!r}: expected KEY=VALUE[,VALUE...], e.g. lr=1e-2,1e-3")
+        if name not in SWEEPABLE:
+            raise ValueError(f"--sweep {spec!r}: unknown or unsweepable setting {key.strip()!r}; "
+                             f"sweepable: {', '.join(k.replace('_', '-') for k in SWEEPABLE)}")
+        if name in axes:
+            raise ValueError(f"--sweep {spec!r}: {key.strip()} is swept twice")
+        if not text.strip():
+            raise ValueError(f"--sweep {spec!r}: no values")
+        try:
+            values = parse_values(name, text)
+            for v in values:
+                dataclasses.replace(base, **{name: v}).validate()
+        except ValueError as e:
+            raise ValueError(f"--sweep {spec}: {e}") from None
+        if len(set(map(repr, values))) != len(values):
+            raise ValueError(f"--sweep {spec}: repeated value")
+        axes[name] = values
+    return axes
+
+
+def expand(base: T.TrainConfig, axes):
+    """Every combination: a list of ``(config, {setting: value})``, the last axis fastest."""
+    names = list(axes)
+    members = []
+    for combo in itertools.product(*(axes[k] for k in names)):
+        swept = dict(zip(names, combo))
+        config = dataclasses.replace(base, **swept)
+        try:
+            config.validate()
+        except ValueError as e:
+            raise ValueError(f"sweep member {format_values(swept)}: {e}") from None
+        members.append((config, swept))
+    return members
+
+
+def format_value(value):
+    if isinstance(value, tuple):
+        return "x".join(map(str, value)) or "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def format_values(swept):
+    return "_".join(f"{k}={format_value(v)}" for k, v in swept.items()) or "base"
+
+
+# ------------------------------------------------------------------- grouping, memory
+
+
+def member_bytes(config: T.TrainConfig, image_shape, classes, n_val=0):
+    """A rough upper estimate of one member's memory while training (float32).
+
+    Parameters and state x (1 + optimizer slots + gradients + update + the kept previous
+    copy), activations and their gradients of a training batch, and the member's gathered
+    validation images and an evaluation batch.
+    """
+    model = T.build_model(config, image_shape, classes)
+    params, state = jax.eval_shape(model.init, jax.random.key(0))
+    n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves((params, state)))
+    slots = {"sgd": 0, "momentum": 1, "nesterov": 1, "adagrad": 1, "rmsprop": 1}.get(config.optimizer, 2)
+    pixels = math.prod(image_shape)
+    if isinstance(model, T.M.MLP):
+        per_example = pixels + 4 * sum(model.hidden) + classes
+    else:
+        h, w, _ = model.input_shape
+        per_example = pixels
+        for item in model.plan:
+            if item == "M":
+                h, w = T.M._pooled(h), T.M._pooled(w)
+            else:
+                per_example += 4 * h * w * item
+    activations = 4 * 2 * per_example * (config.batch_size + config.eval_batch_size)
+    return 4 * n_params * (4 + slots) + activations + n_val * pixels
+
+
+def memory_budget():
+    """Default budget for one vmapped chunk: 25% of free device memory (GPU/TPU) or of
+    available RAM (CPU)."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+        if stats and "bytes_limit" in stats:
+            return int(0.25 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
+    except Exception:  # CPU backends have no memory_stats
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(0.25 * int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return int(0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def parse_bytes(text: str) -> int:
+    """``"4G"``, ``"512M"``, ``"1e9"`` -> bytes."""
+    text = str(text).strip().upper().removesuffix("B")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(text[-1:], 1)
+    try:
+        value = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise ValueError(f"memory budget {text!r}: expected bytes like 4G, 512M or 1e9") from None
+    if value <= 0:
+        raise ValueError(f"memory budget {text!r} must be positive")
+    return int(value)
+
+
+def plan(configs, *, image_shape, classes, n_val=0, budget=None, max_members=None):
+    """Indices of ``configs`` grouped by :func:`~jaxnets.training.group_key`, each group split
+    into chunks that fit ``budget`` bytes (and ``max_members``), in first-seen order."""
+    groups = {}
+    for i, c in enumerate(configs):
+        groups.setdefault(T.group_key(c), []).append(i)
+    budget = memory_budget() if budget is None else budget
+    chunks = []
+    for members in groups.values():
+        per_member = member_bytes(configs[members[0]], image_shape, classes, n_val)
+        cap = max(1, int(budget // per_member))
+        if max_members:
+            cap = min(cap, max_members)
+        pieces = math.ceil(len(members) / cap)
+        size = math.ceil(len(members) / pieces)  # even chunks: one compile per distinct size
+        chunks.extend(members[i:i + size] for i in range(0, len(members), size))
+    return chunks
+
+
+# ---------------------------------------------------------------------------- sweep
+
+
+def sweep(base: T.TrainConfig, axes, *, out=None, dataset: D.Dataset | None = None, budget=None,
+          max_members=None, log=print, progress=None):
+    """Train every combination of ``axes`` over ``base``; returns the table rows, best first.
+
+    ``out`` (default ``base.out``, else ``runs/sweep-<model>-<dataset>-<time>``) gets one
+    directory per member plus the table and plots. ``budget`` (bytes) caps each vmapped
+    chunk's estimated memory (default :func:`memory_budget`); ``max_members`` caps its size.
+    """
+    t_start = time.time()
+    members = expand(base, axes)
+    if out is None:
+        out = base.out or Path("runs") / f"sweep-{base.model}-{base.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise T.TrainingError(f"--out {out} already holds files; choose a new directory")
+    if dataset is None:
+        dataset = D.load_dataset(base.dataset, base.data_dir)
+    configs = [c for c, _ in members]
+    names = [f"{i:03d}-{format_values(s)}" for i, (_, s) in enumerate(members)]
+    for c, name in zip(configs, names):
+        c.out, c.progress = str(out / name), False
+    chunks = plan(configs, image_shape=dataset.image_shape, classes=dataset.num_classes, n_val=base.val_size,
+                  budget=budget, max_members=max_members)
+    log(f"sweep of {len(configs)} configurations over {', '.join(axes)}: {len(chunks)} vmapped group(s) "
+        f"of sizes {[len(c) for c in chunks]}; writing {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = [None] * len(configs)
+    bar = T._progress(len(configs), "sweep", base.progress if progress is None else progress)
+    bar.unit = "config"
+    for g, chunk in enumerate(chunks):
+        t0 = time.time()
+        results = T.train_group([configs[i] for i in chunk], [configs[i].out for i in chunk], dataset=dataset,
+                                log=log, names=[names[i] for i in chunk],
+                                extra_config=[{"sweep": {"values": members[i][1], "group": g,
+                                                         "group_size": len(chunk)}} for i in chunk])
+        for i, summary in zip(chunk, results):
+            summaries[i] = dict(summary, group=g, group_seconds=round(time.time() - t0, 2))
+        bar.update(len(chunk))
+    bar.close()
+    rows = table(members, summaries, names, dataset.num_classes)
+    write_table(out, rows, axes, base, wall=time.time() - t_start, groups=[len(c) for c in chunks])
+    plot_sweep(out, rows, axes)
+    log(f"sweep done in {time.time() - t_start:.0f}s; best: {rows[0]['name']} "
+        f"(val {rows[0]['best_val_accuracy']}, test {rows[0].get('test_accuracy')}); table {out / 'sweep.csv'}")
+    return rows
+
+
+def table(members, summaries, names, classes):
+    """The sweep table: one row per member, best validation accuracy first, diverged last."""
+    rows = []
+    for (config, swept), summary, name in zip(members, summaries, names):
+        flag = ""
+        if summary["status"].startswith("diverged"):
+            flag = "diverged"
+        elif summary["status"] != "completed":
+            flag = summary["status"]
+        elif summary["best_val_accuracy"] is not None and summary["best_val_accuracy"] < 1.2 / classes:
+            flag = "chance"
+        rows.append({"name": name, **{k: format_value(v) for k, v in swept.items()},
+                     "best_val_accuracy": summary["best_val_accuracy"],
+                     "test_accuracy": summary.get("test_accuracy"), "test_loss": summary.get("test_loss"),
+                     "flag": flag, "status": summary["status"], "epochs": summary["epochs"],
+                     "seconds": round(summary["group_seconds"] / summary.get("group_size", 1), 2),
+                     "group": summary["group"], "group_seconds": summary["group_seconds"],
+                     "run_dir": summary["run_dir"], "_values": swept})
+
+    def order(row):
+        acc = row["best_val_accuracy"]
+        return (row["flag"] == "diverged", -(acc if acc is not None and math.isfinite(acc) else -1.0))
+
+    rows.sort(key=order)
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return rows
+
+
+def write_table(out: Path, rows, axes, base, *, wall, groups):
+    columns = ["rank", "name", *axes, "best_val_accuracy", "test_accuracy", "test_loss", "flag", "status",
+               "epochs", "seconds", "group", "group_seconds", "run_dir"]
+    with open(out / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    payload = {"base": dataclasses.asdict(base), "axes": {k: [format_value(v) for v in vs] for k, vs in axes.items()},
+               "wall_seconds": round(wall, 2), "groups": groups,
+               "rows": [{k: v for k, v in r.items() if k != "_values"} for r in rows]}
+    T._write_atomic(out / "sweep.json", json.dumps(payload, indent=2, default=str).encode())
+
+
+def _plot_axes():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_sweep(out: Path, rows, axes):
+    """``sweep_<setting>.png`` per swept setting (not the seed) and ``seed_bands.png``."""
+    plt = _plot_axes()
+    ok = [r for r in rows if r["flag"] != "diverged" and r["best_val_accuracy"] is not None]
+    for name, values in axes.items():
+        if name == "seed" or not ok:
+            continue
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        xs = list(values) if numeric else list(range(len(values)))
+        fig, ax = plt.subplots(figsize=(6, 4))
+        means, stds = [], []
+        for v, x in zip(values, xs):
+            accs = [100 * r["best_val_accuracy"] for r in ok if r["_values"][name] == v]
+            ax.scatter([x] * len(accs), accs, s=10, alpha=0.4, color="gray")
+            means.append(np.mean(accs) if accs else np.nan)
+            stds.append(np.std(accs) if accs else np.nan)
+        means, stds = np.array(means), np.array(stds)
+        ax.plot(xs, means, "-o", label="mean over the other settings")
+        ax.fill_between(xs, means - stds, means + stds, alpha=0.25, label="+- std")
+        if numeric and min(values) > 0 and max(values) / min(values) >= 20:
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(xs, [format_value(v) for v in values])
+        ax.set(xlabel=name, ylabel="best validation accuracy (%)", title=f"validation accuracy vs {name}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / f"sweep_{name}.png", dpi=110)
+        plt.close(fig)
+    if "seed" in axes and len(axes["seed"]) > 1:
+        _plot_seed_bands(plt, out, ok, [k for k in axes if k != "seed"])
+
+
+def _plot_seed_bands(plt, out, rows, others, top=10):
+    """Validation accuracy per epoch, mean +- std across seeds, for the ``top`` best settings."""
+    by_setting = {}
+    for r in rows:
+        by_setting.setdefault(tuple(format_value(r["_values"][k]) for k in others), []).append(r)
+    curves = []
+    for setting, members in by_setting.items():
+        runs = [[m["val_accuracy"] for m in _metrics(r["run_dir"])] for r in members]
+        length = min(map(len, runs))
+        if length:
+            acc = 100 * np.array([run[:length] for run in runs])
+            curves.append((acc[:, -1].mean(), setting, acc))
+    curves.sort(key=lambda c: -c[0])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for _, setting, acc in curves[:top]:
+        epochs = np.arange(1, acc.shape[1] + 1)
+        label = ", ".join(f"{k}={v}" for k, v in zip(others, setting)) or "all"
+        line, = ax.plot(epochs, acc.mean(0), label=f"{label} (n={len(acc)})")
+        ax.fill_between(epochs, acc.mean(0) - acc.std(0), acc.mean(0) + acc.std(0), alpha=0.2,
+                        color=line.get_color())
+    ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="mean +- std across seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "seed_bands.png", dpi=110)
+    plt.close(fig)
+
+
+def _metrics(run_dir):
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []

@@ -1,0 +1,141 @@
+"""Sweeps: vmapped members reproduce single runs, grouping, divergence, the table and the CLI."""
+
+import csv
+import json
+
+import pytest
+
+import train as cli
+from jaxnets import data as D
+from jaxnets import sweep as S
+from jaxnets import training as T
+
+OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "checkpoint.msgpack")
+quiet = dict(log=lambda *_: None, progress=False)
+
+
+@pytest.fixture(scope="module")
+def mnist_small(mnist_dir):
+    full = D.load_dataset("mnist", mnist_dir)
+    return D.Dataset("mnist", full.train_images[:2000], full.train_labels[:2000], full.test_images[:300],
+                     full.test_labels[:300], 10, full.source)
+
+
+def base(tmp_path, **kwargs):
+    values = dict(hidden_units=(32,), batch_size=64, epochs=2, val_size=500, progress=False, chunk_steps=10,
+                  out=str(tmp_path / "sweep"))
+    values.update(kwargs)
+    return T.TrainConfig(**values)
+
+
+def metrics(run_dir):
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_curves(a, b, rtol=1e-5):
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        for key in ("train_loss", "val_loss", "val_accuracy"):
+            assert abs(ra[key] - rb[key]) <= rtol * max(abs(ra[key]), 1e-3), (key, ra[key], rb[key])
+
+
+def test_each_member_reproduces_its_single_run(mnist_small, tmp_path):
+    # One group of 4 (lr x seed) with dropout on and a cosine schedule: every member has its
+    # own lr, split, init, order and dropout masks, yet runs the single run's computation.
+    cfg = base(tmp_path, optimizer="adam", dropout=0.1, label_smoothing=0.05)
+    rows = S.sweep(cfg, {"lr": [3e-3, 1e-3], "seed": [0, 1]}, dataset=mnist_small, **quiet)
+    assert len(rows) == 4 and len({r["group"] for r in rows}) == 1
+    for lr, seed in ((3e-3, 1), (1e-3, 0)):
+        row = next(r for r in rows if r["_values"] == {"lr": lr, "seed": seed})
+        single = base(tmp_path, optimizer="adam", dropout=0.1, label_smoothing=0.05, lr=lr, seed=seed,
+                      out=str(tmp_path / f"single-{lr}-{seed}"))
+        summary = T.train(single, dataset=mnist_small, log=lambda *_: None)
+        assert_same_curves(metrics(tmp_path / f"single-{lr}-{seed}"), metrics(tmp_path / "sweep" / row["name"]))
+        assert abs(summary["test_accuracy"] - row["test_accuracy"]) <= 1 / 300 + 1e-9
+    # The seed really changes the member (split, init, order), the lr too.
+    accs = {tuple(r["_values"].values()): r["best_val_accuracy"] for r in rows}
+    assert len(set(accs.values())) > 1
+
+
+def test_divergent_member_is_marked_and_the_others_are_unaffected(mnist_small, tmp_path):
+    cfg = base(tmp_path, optimizer="sgd", schedule="constant", hidden_units=(32, 32), dropout=0.0, epochs=2)
+    rows = S.sweep(cfg, {"lr": [1e4, 0.05]}, dataset=mnist_small, **quiet)
+    out = tmp_path / "sweep"
+    bad, good = rows[-1], rows[0]
+    assert bad["flag"] == "diverged" and bad["status"].startswith("diverged: non-finite loss at step")
+    assert bad["test_accuracy"] is None and good["flag"] == "" and good["test_accuracy"] > 0.6
+    single = base(tmp_path, optimizer="sgd", schedule="constant", hidden_units=(32, 32), dropout=0.0, epochs=2,
+                  lr=0.05, out=str(tmp_path / "single"))
+    T.train(single, dataset=mnist_small, log=lambda *_: None)
+    assert_same_curves(metrics(tmp_path / "single"), metrics(out / good["name"]))
+    # Files: every member has a single run's files (the diverged one up to its last good epoch).
+    for name in OUTPUTS:
+        assert (out / good["name"] / name).stat().st_size > 0, name
+    assert json.loads((out / bad["name"] / "summary.json").read_text())["status"] == bad["status"]
+    table = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [r["name"] for r in table] == [good["name"], bad["name"]] and table[1]["flag"] == "diverged"
+    saved = json.loads((out / "sweep.json").read_text())
+    assert saved["axes"] == {"lr": ["10000", "0.05"]} and saved["rows"][0]["rank"] == 1
+    assert (out / "sweep_lr.png").stat().st_size > 0
+
+
+def test_groups_by_shape_and_chunks_to_the_memory_budget(tmp_path):
+    cfg = base(tmp_path)
+    members = S.expand(cfg, S.parse_sweep(["hidden-units=16,32x16", "batch-size=32,64", "lr=1e-3,1e-2",
+                                           "seed=0..2"], cfg))
+    configs = [c for c, _ in members]
+    assert len(configs) == 24
+    groups = S.plan(configs, image_shape=(28, 28, 1), classes=10, budget=10**12)
+    assert len(groups) == 4 and all(len(g) == 6 for g in groups)
+    for g in groups:
+        assert len({(configs[i].hidden_units, configs[i].batch_size) for i in g}) == 1
+    # Dropout and weight decay on/off change the program: separate groups.
+    mixed = [c for c, _ in S.expand(cfg, {"dropout": [0.0, 0.3, 0.5], "weight_decay": [0.0, 1e-4]})]
+    assert sorted(map(len, S.plan(mixed, image_shape=(28, 28, 1), classes=10))) == [1, 1, 2, 2]
+    # A budget for ~2.5 members splits a group of 6 into 3 even chunks; max_members caps it too.
+    per_member = S.member_bytes(configs[0], (28, 28, 1), 10)
+    chunks = S.plan(configs[:6], image_shape=(28, 28, 1), classes=10, budget=2.5 * per_member)
+    assert [len(c) for c in chunks] == [2, 2, 2]
+    assert [len(c) for c in S.plan(configs[:6], image_shape=(28, 28, 1), classes=10, max_members=4)] == [3, 3]
+    assert S.parse_bytes("4G") == 4 * 2**30 and S.parse_bytes("1e6") == 10**6
+
+
+def test_sweep_parsing():
+    axes = S.parse_sweep(["lr=1e-2,1e-3", "seed=0..2", "hidden_units=100,300x100,none", "batch-norm=true,false",
+                          "activation=relu,tanh"])
+    assert axes == {"lr": [1e-2, 1e-3], "seed": [0, 1, 2], "hidden_units": [(100,), (300, 100), ()],
+                    "batch_norm": [True, False], "activation": ["relu", "tanh"]}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("learning-rate=0.1", "unknown or unsweepable setting 'learning-rate'"),
+    ("lr=abc", "'abc' is not a number"),
+    ("lr=-1", "lr must be positive"),
+    ("seed=0.5", "'0.5' is not an integer"),
+    ("dropout=0.5,1.5", "dropout must be in [0, 1)"),
+    ("activation=relu,swish", "activation must be one of"),
+    ("hidden-units=10xa", "not a list of layer sizes"),
+    ("seed=3..1", "empty range"),
+    ("lr", "expected KEY=VALUE"),
+    ("out=a,b", "unsweepable"),
+])
+def test_cli_sweep_errors_are_argparse_errors(spec, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--sweep", spec])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --sweep" in err and message in err, err
+
+
+def test_cli_sweep_runs_and_writes_the_table(mnist_dir, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = cli.main(["--dataset", "mnist", "--data-dir", str(mnist_dir), "--train-subset", "1200", "--val-size",
+                     "200", "--hidden-units", "16", "--epochs", "1", "--batch-size", "100", "--no-progress",
+                     "--out", str(out), "--sweep", "lr=1e-2,1e-3", "--max-members", "1"])
+    assert code == 0
+    table = list(csv.DictReader(open(out / "sweep.csv")))
+    assert len(table) == 2 and {r["lr"] for r in table} == {"0.01", "0.001"}
+    assert float(table[0]["best_val_accuracy"]) >= float(table[1]["best_val_accuracy"])
+    assert {r["group"] for r in table} == {"0", "1"}  # --max-members 1: two chunks
+    for r in table:
+        assert (out / r["name"] / "summary.json").exists()
