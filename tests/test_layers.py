@@ -226,3 +226,14 @@ def test_init_scales():
     p = L.linear_init(key, 100, 400, scheme="pytorch")
     assert float(jnp.abs(p["w"]).max()) <= 0.1 and float(jnp.abs(p["b"]).max()) <= 0.1
     assert float(p["w"].std()) > 0.05
+
+
+def test_dropout_masks_are_independent_across_keys_and_positions():
+    x = jnp.ones((256, 400))
+    masks = np.stack([np.asarray(L.dropout(x, rate=0.3, key=jax.random.key(k))[0] != 0) for k in range(6)])
+    assert np.all(np.abs(masks.mean(axis=(1, 2)) - 0.7) < 0.01)
+    flat = masks.reshape(6, -1).astype(float)
+    corr = np.corrcoef(flat)
+    assert np.max(np.abs(corr[~np.eye(6, dtype=bool)])) < 0.02  # across keys
+    assert abs(np.corrcoef(flat[0, :-1], flat[0, 1:])[0, 1]) < 0.02  # neighbouring units
+    assert abs(np.corrcoef(flat[0, :-400], flat[0, 400:])[0, 1]) < 0.02  # same unit, next example

@@ -1,0 +1,157 @@
+"""Run the curated experiments and rebuild results/README.md from what they wrote.
+
+    python results/reproduce.py list                    # the experiments and their commands
+    python results/reproduce.py run NAME [NAME ...]     # train, then copy the light files here
+    python results/reproduce.py table                   # regenerate the table in README.md
+
+``run`` executes ``train.py`` with the experiment's flags into ``runs/results/NAME`` and
+copies ``config.json``, ``metrics.jsonl``, ``summary.json`` and ``curves.png`` (not the
+checkpoint) into ``results/NAME/``. ``table`` reads only those committed files, so every
+figure in the README traces back to a summary produced by the listed command. Data comes
+from ``$JAXNETS_DATA_DIR`` (a folder holding ``mnist/`` and ``cifar-10-batches-py/``),
+or ``--data-dir``.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent
+ROOT = RESULTS.parent
+LIGHT_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png")
+
+# name: (what it reproduces, the figure reported in the course reports, train.py flags)
+EXPERIMENTS = {
+    "mnist_mlp_default": (
+        "MNIST MLP, jaxnets defaults (1024-1024, dropout 0.2, Adam 1e-3 cosine, 10 epochs)",
+        "96.3% (784-300-10 sigmoid, SGD)",
+        ["--model", "mlp", "--dataset", "mnist", "--epochs", "10"],
+    ),
+    "mnist_mlp_course": (
+        "MNIST 784-300-10 sigmoid MLP, SGD lr 0.1, batch 64, 5 epochs (the reported setup)",
+        "96.3%",
+        ["--model", "mlp", "--dataset", "mnist", "--hidden-units", "300", "--activation", "sigmoid",
+         "--optimizer", "sgd", "--lr", "0.1", "--batch-size", "64", "--epochs", "5", "--schedule", "constant",
+         "--dropout", "0", "--init", "pytorch"],
+    ),
+    "cifar10_mlp_course": (
+        "CIFAR-10 course MLP: 100 ReLU units, SGD 2e-3, batch 200, 1500 steps, N(0,1e-4^2) init, mean image",
+        "~46%",
+        ["--preset", "course_mlp"],
+    ),
+    "cifar10_mlp_course_manual": (
+        "the same with the hand-written backward passes (--grad manual)",
+        "~46%",
+        ["--preset", "course_mlp", "--grad", "manual"],
+    ),
+    "cifar10_mlp_course_elu": (
+        "the course MLP with ELU units",
+        "~48%",
+        ["--preset", "course_mlp", "--activation", "elu"],
+    ),
+    "cifar10_mlp_tuned": (
+        "CIFAR-10 MLP 1024x3, BN, dropout 0.2, AdamW 1e-3 wd 0.05, cosine, crop+flip, 40 epochs",
+        "57.67% best report",
+        ["--model", "mlp", "--dataset", "cifar10", "--hidden-units", "1024,1024,1024", "--batch-norm",
+         "--dropout", "0.2", "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "0.05",
+         "--augment", "--epochs", "40", "--batch-size", "256"],
+    ),
+    "cifar10_convnet_course": (
+        "CIFAR-10 course ConvNet (mini-VGG, conv-BN-ReLU), Adam 1e-4, batch 32, 5000 steps",
+        "75-79% (best report 81.1%)",
+        ["--preset", "course_convnet"],
+    ),
+}
+
+
+def run(names, data_root):
+    for name in names:
+        if name not in EXPERIMENTS:
+            sys.exit(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
+    for name in names:
+        flags = EXPERIMENTS[name][2]
+        out = ROOT / "runs" / "results" / name
+        if out.exists():
+            shutil.rmtree(out)
+        cmd = [sys.executable, "train.py", *flags, "--data-dir", str(data_root), "--out", str(out),
+               "--no-progress"]
+        print("$", " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        target = RESULTS / name
+        target.mkdir(exist_ok=True)
+        for f in LIGHT_FILES:
+            shutil.copy2(out / f, target / f)
+    table()
+
+
+def rows():
+    for name, (what, reported, flags) in EXPERIMENTS.items():
+        summary_path = RESULTS / name / "summary.json"
+        if not summary_path.exists():
+            continue
+        summary = json.loads(summary_path.read_text())
+        config = json.loads((RESULTS / name / "config.json").read_text())
+        env = config["environment"]
+        yield {
+            "name": name, "what": what, "reported": reported,
+            "command": "python train.py " + " ".join(flags) + " --data-dir DIR",
+            "test_accuracy": summary.get("test_accuracy"), "epochs": summary["epochs"], "steps": summary["steps"],
+            "wall_seconds": summary["wall_seconds"], "machine": f"{env['cpu']}, {env['cores']} cores, {env['backend']}",
+            "data": "MNIST" if config["config"]["dataset"] == "mnist" else "CIFAR-10 (JPEG copy)",
+        }
+
+
+BEGIN, END = "<!-- table:begin -->", "<!-- table:end -->"
+
+
+def render():
+    lines = ["| experiment | data | reported | ours (test acc.) | epochs (steps) | wall time | command |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    machines = set()
+    for r in rows():
+        acc = f"{100 * r['test_accuracy']:.2f}%" if r["test_accuracy"] is not None else "n/a"
+        lines.append(f"| [{r['name']}]({r['name']}/curves.png): {r['what']} | {r['data']} | {r['reported']} | "
+                     f"**{acc}** | {r['epochs']} ({r['steps']}) | {r['wall_seconds'] / 60:.1f} min | "
+                     f"`{r['command']}` |")
+        machines.add(r["machine"])
+    lines.append("")
+    lines.append("Machine: " + "; ".join(sorted(machines)) + ". Seed 0 unless the command says otherwise.")
+    return "\n".join(lines)
+
+
+def table():
+    readme = RESULTS / "README.md"
+    text = readme.read_text() if readme.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{BEGIN}\n{render()}\n{END}{tail}")
+    print(f"wrote {readme}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list")
+    r = sub.add_parser("run")
+    r.add_argument("names", nargs="+")
+    r.add_argument("--data-dir", default=os.environ.get("JAXNETS_DATA_DIR"),
+                   help="folder holding mnist/ and cifar-10-batches-py/ (default $JAXNETS_DATA_DIR)")
+    sub.add_parser("table")
+    args = parser.parse_args()
+    if args.cmd == "list":
+        for name, (what, reported, flags) in EXPERIMENTS.items():
+            print(f"{name}: {what} [reported {reported}]\n    python train.py {' '.join(flags)}")
+    elif args.cmd == "run":
+        if not args.data_dir:
+            parser.error("--data-dir (or $JAXNETS_DATA_DIR) is required")
+        run(args.names, args.data_dir)
+    else:
+        table()
+
+
+if __name__ == "__main__":
+    main()
