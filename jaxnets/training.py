@@ -297,27 +297,41 @@ def make_step(model, optimizer, config: TrainConfig):
     return step
 
 
+def _member_chunk(step, batch):
+    """``n`` steps of one member in a ``lax.scan``; see :func:`make_group_chunk`."""
+
+    def member_chunk(carry, images, labels, perm, epoch_key, mean, std, hp, start, n, mask=True):
+        def body(c, i):
+            params, state, opt_state, diverged = c
+            idx = jax.lax.dynamic_slice_in_dim(perm, i * batch, batch)
+            *new, loss, correct = step(params, state, opt_state, images[idx], labels[idx],
+                                       jax.random.fold_in(epoch_key, i), mean, std, hp)
+            finite = jnp.isfinite(loss)
+            if mask:  # freeze a member at its last finite step
+                ok = finite & ~diverged
+                new = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), tuple(new), (params, state, opt_state))
+            return (*new, diverged | ~finite), (loss, correct)
+
+        return jax.lax.scan(body, carry, start + jnp.arange(n))
+
+    return member_chunk
+
+
 def make_train_chunk(model, optimizer, config: TrainConfig):
     """``chunk(carry, data, perm, epoch_key, start, n) -> (carry, (losses, correct))``: ``n`` steps in one scan.
 
     ``carry = (params, state, opt_state)``, ``data`` a :class:`DeviceData`; step ``i`` of
     the epoch uses the examples ``perm[i*B:(i+1)*B]`` of ``data.train_x`` and the key
-    ``fold_in(epoch_key, i)``. The same :func:`make_step` as :func:`make_group_chunk`,
-    for one configuration without a member axis (handy for benchmarks and research code).
+    ``fold_in(epoch_key, i)``. The member function of :func:`make_group_chunk`, for one
+    configuration without a member axis (handy for benchmarks and research code).
     """
-    step = make_step(model, optimizer, config)
-    batch = config.batch_size
+    member_chunk = _member_chunk(make_step(model, optimizer, config), config.batch_size)
 
     def chunk(carry, data, perm, epoch_key, start, n):
-        hp = hparams_of(config)
-
-        def body(c, i):
-            idx = jax.lax.dynamic_slice_in_dim(perm, i * batch, batch)
-            *c, loss, correct = step(*c, data.train_x[idx], data.train_y[idx], jax.random.fold_in(epoch_key, i),
-                                     data.mean, data.std, hp)
-            return tuple(c), (loss, correct)
-
-        return jax.lax.scan(body, carry, start + jnp.arange(n))
+        (params, state, opt_state, _), out = member_chunk(
+            (*carry, jnp.zeros((), bool)), data.train_x, data.train_y, perm, epoch_key, data.mean, data.std,
+            hparams_of(config), start, n, mask=False)
+        return (params, state, opt_state), out
 
     return jax.jit(chunk, static_argnames="n", donate_argnums=0)
 
@@ -330,31 +344,16 @@ def make_group_chunk(model, optimizer, config: TrainConfig):
     each with a leading member axis, as are ``perms`` (indices into the shared uint8
     ``images``/``labels``), ``epoch_keys``, ``means``/``stds`` and ``hps``. A member whose
     loss turns non-finite is frozen at its last finite step and flagged ``diverged``; the
-    others go on unaffected. Losses and correct counts are ``(members, n)``.
+    others go on unaffected. Losses and correct counts are ``(members, n)``. A group of
+    one runs the member function without vmap and without the freezing (the host stops
+    a lone run at its first non-finite loss), at a single run's speed.
     """
-    step = make_step(model, optimizer, config)
-    batch = config.batch_size
-
-    def member_chunk(carry, images, labels, perm, epoch_key, mean, std, hp, start, n, mask=True):
-        def body(c, i):
-            params, state, opt_state, diverged = c
-            idx = jax.lax.dynamic_slice_in_dim(perm, i * batch, batch)
-            *new, loss, correct = step(params, state, opt_state, images[idx], labels[idx],
-                                       jax.random.fold_in(epoch_key, i), mean, std, hp)
-            finite = jnp.isfinite(loss)
-            if not mask:  # a lone member: the host stops the run at its first non-finite loss
-                return (*new, diverged | ~finite), (loss, correct)
-            ok = finite & ~diverged
-            keep = lambda a, b: jnp.where(ok, a, b)
-            new = jax.tree_util.tree_map(keep, tuple(new), (params, state, opt_state))
-            return (*new, diverged | ~finite), (loss, correct)
-
-        return jax.lax.scan(body, carry, start + jnp.arange(n))
+    member_chunk = _member_chunk(make_step(model, optimizer, config), config.batch_size)
 
     def chunk(carry, images, labels, perms, epoch_keys, means, stds, hps, start, n):
         one = lambda c, p, k, m, s, h, mask=True: member_chunk(c, images, labels, p, k, m, s, h, start, n, mask)
         members = (carry, perms, epoch_keys, means, stds, hps)
-        if perms.shape[0] == 1:  # a single run: the same member function, without a batch axis
+        if perms.shape[0] == 1:
             out = one(*_member(members, 0), mask=False)
             return jax.tree_util.tree_map(lambda a: a[None], out)
         return jax.vmap(one)(*members)
