@@ -123,7 +123,35 @@ def render():
     return "\n".join(lines)
 
 
+def overlay(a="cifar10_mlp_course", b="cifar10_mlp_course_manual", path=RESULTS / "manual_vs_autodiff.png"):
+    """Per-epoch curves of the same run with jax.grad and with the hand-written backward, overlaid."""
+    if not all((RESULTS / n / "metrics.jsonl").exists() for n in (a, b)):
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, label, style in ((a, "autodiff (jax.grad)", "-o"), (b, "manual backward", "--s")):
+        metrics = [json.loads(l) for l in (RESULTS / name / "metrics.jsonl").read_text().splitlines() if l]
+        epochs = [m["epoch"] for m in metrics]
+        for ax, key, scale in ((axes[0], "loss", 1), (axes[1], "accuracy", 100)):
+            for split in ("train", "val"):
+                ax.plot(epochs, [scale * m[f"{split}_{key}"] for m in metrics], style, markersize=3,
+                        label=f"{split}, {label}")
+    for ax, key in zip(axes, ("cross-entropy loss", "accuracy (%)")):
+        ax.set(xlabel="epoch", ylabel=key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("course MLP on CIFAR-10 (JPEG copy): autodiff vs manual backprop, seed 0")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def table():
+    overlay()
     readme = RESULTS / "README.md"
     text = readme.read_text() if readme.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
     head, rest = text.split(BEGIN, 1)
