@@ -256,7 +256,11 @@ def main(argv=None):
     parser.add_argument("--chunk", type=int, default=10, help="jaxnets steps per compiled call")
     parser.add_argument("--epoch-images", type=int, default=45000, help="training images in the full-epoch test")
     parser.add_argument("--out", default=str(RESULTS), help="where to write the JSON")
+    parser.add_argument("--markdown", metavar="JSON", help="print the README table of a results file and exit")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return
     parts = set(args.only.split(","))
     try:
         import torch
@@ -345,6 +349,34 @@ def print_table(results):
         if kind in results:
             print(f"first call {kind}: autodiff {results[kind]['jaxnets_autodiff_first_call_s']:.1f}s, "
                   f"manual {results[kind]['jaxnets_manual_first_call_s']:.1f}s")
+
+
+def markdown(results):
+    """The README's Performance table, from a results file."""
+    limit = results.get("gemm", {}).get("limit_gflops")
+    lines = ["| benchmark | images/s | GFLOP/s | vs PyTorch | of GEMM limit |", "| --- | --- | --- | --- | --- |"]
+    for kind in ("mlp", "convnet"):
+        row = results.get(kind, {})
+        for label in ("jaxnets_autodiff", "jaxnets_manual", "jaxnets_xla_conv", "torch", "torch_channels_last", "flax"):
+            if f"{label}_images_per_s" in row:
+                lines.append(f"| {kind} step, {label.replace('_', ' ')} | {row[f'{label}_images_per_s']:.0f} | "
+                             f"{row[f'{label}_gflops']:.0f} | {row.get(f'{label}_speedup_vs_torch', float('nan')):.2f}x | "
+                             f"{row.get(f'{label}_fraction_of_limit', float('nan')):.0%} |")
+    for kind, entry in results.get("epoch", {}).items():
+        lines.append(f"| {kind} epoch of {entry['images']} images, wall s | jaxnets {entry['jaxnets_s']:.1f} | "
+                     f"torch {entry.get('torch_s', float('nan')):.1f} | {entry.get('jaxnets_over_torch', float('nan')):.2f}x time | |")
+    for kind in ("mlp", "convnet"):
+        if kind in results:
+            lines.append(f"| {kind} first step (compile), s | autodiff {results[kind]['jaxnets_autodiff_first_call_s']:.1f} | "
+                         f"manual {results[kind]['jaxnets_manual_first_call_s']:.1f} | | |")
+    gemm = results.get("gemm", {})
+    machine = results.get("machine", {})
+    lines.append("")
+    lines.append(f"GEMM limit (2048^3 fp32): jax {gemm.get('jax_gflops', float('nan')):.0f} GFLOP/s, torch "
+                 f"{gemm.get('torch_gflops', float('nan')):.0f} GFLOP/s. Machine: {machine.get('cpu')}, "
+                 f"{machine.get('cores')} cores; jax {machine.get('jax')}, torch {machine.get('torch')}. "
+                 f"Command: `{results.get('command')}`.")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
