@@ -10,6 +10,7 @@ Every flag's default comes from ``TrainConfig``; ``--help`` lists them.
 
 import argparse
 import dataclasses
+import os
 import sys
 
 HELP = {
@@ -40,6 +41,9 @@ HELP = {
     "train_subset": "use only the first N training images (0: all)",
     "eval_batch_size": "batch size of evaluation",
     "chunk_steps": "steps per compiled call (the progress bar advances per chunk)",
+    "devices": "data parallel over this many devices (0: all local devices, or all devices of a multi-process "
+               "run); the batch size is global and must divide evenly; vmapped sweeps use one device",
+    "sync_bn": "with --devices > 1: batch-norm statistics synchronised over all devices (default: per device)",
     "out": "run directory (default runs/<model>-<dataset>-<timestamp>)",
     "progress": "progress bar",
 }
@@ -68,6 +72,15 @@ def build_parser():
     parser.add_argument("--memory-budget", metavar="BYTES",
                         help="sweeps: estimated memory per vmapped chunk, e.g. 4G (default: 25%% of free memory)")
     parser.add_argument("--max-members", type=int, metavar="N", help="sweeps: at most N configurations per chunk")
+    parser.add_argument("--coordinator-address", metavar="HOST:PORT", default=os.environ.get("JAXNETS_COORDINATOR_ADDRESS"),
+                        help="multi-process run: address of process 0 for jax.distributed.initialize "
+                             "(env JAXNETS_COORDINATOR_ADDRESS)")
+    parser.add_argument("--num-processes", type=int, metavar="N", default=_env_int("JAXNETS_NUM_PROCESSES"),
+                        help="multi-process run: number of processes (env JAXNETS_NUM_PROCESSES)")
+    parser.add_argument("--process-id", type=int, metavar="I", default=_env_int("JAXNETS_PROCESS_ID"),
+                        help="multi-process run: this process's index, 0..N-1 (env JAXNETS_PROCESS_ID)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="multi-process run with the settings JAX detects itself (SLURM, Open MPI, TPU pod slices)")
     for field in dataclasses.fields(T.TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         default = field.default
@@ -84,6 +97,11 @@ def build_parser():
             parser.add_argument(flag, type=kind, default=None, choices=choices.get(field.name),
                                 help=f"{HELP[field.name]} (default: {default})")
     return parser
+
+
+def _env_int(name):
+    value = os.environ.get(name)
+    return int(value) if value else None
 
 
 def _int_list(text):
@@ -113,11 +131,17 @@ def main(argv=None):
         config.validate()
     except ValueError as e:
         parser.error(str(e))
+    from jaxnets import parallel as P
+
+    try:  # before anything else touches a JAX backend
+        P.initialize(args.coordinator_address, args.num_processes, args.process_id, auto=args.distributed)
+    except ValueError as e:
+        parser.error(str(e))
     if args.sweep:
         return _sweep(parser, args, config)
     try:
         T.train(config, resume=args.resume)
-    except (D.DataError, T.TrainingError) as e:
+    except (D.DataError, T.TrainingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -57,6 +57,9 @@ class MLP:
     init_scheme: str = "kaiming"
     bn_momentum: float = 0.1
     dtype: str = "float32"
+    #: Inside ``shard_map``: the mesh axis over which batch norm syncs its statistics
+    #: (forward and backward); None for per-device statistics.
+    bn_axis_name: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -115,7 +118,8 @@ class MLP:
             x, cache["linear"] = L.linear(block["linear"], x)
             if self.batch_norm:
                 x, cache["bn"], new_state["bn"] = L.batch_norm(
-                    block["bn"], block_state["bn"], x, train=train, momentum=self.bn_momentum
+                    block["bn"], block_state["bn"], x, train=train, momentum=self.bn_momentum,
+                    axis_name=self.bn_axis_name,
                 )
             x, cache["act"] = act(x)
             if self.dropout:
@@ -143,7 +147,8 @@ class MLP:
                 dx = L.dropout_backward(block_cache["dropout"], dx)
             dx = act_backward(block_cache["act"], dx)
             if self.batch_norm:
-                grads["bn"], dx = L.batch_norm_backward(block["bn"], block_cache["bn"], dx, train=train)
+                grads["bn"], dx = L.batch_norm_backward(block["bn"], block_cache["bn"], dx, train=train,
+                                                        axis_name=self.bn_axis_name)
             grads["linear"], dx = L.linear_backward(block["linear"], block_cache["linear"], dx)
             block_grads.append(grads)
         return {"blocks": block_grads[::-1], "head": head_grads}
@@ -191,6 +196,7 @@ class ConvNet:
     init_scheme: str = "kaiming"
     bn_momentum: float = 0.1
     dtype: str = "float32"
+    bn_axis_name: str | None = None  # see MLP.bn_axis_name
 
     def __post_init__(self):
         object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
@@ -254,7 +260,7 @@ class ConvNet:
     def forward(self, params, state, x, *, train, key=None):
         del key  # no stochastic layers
         self._check_input(x)
-        bn = dict(train=train, momentum=self.bn_momentum)
+        bn = dict(train=train, momentum=self.bn_momentum, axis_name=self.bn_axis_name)
         caches, new_states, blocks = [], [], iter(zip(params["blocks"], state["blocks"]))
         for item in self.plan:
             cache = {}
@@ -300,7 +306,8 @@ class ConvNet:
         dx = C.flatten_backward(head_cache["flatten"], dx)
         if self.preact:
             dx = L.relu_backward(head_cache["relu"], dx)
-            grads["head_bn"], dx = L.batch_norm_backward(params["head_bn"], head_cache["bn"], dx, train=train)
+            grads["head_bn"], dx = L.batch_norm_backward(params["head_bn"], head_cache["bn"], dx, train=train,
+                                                               axis_name=self.bn_axis_name)
         block_grads, blocks = [], iter(reversed(params["blocks"]))
         for item, cache in zip(reversed(self.plan), reversed(caches)):
             if item == "M":
@@ -311,13 +318,15 @@ class ConvNet:
                 # x_out = x_in + conv(relu(bn(x_in))): the skip passes dx through unchanged.
                 g["conv"], dh = C.conv2d_backward(block["conv"], cache["conv"], dx, stride=1, padding="SAME")
                 dh = L.relu_backward(cache["relu"], dh)
-                g["bn"], dh = L.batch_norm_backward(block["bn"], cache["bn"], dh, train=train)
+                g["bn"], dh = L.batch_norm_backward(block["bn"], cache["bn"], dh, train=train,
+                                                     axis_name=self.bn_axis_name)
                 dx = dx + dh
                 if "proj" in block:
                     g["proj"], dx = C.conv2d_backward(block["proj"], cache["proj"], dx, stride=1, padding="SAME")
             else:
                 dx = L.relu_backward(cache["relu"], dx)
-                g["bn"], dx = L.batch_norm_backward(block["bn"], cache["bn"], dx, train=train)
+                g["bn"], dx = L.batch_norm_backward(block["bn"], cache["bn"], dx, train=train,
+                                                     axis_name=self.bn_axis_name)
                 g["conv"], dx = C.conv2d_backward(block["conv"], cache["conv"], dx, stride=1, padding="SAME")
             block_grads.append(g)
         grads["blocks"] = block_grads[::-1]

@@ -31,6 +31,7 @@ from flax import serialization
 
 from jaxnets import data as D
 from jaxnets import models as M
+from jaxnets import parallel as P
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "adagrad", "rmsprop")
 SCHEDULES = ("constant", "cosine", "onecycle", "step")
@@ -68,6 +69,8 @@ class TrainConfig:
     train_subset: int = 0
     eval_batch_size: int = 1000
     chunk_steps: int = 50
+    devices: int = 0
+    sync_bn: bool = False
     out: str | None = None
     progress: bool = True
 
@@ -85,6 +88,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.devices < 0:
+            raise ValueError(f"devices must be >= 0 (0: all), got {self.devices}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.dropout < 1:
@@ -113,15 +118,16 @@ PRESETS = {
 # --------------------------------------------------------------------------- building
 
 
-def build_model(config: TrainConfig, image_shape, classes):
+def build_model(config: TrainConfig, image_shape, classes, bn_axis_name=None):
+    """The model of ``config``; ``bn_axis_name`` syncs batch norm over that mesh axis."""
     if config.model == "mlp":
         return M.MLP(
             input_size=int(np.prod(image_shape)), hidden=tuple(config.hidden_units), classes=classes,
             activation=config.activation, batch_norm=config.batch_norm, dropout=config.dropout,
-            init_scheme=config.init,
+            init_scheme=config.init, bn_axis_name=bn_axis_name,
         )
     return M.ConvNet(input_shape=tuple(image_shape), classes=classes,
-                     preact=config.model == "preact_convnet", init_scheme=config.init)
+                     preact=config.model == "preact_convnet", init_scheme=config.init, bn_axis_name=bn_axis_name)
 
 
 def _schedule(config: TrainConfig, total_steps: int):
@@ -267,7 +273,7 @@ def augment(key, images, pad=4):
 # --------------------------------------------------------------------------- steps
 
 
-def make_step(model, optimizer, config: TrainConfig):
+def make_step(model, optimizer, config: TrainConfig, axis_name=None):
     """The one training step every path runs (single runs and each member of a sweep).
 
     ``step(params, state, opt_state, images_u8, labels, key, mean, std, hp)`` ->
@@ -275,11 +281,19 @@ def make_step(model, optimizer, config: TrainConfig):
     chosen path, Optax update. ``hp`` holds the member's ``dropout`` and
     ``label_smoothing`` (arrays, see :func:`hparams_of`); the optimizer's hyperparameters
     are in ``opt_state``. ``key`` is split into the augmentation and the dropout keys.
+
+    ``axis_name`` (inside ``shard_map``, data parallel): each device runs the step on its
+    slice of the batch, then the gradients, loss and batch-norm running statistics are
+    averaged over the axis (``lax.pmean``) before the update, and the correct counts
+    summed, so parameters and optimizer state stay replicated. The device index is folded
+    into ``key`` (each device draws its own augmentation and dropout).
     """
     value_and_grad = M.GRADIENT_PATHS[config.grad]
     dropout_on = config.model == "mlp" and config.dropout > 0
 
     def step(params, state, opt_state, images, labels, key, mean, std, hp):
+        if axis_name is not None:
+            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
         aug_key, dropout_key = jax.random.split(key)
         x = augment(aug_key, images) if config.augment else images
         x = normalize(x, mean, std)
@@ -290,20 +304,32 @@ def make_step(model, optimizer, config: TrainConfig):
         # The logits for the training accuracy: XLA merges this forward pass with the one
         # inside the gradient (same inputs, same ops), so it costs next to nothing.
         logits, _ = model.apply(params, state, x, train=True, key=dropout_key, **extra)
+        correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+        if axis_name is not None:
+            grads, loss, new_state = jax.lax.pmean((grads, loss, new_state), axis_name)
+            correct = jax.lax.psum(correct, axis_name)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, new_state, opt_state, loss, jnp.sum(jnp.argmax(logits, -1) == labels)
+        return params, new_state, opt_state, loss, correct
 
     return step
 
 
-def _member_chunk(step, batch):
-    """``n`` steps of one member in a ``lax.scan``; see :func:`make_group_chunk`."""
+def _member_chunk(step, batch, axis_name=None):
+    """``n`` steps of one member in a ``lax.scan``; see :func:`make_group_chunk`.
+
+    ``axis_name`` (inside ``shard_map``): ``batch`` is the global batch; device ``d`` of
+    ``k`` takes the ``d``-th of its ``k`` contiguous slices.
+    """
 
     def member_chunk(carry, images, labels, perm, epoch_key, mean, std, hp, start, n, mask=True):
         def body(c, i):
             params, state, opt_state, diverged = c
-            idx = jax.lax.dynamic_slice_in_dim(perm, i * batch, batch)
+            if axis_name is None:
+                idx = jax.lax.dynamic_slice_in_dim(perm, i * batch, batch)
+            else:
+                local = batch // jax.lax.psum(1, axis_name)
+                idx = jax.lax.dynamic_slice_in_dim(perm, i * batch + jax.lax.axis_index(axis_name) * local, local)
             *new, loss, correct = step(params, state, opt_state, images[idx], labels[idx],
                                        jax.random.fold_in(epoch_key, i), mean, std, hp)
             finite = jnp.isfinite(loss)
@@ -357,6 +383,32 @@ def make_group_chunk(model, optimizer, config: TrainConfig):
             out = one(*_member(members, 0), mask=False)
             return jax.tree_util.tree_map(lambda a: a[None], out)
         return jax.vmap(one)(*members)
+
+    return jax.jit(chunk, static_argnames="n", donate_argnums=0)
+
+
+def make_parallel_chunk(model, optimizer, config: TrainConfig, mesh):
+    """:func:`make_group_chunk` for one member, data parallel over ``mesh``'s ``"batch"`` axis.
+
+    Same signature and results (a member axis of 1). Every input and output is
+    replicated over the mesh; inside ``shard_map`` each device runs the single-device step
+    on its slice of each global batch and the gradients are ``pmean``-ed (see
+    :func:`make_step`), for either gradient path. ``model`` carries ``bn_axis_name`` for
+    synchronised batch norm, or None for per-device statistics.
+    """
+    P.check_batch(config.batch_size, mesh.size)
+    member_chunk = _member_chunk(make_step(model, optimizer, config, axis_name=P.AXIS), config.batch_size,
+                                 axis_name=P.AXIS)
+
+    def chunk(carry, images, labels, perms, epoch_keys, means, stds, hps, start, n):
+        def body(c, p, k, m, s, h, images, labels, start):
+            return member_chunk(c, images, labels, p, k, m, s, h, start, n, mask=False)
+
+        spec = jax.sharding.PartitionSpec()
+        sharded = jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+        members = _member((carry, perms, epoch_keys, means, stds, hps), 0)
+        out = sharded(*members, images, labels, start)
+        return jax.tree_util.tree_map(lambda a: a[None], out)
 
     return jax.jit(chunk, static_argnames="n", donate_argnums=0)
 
@@ -581,6 +633,13 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             diff = [k for (k, a), (_, b) in zip(group_key(c), group_key(base)) if a != b]
             raise ValueError(f"train_group: configs differ in shape-fixing settings {diff}; group them apart")
     names = names or [d.name for d in run_dirs]
+    devices = _group_devices(base, size)
+    mesh = P.make_mesh(devices) if len(devices) > 1 else None
+    if mesh is not None:
+        P.check_batch(base.batch_size, mesh.size)
+    writer = P.is_writer()
+    if not writer:  # process 0 reports for all
+        log = lambda *args, **kwargs: None
     say = (lambda m, text: log(text)) if size == 1 else (lambda m, text: log(f"[{names[m]}] {text}"))
 
     pool_x, pool_y = _training_pool(dataset, base)
@@ -589,7 +648,8 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
         if c.seed not in splits:
             splits[c.seed] = member_split(pool_x, pool_y, c)
     train_idx, val_idx, means, stds = (np.stack(a) for a in zip(*(splits[c.seed] for c in configs)))
-    model = build_model(base, dataset.image_shape, dataset.num_classes)
+    model = build_model(base, dataset.image_shape, dataset.num_classes,
+                        bn_axis_name=P.AXIS if mesh is not None and base.sync_bn else None)
     n_train, n_val, batch = train_idx.shape[1], val_idx.shape[1], base.batch_size
     steps_per_epoch = n_train // batch
     total_steps = steps_per_epoch * base.epochs
@@ -609,6 +669,9 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             return params, state, _with_hparams(optimizer.init(params), hp), run_key
         return jax.vmap(one)(seeds, hps)
 
+    if mesh is not None:
+        seeds, hps = P.replicate((seeds, hps), mesh)
+        init = jax.jit(init.__wrapped__, out_shardings=P.replicated(mesh))
     params, state, opt_state, run_keys = init(seeds, hps)
     start_epoch, metrics = 0, [[] for _ in configs]
     if resume:
@@ -617,12 +680,14 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
                                    run_keys[0])
         params, state, opt_state = (_stack([restored[k]]) for k in ("params", "state", "opt_state"))
         run_keys, start_epoch = restored["key"][None], int(restored["epoch"])
+        if mesh is not None:
+            params, state, opt_state, run_keys = P.replicate((params, state, opt_state, run_keys), mesh)
         metrics_path = run_dir / "metrics.jsonl"
         if metrics_path.exists():
             metrics[0] = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
         metrics[0] = [m for m in metrics[0] if m["epoch"] <= start_epoch]
         log(f"resuming {run_dir} after epoch {start_epoch}")
-    else:
+    elif writer:
         for run_dir in run_dirs:
             if run_dir.exists() and any(run_dir.iterdir()):
                 raise TrainingError(f"--out {run_dir} already holds files; choose a new directory or --resume it")
@@ -636,17 +701,25 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             info.update((extra_config or [{}] * size)[m])
             (run_dir / "config.json").write_text(json.dumps(info, indent=2, default=str))
 
-    put = jax.device_put
+    put = jax.device_put if mesh is None else (lambda x: P.replicate(x, mesh))
     images, labels = put(pool_x), put(pool_y.astype(np.int32))
     train_idx, val_idx, means, stds = put(train_idx), put(val_idx), put(means), put(stds)
-    chunk_fn = make_group_chunk(model, optimizer, base)
+    if mesh is None:
+        chunk_fn = make_group_chunk(model, optimizer, base)
+    else:
+        chunk_fn = make_parallel_chunk(model, optimizer, base, mesh)
     evaluate = make_group_evaluate(model, base.eval_batch_size)
     epoch_inputs = jax.jit(jax.vmap(_epoch_inputs, in_axes=(0, 0, None)))
     where = f"run dir {run_dirs[0]}" if size == 1 else f"{size} members vmapped"
+    if mesh is not None:
+        where += (f"; data parallel over {mesh.size} devices ({jax.process_count()} processes), "
+                  f"{base.batch_size // mesh.size} examples per device, "
+                  f"{'synchronised' if base.sync_bn else 'per-device'} batch norm")
     log(f"{model!r}\n{n_train} train / {n_val} val / {len(dataset.test_labels)} test images; "
         f"{steps_per_epoch} steps per epoch, {epochs} epochs ({total_steps} steps); {where}")
 
-    carry = (params, state, opt_state, jnp.zeros(size, bool))
+    host_keys = jax.random.wrap_key_data(np.asarray(jax.random.key_data(run_keys)))
+    carry = (params, state, opt_state, jnp.zeros(size, bool) if mesh is None else put(np.zeros(size, bool)))
     alive = np.ones(size, bool)
     status = ["completed"] * size
     last_good = [start_epoch] * size
@@ -654,7 +727,7 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     try:
         for epoch in range(start_epoch, epochs):
             epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
-            perms, epoch_keys = epoch_inputs(run_keys, train_idx, epoch)
+            perms, epoch_keys = epoch_inputs(run_keys, train_idx, epoch if mesh is None else put(np.int32(epoch)))
             losses, corrects = [], []
             t0 = time.time()
             bar = _progress(epoch_steps, f"epoch {epoch + 1}/{epochs}", base.progress)
@@ -662,7 +735,7 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             while done < epoch_steps and alive.any():
                 n = min(base.chunk_steps, epoch_steps - done)
                 carry, (chunk_loss, chunk_correct) = chunk_fn(carry, images, labels, perms, epoch_keys, means,
-                                                              stds, hps, done, n)
+                                                              stds, hps, done if mesh is None else put(np.int32(done)), n)
                 chunk_loss = np.asarray(chunk_loss)
                 for m in np.flatnonzero(alive):
                     finite = np.isfinite(chunk_loss[m])
@@ -705,10 +778,12 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
                     say(m, f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc "
                            f"{record['train_accuracy']:.4f} | val loss {record['val_loss']:.4f} acc "
                            f"{record['val_accuracy']:.4f} | {seconds:.1f}s, {record['images_per_second']:.0f} img/s")
-                p_m, s_m, o_m = _member(host, m)
-                save_checkpoint(run_dirs[m], p_m, s_m, o_m, run_keys[m], epoch + 1)
-                _write_metrics(run_dirs[m], metrics[m])
                 last_good[m] = epoch + 1
+                if not writer:
+                    continue
+                p_m, s_m, o_m = _member(host, m)
+                save_checkpoint(run_dirs[m], p_m, s_m, o_m, host_keys[m], epoch + 1)
+                _write_metrics(run_dirs[m], metrics[m])
                 if on_epoch_end is not None:
                     on_epoch_end(record, jax.tree_util.tree_map(jnp.asarray, p_m), jax.tree_util.tree_map(jnp.asarray, s_m))
             if size > 1:
@@ -731,8 +806,9 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     summaries = []
     wall = round(time.time() - t_start, 2)
     for m, (c, run_dir) in enumerate(zip(configs, run_dirs)):
-        _write_metrics(run_dir, metrics[m])
-        if metrics[m]:
+        if writer:
+            _write_metrics(run_dir, metrics[m])
+        if metrics[m] and writer:
             plot_curves(metrics[m], run_dir / "curves.png", title=f"{c.model} on {c.dataset}")
         summary = {"status": status[m], "epochs": len(metrics[m]),
                    "steps": metrics[m][-1]["steps"] if metrics[m] else 0,
@@ -748,11 +824,24 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             previous = json.loads((run_dir / "summary.json").read_text())
             summary["wall_seconds"] = round(summary["wall_seconds"] + previous.get("wall_seconds", 0.0), 2)
         summary["run_dir"] = str(run_dir)
-        _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+        if mesh is not None:
+            summary.update(devices=mesh.size, processes=jax.process_count())
+        if writer:
+            _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
         summaries.append(summary)
     if interrupted:
         raise KeyboardInterrupt
     return summaries
+
+
+def _group_devices(config: TrainConfig, size: int):
+    """The devices a group trains on: one for a vmapped sweep group, else ``config.devices`` (0: all)."""
+    if size > 1:
+        if config.devices > 1 or jax.process_count() > 1:
+            raise ValueError(f"a vmapped sweep group ({size} members) trains on one device; "
+                             f"--devices {config.devices} works for single runs only (use --devices 1 or 0)")
+        return jax.devices()[:1]
+    return P.resolve_devices(config.devices)
 
 
 def _write_metrics(run_dir: Path, metrics):

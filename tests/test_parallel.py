@@ -1,0 +1,137 @@
+"""Data parallelism (jaxnets.parallel): equality with the single-device step, and multi-process runs.
+
+The multi-device checks run in a subprocess with 4 simulated CPU devices (the device count
+is fixed when JAX starts, so it cannot change inside the pytest process).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# One run of a few steps on the same global batches, 1 device (the ordinary group chunk)
+# vs 4 devices (shard_map + pmean). The equality needs synchronised batch norm: with
+# per-device statistics each device normalises its quarter of the batch by its own mean
+# and variance, a different function of the data (checked to differ, last line).
+EQUALITY = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from jaxnets import models as M, parallel as P, training as T
+    assert len(jax.devices()) == 4, jax.devices()
+    mesh = P.make_mesh(jax.devices())
+    rng = np.random.default_rng(0)
+    results = {}
+
+    def run(config, model, images, labels, chunk):
+        optimizer = T.build_optimizer(config, 100)
+        params, state = model.init(jax.random.key(1))
+        opt_state = T._with_hparams(optimizer.init(params), T.hparams_of(config))
+        one = lambda a: jnp.asarray(a)[None]
+        carry = jax.tree_util.tree_map(one, (params, state, opt_state, jnp.zeros((), bool)))
+        perms = one(np.random.default_rng(2).permutation(len(labels)).astype(np.int32))
+        keys = jax.random.split(jax.random.key(3), 1)
+        mean, std = one(np.float32(0.5)), one(np.float32(0.25))
+        hps = jax.tree_util.tree_map(one, T.hparams_of(config))
+        args = (jnp.asarray(images), jnp.asarray(labels), perms, keys, mean, std, hps, 0)
+        if chunk is T.make_parallel_chunk:
+            fn = chunk(model, optimizer, config, mesh)
+            carry, args = P.replicate((carry, args), mesh)
+        else:
+            fn = chunk(model, optimizer, config)
+        (params, state, _, _), (losses, _) = fn(carry, *args, n=3)
+        return np.asarray(losses[0]), jax.tree_util.tree_leaves(jax.device_get((params, state)))
+
+    def compare(name, config, make_model, shape):
+        images = rng.integers(0, 256, (64, *shape), dtype=np.uint8)
+        labels = rng.integers(0, 10, 64).astype(np.int32)
+        ref = run(config, make_model(None), images, labels, T.make_group_chunk)
+        dp = run(config, make_model(P.AXIS), images, labels, T.make_parallel_chunk)
+        loss_err = float(np.max(np.abs(ref[0] - dp[0])))
+        param_err = max(float(np.max(np.abs(a - b))) for a, b in zip(ref[1], dp[1]))
+        results[name] = {"loss": loss_err, "params": param_err, "losses": ref[0].tolist()}
+        return ref, dp
+
+    for grad in ("autodiff", "manual"):
+        mlp_cfg = T.TrainConfig(model="mlp", batch_size=16, hidden_units=(32,), batch_norm=True, dropout=0.0,
+                                grad=grad, optimizer="momentum", lr=0.05)
+        mlp = lambda ax: T.build_model(mlp_cfg, (6, 6, 1), 10, bn_axis_name=ax)
+        compare(f"mlp-{grad}", mlp_cfg, mlp, (6, 6, 1))
+        conv_cfg = T.TrainConfig(model="convnet", batch_size=16, grad=grad, optimizer="adam", lr=1e-3)
+        conv = lambda ax: M.ConvNet(input_shape=(8, 8, 3), plan=(4, "M", 8, "M"), bn_axis_name=ax)
+        compare(f"convnet-{grad}", conv_cfg, conv, (8, 8, 3))
+    # Per-device batch norm (the default) is a different computation: it must differ.
+    ref, dp = compare("mlp-per-device-bn", mlp_cfg, lambda ax: T.build_model(mlp_cfg, (6, 6, 1), 10), (6, 6, 1))
+    print("RESULTS" + json.dumps(results))
+""")
+
+
+def _env(devices):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX") and k != "XLA_FLAGS"}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(ROOT))
+    return env
+
+
+def test_data_parallel_step_equals_single_device():
+    proc = subprocess.run([sys.executable, "-c", EQUALITY], env=_env(4), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.split("RESULTS", 1)[1])
+    for name in ("mlp-autodiff", "mlp-manual", "convnet-autodiff", "convnet-manual"):
+        assert results[name]["loss"] < 1e-5, (name, results[name])
+        assert results[name]["params"] < 1e-5, (name, results[name])
+    assert results["mlp-per-device-bn"]["params"] > 1e-4, results["mlp-per-device-bn"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_together_like_one(mnist_dir, tmp_path):
+    """Two real processes (jax.distributed on 127.0.0.1, gloo CPU collectives, one device
+    each) train a short MLP as one data-parallel run: both finish, only process 0 writes,
+    and the metrics equal a one-process run on the same global batches."""
+    args = ["--model", "mlp", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--train-subset", "1200",
+            "--val-size", "200", "--batch-size", "64", "--hidden-units", "32", "--dropout", "0", "--max-steps", "20",
+            "--epochs", "2", "--chunk-steps", "10", "--no-progress", "--eval-batch-size", "500"]
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, "--out", str(tmp_path / f"dp{i}"),
+                               "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+                               "--process-id", str(i)],
+                              env=_env(1), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert (tmp_path / "dp0" / "summary.json").exists() and not (tmp_path / "dp1").exists()
+    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--out", str(tmp_path / "one")],
+                         env=_env(1), cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stderr[-2000:]
+    dp, ref = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("dp0", "one"))
+    assert dp["devices"] == 2 and dp["processes"] == 2 and dp["steps"] == ref["steps"] == 20
+    for key in ("test_loss", "test_accuracy", "best_val_accuracy"):
+        assert abs(dp[key] - ref[key]) < 1e-5, (key, dp[key], ref[key])
+    lines = [[json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("dp0", "one")]
+    for a, b in zip(*lines):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-5 and abs(a["val_loss"] - b["val_loss"]) < 1e-5
+
+
+def test_batch_must_divide_over_devices():
+    from jaxnets import parallel as P
+
+    P.check_batch(64, 4)
+    with pytest.raises(ValueError, match=r"batch_size 30 does not divide evenly over 4 devices.*multiple of 4"):
+        P.check_batch(30, 4)
