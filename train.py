@@ -123,7 +123,6 @@ def config_from_args(args):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    from jaxnets import data as D
     from jaxnets import training as T
 
     config = config_from_args(args)
@@ -139,8 +138,16 @@ def main(argv=None):
         parser.error(str(e))
     if args.sweep:
         return _sweep(parser, args, config)
+    return _exit_code(lambda: T.train(config, resume=args.resume))
+
+
+def _exit_code(run):
+    """Run; a data/config/run error is one line on stderr and exit 2, Ctrl-C exit 130."""
+    from jaxnets import data as D
+    from jaxnets import training as T
+
     try:
-        T.train(config, resume=args.resume)
+        run()
     except (D.DataError, T.TrainingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -150,9 +157,7 @@ def main(argv=None):
 
 
 def _sweep(parser, args, config):
-    from jaxnets import data as D
     from jaxnets import sweep as S
-    from jaxnets import training as T
 
     if args.resume:
         parser.error("--resume continues a single run; it cannot be combined with --sweep")
@@ -164,14 +169,7 @@ def _sweep(parser, args, config):
         budget = S.parse_bytes(args.memory_budget) if args.memory_budget else None
     except ValueError as e:
         parser.error(str(e))
-    try:
-        S.sweep(config, axes, budget=budget, max_members=args.max_members)
-    except (D.DataError, T.TrainingError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return _exit_code(lambda: S.sweep(config, axes, budget=budget, max_members=args.max_members))
 
 
 if __name__ == "__main__":

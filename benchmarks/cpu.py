@@ -353,7 +353,6 @@ def print_table(results):
 
 def markdown(results):
     """The README's Performance table, from a results file."""
-    limit = results.get("gemm", {}).get("limit_gflops")
     lines = ["| benchmark | images/s | GFLOP/s | vs PyTorch | of GEMM limit |", "| --- | --- | --- | --- | --- |"]
     for kind in ("mlp", "convnet"):
         row = results.get(kind, {})

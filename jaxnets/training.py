@@ -17,7 +17,6 @@ import json
 import math
 import os
 import platform
-import signal
 import sys
 import time
 from pathlib import Path
