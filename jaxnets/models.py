@@ -124,7 +124,7 @@ class MLP:
             x, cache["act"] = act(x)
             if self.dropout:
                 x, cache["dropout"] = L.dropout(
-                    x, rate=rate, train=train, key=_layer_key(key, i, train)
+                    x, rate=rate, train=train, key=_layer_key(key, i)
                 )
             caches.append(cache)
             new_states.append(new_state)
@@ -158,7 +158,7 @@ class MLP:
         return sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
 
 
-def _layer_key(key, index, train):
+def _layer_key(key, index):
     if key is None:
         return None
     return jax.random.fold_in(key, index)
