@@ -27,6 +27,8 @@ HELP = {
     "schedule": "learning-rate schedule: constant, cosine (decay to 0), onecycle, step (x0.1 at 50%% and 75%%)",
     "warmup_epochs": "linear warm-up from 0 (constant/cosine/step schedules)",
     "hidden_units": "MLP hidden sizes, comma separated; empty string for logistic regression",
+    "conv_plan": "ConvNet layers, comma separated: a width is conv3x3-BN-ReLU, M a 3x3/2 max pool "
+                 "(e.g. 32,32,M,64,64,M); empty: the course's mini-VGG",
     "activation": "MLP activation",
     "batch_norm": "MLP: batch norm between each linear layer and its activation",
     "dropout": "MLP dropout rate after each hidden activation",
@@ -49,6 +51,13 @@ HELP = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except ``None`` (config flags state their own default in the help)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser():
     from jaxnets import data as D
     from jaxnets import layers as L
@@ -59,7 +68,7 @@ def build_parser():
                "grad": ("autodiff", "manual")}
     parser = argparse.ArgumentParser(
         description="Train an MLP or ConvNet on MNIST or CIFAR-10 with jaxnets.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--preset", choices=sorted(T.PRESETS),
                         help="start from a named setup (flags given explicitly override it): "
@@ -90,6 +99,9 @@ def build_parser():
         elif field.name == "hidden_units":
             parser.add_argument(flag, type=_int_list, default=None, metavar="N,N,...",
                                 help=f"{HELP[field.name]} (default: {','.join(map(str, default))})")
+        elif field.name == "conv_plan":
+            parser.add_argument(flag, type=_conv_plan, default=None, metavar="N,M,...",
+                                help=HELP[field.name])
         else:
             kind = {int: int, float: float}.get(type(default), str)
             if field.name in ("lr", "weight_decay", "momentum", "dropout", "label_smoothing", "warmup_epochs"):
@@ -109,6 +121,14 @@ def _int_list(text):
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _conv_plan(text):
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    try:
+        return tuple("M" if v.upper() == "M" else int(v) for v in items)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated widths and M (max pool), got {text!r}")
 
 
 def config_from_args(args):

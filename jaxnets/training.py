@@ -54,6 +54,7 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
     hidden_units: tuple = (1024, 1024)
+    conv_plan: tuple = ()
     activation: str = "relu"
     batch_norm: bool = False
     dropout: float = 0.2
@@ -87,18 +88,21 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for item in self.conv_plan:
+            if item != "M" and not (isinstance(item, int) and item > 0):
+                raise ValueError(f"conv_plan items must be positive widths or 'M', got {item!r} in {self.conv_plan}")
+        if self.conv_plan and self.model == "mlp":
+            raise ValueError("conv_plan is a ConvNet setting; it has no effect with model=mlp")
         if self.devices < 0:
             raise ValueError(f"devices must be >= 0 (0: all), got {self.devices}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.augment and self.dataset != "cifar10":
-            raise ValueError("augment (random crop + flip) is meant for cifar10 only")
 
     def model_fields(self):
         """The settings that fix the parameters' shapes (checked on --resume)."""
-        return {k: getattr(self, k) for k in ("model", "dataset", "hidden_units", "batch_norm")}
+        return {k: getattr(self, k) for k in ("model", "dataset", "hidden_units", "conv_plan", "batch_norm")}
 
 
 PRESETS = {
@@ -125,7 +129,8 @@ def build_model(config: TrainConfig, image_shape, classes, bn_axis_name=None):
             activation=config.activation, batch_norm=config.batch_norm, dropout=config.dropout,
             init_scheme=config.init, bn_axis_name=bn_axis_name,
         )
-    return M.ConvNet(input_shape=tuple(image_shape), classes=classes,
+    plan = tuple(config.conv_plan) or M.VGG_COURSE
+    return M.ConvNet(input_shape=tuple(image_shape), plan=plan, classes=classes,
                      preact=config.model == "preact_convnet", init_scheme=config.init, bn_axis_name=bn_axis_name)
 
 
@@ -256,8 +261,9 @@ def normalize(images_u8, mean, std):
     return (images_u8.astype(jnp.float32) / 255.0 - mean) / std
 
 
-def augment(key, images, pad=4):
-    """Random crop of each image from a ``pad``-pixel zero-padded copy, and a random flip."""
+def augment(key, images, pad=4, flip=True):
+    """Random crop of each image from a ``pad``-pixel zero-padded copy, and (``flip``) a
+    random horizontal flip. Digits are not mirror-symmetric, so MNIST gets crops only."""
     crop_key, flip_key = jax.random.split(key)
     b, h, w, _ = images.shape
     padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
@@ -265,8 +271,10 @@ def augment(key, images, pad=4):
     crops = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, images.shape[-1])))(
         padded, offsets
     )
-    flip = jax.random.bernoulli(flip_key, 0.5, (b, 1, 1, 1))
-    return jnp.where(flip, crops[:, :, ::-1], crops)
+    if not flip:
+        return crops
+    flipped = jax.random.bernoulli(flip_key, 0.5, (b, 1, 1, 1))
+    return jnp.where(flipped, crops[:, :, ::-1], crops)
 
 
 # --------------------------------------------------------------------------- steps
@@ -294,7 +302,7 @@ def make_step(model, optimizer, config: TrainConfig, axis_name=None):
         if axis_name is not None:
             key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
         aug_key, dropout_key = jax.random.split(key)
-        x = augment(aug_key, images) if config.augment else images
+        x = augment(aug_key, images, flip=config.dataset != "mnist") if config.augment else images
         x = normalize(x, mean, std)
         extra = {"dropout_rate": hp["dropout"]} if dropout_on else {}
         (loss, new_state), grads = value_and_grad(
@@ -556,6 +564,7 @@ def group_key(config: TrainConfig):
     for k in HPARAMS + ("seed", "out", "progress"):
         d.pop(k)
     d["hidden_units"] = tuple(d["hidden_units"])
+    d["conv_plan"] = tuple(d["conv_plan"])
     d["dropout_on"] = config.model == "mlp" and config.dropout > 0
     d["weight_decay_on"] = config.weight_decay != 0
     return tuple(sorted(d.items()))
@@ -579,6 +588,7 @@ def train(config: TrainConfig, *, dataset: D.Dataset | None = None, resume: str 
             raise TrainingError(f"--resume {run_dir}: no config.json there, not a run directory")
         saved = json.loads(config_path.read_text())["config"]
         saved["hidden_units"] = tuple(saved["hidden_units"])
+        saved["conv_plan"] = tuple(saved.get("conv_plan", ()))
         mismatched = {k: (saved.get(k), v) for k, v in config.model_fields().items() if saved.get(k) != v}
         if mismatched:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in mismatched.items())

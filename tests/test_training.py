@@ -138,6 +138,30 @@ def test_augment_keeps_shapes_and_content():
         assert any(np.array_equal(crop, w) or np.array_equal(crop, w[:, ::-1]) for w in windows)
 
 
+def test_augment_without_flip_only_crops():
+    images = np.arange(4 * 6 * 6, dtype=np.uint8).reshape(4, 6, 6, 1)
+    out = np.asarray(T.augment(jax.random.key(3), images, pad=1, flip=False))
+    for img, crop in zip(images, out):
+        padded = np.pad(img, ((1, 1), (1, 1), (0, 0)))
+        assert any(np.array_equal(crop, padded[i:i + 6, j:j + 6]) for i in range(3) for j in range(3))
+
+
+def test_small_conv_plan_trains_on_mnist_with_crops(mnist, tmp_path):
+    cfg = config(tmp_path, model="convnet", conv_plan=(8, "M", 16, "M"), epochs=1, batch_size=64, val_size=128,
+                 augment=True, chunk_steps=8, max_steps=24)
+    summary = T.train(cfg, dataset=small(mnist, 1600, 200), log=lambda *_: None)
+    assert summary["status"] == "completed" and summary["test_accuracy"] > 0.3
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert saved["conv_plan"] == [8, "M", 16, "M"]
+
+
+def test_bad_conv_plan_is_refused():
+    with pytest.raises(ValueError, match="conv_plan items"):
+        T.TrainConfig(model="convnet", conv_plan=(8, "X")).validate()
+    with pytest.raises(ValueError, match="conv_plan is a ConvNet setting"):
+        T.TrainConfig(model="mlp", conv_plan=(8,)).validate()
+
+
 # ---------------------------------------------------------------------------------- CLI
 
 
@@ -169,6 +193,8 @@ def test_cli_flags_reach_the_config():
     cfg = cli.config_from_args(args)
     assert cfg.lr == 0.01 and cfg.hidden_units == (300, 100) and cfg.batch_norm and not cfg.progress
     assert cfg.optimizer == "sgd" and cfg.init == "course"  # from the preset
+    args = cli.build_parser().parse_args(["--model", "convnet", "--conv-plan", "32,m,64,M"])
+    assert cli.config_from_args(args).conv_plan == (32, "M", 64, "M")
 
 
 @pytest.mark.slow
