@@ -1,12 +1,27 @@
 """Data parallelism over devices and hosts with ``jax.sharding`` and ``jax.shard_map``.
 
 One 1-D :class:`jax.sharding.Mesh` with the axis ``"batch"`` spans the devices of every
-process. Parameters, optimizer state, the uint8 dataset and the epoch permutations are
+process. Parameters, optimizer state, the normalisation constants and the step keys are
 replicated on every device (``NamedSharding(mesh, P())``); inside ``shard_map`` each
-device gathers its own contiguous slice of each global batch, computes its gradient and
-``lax.pmean``-s it (with the loss and the batch-norm running statistics) before the Optax
-update, so the replicated state stays identical everywhere. Multi-host runs use JAX's
-own distributed runtime (:func:`initialize` wraps ``jax.distributed.initialize``).
+device runs the ordinary step on its contiguous slice of each global batch and
+``lax.pmean``-s its gradient (with the loss and the batch-norm running statistics) before
+the Optax update, so the replicated state stays identical everywhere. Multi-host runs use
+JAX's own distributed runtime (:func:`initialize` wraps ``jax.distributed.initialize``).
+
+Data placement: the data are sharded over the ``"batch"`` axis, and every process places
+only the rows its own devices hold (:func:`place_rows`). Each epoch, every process
+computes the same global permutation of the training set from the run's key (exactly the
+order a single-device run uses), lays it out as ``(steps, global batch)`` and gathers,
+from its host copy, just the ``(steps, local batch)`` columns of its devices
+(:func:`place_epoch`); device ``d`` of ``k`` thus holds the ``d``-th slice of every batch of
+the epoch, 1/k of the training set, and a step indexes its slice directly. The validation
+and test sets are split over the devices the same way once per run (:func:`place_eval`,
+padded to a multiple of the device count, the padding masked out of the sums). Every
+process keeps the uint8 dataset in host memory, because a global shuffle can send any
+example to any device and the run must equal a one-process run on the same global
+batches; on its devices it holds only its share. The single-device path does not use this
+module's placement: it keeps the whole dataset on its one device and gathers each batch
+there (see :mod:`jaxnets.training`).
 """
 
 from __future__ import annotations
@@ -85,6 +100,50 @@ def replicate(tree, mesh: Mesh):
         return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
     return jax.tree_util.tree_map(one, tree)
+
+
+def batch_sharded(mesh: Mesh, dim: int = 0) -> NamedSharding:
+    """Dimension ``dim`` split over the ``"batch"`` axis (contiguous slices, device ``d`` the ``d``-th)."""
+    return NamedSharding(mesh, P(*(None,) * dim, AXIS))
+
+
+def place_rows(host, index, mesh: Mesh, dim: int = 0) -> jax.Array:
+    """The global array ``host[index]``, its dimension ``dim`` split over the ``"batch"`` axis.
+
+    ``host`` is an array in this process's memory (the same in every process), ``index``
+    integer row numbers into it (the same in every process; ``dim < index.ndim``). Each
+    process gathers and transfers only the rows of its own devices' slices.
+    """
+    host, index = np.asarray(host), np.asarray(index)
+    sharding = batch_sharded(mesh, dim)
+    shape = index.shape + host.shape[1:]
+    shards = [jax.device_put(host[index[where[: index.ndim]]], device)
+              for device, where in sharding.addressable_devices_indices_map(shape).items()]
+    return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+
+
+def place_epoch(images, labels, order, steps: int, batch: int, mesh: Mesh):
+    """``(images, labels)`` of one epoch as ``(steps, batch, ...)`` arrays split over the batch dimension.
+
+    Step ``i`` is the global batch ``order[i*batch:(i+1)*batch]`` (rows of the host arrays
+    ``images``/``labels``); each device holds its contiguous slice of every step's batch.
+    """
+    index = np.asarray(order)[: steps * batch].reshape(steps, batch)
+    return place_rows(images, index, mesh, dim=1), place_rows(labels, index, mesh, dim=1)
+
+
+def place_eval(images, labels, index, mesh: Mesh):
+    """``(images, labels, valid)``: the rows ``index`` of an evaluation set split over the devices.
+
+    Padded (with copies of the last row) to a multiple of the device count; ``valid`` is
+    False on the padding.
+    """
+    index = np.asarray(index)
+    n = len(index)
+    padded = -(-n // mesh.size) * mesh.size
+    rows = index[np.minimum(np.arange(padded), n - 1)]
+    return (place_rows(images, rows, mesh), place_rows(labels, rows, mesh),
+            place_rows(np.arange(padded) < n, np.arange(padded), mesh))
 
 
 def is_writer() -> bool:

@@ -322,23 +322,23 @@ def make_step(model, optimizer, config: TrainConfig, axis_name=None):
     return step
 
 
-def _member_chunk(step, batch, axis_name=None):
+def _member_chunk(step, batch):
     """``n`` steps of one member in a ``lax.scan``; see :func:`make_group_chunk`.
 
-    ``axis_name`` (inside ``shard_map``): ``batch`` is the global batch; device ``d`` of
-    ``k`` takes the ``d``-th of its ``k`` contiguous slices.
+    Step ``i`` gathers ``images[perm[i*batch:(i+1)*batch]]``; with ``perm`` None the
+    batches are laid out already, ``images[i]`` (the data-parallel path, where ``images``
+    is this device's slice of every batch of the epoch).
     """
 
     def member_chunk(carry, images, labels, perm, epoch_key, mean, std, hp, start, n, mask=True):
         def body(c, i):
             params, state, opt_state, diverged = c
-            if axis_name is None:
-                idx = jax.lax.dynamic_slice_in_dim(perm, i * batch, batch)
+            if perm is None:
+                x, y = images[i], labels[i]
             else:
-                local = batch // jax.lax.psum(1, axis_name)
-                idx = jax.lax.dynamic_slice_in_dim(perm, i * batch + jax.lax.axis_index(axis_name) * local, local)
-            *new, loss, correct = step(params, state, opt_state, images[idx], labels[idx],
-                                       jax.random.fold_in(epoch_key, i), mean, std, hp)
+                idx = jax.lax.dynamic_slice_in_dim(perm, i * batch, batch)
+                x, y = images[idx], labels[idx]
+            *new, loss, correct = step(params, state, opt_state, x, y, jax.random.fold_in(epoch_key, i), mean, std, hp)
             finite = jnp.isfinite(loss)
             if mask:  # freeze a member at its last finite step
                 ok = finite & ~diverged
@@ -397,37 +397,47 @@ def make_group_chunk(model, optimizer, config: TrainConfig):
 def make_parallel_chunk(model, optimizer, config: TrainConfig, mesh):
     """:func:`make_group_chunk` for one member, data parallel over ``mesh``'s ``"batch"`` axis.
 
-    Same signature and results (a member axis of 1). Every input and output is
-    replicated over the mesh; inside ``shard_map`` each device runs the single-device step
-    on its slice of each global batch and the gradients are ``pmean``-ed (see
-    :func:`make_step`), for either gradient path. ``model`` carries ``bn_axis_name`` for
-    synchronised batch norm, or None for per-device statistics.
+    ``chunk(carry, images, labels, epoch_keys, means, stds, hps, start, n)`` ->
+    ``(carry, (losses, correct))``, with a member axis of 1 like the group chunk, but with
+    the epoch's batches laid out instead of a permutation: ``images``/``labels`` are
+    ``(steps, batch, ...)`` with the batch dimension split over the mesh
+    (:func:`jaxnets.parallel.place_epoch`); everything else is replicated. Inside
+    ``shard_map`` each device runs the single-device step on its slice of each global
+    batch and the gradients are ``pmean``-ed (see :func:`make_step`), for either gradient
+    path. ``model`` carries ``bn_axis_name`` for synchronised batch norm, or None for
+    per-device statistics.
     """
     P.check_batch(config.batch_size, mesh.size)
-    member_chunk = _member_chunk(make_step(model, optimizer, config, axis_name=P.AXIS), config.batch_size,
-                                 axis_name=P.AXIS)
+    member_chunk = _member_chunk(make_step(model, optimizer, config, axis_name=P.AXIS), config.batch_size)
 
-    def chunk(carry, images, labels, perms, epoch_keys, means, stds, hps, start, n):
-        def body(c, p, k, m, s, h, images, labels, start):
-            return member_chunk(c, images, labels, p, k, m, s, h, start, n, mask=False)
+    def chunk(carry, images, labels, epoch_keys, means, stds, hps, start, n):
+        def body(c, images, labels, k, m, s, h, start):
+            return member_chunk(c, images, labels, None, k, m, s, h, start, n, mask=False)
 
-        spec = jax.sharding.PartitionSpec()
-        sharded = jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
-        members = _member((carry, perms, epoch_keys, means, stds, hps), 0)
-        out = sharded(*members, images, labels, start)
+        spec, rows = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(None, P.AXIS)
+        sharded = jax.shard_map(body, mesh=mesh, in_specs=(spec, rows, rows, spec, spec, spec, spec, spec),
+                                out_specs=spec, check_vma=False)
+        c, k, m, s, h = _member((carry, epoch_keys, means, stds, hps), 0)
+        out = sharded(c, images, labels, k, m, s, h, start)
         return jax.tree_util.tree_map(lambda a: a[None], out)
 
     return jax.jit(chunk, static_argnames="n", donate_argnums=0)
 
 
-def _evaluate_fn(model, batch_size):
-    def evaluate(params, state, images, labels, mean, std):
+def _evaluate_fn(model, batch_size, axis_name=None):
+    # ``valid`` marks the real rows of a padded set; ``axis_name`` (inside ``shard_map``):
+    # the rows are this device's share, and the sums are psum-ed over the axis.
+    def evaluate(params, state, images, labels, mean, std, valid=None):
         n = images.shape[0]
         batches = math.ceil(n / batch_size)
         pad = batches * batch_size - n
         images = jnp.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1))
         labels = jnp.pad(labels, (0, pad))
+        rows = valid
         valid = jnp.arange(batches * batch_size) < n
+        if rows is not None:
+            valid = valid & jnp.pad(rows, (0, pad))
+            n = jnp.sum(rows)
 
         def one(args):
             x, y, v = args
@@ -437,7 +447,10 @@ def _evaluate_fn(model, batch_size):
 
         shape = lambda a: a.reshape(batches, batch_size, *a.shape[1:])
         losses, correct = jax.lax.map(one, (shape(images), shape(labels), shape(valid)))
-        return jnp.sum(losses) / n, jnp.sum(correct) / n
+        losses, correct = jnp.sum(losses), jnp.sum(correct)
+        if axis_name is not None:
+            losses, correct, n = jax.lax.psum((losses, correct, n), axis_name)
+        return losses / n, correct / n
 
     return evaluate
 
@@ -458,6 +471,29 @@ def make_group_evaluate(model, batch_size):
             return jax.vmap(lambda p, s, m, sd: evaluate(p, s, images, labels, m, sd))(params, state, means, stds)
         one = lambda p, s, idx, m, sd: evaluate(p, s, images[idx], labels[idx], m, sd)
         return jax.vmap(one)(params, state, index, means, stds)
+
+    return jax.jit(group)
+
+
+def make_parallel_evaluate(model, batch_size, mesh):
+    """:func:`make_group_evaluate` for one member, data parallel over ``mesh``'s ``"batch"`` axis.
+
+    ``evaluate(params, state, images, labels, valid, means, stds) -> (losses, accuracies)``
+    (a member axis of 1) on a set split over the devices by
+    :func:`jaxnets.parallel.place_eval`: each device scores its rows in batches of
+    ``batch_size`` and the sums are added over the devices.
+    """
+    evaluate = _evaluate_fn(model, batch_size, axis_name=P.AXIS)
+
+    def group(params, state, images, labels, valid, means, stds):
+        def body(p, s, x, y, v, m, sd):
+            return evaluate(p, s, x, y, m, sd, valid=v)
+
+        spec, rows = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(P.AXIS)
+        sharded = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, rows, rows, rows, spec, spec),
+                                out_specs=spec, check_vma=False)
+        p, s, m, sd = _member((params, state, means, stds), 0)
+        return jax.tree_util.tree_map(lambda a: a[None], sharded(p, s, images, labels, valid, m, sd))
 
     return jax.jit(group)
 
@@ -711,14 +747,41 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             (run_dir / "config.json").write_text(json.dumps(info, indent=2, default=str))
 
     put = jax.device_put if mesh is None else (lambda x: P.replicate(x, mesh))
-    images, labels = put(pool_x), put(pool_y.astype(np.int32))
-    train_idx, val_idx, means, stds = put(train_idx), put(val_idx), put(means), put(stds)
-    if mesh is None:
-        chunk_fn = make_group_chunk(model, optimizer, base)
-    else:
-        chunk_fn = make_parallel_chunk(model, optimizer, base, mesh)
-    evaluate = make_group_evaluate(model, base.eval_batch_size)
+    host_keys = jax.random.wrap_key_data(np.asarray(jax.random.key_data(run_keys)))
+    pool_y, test_labels = pool_y.astype(np.int32), dataset.test_labels.astype(np.int32)
+    means, stds = put(means), put(stds)
     epoch_inputs = jax.jit(jax.vmap(_epoch_inputs, in_axes=(0, 0, None)))
+    if mesh is None:  # the whole uint8 pool on the one device; each step gathers its batch there
+        images, labels, train_idx, val_idx = put(pool_x), put(pool_y), put(train_idx), put(val_idx)
+        chunk_fn = make_group_chunk(model, optimizer, base)
+        group_evaluate = make_group_evaluate(model, base.eval_batch_size)
+
+        def epoch_data(epoch):
+            perms, epoch_keys = epoch_inputs(run_keys, train_idx, epoch)
+            return (images, labels, perms), epoch_keys
+
+        def evaluate_val(params, state):
+            return group_evaluate(params, state, images, labels, val_idx, means, stds)
+
+        def evaluate_test(params, state):
+            return group_evaluate(params, state, put(dataset.test_images), put(test_labels), None, means, stds)
+    else:  # each process places only its own devices' shares (see jaxnets.parallel)
+        chunk_fn = make_parallel_chunk(model, optimizer, base, mesh)
+        parallel_evaluate = make_parallel_evaluate(model, base.eval_batch_size, mesh)
+        val_set = P.place_eval(pool_x, pool_y, val_idx[0], mesh) if n_val else None
+
+        def epoch_data(epoch):
+            # Every process computes the same order a single-device run uses (from the
+            # host copy of the run key) and places its devices' columns of it.
+            perms, epoch_keys = epoch_inputs(host_keys, train_idx, epoch)
+            return P.place_epoch(pool_x, pool_y, np.asarray(perms[0]), steps_per_epoch, batch, mesh), put(epoch_keys)
+
+        def evaluate_val(params, state):
+            return parallel_evaluate(params, state, *val_set, means, stds)
+
+        def evaluate_test(params, state):
+            test_set = P.place_eval(dataset.test_images, test_labels, np.arange(len(test_labels)), mesh)
+            return parallel_evaluate(params, state, *test_set, means, stds)
     where = f"run dir {run_dirs[0]}" if size == 1 else f"{size} members vmapped"
     if mesh is not None:
         where += (f"; data parallel over {mesh.size} devices ({jax.process_count()} processes), "
@@ -727,7 +790,6 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     log(f"{model!r}\n{n_train} train / {n_val} val / {len(dataset.test_labels)} test images; "
         f"{steps_per_epoch} steps per epoch, {epochs} epochs ({total_steps} steps); {where}")
 
-    host_keys = jax.random.wrap_key_data(np.asarray(jax.random.key_data(run_keys)))
     carry = (params, state, opt_state, jnp.zeros(size, bool) if mesh is None else put(np.zeros(size, bool)))
     alive = np.ones(size, bool)
     status = ["completed"] * size
@@ -736,15 +798,15 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     try:
         for epoch in range(start_epoch, epochs):
             epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
-            perms, epoch_keys = epoch_inputs(run_keys, train_idx, epoch if mesh is None else put(np.int32(epoch)))
             losses, corrects = [], []
             t0 = time.time()
+            batches, epoch_keys = epoch_data(epoch)
             bar = _progress(epoch_steps, f"epoch {epoch + 1}/{epochs}", base.progress)
             done = 0
             while done < epoch_steps and alive.any():
                 n = min(base.chunk_steps, epoch_steps - done)
-                carry, (chunk_loss, chunk_correct) = chunk_fn(carry, images, labels, perms, epoch_keys, means,
-                                                              stds, hps, done if mesh is None else put(np.int32(done)), n)
+                carry, (chunk_loss, chunk_correct) = chunk_fn(carry, *batches, epoch_keys, means, stds, hps,
+                                                              done if mesh is None else put(np.int32(done)), n)
                 chunk_loss = np.asarray(chunk_loss)
                 for m in np.flatnonzero(alive):
                     finite = np.isfinite(chunk_loss[m])
@@ -768,7 +830,7 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             seconds = time.time() - t0
             params, state, opt_state, _ = carry
             if n_val:
-                val_loss, val_acc = map(np.asarray, evaluate(params, state, images, labels, val_idx, means, stds))
+                val_loss, val_acc = map(np.asarray, evaluate_val(params, state))
             else:
                 val_loss = val_acc = np.full(size, np.nan)
             epoch_loss, epoch_correct = np.concatenate(losses, axis=1), np.concatenate(corrects, axis=1)
@@ -810,8 +872,7 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     completed = [s == "completed" for s in status]
     if any(completed):
         params, state, _, _ = carry
-        test_loss, test_acc = map(np.asarray, evaluate(params, state, put(dataset.test_images),
-                                                       put(dataset.test_labels.astype(np.int32)), None, means, stds))
+        test_loss, test_acc = map(np.asarray, evaluate_test(params, state))
     summaries = []
     wall = round(time.time() - t_start, 2)
     for m, (c, run_dir) in enumerate(zip(configs, run_dirs)):

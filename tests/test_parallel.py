@@ -35,16 +35,18 @@ EQUALITY = textwrap.dedent("""
         opt_state = T._with_hparams(optimizer.init(params), T.hparams_of(config))
         one = lambda a: jnp.asarray(a)[None]
         carry = jax.tree_util.tree_map(one, (params, state, opt_state, jnp.zeros((), bool)))
-        perms = one(np.random.default_rng(2).permutation(len(labels)).astype(np.int32))
+        perm = np.random.default_rng(2).permutation(len(labels)).astype(np.int32)
         keys = jax.random.split(jax.random.key(3), 1)
         mean, std = one(np.float32(0.5)), one(np.float32(0.25))
         hps = jax.tree_util.tree_map(one, T.hparams_of(config))
-        args = (jnp.asarray(images), jnp.asarray(labels), perms, keys, mean, std, hps, 0)
-        if chunk is T.make_parallel_chunk:
+        if chunk is T.make_parallel_chunk:  # each device holds its slice of every batch
             fn = chunk(model, optimizer, config, mesh)
-            carry, args = P.replicate((carry, args), mesh)
+            carry, rest = P.replicate((carry, (keys, mean, std, hps, np.int32(0))), mesh)
+            args = (*P.place_epoch(images, labels, perm, len(labels) // config.batch_size, config.batch_size, mesh),
+                    *rest)
         else:
             fn = chunk(model, optimizer, config)
+            args = (jnp.asarray(images), jnp.asarray(labels), one(perm), keys, mean, std, hps, 0)
         (params, state, _, _), (losses, _) = fn(carry, *args, n=3)
         return np.asarray(losses[0]), jax.tree_util.tree_leaves(jax.device_get((params, state)))
 
@@ -68,6 +70,21 @@ EQUALITY = textwrap.dedent("""
         compare(f"convnet-{grad}", conv_cfg, conv, (8, 8, 3))
     # Per-device batch norm (the default) is a different computation: it must differ.
     ref, dp = compare("mlp-per-device-bn", mlp_cfg, lambda ax: T.build_model(mlp_cfg, (6, 6, 1), 10), (6, 6, 1))
+
+    # Placement: each device holds only its contiguous slice of every batch of the epoch, in
+    # the global order, and an evaluation set is split over the devices with masked padding.
+    labels = np.arange(64, dtype=np.int32)
+    perm = rng.permutation(64)
+    x, y = P.place_epoch(labels[:, None] * 2, labels, perm, 4, 16, mesh)
+    for shard in y.addressable_shards:
+        d = mesh.devices.tolist().index(shard.device)
+        assert shard.data.shape == (4, 4), shard.data.shape
+        np.testing.assert_array_equal(shard.data, perm.reshape(4, 16)[:, 4 * d:4 * d + 4])
+    assert x.shape == (4, 16, 1) and x.addressable_shards[0].data.shape == (4, 4, 1)
+    x, y, valid = P.place_eval(labels[:, None], labels, np.arange(10, 20), mesh)
+    assert y.shape == (12,) and y.addressable_shards[0].data.shape == (3,)
+    np.testing.assert_array_equal(np.asarray(y), [*range(10, 20), 19, 19])
+    assert np.asarray(valid).sum() == 10 and not np.asarray(valid)[10:].any()
     print("RESULTS" + json.dumps(results))
 """)
 
