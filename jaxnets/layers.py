@@ -266,7 +266,7 @@ def _weight_leaves(params):
 # -------------------------------------------------------------------------- dropout
 
 
-def dropout(x, *, rate, key=None, train=True):
+def dropout(x, *, rate, key=None, train=True, axis_name=None):
     """Inverted dropout: y = x * m / (1 - rate), m ~ Bernoulli(1 - rate) drawn from ``key``.
 
     Exactly the identity when ``train`` is False or ``rate`` is 0. Cache: the scaled mask
@@ -274,6 +274,11 @@ def dropout(x, *, rate, key=None, train=True):
 
     ``rate`` may be a traced scalar (a hyperparameter vmapped over a sweep): it is then
     taken to be in [0, 1) and a mask is always drawn (rate 0 keeps every unit, scale 1).
+
+    ``axis_name`` (inside ``shard_map``, data parallel): ``x`` is this device's contiguous
+    slice of a batch split evenly over that mesh axis, and every device has the same
+    ``key``. The mask is then the whole batch's mask at the slice's rows, the same as a
+    single device draws for the whole batch.
     """
     if not isinstance(rate, jax.core.Tracer):
         if not 0.0 <= float(rate) < 1.0:
@@ -284,7 +289,10 @@ def dropout(x, *, rate, key=None, train=True):
         return x, None
     if key is None:
         raise ValueError("dropout: training with rate > 0 needs a PRNG key (key=...)")
-    keep = _keep_mask(key, x.shape, 1.0 - rate)
+    offset = None
+    if axis_name is not None:  # elements before this slice in the whole batch (mod 2^32, like the index)
+        offset = jax.lax.axis_index(axis_name).astype(jnp.uint32) * jnp.uint32(math.prod(x.shape) % 2**32)
+    keep = _keep_mask(key, x.shape, 1.0 - rate, offset)
     scale = jnp.where(keep, 1.0 / (1.0 - rate), 0.0).astype(x.dtype)
     return x * scale, scale
 
@@ -303,8 +311,11 @@ def _mix32(h):
     return h ^ (h >> 16)
 
 
-def _keep_mask(key, shape, keep_prob):
+def _keep_mask(key, shape, keep_prob, offset=None):
     """Bernoulli(keep_prob) mask: each position's index hashed, keyed by two words from ``key``.
+
+    ``offset`` (uint32) is added to every index: the mask of a slice of a larger array at
+    flat position ``offset`` equals that part of the larger array's mask.
 
     Measured on XLA:CPU (2 cores), a 128x2048 mask takes ~5.6 ms with
     ``jax.random.bernoulli`` (threefry) and ~0.3 ms this way; dropout's threefry calls were
@@ -313,6 +324,8 @@ def _keep_mask(key, shape, keep_prob):
     """
     seeds = jax.random.bits(key, (2,), jnp.uint32)
     index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+    if offset is not None:
+        index = index + offset
     h = _mix32(_mix32(index + seeds[0]) ^ seeds[1])
     # Threshold on [0, 2^32); the largest float32 below 2^32 avoids an overflowing cast.
     threshold = jnp.minimum(jnp.asarray(keep_prob, jnp.float32) * 4294967296.0, 4294967040.0)

@@ -60,6 +60,10 @@ class MLP:
     #: Inside ``shard_map``: the mesh axis over which batch norm syncs its statistics
     #: (forward and backward); None for per-device statistics.
     bn_axis_name: str | None = None
+    #: Inside ``shard_map`` (data parallel): the mesh axis the batch is split over; dropout
+    #: then draws each example's mask at its position in the whole batch (see
+    #: :func:`jaxnets.layers.dropout`), so the masks equal a single device's.
+    batch_axis_name: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -124,7 +128,7 @@ class MLP:
             x, cache["act"] = act(x)
             if self.dropout:
                 x, cache["dropout"] = L.dropout(
-                    x, rate=rate, train=train, key=_layer_key(key, i)
+                    x, rate=rate, train=train, key=_layer_key(key, i), axis_name=self.batch_axis_name
                 )
             caches.append(cache)
             new_states.append(new_state)

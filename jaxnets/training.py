@@ -121,13 +121,15 @@ PRESETS = {
 # --------------------------------------------------------------------------- building
 
 
-def build_model(config: TrainConfig, image_shape, classes, bn_axis_name=None):
-    """The model of ``config``; ``bn_axis_name`` syncs batch norm over that mesh axis."""
+def build_model(config: TrainConfig, image_shape, classes, bn_axis_name=None, batch_axis_name=None):
+    """The model of ``config``; ``bn_axis_name`` syncs batch norm over that mesh axis, and
+    ``batch_axis_name`` (data parallel: the axis the batch is split over) draws an MLP's
+    dropout masks at each example's position in the whole batch."""
     if config.model == "mlp":
         return M.MLP(
             input_size=int(np.prod(image_shape)), hidden=tuple(config.hidden_units), classes=classes,
             activation=config.activation, batch_norm=config.batch_norm, dropout=config.dropout,
-            init_scheme=config.init, bn_axis_name=bn_axis_name,
+            init_scheme=config.init, bn_axis_name=bn_axis_name, batch_axis_name=batch_axis_name,
         )
     plan = tuple(config.conv_plan) or M.VGG_COURSE
     return M.ConvNet(input_shape=tuple(image_shape), plan=plan, classes=classes,
@@ -261,19 +263,30 @@ def normalize(images_u8, mean, std):
     return (images_u8.astype(jnp.float32) / 255.0 - mean) / std
 
 
-def augment(key, images, pad=4, flip=True):
+def augment(key, images, pad=4, flip=True, axis_name=None):
     """Random crop of each image from a ``pad``-pixel zero-padded copy, and (``flip``) a
-    random horizontal flip. Digits are not mirror-symmetric, so MNIST gets crops only."""
+    random horizontal flip. Digits are not mirror-symmetric, so MNIST gets crops only.
+
+    ``axis_name`` (inside ``shard_map``, data parallel): ``images`` is this device's
+    contiguous slice of a batch split evenly over that mesh axis, and every device has the
+    same ``key``; the crops and flips are the whole batch's at the slice's rows, the same
+    as a single device draws for the whole batch.
+    """
     crop_key, flip_key = jax.random.split(key)
     b, h, w, _ = images.shape
+    rows = b if axis_name is None else b * jax.lax.axis_size(axis_name)
+
+    def mine(a):  # this device's rows of a draw for the whole batch (a few numbers per example)
+        return a if axis_name is None else jax.lax.dynamic_slice_in_dim(a, jax.lax.axis_index(axis_name) * b, b)
+
     padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    offsets = jax.random.randint(crop_key, (b, 2), 0, 2 * pad + 1)
+    offsets = mine(jax.random.randint(crop_key, (rows, 2), 0, 2 * pad + 1))
     crops = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, images.shape[-1])))(
         padded, offsets
     )
     if not flip:
         return crops
-    flipped = jax.random.bernoulli(flip_key, 0.5, (b, 1, 1, 1))
+    flipped = mine(jax.random.bernoulli(flip_key, 0.5, (rows, 1, 1, 1)))
     return jnp.where(flipped, crops[:, :, ::-1], crops)
 
 
@@ -292,17 +305,20 @@ def make_step(model, optimizer, config: TrainConfig, axis_name=None):
     ``axis_name`` (inside ``shard_map``, data parallel): each device runs the step on its
     slice of the batch, then the gradients, loss and batch-norm running statistics are
     averaged over the axis (``lax.pmean``) before the update, and the correct counts
-    summed, so parameters and optimizer state stay replicated. The device index is folded
-    into ``key`` (each device draws its own augmentation and dropout).
+    summed, so parameters and optimizer state stay replicated. Every device gets the same
+    ``key`` and draws the augmentation and (with a model built with ``batch_axis_name``)
+    the dropout masks at its examples' positions in the whole batch, so the step equals
+    the single-device step on the same global batch.
     """
     value_and_grad = M.GRADIENT_PATHS[config.grad]
     dropout_on = config.model == "mlp" and config.dropout > 0
+    if axis_name is not None and dropout_on and getattr(model, "batch_axis_name", None) != axis_name:
+        # Same key on every device: without it every device would repeat one slice's masks.
+        raise ValueError(f"data-parallel dropout needs the model built with batch_axis_name={axis_name!r}")
 
     def step(params, state, opt_state, images, labels, key, mean, std, hp):
-        if axis_name is not None:
-            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
         aug_key, dropout_key = jax.random.split(key)
-        x = augment(aug_key, images, flip=config.dataset != "mnist") if config.augment else images
+        x = augment(aug_key, images, flip=config.dataset != "mnist", axis_name=axis_name) if config.augment else images
         x = normalize(x, mean, std)
         extra = {"dropout_rate": hp["dropout"]} if dropout_on else {}
         (loss, new_state), grads = value_and_grad(
@@ -694,7 +710,8 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             splits[c.seed] = member_split(pool_x, pool_y, c)
     train_idx, val_idx, means, stds = (np.stack(a) for a in zip(*(splits[c.seed] for c in configs)))
     model = build_model(base, dataset.image_shape, dataset.num_classes,
-                        bn_axis_name=P.AXIS if mesh is not None and base.sync_bn else None)
+                        bn_axis_name=P.AXIS if mesh is not None and base.sync_bn else None,
+                        batch_axis_name=P.AXIS if mesh is not None else None)
     n_train, n_val, batch = train_idx.shape[1], val_idx.shape[1], base.batch_size
     steps_per_epoch = n_train // batch
     total_steps = steps_per_epoch * base.epochs

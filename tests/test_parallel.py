@@ -17,10 +17,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # One run of a few steps on the same global batches, 1 device (the ordinary group chunk)
-# vs 4 devices (shard_map + pmean). The equality needs synchronised batch norm: with
-# per-device statistics each device normalises its quarter of the batch by its own mean
-# and variance, a different function of the data (checked to differ, last line).
-EQUALITY = textwrap.dedent("""
+# vs 4 devices (shard_map + pmean): ``compare`` records the largest loss and parameter
+# differences.
+COMMON = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
     from jaxnets import models as M, parallel as P, training as T
@@ -50,16 +49,23 @@ EQUALITY = textwrap.dedent("""
         (params, state, _, _), (losses, _) = fn(carry, *args, n=3)
         return np.asarray(losses[0]), jax.tree_util.tree_leaves(jax.device_get((params, state)))
 
+    def record(name, ref, dp):
+        loss_err = float(np.max(np.abs(ref[0] - dp[0])))
+        param_err = max(float(np.max(np.abs(a - b))) for a, b in zip(ref[1], dp[1]))
+        results[name] = {"loss": loss_err, "params": param_err, "losses": ref[0].tolist()}
+
     def compare(name, config, make_model, shape):
         images = rng.integers(0, 256, (64, *shape), dtype=np.uint8)
         labels = rng.integers(0, 10, 64).astype(np.int32)
         ref = run(config, make_model(None), images, labels, T.make_group_chunk)
         dp = run(config, make_model(P.AXIS), images, labels, T.make_parallel_chunk)
-        loss_err = float(np.max(np.abs(ref[0] - dp[0])))
-        param_err = max(float(np.max(np.abs(a - b))) for a, b in zip(ref[1], dp[1]))
-        results[name] = {"loss": loss_err, "params": param_err, "losses": ref[0].tolist()}
-        return ref, dp
+        record(name, ref, dp)
+""")
 
+# The equality needs synchronised batch norm: with per-device statistics each device
+# normalises its quarter of the batch by its own mean and variance, a different function
+# of the data (checked to differ).
+EQUALITY = COMMON + textwrap.dedent("""
     for grad in ("autodiff", "manual"):
         mlp_cfg = T.TrainConfig(model="mlp", batch_size=16, hidden_units=(32,), batch_norm=True, dropout=0.0,
                                 grad=grad, optimizer="momentum", lr=0.05)
@@ -69,7 +75,7 @@ EQUALITY = textwrap.dedent("""
         conv = lambda ax: M.ConvNet(input_shape=(8, 8, 3), plan=(4, "M", 8, "M"), bn_axis_name=ax)
         compare(f"convnet-{grad}", conv_cfg, conv, (8, 8, 3))
     # Per-device batch norm (the default) is a different computation: it must differ.
-    ref, dp = compare("mlp-per-device-bn", mlp_cfg, lambda ax: T.build_model(mlp_cfg, (6, 6, 1), 10), (6, 6, 1))
+    compare("mlp-per-device-bn", mlp_cfg, lambda ax: T.build_model(mlp_cfg, (6, 6, 1), 10), (6, 6, 1))
 
     # Placement: each device holds only its contiguous slice of every batch of the epoch, in
     # the global order, and an evaluation set is split over the devices with masked padding.
@@ -88,6 +94,32 @@ EQUALITY = textwrap.dedent("""
     print("RESULTS" + json.dumps(results))
 """)
 
+# Dropout and random crop + flip: every device draws them at its examples' positions in
+# the whole batch, so the masks, crops and flips, and hence the steps, equal one device's.
+NOISE = COMMON + textwrap.dedent("""
+    import dataclasses
+    images = rng.integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, 64).astype(np.int32)
+    for grad in ("autodiff", "manual"):
+        cfg = T.TrainConfig(model="mlp", dataset="cifar10", batch_size=16, hidden_units=(32, 32), dropout=0.3,
+                            augment=True, grad=grad, optimizer="momentum", lr=0.05)
+        ref = run(cfg, T.build_model(cfg, (8, 8, 3), 10), images, labels, T.make_group_chunk)
+        dp = run(cfg, T.build_model(cfg, (8, 8, 3), 10, batch_axis_name=P.AXIS), images, labels,
+                 T.make_parallel_chunk)
+        record(f"mlp-{grad}", ref, dp)
+    # Without dropout and augmentation the losses move: the equality above is not vacuous.
+    quiet_cfg = dataclasses.replace(cfg, dropout=0.0, augment=False)
+    quiet = run(quiet_cfg, T.build_model(quiet_cfg, (8, 8, 3), 10), images, labels, T.make_group_chunk)
+    results["noise-effect"] = float(np.max(np.abs(quiet[0] - ref[0])))
+    # A dropout model without batch_axis_name would repeat one slice's masks on every device.
+    try:
+        T.make_parallel_chunk(T.build_model(cfg, (8, 8, 3), 10), T.build_optimizer(cfg, 10), cfg, mesh)
+        results["refused"] = False
+    except ValueError:
+        results["refused"] = True
+    print("RESULTS" + json.dumps(results))
+""")
+
 
 def _env(devices):
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX") and k != "XLA_FLAGS"}
@@ -96,15 +128,30 @@ def _env(devices):
     return env
 
 
-def test_data_parallel_step_equals_single_device():
-    proc = subprocess.run([sys.executable, "-c", EQUALITY], env=_env(4), cwd=ROOT, capture_output=True, text=True,
+def _four_devices(script):
+    proc = subprocess.run([sys.executable, "-c", script], env=_env(4), cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.split("RESULTS", 1)[1])
+    return json.loads(proc.stdout.split("RESULTS", 1)[1])
+
+
+def test_data_parallel_step_equals_single_device():
+    results = _four_devices(EQUALITY)
     for name in ("mlp-autodiff", "mlp-manual", "convnet-autodiff", "convnet-manual"):
         assert results[name]["loss"] < 1e-5, (name, results[name])
         assert results[name]["params"] < 1e-5, (name, results[name])
     assert results["mlp-per-device-bn"]["params"] > 1e-4, results["mlp-per-device-bn"]
+
+
+def test_data_parallel_dropout_and_augmentation_equal_single_device():
+    """4 devices, an MLP with dropout and random crop + flip, both gradient paths: the same
+    losses and parameters as one device on the same global batches."""
+    results = _four_devices(NOISE)
+    for name in ("mlp-autodiff", "mlp-manual"):
+        assert results[name]["loss"] < 1e-5, (name, results[name])
+        assert results[name]["params"] < 1e-5, (name, results[name])
+    assert results["noise-effect"] > 1e-3, results
+    assert results["refused"], results
 
 
 def _free_port():
