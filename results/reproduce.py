@@ -6,14 +6,19 @@
 
 ``run`` executes ``train.py`` with the experiment's flags into ``runs/results/NAME`` and
 copies ``config.json``, ``metrics.jsonl``, ``summary.json`` and ``curves.png`` (not the
-checkpoint) into ``results/NAME/``. ``table`` reads only those committed files, so every
-figure in the README traces back to a summary produced by the listed command. Data comes
-from ``$JAXNETS_DATA_DIR`` (a folder holding ``mnist/`` and ``cifar-10-batches-py/``),
-or ``--data-dir``.
+checkpoint) into ``results/NAME/``. The ablations (:data:`SWEEPS`) are sweeps over seeds:
+``run`` copies the sweep's table and plots and each member's ``config.json``,
+``metrics.jsonl`` and ``summary.json``, and the table reports mean +- std of the test
+accuracy over seeds, computed from those member summaries. ``table`` reads only committed
+files, so every figure in the README traces back to a summary produced by the listed
+command. Data comes from ``$JAXNETS_DATA_DIR`` (a folder holding ``mnist/`` and
+``cifar-10-batches-py/``), or ``--data-dir``.
 """
 
 import argparse
+import collections
 import json
+import statistics
 import os
 import shutil
 import subprocess
@@ -23,6 +28,8 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent
 ROOT = RESULTS.parent
 LIGHT_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png")
+MEMBER_FILES = ("config.json", "metrics.jsonl", "summary.json")
+SWEEP_FILES = ("sweep.csv", "sweep.json")
 
 # name: (what it reproduces, the figure reported in the course reports, train.py flags)
 EXPERIMENTS = {
@@ -67,13 +74,43 @@ EXPERIMENTS = {
     ),
 }
 
+# The ablations the reports discuss, on a CIFAR-10 MLP (3072-256-256-10, batch 200, 5 epochs,
+# no dropout, constant lr), each over seeds 0-2 in one vmapped sweep:
+# name: (what, what the reports say, train.py flags)
+_ABLATION_BASE = ["--model", "mlp", "--dataset", "cifar10", "--hidden-units", "256,256", "--epochs", "5",
+                  "--batch-size", "200", "--dropout", "0", "--schedule", "constant", "--sweep", "seed=0,1,2"]
+SWEEPS = {
+    "ablation_batch_norm": (
+        "batch norm off/on (Adam 1e-3)",
+        "discussed, no figure",
+        [*_ABLATION_BASE, "--optimizer", "adam", "--lr", "1e-3", "--sweep", "batch-norm=false,true"],
+    ),
+    "ablation_activation": (
+        "activation (Adam 1e-3)",
+        "discussed, no figure",
+        [*_ABLATION_BASE, "--optimizer", "adam", "--lr", "1e-3",
+         "--sweep", "activation=relu,leaky_relu,elu,tanh,sigmoid,selu"],
+    ),
+    "ablation_optimizer": (
+        "optimizer, each at its best of lr 1e-1, 1e-2, 1e-3",
+        "discussed, no figure",
+        [*_ABLATION_BASE, "--sweep", "optimizer=sgd,momentum,adam,adagrad", "--sweep", "lr=1e-1,1e-2,1e-3"],
+    ),
+    "ablation_lr": (
+        "learning rate, SGD with momentum 0.9",
+        "discussed, no figure",
+        [*_ABLATION_BASE, "--optimizer", "momentum", "--sweep", "lr=1e-1,3e-2,1e-2,3e-3,1e-3,3e-4,1e-4"],
+    ),
+}
+
 
 def run(names, data_root):
+    known = {**EXPERIMENTS, **SWEEPS}
     for name in names:
-        if name not in EXPERIMENTS:
-            sys.exit(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
+        if name not in known:
+            sys.exit(f"unknown experiment {name!r}; choose from {', '.join(known)}")
     for name in names:
-        flags = EXPERIMENTS[name][2]
+        flags = known[name][2]
         out = ROOT / "runs" / "results" / name
         if out.exists():
             shutil.rmtree(out)
@@ -82,9 +119,19 @@ def run(names, data_root):
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True)
         target = RESULTS / name
-        target.mkdir(exist_ok=True)
-        for f in LIGHT_FILES:
-            shutil.copy2(out / f, target / f)
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir()
+        if name in SWEEPS:
+            for f in [*SWEEP_FILES, *(p.name for p in out.glob("*.png"))]:
+                shutil.copy2(out / f, target / f)
+            for member in sorted(p for p in out.iterdir() if (p / "summary.json").exists()):
+                (target / member.name).mkdir()
+                for f in MEMBER_FILES:
+                    shutil.copy2(member / f, target / member.name / f)
+        else:
+            for f in LIGHT_FILES:
+                shutil.copy2(out / f, target / f)
     table()
 
 
@@ -118,9 +165,76 @@ def render():
                      f"**{acc}** | {r['epochs']} ({r['steps']}) | {r['wall_seconds'] / 60:.1f} min | "
                      f"`{r['command']}` |")
         machines.add(r["machine"])
+    ablations = list(sweep_rows())
+    if ablations:
+        lines += ["", "Ablations on a CIFAR-10 (JPEG copy) MLP, 3072-256-256-10, batch 200, 5 epochs, test "
+                  "accuracy mean +- std over seeds 0, 1, 2 (each sweep is one command, its members vmapped):", "",
+                  "| ablation | setting | ours (test acc.) | seeds | reports | sweep wall time | command |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        previous = None
+        for r in ablations:
+            first = r["name"] != previous
+            previous = r["name"]
+            what = f"[{r['name']}]({r['name']}/seed_bands.png): {r['what']}" if first else "〃"
+            command = f"`{r['command']}`" if first else "〃"
+            lines.append(f"| {what} | {r['setting']} | **{r['mean']:.2f} +- {r['std']:.2f}%** | {r['seeds']} | "
+                         f"{r['reported'] if first else '〃'} | {r['wall_seconds'] / 60:.1f} min | {command} |")
+            machines.add(r["machine"])
     lines.append("")
     lines.append("Machine: " + "; ".join(sorted(machines)) + ". Seed 0 unless the command says otherwise.")
     return "\n".join(lines)
+
+
+def _machine(config):
+    env = config["environment"]
+    return f"{env['cpu']}, {env['cores']} cores, {env['backend']}"
+
+
+def sweep_rows():
+    """One row per ablation setting: test accuracy mean +- std over the seeds, from the
+    committed member summaries; for the optimizer sweep, each optimizer at the lr with the
+    best mean validation accuracy."""
+    for name, (what, reported, flags) in SWEEPS.items():
+        sweep_path = RESULTS / name / "sweep.json"
+        if not sweep_path.exists():
+            continue
+        sweep = json.loads(sweep_path.read_text())
+        swept = [k for k in sweep["axes"] if k != "seed"]
+        by_setting = collections.defaultdict(list)
+        machine = None
+        for member in sorted(p for p in (RESULTS / name).iterdir() if (p / "summary.json").exists()):
+            config = json.loads((member / "config.json").read_text())
+            summary = json.loads((member / "summary.json").read_text())
+            machine = _machine(config)
+            setting = tuple((k, config["config"][k]) for k in swept)
+            by_setting[setting].append(summary)
+        rows = []
+        for setting, summaries in by_setting.items():
+            accs = [100 * s["test_accuracy"] for s in summaries if s.get("test_accuracy") is not None]
+            vals = [s["best_val_accuracy"] or 0.0 for s in summaries]
+            rows.append({"name": name, "what": what, "reported": reported, "setting": setting,
+                         "mean": statistics.fmean(accs) if accs else float("nan"),
+                         "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                         "seeds": f"{len(summaries)}" + (f" ({len(summaries) - len(accs)} diverged)"
+                                                         if len(accs) < len(summaries) else ""),
+                         "val": statistics.fmean(vals)})
+        if "optimizer" in swept and "lr" in swept:
+            best = {}  # chosen on validation accuracy, never on test
+            for r in rows:
+                opt = dict(r["setting"])["optimizer"]
+                if opt not in best or r["val"] > best[opt]["val"]:
+                    best[opt] = r
+            rows = [best[opt] for opt in dict.fromkeys(dict(r["setting"])["optimizer"] for r in rows)]
+        for r in rows:
+            r["setting"] = ", ".join(f"{k}={_text(v)}" for k, v in r["setting"])
+            r.update(wall_seconds=sweep["wall_seconds"], machine=machine,
+                     command="python train.py " + " ".join(flags) + " --data-dir DIR")
+            yield r
+
+
+def _text(value):
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value).lower() if isinstance(value, bool) \
+        else str(value)
 
 
 def overlay(a="cifar10_mlp_course", b="cifar10_mlp_course_manual", path=RESULTS / "manual_vs_autodiff.png"):
@@ -171,7 +285,7 @@ def main():
     sub.add_parser("table")
     args = parser.parse_args()
     if args.cmd == "list":
-        for name, (what, reported, flags) in EXPERIMENTS.items():
+        for name, (what, reported, flags) in {**EXPERIMENTS, **SWEEPS}.items():
             print(f"{name}: {what} [reported {reported}]\n    python train.py {' '.join(flags)}")
     elif args.cmd == "run":
         if not args.data_dir:

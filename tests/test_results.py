@@ -29,7 +29,25 @@ def test_table_matches_committed_summaries():
 def test_every_experiment_command_parses():
     import train as cli
 
+    from jaxnets import sweep as S
+
     reproduce = load_reproduce()
-    for _, _, flags in reproduce.EXPERIMENTS.values():
-        config = cli.config_from_args(cli.build_parser().parse_args([*flags, "--data-dir", "DIR"]))
+    for _, _, flags in [*reproduce.EXPERIMENTS.values(), *reproduce.SWEEPS.values()]:
+        args = cli.build_parser().parse_args([*flags, "--data-dir", "DIR"])
+        config = cli.config_from_args(args)
         config.validate()
+        if args.sweep:
+            axes = S.parse_sweep(args.sweep, config)
+            assert "seed" in axes and len(axes["seed"]) >= 3  # ablations are reported over >= 3 seeds
+            for member, _ in S.expand(config, axes):
+                member.validate()
+
+
+def test_ablation_rows_come_from_member_summaries():
+    reproduce = load_reproduce()
+    for row in reproduce.sweep_rows():
+        folder = RESULTS / row["name"]
+        members = [p for p in folder.iterdir() if (p / "summary.json").exists()]
+        assert members, row["name"]
+        seeds = {json.loads((p / "config.json").read_text())["config"]["seed"] for p in members}
+        assert len(seeds) >= 3 and int(row["seeds"].split()[0]) == len(seeds)
