@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +121,55 @@ NOISE = COMMON + textwrap.dedent("""
     print("RESULTS" + json.dumps(results))
 """)
 
+# Whole runs through T.train on 4 devices (a small synthetic CIFAR-shaped set; MLP with
+# synchronised BN, dropout and crop + flip, manual gradients): 2 epochs straight through;
+# the same run stopped after epoch 1 (as by Ctrl-C) and resumed; and the run on 1 device.
+# Compiling dominates the time: the persistent compilation cache lets the interrupted and
+# resumed runs reuse the first run's programs, and validation and test sets of one size
+# share one evaluation program.
+RUNS = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import jax, numpy as np
+    from jaxnets import data as D, training as T
+    assert len(jax.devices()) == 4, jax.devices()
+    out = Path(sys.argv[1])
+    jax.config.update("jax_compilation_cache_dir", str(out / "jax-cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    rng = np.random.default_rng(0)
+    image = lambda n: rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+    label = lambda n: rng.integers(0, 10, n).astype(np.int32)
+    data = D.Dataset("cifar10", image(420), label(420), image(100), label(100), 10, "synthetic")
+
+    def config(name, **kwargs):
+        return T.TrainConfig(model="mlp", dataset="cifar10", out=str(out / name), progress=False, epochs=2,
+                             batch_size=32, hidden_units=(32,), batch_norm=True, sync_bn=True, dropout=0.2,
+                             augment=True, grad="manual", optimizer="adam", lr=1e-3, schedule="cosine",
+                             val_size=100, eval_batch_size=50, chunk_steps=5, **kwargs)
+
+    def train(name, resume=None, stop_after=None, **kwargs):
+        final = {}
+
+        def on_epoch_end(record, params, state):
+            final["params"] = [np.asarray(a).tolist() for a in jax.tree_util.tree_leaves((params, state))]
+            if record["epoch"] == stop_after:
+                raise KeyboardInterrupt
+
+        try:
+            summary = T.train(config(name, **kwargs), dataset=data, resume=resume, log=lambda *_: None,
+                              on_epoch_end=on_epoch_end)
+        except KeyboardInterrupt:
+            summary = json.loads((out / name / "summary.json").read_text())
+        metrics = [json.loads(l) for l in (out / name / "metrics.jsonl").read_text().splitlines()]
+        return {"summary": summary, "metrics": metrics, "params": final["params"]}
+
+    results = {"full": train("full"), "cut": train("cut", stop_after=1)}
+    results["resumed"] = train("cut", resume=out / "cut")
+    results["one"] = train("one", devices=1)
+    print("RESULTS" + json.dumps(results))
+""")
+
 
 def _env(devices):
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX") and k != "XLA_FLAGS"}
@@ -152,6 +202,45 @@ def test_data_parallel_dropout_and_augmentation_equal_single_device():
         assert results[name]["params"] < 1e-5, (name, results[name])
     assert results["noise-effect"] > 1e-3, results
     assert results["refused"], results
+
+
+@pytest.fixture(scope="module")
+def four_device_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    proc = subprocess.run([sys.executable, "-c", RUNS, str(out)], env=_env(4), cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("RESULTS", 1)[1])
+
+
+def _max_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
+
+
+def test_four_device_run_resumed_after_epoch_one_matches_uninterrupted(four_device_runs):
+    full, cut, resumed = (four_device_runs[k] for k in ("full", "cut", "resumed"))
+    assert full["summary"]["devices"] == 4 and resumed["summary"]["devices"] == 4
+    assert cut["summary"]["status"] == "interrupted" and len(cut["metrics"]) == 1
+    assert resumed["summary"]["status"] == "completed" and resumed["summary"]["steps"] == full["summary"]["steps"]
+    for key in ("test_loss", "test_accuracy", "best_val_accuracy"):
+        assert resumed["summary"][key] == full["summary"][key], key
+    assert _max_diff(resumed["params"], full["params"]) == 0.0
+    timing = ("seconds", "images_per_second")
+    strip = lambda metrics: [{k: v for k, v in r.items() if k not in timing} for r in metrics]
+    assert strip(resumed["metrics"]) == strip(full["metrics"]) and len(full["metrics"]) == 2
+
+
+def test_four_device_run_equals_one_device_run(four_device_runs):
+    """The whole trainer (placement of the shards, sharded evaluation, dropout, crop +
+    flip, synchronised BN) on 4 devices against 1 device: equal within float rounding."""
+    full, one = four_device_runs["full"], four_device_runs["one"]
+    assert "devices" not in one["summary"]
+    for key in ("test_loss", "test_accuracy", "best_val_accuracy"):
+        assert abs(full["summary"][key] - one["summary"][key]) < 1e-5, (key, full["summary"][key], one["summary"][key])
+    for a, b in zip(full["metrics"], one["metrics"]):
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+            assert abs(a[key] - b[key]) < 1e-5, (key, a, b)
+    assert _max_diff(full["params"], one["params"]) < 1e-5
 
 
 def _free_port():
