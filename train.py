@@ -10,6 +10,7 @@ Every flag's default comes from ``TrainConfig``; ``--help`` lists them.
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 
@@ -73,7 +74,12 @@ def build_parser():
     parser.add_argument("--preset", choices=sorted(T.PRESETS),
                         help="start from a named setup (flags given explicitly override it): "
                         + "; ".join(f"{k}: {v}" for k, v in T.PRESETS.items()).replace("%", "%%"))
-    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last epoch checkpoint")
+    parser.add_argument("--resume", metavar="DIR",
+                        help="continue the run in DIR from its last epoch checkpoint; with --sweep, the interrupted "
+                             "sweep in DIR (same flags): finished chunks are kept, partly trained ones continue")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the configuration (with --sweep: the groups, chunks, members, memory per "
+                             "member, steps and work share) and exit without loading data or training")
     parser.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...",
                         help="sweep a setting (repeat for a grid: every combination trains, vmapped per shape "
                              "group); KEY is any flag name without '--'; integer ranges A..B; hidden units "
@@ -158,6 +164,9 @@ def main(argv=None):
         parser.error(str(e))
     if args.sweep:
         return _sweep(parser, args, config)
+    if args.dry_run:
+        print(json.dumps(dataclasses.asdict(config), indent=2, default=str))
+        return 0
     return _exit_code(lambda: T.train(config, resume=args.resume))
 
 
@@ -179,8 +188,8 @@ def _exit_code(run):
 def _sweep(parser, args, config):
     from jaxnets import sweep as S
 
-    if args.resume:
-        parser.error("--resume continues a single run; it cannot be combined with --sweep")
+    if args.resume and config.out and os.path.abspath(config.out) != os.path.abspath(args.resume):
+        parser.error(f"--resume {args.resume} continues the sweep in that directory; --out {config.out} differs")
     if args.max_members is not None and args.max_members <= 0:
         parser.error(f"--max-members must be positive, got {args.max_members}")
     try:
@@ -189,7 +198,11 @@ def _sweep(parser, args, config):
         budget = S.parse_bytes(args.memory_budget) if args.memory_budget else None
     except ValueError as e:
         parser.error(str(e))
-    return _exit_code(lambda: S.sweep(config, axes, budget=budget, max_members=args.max_members))
+    if args.dry_run:
+        print(S.dry_run(config, axes, budget=budget, max_members=args.max_members))
+        return 0
+    return _exit_code(lambda: S.sweep(config, axes, out=args.resume, budget=budget, max_members=args.max_members,
+                                      resume=args.resume is not None))
 
 
 if __name__ == "__main__":

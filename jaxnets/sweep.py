@@ -10,10 +10,16 @@ their seed gives each its own split, init, data order and dropout masks. Groups 
 the memory budget are split into chunks. Groups run one after another.
 
 Each member writes exactly the files of a single run (``train_group`` is also what
-``train`` runs). The sweep directory gets ``sweep.csv``/``sweep.json`` (every member, best
-first), ``sweep_<setting>.png`` (validation accuracy vs each swept value, mean +- std
+``train`` runs). The sweep directory gets ``sweep_plan.json`` (the settings, the members
+and their chunks, written before training), ``sweep.csv``/``sweep.json`` (every member,
+best first), ``sweep_<setting>.png`` (validation accuracy vs each swept value, mean +- std
 across the other settings) and, when seeds are swept, ``seed_bands.png`` (validation
 curves, mean +- std across seeds).
+
+An interrupted sweep continues with ``resume=True`` (``--resume DIR``): it reruns its saved
+plan, skipping chunks whose members all finished, continuing partly trained chunks from
+their epoch checkpoints (the whole chunk, so its program and rounding are unchanged) and
+training the rest; the table equals an uninterrupted sweep's.
 
     from jaxnets import sweep as S, training as T
     rows = S.sweep(T.TrainConfig(dataset="cifar10", hidden_units=(200,)),
@@ -28,11 +34,13 @@ import itertools
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+from flax import serialization
 
 from jaxnets import data as D
 from jaxnets import training as T
@@ -41,6 +49,12 @@ from jaxnets import training as T
 NOT_SWEEPABLE = ("out", "data_dir", "progress", "dataset")
 SWEEPABLE = tuple(f.name for f in dataclasses.fields(T.TrainConfig) if f.name not in NOT_SWEEPABLE)
 _FIELDS = {f.name: f for f in dataclasses.fields(T.TrainConfig)}
+#: The sweep's own record of what it trains and how, read back by ``resume``.
+PLAN_FILE = "sweep_plan.json"
+#: The files a member's run writes (a partly written member is cleared of these before a rerun).
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "checkpoint.msgpack")
+#: Image shape, classes and training images of each dataset, for planning without loading it.
+DATASET_SHAPES = {"mnist": ((28, 28, 1), 10, 60000), "cifar10": ((32, 32, 3), 10, 50000)}
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -181,6 +195,33 @@ def member_bytes(config: T.TrainConfig, image_shape, classes, n_val=0):
     return 4 * n_params * (4 + slots) + activations + n_val * pixels
 
 
+def member_cost(config: T.TrainConfig, image_shape, classes):
+    """Multiply-adds of one example's forward pass: the relative cost of a member-step per
+    example (a step costs about 3x this times the batch), for progress and work estimates."""
+    model = T.build_model(config, image_shape, classes)
+    if isinstance(model, T.M.MLP):
+        sizes = [math.prod(image_shape), *model.hidden, classes]
+        return sum(a * b for a, b in zip(sizes, sizes[1:]))
+    h, w, channels = model.input_shape
+    cost = 0
+    for item in model.plan:
+        if item == "M":
+            h, w = T.M._pooled(h), T.M._pooled(w)
+        else:
+            cost += h * w * 9 * channels * item
+            channels = item
+    return cost + h * w * channels * classes
+
+
+def member_steps(config: T.TrainConfig, n_pool):
+    """``(steps per epoch, total steps)`` of a member trained on a pool of ``n_pool`` images
+    (before ``train_subset`` and the validation split), as :func:`~jaxnets.training.train_group` counts."""
+    n_train = (min(config.train_subset, n_pool) if config.train_subset else n_pool) - config.val_size
+    per_epoch = max(n_train // config.batch_size, 1)
+    total = per_epoch * config.epochs
+    return per_epoch, min(total, config.max_steps) if config.max_steps else total
+
+
 def memory_budget():
     """Default budget for one vmapped chunk: 25% of free device memory (GPU/TPU) or of
     available RAM (CPU)."""
@@ -231,54 +272,247 @@ def plan(configs, *, image_shape, classes, n_val=0, budget=None, max_members=Non
     return chunks
 
 
+def describe(configs, chunks, axes, *, image_shape, classes, n_pool, budget=None):
+    """The plan as text: one line per vmapped chunk (its group's fixed swept values, members,
+    estimated memory per member, steps, share of the total work) and a header with totals."""
+    lines, works, rows, groups, examples = [], [], [], {}, 0
+    for chunk in chunks:
+        c = configs[chunk[0]]
+        group = groups.setdefault(T.group_key(c), len(groups))
+        fixed = {k: getattr(c, k) for k in axes if all(getattr(configs[i], k) == getattr(c, k) for i in chunk)}
+        steps = member_steps(c, n_pool)[1]
+        examples += len(chunk) * steps * c.batch_size
+        works.append(len(chunk) * steps * c.batch_size * member_cost(c, image_shape, classes))
+        mib = member_bytes(c, image_shape, classes, c.val_size) / 2**20
+        rows.append((group, len(chunk), mib, steps, " ".join(f"{k}={format_value(v)}" for k, v in fixed.items())))
+    total = sum(works) or 1
+    budget_text = f"; memory budget {budget / 2**30:.2f} GiB per chunk" if budget else ""
+    lines.append(f"{len(configs)} configurations over {', '.join(axes) or 'nothing'}: {len(groups)} group(s), "
+                 f"{len(chunks)} vmapped chunk(s) (one compile each){budget_text}; "
+                 f"{examples / 1e6:.1f}M training examples over all members")
+    lines.append(f"{'chunk':>5} {'group':>5} {'members':>7} {'MiB/member':>10} {'steps':>6} {'work':>6}  fixed values")
+    for k, ((group, n, mib, steps, fixed), work) in enumerate(zip(rows, works)):
+        lines.append(f"{k + 1:>5} {group + 1:>5} {n:>7} {mib:>10.1f} {steps:>6} {100 * work / total:>5.1f}%  {fixed}")
+    return "\n".join(lines)
+
+
+def dry_run(base: T.TrainConfig, axes, *, budget=None, max_members=None, dataset: D.Dataset | None = None):
+    """:func:`describe` of the sweep :func:`sweep` would run, without loading data or training."""
+    configs = [c for c, _ in expand(base, axes)]
+    if dataset is not None:
+        image_shape, classes, n_pool = dataset.image_shape, dataset.num_classes, len(dataset.train_labels)
+    else:
+        image_shape, classes, n_pool = DATASET_SHAPES[base.dataset]
+    budget = memory_budget() if budget is None else budget
+    chunks = plan(configs, image_shape=image_shape, classes=classes, n_val=base.val_size, budget=budget,
+                  max_members=max_members)
+    return describe(configs, chunks, axes, image_shape=image_shape, classes=classes, n_pool=n_pool, budget=budget)
+
+
 # ---------------------------------------------------------------------------- sweep
 
 
 def sweep(base: T.TrainConfig, axes, *, out=None, dataset: D.Dataset | None = None, budget=None,
-          max_members=None, log=print, progress=None):
+          max_members=None, log=print, progress=None, resume=False):
     """Train every combination of ``axes`` over ``base``; returns the table rows, best first.
 
     ``out`` (default ``base.out``, else ``runs/sweep-<model>-<dataset>-<time>``) gets one
-    directory per member plus the table and plots. ``budget`` (bytes) caps each vmapped
-    chunk's estimated memory (default :func:`memory_budget`); ``max_members`` caps its size.
+    directory per member plus the table and plots; a directory that holds files is never
+    written into without ``resume``. ``budget`` (bytes) caps each vmapped chunk's estimated
+    memory (default :func:`memory_budget`); ``max_members`` caps its size. ``resume``
+    continues the interrupted sweep in ``out``, which must have been started with the same
+    ``base`` and ``axes`` (its saved plan is reused, whatever ``budget`` says now).
     """
     t_start = time.time()
     members = expand(base, axes)
     if out is None:
+        if resume:
+            raise ValueError("resuming a sweep needs its directory (out)")
         out = base.out or Path("runs") / f"sweep-{base.model}-{base.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise T.TrainingError(f"--out {out} already holds files; choose a new directory")
-    if dataset is None:
-        dataset = D.load_dataset(base.dataset, base.data_dir)
     configs = [c for c, _ in members]
     names = [f"{i:03d}-{format_values(s)}" for i, (_, s) in enumerate(members)]
+    if resume:
+        chunks = _saved_plan(out, base, axes, names)
+    elif out.exists() and any(out.iterdir()):
+        raise T.TrainingError(f"sweep directory {out} already holds files; continue it with --resume {out} "
+                              f"or choose another --out")
+    if dataset is None:
+        dataset = D.load_dataset(base.dataset, base.data_dir)
+    image_shape, classes = dataset.image_shape, dataset.num_classes
+    if not resume:
+        budget = memory_budget() if budget is None else budget
+        chunks = plan(configs, image_shape=image_shape, classes=classes, n_val=base.val_size, budget=budget,
+                      max_members=max_members)
     for c, name in zip(configs, names):
         c.out, c.progress = str(out / name), False
-    chunks = plan(configs, image_shape=dataset.image_shape, classes=dataset.num_classes, n_val=base.val_size,
-                  budget=budget, max_members=max_members)
-    log(f"sweep of {len(configs)} configurations over {', '.join(axes)}: {len(chunks)} vmapped group(s) "
-        f"of sizes {[len(c) for c in chunks]}; writing {out}")
+
+    # Work (member-steps x batch x cost per example) per chunk: what the progress bar and the
+    # ETA count, so a chunk of 3000-step, 300-wide members weighs what it costs.
+    n_pool = len(dataset.train_labels)
+    steps = [member_steps(c, n_pool) for c in configs]
+    cost = [c.batch_size * member_cost(c, image_shape, classes) for c in configs]
+    works = [sum(steps[i][1] * cost[i] for i in chunk) for chunk in chunks]
+    finished = [[_finished(Path(configs[i].out)) for i in chunk] for chunk in chunks]
+    done = [all(s is not None for s in f) for f in finished]
+
+    enabled = base.progress if progress is None else progress
+    bar = _sweep_bar(sum(works), sum(w for w, d in zip(works, done) if d), enabled)
+    if enabled and log is print:  # printed lines would tear the bar
+        log = lambda text="", **_: bar.write(str(text), file=sys.stdout)
+    log(describe(configs, chunks, axes, image_shape=image_shape, classes=classes, n_pool=n_pool,
+                 budget=None if resume else budget))
+    log(("resuming" if resume else "writing") + f" {out}"
+        + (f": {sum(done)} of {len(chunks)} chunks finished already" if resume else ""))
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        _write_plan(out, base, axes, names, chunks)
+
     summaries = [None] * len(configs)
-    bar = T._progress(len(configs), "sweep", base.progress if progress is None else progress)
-    bar.unit = "config"
-    for g, chunk in enumerate(chunks):
-        t0 = time.time()
-        results = T.train_group([configs[i] for i in chunk], [configs[i].out for i in chunk], dataset=dataset,
-                                log=log, names=[names[i] for i in chunk],
-                                extra_config=[{"sweep": {"values": members[i][1], "group": g,
-                                                         "group_size": len(chunk)}} for i in chunk])
-        for i, summary in zip(chunk, results):
-            summaries[i] = dict(summary, group=g, group_seconds=round(time.time() - t0, 2))
-        bar.update(len(chunk))
+    t_work, work_done, configs_done = None, 0.0, 0
+    try:
+        for g, chunk in enumerate(chunks):
+            if done[g]:
+                for i, summary in zip(chunk, finished[g]):
+                    summaries[i] = dict(summary, group=g, group_seconds=summary["wall_seconds"])
+                configs_done += len(chunk)
+                continue
+            t_work = t_work or time.time()
+            dirs = [Path(configs[i].out) for i in chunk]
+            bar.set_postfix_str(f"chunk {g + 1}/{len(chunks)}, {configs_done}/{len(configs)} configs done")
+            how, epoch = _resume_mode(dirs, log) if resume else ("new", 0)
+            if how == "rerun":
+                _clear(dirs)
+            target = bar.n + works[g]
+
+            def advance(record, *_, g=g, chunk=chunk):
+                # One call per member and epoch; every member of a chunk shares the step counts.
+                c = configs[chunk[0]]
+                per_epoch, total = member_steps(c, n_pool)
+                before = min((record["epoch"] - 1) * per_epoch, total)
+                bar.update((record["steps"] - before) * cost[chunk[0]])
+
+            if how == "continue":  # the epochs already trained count as done
+                bar.update(works[g] * min(1.0, epoch * steps[chunk[0]][0] / steps[chunk[0]][1]))
+            t0 = time.time()
+            results = T.train_group([configs[i] for i in chunk], dirs, dataset=dataset, log=log,
+                                    names=[names[i] for i in chunk], resume=how == "continue", on_epoch_end=advance,
+                                    extra_config=[{"sweep": {"values": members[i][1], "group": g,
+                                                             "group_size": len(chunk)}} for i in chunk])
+            for i, summary in zip(chunk, results):
+                summaries[i] = dict(summary, group=g, group_seconds=summary["wall_seconds"])
+            bar.update(target - bar.n)
+            configs_done += len(chunk)
+            bar.set_postfix_str(f"chunk {g + 1}/{len(chunks)}, {configs_done}/{len(configs)} configs done")
+            work_done += works[g]
+            left = sum(w for w, d in zip(works[g + 1:], done[g + 1:]) if not d)
+            eta = left * (time.time() - t_work) / work_done
+            log(f"chunk {g + 1}/{len(chunks)} done in {time.time() - t0:.0f}s; "
+                f"{configs_done}/{len(configs)} configurations done, about {_duration(eta)} left")
+    except KeyboardInterrupt:
+        bar.close()
+        log(f"sweep interrupted; finished and partly trained chunks are kept: continue it with the same "
+            f"settings and --resume {out}")
+        raise
     bar.close()
-    rows = table(members, summaries, names, dataset.num_classes)
-    write_table(out, rows, axes, base, wall=time.time() - t_start, groups=[len(c) for c in chunks])
+    rows = table(members, summaries, names, classes)
+    write_table(out, rows, axes, base, wall=time.time() - t_start, groups=[len(c) for c in chunks], resumed=resume)
     plot_sweep(out, rows, axes)
     log(f"sweep done in {time.time() - t_start:.0f}s; best: {rows[0]['name']} "
         f"(val {rows[0]['best_val_accuracy']}, test {rows[0].get('test_accuracy')}); table {out / 'sweep.csv'}")
     return rows
+
+
+def _sweep_bar(total, initial, enabled):
+    """One bar for the whole sweep, in units of work, so its rate and ETA weigh each chunk by cost."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="sweep", disable=not enabled, dynamic_ncols=True,
+                file=sys.stderr, bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
+
+
+def _duration(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _plan_settings(base: T.TrainConfig, axes, names):
+    """What a resumed sweep must agree on, as JSON values: the base settings that change
+    what is trained (not where it is written or read from), the axes and the member names."""
+    settings = {k: v for k, v in dataclasses.asdict(base).items() if k not in ("out", "progress", "data_dir")}
+    payload = {"base": settings, "axes": {k: [format_value(v) for v in vs] for k, vs in axes.items()},
+               "names": names}
+    return json.loads(json.dumps(payload, default=str))
+
+
+def _write_plan(out: Path, base, axes, names, chunks):
+    payload = dict(_plan_settings(base, axes, names), chunks=chunks)
+    T._write_atomic(out / PLAN_FILE, json.dumps(payload, indent=1).encode())
+
+
+def _saved_plan(out: Path, base, axes, names):
+    """The chunks saved in ``out``'s plan, after checking it was started with these settings."""
+    path = out / PLAN_FILE
+    if not path.exists():
+        raise T.TrainingError(f"--resume {out}: no {PLAN_FILE} there, not a sweep directory")
+    saved = json.loads(path.read_text())
+    now = _plan_settings(base, axes, names)
+    if saved["axes"] != now["axes"]:
+        raise T.TrainingError(f"--resume {out}: that sweep swept {_axes_text(saved['axes'])}, "
+                              f"not {_axes_text(now['axes'])}")
+    for k in sorted(set(saved["base"]) | set(now["base"])):
+        if saved["base"].get(k) != now["base"].get(k):
+            raise T.TrainingError(f"--resume {out}: that sweep was started with {k}={saved['base'].get(k)!r}, "
+                                  f"not {now['base'].get(k)!r}")
+    if saved["names"] != names:
+        raise T.TrainingError(f"--resume {out}: its members differ from these settings'")
+    return saved["chunks"]
+
+
+def _axes_text(axes):
+    return " ".join(f"{k}={','.join(v)}" for k, v in axes.items()) or "nothing"
+
+
+def _finished(run_dir: Path):
+    """A member's summary if it finished (completed or diverged), else None."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary["status"] != "interrupted" else None
+
+
+def _checkpoint_epoch(run_dir: Path):
+    path = run_dir / "checkpoint.msgpack"
+    return int(serialization.msgpack_restore(path.read_bytes())["epoch"]) if path.exists() else None
+
+
+def _resume_mode(dirs, log):
+    """How to go on with an unfinished chunk, and from which epoch: ``("continue", epoch)``
+    from its checkpoints when every member still training has one, all of the same epoch;
+    else ``("rerun", 0)`` from scratch (nothing trained yet, or a crash left the members at
+    different epochs)."""
+    epochs = set()
+    for d in dirs:
+        summary = d / "summary.json"
+        if summary.exists() and json.loads(summary.read_text())["status"].startswith("diverged"):
+            continue  # stays stopped in the continued chunk
+        epochs.add(_checkpoint_epoch(d))
+    if len(epochs) == 1 and None not in epochs:
+        return "continue", epochs.pop()
+    if epochs - {None}:
+        log(f"members {dirs[0].name}... stopped at different epochs ({sorted(epochs, key=str)}); "
+            f"rerunning their chunk from the start")
+    return "rerun", 0
+
+
+def _clear(dirs):
+    """Remove what an unfinished run wrote, so its chunk reruns from scratch."""
+    for d in dirs:
+        if d.exists():
+            for f in d.iterdir():
+                if f.name in RUN_FILES or f.name.endswith(".tmp"):
+                    f.unlink()
 
 
 def table(members, summaries, names, classes):
@@ -310,7 +544,7 @@ def table(members, summaries, names, classes):
     return rows
 
 
-def write_table(out: Path, rows, axes, base, *, wall, groups):
+def write_table(out: Path, rows, axes, base, *, wall, groups, resumed=False):
     columns = ["rank", "name", *axes, "best_val_accuracy", "test_accuracy", "test_loss", "flag", "status",
                "epochs", "seconds", "group", "group_seconds", "run_dir"]
     with open(out / "sweep.csv", "w", newline="") as f:
@@ -318,7 +552,7 @@ def write_table(out: Path, rows, axes, base, *, wall, groups):
         writer.writeheader()
         writer.writerows(rows)
     payload = {"base": dataclasses.asdict(base), "axes": {k: [format_value(v) for v in vs] for k, vs in axes.items()},
-               "wall_seconds": round(wall, 2), "groups": groups,
+               "wall_seconds": round(wall, 2), "resumed": resumed, "groups": groups,
                "rows": [{k: v for k, v in r.items() if k != "_values"} for r in rows]}
     T._write_atomic(out / "sweep.json", json.dumps(payload, indent=2, default=str).encode())
 

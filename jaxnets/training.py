@@ -678,16 +678,17 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     one member): its own validation split, normalisation, init, data order, dropout
     masks. A member whose loss turns non-finite stops there (status ``diverged: ...``,
     last good epoch checkpoint kept) while the others go on. Returns the summaries, in
-    order. ``resume`` (one member only) continues ``run_dirs[0]``. ``extra_config``
-    (a list of dicts) adds entries to each member's config.json.
+    order. ``resume`` continues every member from the last epoch checkpoint in its run
+    directory; the members still training must be at the same epoch. In a resumed group
+    (more than one member) a member whose summary.json says it diverged stays stopped: it
+    only keeps its slot, so the group runs the same program, and rounds the same, as when
+    it started. ``extra_config`` (a list of dicts) adds entries to each member's config.json.
     """
     t_start = time.time() if t_start is None else t_start
     configs, run_dirs = list(configs), [Path(d) for d in run_dirs]
     base, size = configs[0], len(configs)
     if len(run_dirs) != size:
         raise ValueError(f"train_group: {size} configs but {len(run_dirs)} run directories")
-    if resume and size != 1:
-        raise ValueError("train_group: resume works on a single run only")
     for c in configs:
         c.validate()
         if group_key(c) != group_key(base):
@@ -736,19 +737,40 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
         init = jax.jit(init.__wrapped__, out_shardings=P.replicated(mesh))
     params, state, opt_state, run_keys = init(seeds, hps)
     start_epoch, metrics = 0, [[] for _ in configs]
+    frozen, status = np.zeros(size, bool), ["completed"] * size
+    member_epochs = [0] * size
     if resume:
-        run_dir = run_dirs[0]
-        restored = load_checkpoint(run_dir, _member(params, 0), _member(state, 0), _member(opt_state, 0),
-                                   run_keys[0])
-        params, state, opt_state = (_stack([restored[k]]) for k in ("params", "state", "opt_state"))
-        run_keys, start_epoch = restored["key"][None], int(restored["epoch"])
+        restored = []
+        for m, run_dir in enumerate(run_dirs):
+            like = (_member(params, m), _member(state, m), _member(opt_state, m))
+            summary_path = run_dir / "summary.json"
+            previous = json.loads(summary_path.read_text())["status"] if summary_path.exists() else ""
+            if size > 1 and previous.startswith("diverged"):
+                frozen[m], status[m] = True, previous
+            if frozen[m] and not (run_dir / "checkpoint.msgpack").exists():
+                # Diverged in its first epoch: no checkpoint, and its values no longer matter.
+                restored.append(dict(zip(("params", "state", "opt_state"), like), key=run_keys[m], epoch=0))
+            else:
+                restored.append(load_checkpoint(run_dir, *like, run_keys[m]))
+            member_epochs[m] = int(restored[m]["epoch"])
+            metrics_path = run_dir / "metrics.jsonl"
+            if metrics_path.exists():
+                metrics[m] = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+            metrics[m] = [r for r in metrics[m] if r["epoch"] <= member_epochs[m]]
+        live = sorted({e for e, f in zip(member_epochs, frozen) if not f})
+        if len(live) > 1:
+            raise TrainingError(f"cannot resume {run_dirs[0].parent}: the group's members stopped at different "
+                                f"epochs {live}")
+        start_epoch = live[0] if live else 0
+        params, state, opt_state = (_stack([r[k] for r in restored]) for k in ("params", "state", "opt_state"))
+        run_keys = jax.random.wrap_key_data(jnp.stack([jax.random.key_data(r["key"]) for r in restored]))
         if mesh is not None:
             params, state, opt_state, run_keys = P.replicate((params, state, opt_state, run_keys), mesh)
-        metrics_path = run_dir / "metrics.jsonl"
-        if metrics_path.exists():
-            metrics[0] = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
-        metrics[0] = [m for m in metrics[0] if m["epoch"] <= start_epoch]
-        log(f"resuming {run_dir} after epoch {start_epoch}")
+        if size == 1:
+            log(f"resuming {run_dirs[0]} after epoch {start_epoch}")
+        else:
+            log(f"resuming {size - frozen.sum()} members after epoch {start_epoch}"
+                + (f" ({frozen.sum()} diverged before, kept stopped)" if frozen.any() else ""))
     elif writer:
         for run_dir in run_dirs:
             if run_dir.exists() and any(run_dir.iterdir()):
@@ -807,10 +829,9 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     log(f"{model!r}\n{n_train} train / {n_val} val / {len(dataset.test_labels)} test images; "
         f"{steps_per_epoch} steps per epoch, {epochs} epochs ({total_steps} steps); {where}")
 
-    carry = (params, state, opt_state, jnp.zeros(size, bool) if mesh is None else put(np.zeros(size, bool)))
-    alive = np.ones(size, bool)
-    status = ["completed"] * size
-    last_good = [start_epoch] * size
+    carry = (params, state, opt_state, jnp.asarray(frozen) if mesh is None else put(frozen))
+    alive = ~frozen
+    last_good = [e if f else start_epoch for e, f in zip(member_epochs, frozen)]
     interrupted = False
     try:
         for epoch in range(start_epoch, epochs):

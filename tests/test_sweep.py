@@ -3,7 +3,9 @@
 import csv
 import json
 
+import jax
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 import train as cli
 from jaxnets import data as D
@@ -12,6 +14,24 @@ from jaxnets import training as T
 
 OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "checkpoint.msgpack")
 quiet = dict(log=lambda *_: None, progress=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    # Every chunk of a sweep, and every single run a member is compared with, compiles the
+    # same few small programs again (a new jit per train_group); JAX's persistent cache
+    # turns the repeats into disk reads. Restored afterwards for the other test modules.
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in names}
+    compilation_cache.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax-cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +159,76 @@ def test_cli_sweep_runs_and_writes_the_table(mnist_dir, tmp_path, capsys):
     assert {r["group"] for r in table} == {"0", "1"}  # --max-members 1: two chunks
     for r in table:
         assert (out / r["name"] / "summary.json").exists()
+
+
+def _interrupt_at(text_start, occurrence):
+    """A sweep log that raises KeyboardInterrupt (as Ctrl-C would) at the ``occurrence``-th
+    line starting with ``text_start``; the lines are kept in ``log.lines``."""
+    seen = []
+
+    def log(text="", **_):
+        log.lines.append(str(text))
+        if str(text).startswith(text_start):
+            seen.append(text)
+            if len(seen) == occurrence:
+                raise KeyboardInterrupt
+
+    log.lines = []
+    return log
+
+
+SAME = ("name", "seed", "lr", "best_val_accuracy", "test_accuracy", "test_loss", "flag", "status", "epochs", "group",
+        "rank")
+
+
+def test_interrupted_sweep_resumes_to_the_uninterrupted_table(mnist_small, tmp_path):
+    # Three chunks of two (lr 1e4 diverges in its first epoch, lr 0.05 trains). The run is
+    # stopped after epoch 2 of chunk 2: chunk 1 finished, chunk 2 has epoch-2 checkpoints
+    # (and a diverged member without one), chunk 3 never started.
+    cfg = base(tmp_path, optimizer="sgd", schedule="constant", dropout=0.0, hidden_units=(16,), batch_size=100,
+               epochs=3, chunk_steps=15)
+    axes = {"seed": [0, 1, 2], "lr": [1e4, 0.05]}
+    whole = S.sweep(cfg, axes, out=tmp_path / "whole", dataset=mnist_small, max_members=2, **quiet)
+    assert [r["flag"] for r in whole] == ["", "", "", "diverged", "diverged", "diverged"]
+    out = tmp_path / "resumed"
+    log = _interrupt_at("epoch 2:", 2)
+    with pytest.raises(KeyboardInterrupt):
+        S.sweep(cfg, axes, out=out, dataset=mnist_small, max_members=2, log=log, progress=False)
+    assert "--resume" in log.lines[-1] and not (out / "sweep.csv").exists()
+    finished = (out / "000-seed=0_lr=10000" / "summary.json").read_text()
+    assert json.loads((out / "003-seed=1_lr=0.05" / "summary.json").read_text())["status"] == "interrupted"
+    assert not (out / "004-seed=2_lr=10000").exists()
+
+    log = _interrupt_at("never", 1)
+    rows = S.sweep(cfg, axes, out=out, dataset=mnist_small, log=log, progress=False, resume=True)
+    assert any("1 of 3 chunks finished already" in line for line in log.lines)
+    assert any("resuming 1 members after epoch 2 (1 diverged before, kept stopped)" in line for line in log.lines)
+    assert (out / "000-seed=0_lr=10000" / "summary.json").read_text() == finished  # not retrained
+    assert [{k: r[k] for k in SAME} for r in rows] == [{k: r[k] for k in SAME} for r in whole]
+    assert list(csv.DictReader(open(out / "sweep.csv"))) == [
+        dict(r, run_dir=r["run_dir"].replace("whole", "resumed"), seconds=a["seconds"], group_seconds=a["group_seconds"])
+        for r, a in zip(csv.DictReader(open(tmp_path / "whole" / "sweep.csv")), csv.DictReader(open(out / "sweep.csv")))]
+    for r in whole:  # the per-epoch curves too, bit for bit
+        strip = lambda ms: [{k: v for k, v in m.items() if k not in ("seconds", "images_per_second")} for m in ms]
+        assert strip(metrics(out / r["name"])) == strip(metrics(tmp_path / "whole" / r["name"]))
+
+
+def test_sweep_directory_is_not_overwritten_or_resumed_with_other_settings(mnist_dir, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    cfg = base(tmp_path)
+    with pytest.raises(T.TrainingError, match="no sweep_plan.json there"):
+        S.sweep(cfg, {"lr": [1e-3, 1e-2]}, out=out, resume=True, **quiet)
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    flags = ["--dataset", "mnist", "--data-dir", str(mnist_dir), "--hidden-units", "16", "--no-progress",
+             "--sweep", "lr=1e-2,1e-3"]
+    assert cli.main([*flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"sweep directory {out} already holds files" in err and "--resume" in err
+    assert (out / "notes.txt").read_text() == "mine"
+    started = cli.config_from_args(cli.build_parser().parse_args(flags))
+    S._write_plan(out, started, {"lr": [1e-2, 1e-3]}, ["000-lr=0.01", "001-lr=0.001"], [[0, 1]])
+    assert cli.main([*flags[:-1], "lr=1e-2,1e-4", "--resume", str(out)]) == 2
+    assert "that sweep swept lr=0.01,0.001, not lr=0.01,0.0001" in capsys.readouterr().err
+    assert cli.main([*flags, "--batch-size", "64", "--resume", str(out)]) == 2
+    assert "that sweep was started with batch_size=128, not 64" in capsys.readouterr().err
