@@ -289,7 +289,7 @@ def describe(configs, chunks, axes, *, image_shape, classes, n_pool, budget=None
     budget_text = f"; memory budget {budget / 2**30:.2f} GiB per chunk" if budget else ""
     lines.append(f"{len(configs)} configurations over {', '.join(axes) or 'nothing'}: {len(groups)} group(s), "
                  f"{len(chunks)} vmapped chunk(s) (one compile each){budget_text}; "
-                 f"{examples / 1e6:.1f}M training examples over all members")
+                 f"{examples:,} training examples over all members")
     lines.append(f"{'chunk':>5} {'group':>5} {'members':>7} {'MiB/member':>10} {'steps':>6} {'work':>6}  fixed values")
     for k, ((group, n, mib, steps, fixed), work) in enumerate(zip(rows, works)):
         lines.append(f"{k + 1:>5} {group + 1:>5} {n:>7} {mib:>10.1f} {steps:>6} {100 * work / total:>5.1f}%  {fixed}")
