@@ -43,22 +43,22 @@ EXPERIMENTS = {
         "96.3%",
         ["--model", "mlp", "--dataset", "mnist", "--hidden-units", "300", "--activation", "sigmoid",
          "--optimizer", "sgd", "--lr", "0.1", "--batch-size", "64", "--epochs", "5", "--schedule", "constant",
-         "--dropout", "0", "--init", "pytorch"],
+         "--dropout", "0", "--init", "pytorch", "--sweep", "seed=0,1,2"],
     ),
     "cifar10_mlp_course": (
         "CIFAR-10 course MLP: 100 ReLU units, SGD 2e-3, batch 200, 1500 steps, N(0,1e-4^2) init, mean image",
         "~46%",
-        ["--preset", "course_mlp"],
+        ["--preset", "course_mlp", "--sweep", "seed=0,1,2"],
     ),
     "cifar10_mlp_course_manual": (
         "the same with the hand-written backward passes (--grad manual)",
         "~46%",
-        ["--preset", "course_mlp", "--grad", "manual"],
+        ["--preset", "course_mlp", "--grad", "manual", "--sweep", "seed=0,1,2"],
     ),
     "cifar10_mlp_course_elu": (
         "the course MLP with ELU units",
         "~48%",
-        ["--preset", "course_mlp", "--activation", "elu"],
+        ["--preset", "course_mlp", "--activation", "elu", "--sweep", "seed=0,1,2"],
     ),
     "cifar10_mlp_tuned": (
         "CIFAR-10 MLP 1024x3, BN, dropout 0.2, AdamW 1e-3 wd 0.05, cosine, crop+flip, 40 epochs",
@@ -130,10 +130,10 @@ def run(names, data_root):
         if target.exists():
             shutil.rmtree(target)
         target.mkdir()
-        if name in SWEEPS:
+        if "--sweep" in flags:
             for f in [*SWEEP_FILES, *(p.name for p in out.glob("*.png"))]:
                 shutil.copy2(out / f, target / f)
-            for member in sorted(p for p in out.iterdir() if (p / "summary.json").exists()):
+            for member in members(out):
                 (target / member.name).mkdir()
                 for f in MEMBER_FILES:
                     shutil.copy2(member / f, target / member.name / f)
@@ -143,19 +143,41 @@ def run(names, data_root):
     table()
 
 
+def members(folder):
+    """The member run directories of a committed sweep, in name order."""
+    return sorted(p for p in folder.iterdir() if (p / "summary.json").exists())
+
+
+def runs_of(name):
+    """The committed runs behind experiment ``name``: its sweep's members, or the one run."""
+    folder = RESULTS / name
+    if (folder / "sweep.json").exists():
+        return members(folder)
+    return [folder] if (folder / "summary.json").exists() else []
+
+
 def rows():
+    """One row per committed experiment; a seed sweep's row is the mean +- std over seeds."""
     for name, (what, reported, flags) in EXPERIMENTS.items():
-        summary_path = RESULTS / name / "summary.json"
-        if not summary_path.exists():
+        runs = runs_of(name)
+        if not runs:
             continue
-        summary = json.loads(summary_path.read_text())
-        config = json.loads((RESULTS / name / "config.json").read_text())
-        env = config["environment"]
+        summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
+        config = json.loads((runs[0] / "config.json").read_text())
+        accs = [100 * s["test_accuracy"] for s in summaries if s.get("test_accuracy") is not None]
+        if len(runs) > 1:
+            sweep = json.loads((RESULTS / name / "sweep.json").read_text())
+            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            accuracy = f"{statistics.fmean(accs):.2f} +- {std:.2f}% ({len(runs)} seeds)" if accs else "n/a"
+            wall, link = sweep["wall_seconds"], f"{name}/seed_bands.png"
+        else:
+            accuracy = f"{accs[0]:.2f}%" if accs else "n/a"
+            wall, link = summaries[0]["wall_seconds"], f"{name}/curves.png"
         yield {
-            "name": name, "what": what, "reported": reported,
+            "name": name, "what": what, "reported": reported, "link": link, "runs": runs,
             "command": "python train.py " + " ".join(flags) + " --data-dir DIR",
-            "test_accuracy": summary.get("test_accuracy"), "epochs": summary["epochs"], "steps": summary["steps"],
-            "wall_seconds": summary["wall_seconds"], "machine": f"{env['cpu']}, {env['cores']} cores, {env['backend']}",
+            "accuracy": accuracy, "epochs": summaries[0]["epochs"], "steps": summaries[0]["steps"],
+            "wall_seconds": wall, "machine": _machine(config),
             "data": "MNIST" if config["config"]["dataset"] == "mnist" else "CIFAR-10 (JPEG copy)",
         }
 
@@ -168,9 +190,8 @@ def render():
              "| --- | --- | --- | --- | --- | --- | --- |"]
     machines = set()
     for r in rows():
-        acc = f"{100 * r['test_accuracy']:.2f}%" if r["test_accuracy"] is not None else "n/a"
-        lines.append(f"| [{r['name']}]({r['name']}/curves.png): {r['what']} | {r['data']} | {r['reported']} | "
-                     f"**{acc}** | {r['epochs']} ({r['steps']}) | {r['wall_seconds'] / 60:.1f} min | "
+        lines.append(f"| [{r['name']}]({r['link']}): {r['what']} | {r['data']} | {r['reported']} | "
+                     f"**{r['accuracy']}** | {r['epochs']} ({r['steps']}) | {r['wall_seconds'] / 60:.1f} min | "
                      f"`{r['command']}` |")
         machines.add(r["machine"])
     ablations = list(sweep_rows())
@@ -210,7 +231,7 @@ def sweep_rows():
         swept = [k for k in sweep["axes"] if k != "seed"]
         by_setting = collections.defaultdict(list)
         machine = None
-        for member in sorted(p for p in (RESULTS / name).iterdir() if (p / "summary.json").exists()):
+        for member in members(RESULTS / name):
             config = json.loads((member / "config.json").read_text())
             summary = json.loads((member / "summary.json").read_text())
             machine = _machine(config)
@@ -246,27 +267,37 @@ def _text(value):
 
 
 def overlay(a="cifar10_mlp_course", b="cifar10_mlp_course_manual", path=RESULTS / "manual_vs_autodiff.png"):
-    """Per-epoch curves of the same run with jax.grad and with the hand-written backward, overlaid."""
-    if not all((RESULTS / n / "metrics.jsonl").exists() for n in (a, b)):
+    """Per-epoch curves of the same runs with jax.grad and with the hand-written backward,
+    overlaid: mean over the seeds, with a +- std band when there are several."""
+    if not (runs_of(a) and runs_of(b)):
         return
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    seeds = set()
     for name, label, style in ((a, "autodiff (jax.grad)", "-o"), (b, "manual backward", "--s")):
-        metrics = [json.loads(l) for l in (RESULTS / name / "metrics.jsonl").read_text().splitlines() if l]
-        epochs = [m["epoch"] for m in metrics]
+        curves = [[json.loads(l) for l in (r / "metrics.jsonl").read_text().splitlines() if l] for r in runs_of(name)]
+        seeds.add(len(curves))
+        length = min(map(len, curves))
+        epochs = [m["epoch"] for m in curves[0][:length]]
         for ax, key, scale in ((axes[0], "loss", 1), (axes[1], "accuracy", 100)):
             for split in ("train", "val"):
-                ax.plot(epochs, [scale * m[f"{split}_{key}"] for m in metrics], style, markersize=3,
-                        label=f"{split}, {label}")
+                values = scale * np.array([[m[f"{split}_{key}"] for m in c[:length]] for c in curves])
+                line, = ax.plot(epochs, values.mean(0), style, markersize=3, label=f"{split}, {label}")
+                if len(curves) > 1:
+                    ax.fill_between(epochs, values.mean(0) - values.std(0), values.mean(0) + values.std(0),
+                                    alpha=0.15, color=line.get_color())
     for ax, key in zip(axes, ("cross-entropy loss", "accuracy (%)")):
         ax.set(xlabel="epoch", ylabel=key)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("course MLP on CIFAR-10 (JPEG copy): autodiff vs manual backprop, seed 0")
+    n = max(seeds)
+    fig.suptitle("course MLP on CIFAR-10 (JPEG copy): autodiff vs manual backprop, "
+                 + (f"mean +- std over {n} seeds" if n > 1 else "seed 0"))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
