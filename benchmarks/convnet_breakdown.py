@@ -20,28 +20,16 @@ the loss and the Adam update).
 """
 
 import argparse
-import json
-import statistics
-import time
 from pathlib import Path
 
 import jax
 
+from benchmarks.common import median_seconds, write_json
 from jaxnets import conv as C
 from jaxnets import layers as L
 from jaxnets import models as M
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "convnet_breakdown.json"
-
-
-def median_seconds(fn, args, repeats):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def blocks(plan, image_hw, channels):
@@ -99,15 +87,15 @@ def main(argv=None):
         dy = jax.random.normal(keys[3], (b, h, w, cout))
         cols = jax.random.normal(keys[4], (b * h * w, 9 * cin))
         flops = 3 * 2 * b * h * w * 9 * cin * cout
+        w2, dy2 = params["w"].reshape(-1, cout), dy.reshape(-1, cout)
         row = {"layer": f"{h}x{w}x{cin}->{cout}", "gemm_flops": flops,
-               "gemm_s": median_seconds(gemms, (cols, params["w"].reshape(-1, cout), dy.reshape(-1, cout)),
-                                        args.repeats),
-               "conv_s": median_seconds(conv, (params, x, dy), args.repeats)}
+               "gemm_s": median_seconds(lambda: gemms(cols, w2, dy2), args.repeats),
+               "conv_s": median_seconds(lambda: conv(params, x, dy), args.repeats)}
         bn_params, bn_state = L.batch_norm_init(cout)
-        row["bn_relu_s"] = median_seconds(bn_relu, (bn_params, bn_state, dy, dy), args.repeats)
+        row["bn_relu_s"] = median_seconds(lambda: bn_relu(bn_params, bn_state, dy, dy), args.repeats)
         if pooled:
             pooled_dy = jax.random.normal(keys[5], (b, (h + 1) // 2, (w + 1) // 2, cout))
-            row["pool_s"] = median_seconds(pool, (dy, pooled_dy), args.repeats)
+            row["pool_s"] = median_seconds(lambda: pool(dy, pooled_dy), args.repeats)
         else:
             row["pool_s"] = 0.0
         row["im2col_s"] = row["conv_s"] - row["gemm_s"]
@@ -124,12 +112,8 @@ def main(argv=None):
           + f"; GEMMs at {gflops:.0f} GFLOP/s")
     from jaxnets import training as T
 
-    result = {"command": "python -m benchmarks.convnet_breakdown", "batch": b, "layers": rows,
-              "total_s": whole, "shares": shares, "gemm_gflops": gflops, "machine": T.environment_info()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_json(args.out, {"command": "python -m benchmarks.convnet_breakdown", "batch": b, "layers": rows,
+                          "total_s": whole, "shares": shares, "gemm_gflops": gflops, "machine": T.environment_info()})
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -34,23 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks.common import median_seconds, write_json
 from jaxnets import conv as C
 from jaxnets import data as D
 from jaxnets import models as M
 from jaxnets import training as T
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "bench_cpu.json"
-
-
-def median_seconds(fn, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def synthetic_dataset(n_train, n_test, shape=(32, 32, 3), seed=0):
@@ -70,7 +59,7 @@ def bench_gemm(repeats, torch):
     a = jax.random.normal(jax.random.key(0), (n, n))
     b = jax.random.normal(jax.random.key(1), (n, n))
     mm = jax.jit(jnp.dot)
-    out = {"jax_gflops": flops / median_seconds(lambda: mm(a, b).block_until_ready(), repeats) / 1e9}
+    out = {"jax_gflops": flops / median_seconds(lambda: mm(a, b), repeats) / 1e9}
     if torch is not None:
         ta, tb = torch.randn(n, n), torch.randn(n, n)
         out["torch_gflops"] = flops / median_seconds(lambda: ta @ tb, repeats) / 1e9
@@ -335,11 +324,8 @@ def main(argv=None):
                 print(f"epoch {kind}: {entry}")
         results["epoch"] = epochs
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
     print_table(results)
-    print(f"wrote {out}")
+    write_json(args.out, results)
 
 
 def print_table(results):

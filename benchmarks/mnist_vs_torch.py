@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -101,8 +103,8 @@ def main():
               "jaxnets": {"wall_seconds": round(jax_s, 1), "test_accuracy": jax_acc, "command": " ".join(jax_cmd[1:])},
               "torch": {"wall_seconds": round(torch_s, 1), "test_accuracy": torch_acc},
               "torch_over_jaxnets": round(torch_s / jax_s, 2), "machine": environment_info()}
-    Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

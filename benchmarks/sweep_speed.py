@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import write_json
 from jaxnets import data as D
 from jaxnets import sweep as S
 from jaxnets import training as T
@@ -77,11 +78,8 @@ def main(argv=None):
         "max_test_accuracy_difference_points": max(c["difference_points"] for c in per_config),
         "per_config": per_config, "machine": T.environment_info(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k not in ("per_config", "machine")}, indent=2))
-    print(f"wrote {out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,11 @@ fusion) and Eigen's single-threaded mode as a reference.
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from benchmarks.common import write_json
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "xla_cpu_flags.json"
 
@@ -46,16 +46,11 @@ def measure(repeats):
     import jax
     import jax.numpy as jnp
 
+    from benchmarks.common import median_seconds
     from jaxnets import conv as C
 
     def median(fn):
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return median_seconds(fn, repeats)
 
     keys = jax.random.split(jax.random.key(0), 6)
     out = {}
@@ -121,10 +116,7 @@ def main(argv=None):
     from jaxnets import training as T
 
     results["machine"] = T.environment_info()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":
