@@ -156,6 +156,17 @@ def runs_of(name):
     return [folder] if (folder / "summary.json").exists() else []
 
 
+def _accuracy_stats(summaries):
+    """Test accuracy (%) over the runs that reached the test: (mean, sample std, count)."""
+    accs = [100 * s["test_accuracy"] for s in summaries if s.get("test_accuracy") is not None]
+    mean = statistics.fmean(accs) if accs else float("nan")
+    return mean, statistics.stdev(accs) if len(accs) > 1 else 0.0, len(accs)
+
+
+def _command(flags):
+    return "python train.py " + " ".join(flags) + " --data-dir DIR"
+
+
 def rows():
     """One row per committed experiment; a seed sweep's row is the mean +- std over seeds."""
     for name, (what, reported, flags) in EXPERIMENTS.items():
@@ -164,19 +175,17 @@ def rows():
             continue
         summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
         config = json.loads((runs[0] / "config.json").read_text())
-        accs = [100 * s["test_accuracy"] for s in summaries if s.get("test_accuracy") is not None]
+        mean, std, n = _accuracy_stats(summaries)
         if len(runs) > 1:
             sweep = json.loads((RESULTS / name / "sweep.json").read_text())
-            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            accuracy = f"{statistics.fmean(accs):.2f} +- {std:.2f}% ({len(runs)} seeds)" if accs else "n/a"
+            accuracy = f"{mean:.2f} +- {std:.2f}% ({len(runs)} seeds)" if n else "n/a"
             wall, link = sweep["wall_seconds"], f"{name}/seed_bands.png"
         else:
-            accuracy = f"{accs[0]:.2f}%" if accs else "n/a"
+            accuracy = f"{mean:.2f}%" if n else "n/a"
             wall, link = summaries[0]["wall_seconds"], f"{name}/curves.png"
         yield {
             "name": name, "what": what, "reported": reported, "link": link, "runs": runs,
-            "command": "python train.py " + " ".join(flags) + " --data-dir DIR",
-            "accuracy": accuracy, "epochs": summaries[0]["epochs"], "steps": summaries[0]["steps"],
+            "command": _command(flags), "accuracy": accuracy, "epochs": summaries[0]["epochs"], "steps": summaries[0]["steps"],
             "wall_seconds": wall, "machine": _machine(config),
             "data": "MNIST" if config["config"]["dataset"] == "mnist" else "CIFAR-10 (JPEG copy)",
         }
@@ -239,13 +248,12 @@ def sweep_rows():
             by_setting[setting].append(summary)
         rows = []
         for setting, summaries in by_setting.items():
-            accs = [100 * s["test_accuracy"] for s in summaries if s.get("test_accuracy") is not None]
+            mean, std, n = _accuracy_stats(summaries)
             vals = [s["best_val_accuracy"] or 0.0 for s in summaries]
             rows.append({"name": name, "what": what, "reported": reported, "setting": setting,
-                         "mean": statistics.fmean(accs) if accs else float("nan"),
-                         "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                         "seeds": f"{len(summaries)}" + (f" ({len(summaries) - len(accs)} diverged)"
-                                                         if len(accs) < len(summaries) else ""),
+                         "mean": mean, "std": std,
+                         "seeds": f"{len(summaries)}" + (f" ({len(summaries) - n} diverged)"
+                                                         if n < len(summaries) else ""),
                          "val": statistics.fmean(vals)})
         if "optimizer" in swept and "lr" in swept:
             best = {}  # chosen on validation accuracy, never on test
@@ -256,8 +264,7 @@ def sweep_rows():
             rows = [best[opt] for opt in dict.fromkeys(dict(r["setting"])["optimizer"] for r in rows)]
         for r in rows:
             r["setting"] = ", ".join(f"{k}={_text(v)}" for k, v in r["setting"])
-            r.update(wall_seconds=sweep["wall_seconds"], machine=machine,
-                     command="python train.py " + " ".join(flags) + " --data-dir DIR")
+            r.update(wall_seconds=sweep["wall_seconds"], machine=machine, command=_command(flags))
             yield r
 
 
