@@ -172,16 +172,18 @@ def hparams_of(config: TrainConfig):
     return {k: jnp.asarray(getattr(config, k), jnp.float32) for k in HPARAMS}
 
 
-def build_optimizer(config: TrainConfig, total_steps: int):
+def build_optimizer(config: TrainConfig, total_steps: int, *, decay: bool | None = None):
     """An Optax optimizer whose numeric hyperparameters live in its state.
 
     ``optax.inject_hyperparams`` holds ``peak_lr``, ``weight_decay`` and ``momentum`` as
     arrays (so a sweep can give every vmapped member its own values without recompiling)
     and ``lr_scale``, the schedule's multiplier at the current step; the learning rate is
-    ``peak_lr * lr_scale``. Whether weight decay is applied at all is fixed by
-    ``config.weight_decay != 0``.
+    ``peak_lr * lr_scale``. ``decay`` says whether the program has a weight-decay term at
+    all (default: ``config.weight_decay != 0``); a sweep group that mixes zero and non-zero
+    weight decay passes True, and its zero members add ``0 * w`` to the gradient, which
+    leaves it bit-for-bit unchanged.
     """
-    decay = config.weight_decay != 0
+    decay = config.weight_decay != 0 if decay is None else decay
 
     def make(peak_lr, lr_scale, weight_decay, momentum):
         learning_rate = peak_lr * lr_scale
@@ -611,14 +613,14 @@ def plot_curves(metrics, path: Path, title=""):
 def group_key(config: TrainConfig):
     """What configs must share to train together as one vmapped program: every setting
     except the numeric :data:`HPARAMS` and the seed (and ``out``/``progress``), plus
-    whether dropout and weight decay are on at all (they add ops to the program)."""
+    whether dropout is on at all (it adds ops to the program). Weight decay 0 and non-zero
+    share a group: the decay term is exact at 0 (see :func:`build_optimizer`)."""
     d = dataclasses.asdict(config)
     for k in HPARAMS + ("seed", "out", "progress"):
         d.pop(k)
     d["hidden_units"] = tuple(d["hidden_units"])
     d["conv_plan"] = tuple(d["conv_plan"])
     d["dropout_on"] = config.model == "mlp" and config.dropout > 0
-    d["weight_decay_on"] = config.weight_decay != 0
     return tuple(sorted(d.items()))
 
 
@@ -719,7 +721,7 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     if base.max_steps:
         total_steps = min(total_steps, base.max_steps)
     epochs = math.ceil(total_steps / steps_per_epoch)
-    optimizer = build_optimizer(base, total_steps)
+    optimizer = build_optimizer(base, total_steps, decay=any(c.weight_decay != 0 for c in configs))
 
     hps = _stack([hparams_of(c) for c in configs])
     seeds = jnp.asarray([c.seed for c in configs], jnp.uint32)

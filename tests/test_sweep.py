@@ -77,6 +77,22 @@ def test_each_member_reproduces_its_single_run(mnist_small, tmp_path):
     assert len(set(accs.values())) > 1
 
 
+def test_zero_and_nonzero_weight_decay_share_a_group_and_reproduce_single_runs(mnist_small, tmp_path):
+    # The group's program has the decay term; at weight decay 0 it adds 0 * w, exactly
+    # nothing, so that member still equals a single run built without the term.
+    cfg = base(tmp_path, optimizer="adam", dropout=0.0, epochs=1)
+    rows = S.sweep(cfg, {"weight_decay": [0.0, 0.05]}, dataset=mnist_small, **quiet)
+    assert len({r["group"] for r in rows}) == 1
+    curves = {}
+    for wd in (0.0, 0.05):
+        row = next(r for r in rows if r["_values"] == {"weight_decay": wd})
+        single = base(tmp_path, optimizer="adam", dropout=0.0, epochs=1, weight_decay=wd, out=str(tmp_path / f"single-{wd}"))
+        T.train(single, dataset=mnist_small, log=lambda *_: None)
+        assert_same_curves(metrics(tmp_path / f"single-{wd}"), metrics(tmp_path / "sweep" / row["name"]))
+        curves[wd] = metrics(tmp_path / f"single-{wd}")[-1]["train_loss"]
+    assert abs(curves[0.0] - curves[0.05]) > 1e-3  # the decay is really applied to one of them
+
+
 def test_divergent_member_is_marked_and_the_others_are_unaffected(mnist_small, tmp_path):
     cfg = base(tmp_path, optimizer="sgd", schedule="constant", hidden_units=(32, 32), dropout=0.0, epochs=2)
     rows = S.sweep(cfg, {"lr": [1e4, 0.05]}, dataset=mnist_small, **quiet)
@@ -109,9 +125,9 @@ def test_groups_by_shape_and_chunks_to_the_memory_budget(tmp_path):
     assert len(groups) == 4 and all(len(g) == 6 for g in groups)
     for g in groups:
         assert len({(configs[i].hidden_units, configs[i].batch_size) for i in g}) == 1
-    # Dropout and weight decay on/off change the program: separate groups.
+    # Dropout on/off changes the program: separate groups; weight decay 0 joins the others.
     mixed = [c for c, _ in S.expand(cfg, {"dropout": [0.0, 0.3, 0.5], "weight_decay": [0.0, 1e-4]})]
-    assert sorted(map(len, S.plan(mixed, image_shape=(28, 28, 1), classes=10))) == [1, 1, 2, 2]
+    assert sorted(map(len, S.plan(mixed, image_shape=(28, 28, 1), classes=10))) == [2, 4]
     # A budget for ~2.5 members splits a group of 6 into 3 even chunks; max_members caps it too.
     per_member = S.member_bytes(configs[0], (28, 28, 1), 10)
     chunks = S.plan(configs[:6], image_shape=(28, 28, 1), classes=10, budget=2.5 * per_member)
