@@ -80,6 +80,15 @@ EXPERIMENTS = {
          "--optimizer", "adamw", "--lr", "2e-3", "--weight-decay", "0.05", "--label-smoothing", "0.1",
          "--warmup-epochs", "1", "--epochs", "12", "--batch-size", "128"],
     ),
+    "cifar10_convnet_best": (
+        "CIFAR-10 ConvNet: conv32-M-64-64-M-128-128-M-256-256-M (conv-BN-ReLU), crops + flips, "
+        "Nesterov SGD 0.2 one-cycle, L2 5e-4, label smoothing 0.1, batch 256, 16 epochs, manual backprop",
+        "90% goal (course 75-79%, best report 81.1%)",
+        ["--model", "convnet", "--dataset", "cifar10", "--conv-plan", "32,M,64,64,M,128,128,M,256,256,M",
+         "--augment", "--optimizer", "nesterov", "--lr", "0.2", "--momentum", "0.9", "--weight-decay", "5e-4",
+         "--schedule", "onecycle", "--label-smoothing", "0.1", "--batch-size", "256", "--epochs", "16",
+         "--grad", "manual"],
+    ),
 }
 
 # The ablations the reports discuss, on a CIFAR-10 MLP (3072-256-256-10, batch 200, 3 epochs,
@@ -111,9 +120,25 @@ SWEEPS = {
     ),
 }
 
+# Grid searches as the reports ran them, one configuration per cell, seed 0 only (each one
+# command, vmapped per shape group). The table shows the best and worst configurations by
+# validation accuracy, from the committed member summaries.
+GRIDS = {
+    "grid243": (
+        "the reports' 243-configuration grid on the course MLP (Adam): hidden units x iterations x "
+        "batch size x lr x L2",
+        "55.2% best (a report's grid over hidden/lr/batch/L2)",
+        ["--preset", "course_mlp", "--optimizer", "adam", "--epochs", "100",
+         "--sweep", "hidden-units=100,200,300", "--sweep", "max-steps=500,1000,1500",
+         "--sweep", "batch-size=100,200,300", "--sweep", "lr=1e-3,5e-4,1e-4",
+         "--sweep", "weight-decay=0,1e-4,1e-3"],
+    ),
+}
+GRID_SHOWN = 5  # best and worst rows shown of each grid
+
 
 def run(names, data_root):
-    known = {**EXPERIMENTS, **SWEEPS}
+    known = {**EXPERIMENTS, **SWEEPS, **GRIDS}
     for name in names:
         if name not in known:
             sys.exit(f"unknown experiment {name!r}; choose from {', '.join(known)}")
@@ -218,6 +243,21 @@ def render():
             lines.append(f"| {what} | {r['setting']} | **{r['mean']:.2f} +- {r['std']:.2f}%** | {r['seeds']} | "
                          f"{r['reported'] if first else '〃'} | {r['wall_seconds'] / 60:.1f} min | {command} |")
             machines.add(r["machine"])
+    for grid in grid_tables():
+        lines += ["", f"[{grid['name']}]({grid['name']}/): {grid['what']}; {grid['members']} configurations "
+                  f"in {grid['groups']} vmapped groups, seed 0, CIFAR-10 (JPEG copy), wall time "
+                  f"{grid['wall_seconds'] / 60:.1f} min for the whole grid (one command: `{grid['command']}`). "
+                  f"Reports: {grid['reported']}. Best and worst {GRID_SHOWN} by validation accuracy:", "",
+                  "| rank | " + " | ".join(grid["axes"]) + " | best val acc. | test acc. |",
+                  "| --- | " + " | ".join("---" for _ in grid["axes"]) + " | --- | --- |"]
+        for r in grid["rows"]:
+            if r is None:
+                lines.append("| ... | " + " | ".join("" for _ in grid["axes"]) + " | | |")
+                continue
+            test = f"{100 * r['test_accuracy']:.2f}%" if r["test_accuracy"] is not None else r["flag"] or "n/a"
+            lines.append(f"| {r['rank']} | " + " | ".join(_text(r["config"][k]) for k in grid["axes"])
+                         + f" | {100 * r['best_val_accuracy']:.2f}% | **{test}** |")
+        machines.add(grid["machine"])
     lines.append("")
     lines.append("Machine: " + "; ".join(sorted(machines)) + ". Seed 0 unless the command says otherwise.")
     return "\n".join(lines)
@@ -266,6 +306,30 @@ def sweep_rows():
             r["setting"] = ", ".join(f"{k}={_text(v)}" for k, v in r["setting"])
             r.update(wall_seconds=sweep["wall_seconds"], machine=machine, command=_command(flags))
             yield r
+
+
+def grid_tables():
+    """Each committed grid: its best and worst :data:`GRID_SHOWN` members by validation
+    accuracy (None between them), read from the member ``config.json``/``summary.json``."""
+    for name, (what, reported, flags) in GRIDS.items():
+        sweep_path = RESULTS / name / "sweep.json"
+        if not sweep_path.exists():
+            continue
+        sweep = json.loads(sweep_path.read_text())
+        axes = [k.replace("-", "_") for k in sweep["axes"]]
+        runs = []
+        for member in members(RESULTS / name):
+            config = json.loads((member / "config.json").read_text())
+            summary = json.loads((member / "summary.json").read_text())
+            runs.append({"config": config["config"], "best_val_accuracy": summary["best_val_accuracy"] or 0.0,
+                         "test_accuracy": summary.get("test_accuracy"), "flag": summary.get("status", "")})
+        runs.sort(key=lambda r: -r["best_val_accuracy"])
+        for rank, r in enumerate(runs, 1):
+            r["rank"] = rank
+        shown = runs if len(runs) <= 2 * GRID_SHOWN else [*runs[:GRID_SHOWN], None, *runs[-GRID_SHOWN:]]
+        yield {"name": name, "what": what, "reported": reported, "axes": axes, "rows": shown,
+               "members": len(runs), "groups": len(sweep["groups"]), "wall_seconds": sweep["wall_seconds"],
+               "machine": _machine(config), "command": _command(flags)}
 
 
 def _text(value):
@@ -331,7 +395,7 @@ def main():
     sub.add_parser("table")
     args = parser.parse_args()
     if args.cmd == "list":
-        for name, (what, reported, flags) in {**EXPERIMENTS, **SWEEPS}.items():
+        for name, (what, reported, flags) in {**EXPERIMENTS, **SWEEPS, **GRIDS}.items():
             print(f"{name}: {what} [reported {reported}]\n    python train.py {' '.join(flags)}")
     elif args.cmd == "run":
         if not args.data_dir:

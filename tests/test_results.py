@@ -45,6 +45,13 @@ def test_every_experiment_command_parses():
             assert "seed" in axes and len(axes["seed"]) >= 3  # ablations are reported over >= 3 seeds
             for member, _ in S.expand(config, axes):
                 member.validate()
+    for _, _, flags in reproduce.GRIDS.values():
+        args = cli.build_parser().parse_args([*flags, "--data-dir", "DIR"])
+        config = cli.config_from_args(args)
+        members = S.expand(config, S.parse_sweep(args.sweep, config))
+        assert len(members) == 243
+        for member, _ in members:
+            member.validate()
 
 
 def test_ablation_rows_come_from_member_summaries():
@@ -55,3 +62,16 @@ def test_ablation_rows_come_from_member_summaries():
         assert members, row["name"]
         seeds = {json.loads((p / "config.json").read_text())["config"]["seed"] for p in members}
         assert len(seeds) >= 3 and int(row["seeds"].split()[0]) == len(seeds)
+
+
+def test_grid_rows_are_the_best_and_worst_committed_members():
+    reproduce = load_reproduce()
+    for grid in reproduce.grid_tables():
+        folder = RESULTS / grid["name"]
+        vals = sorted((json.loads((p / "summary.json").read_text())["best_val_accuracy"] or 0.0
+                       for p in folder.iterdir() if (p / "summary.json").exists()), reverse=True)
+        assert grid["members"] == len(vals) == 243
+        shown = [r for r in grid["rows"] if r is not None]
+        k = reproduce.GRID_SHOWN
+        assert [r["best_val_accuracy"] for r in shown] == vals[:k] + vals[-k:]
+        assert [r["rank"] for r in shown] == [*range(1, k + 1), *range(len(vals) - k + 1, len(vals) + 1)]
