@@ -135,15 +135,15 @@ GRIDS = {
     ),
 }
 GRID_SHOWN = 5  # best and worst rows shown of each grid
+ALL = {**EXPERIMENTS, **SWEEPS, **GRIDS}
 
 
 def run(names, data_root):
-    known = {**EXPERIMENTS, **SWEEPS, **GRIDS}
     for name in names:
-        if name not in known:
-            sys.exit(f"unknown experiment {name!r}; choose from {', '.join(known)}")
+        if name not in ALL:
+            sys.exit(f"unknown experiment {name!r}; choose from {', '.join(ALL)}")
     for name in names:
-        flags = known[name][2]
+        flags = ALL[name][2]
         out = ROOT / "runs" / "results" / name
         if out.exists():
             shutil.rmtree(out)
@@ -171,6 +171,12 @@ def run(names, data_root):
 def members(folder):
     """The member run directories of a committed sweep, in name order."""
     return sorted(p for p in folder.iterdir() if (p / "summary.json").exists())
+
+
+def member_records(folder):
+    """``(config, summary)`` of each member of the committed sweep in ``folder``."""
+    for member in members(folder):
+        yield json.loads((member / "config.json").read_text()), json.loads((member / "summary.json").read_text())
 
 
 def runs_of(name):
@@ -280,9 +286,7 @@ def sweep_rows():
         swept = [k for k in sweep["axes"] if k != "seed"]
         by_setting = collections.defaultdict(list)
         machine = None
-        for member in members(RESULTS / name):
-            config = json.loads((member / "config.json").read_text())
-            summary = json.loads((member / "summary.json").read_text())
+        for config, summary in member_records(RESULTS / name):
             machine = _machine(config)
             setting = tuple((k, config["config"][k]) for k in swept)
             by_setting[setting].append(summary)
@@ -318,9 +322,7 @@ def grid_tables():
         sweep = json.loads(sweep_path.read_text())
         axes = [k.replace("-", "_") for k in sweep["axes"]]
         runs = []
-        for member in members(RESULTS / name):
-            config = json.loads((member / "config.json").read_text())
-            summary = json.loads((member / "summary.json").read_text())
+        for config, summary in member_records(RESULTS / name):
             runs.append({"config": config["config"], "best_val_accuracy": summary["best_val_accuracy"] or 0.0,
                          "test_accuracy": summary.get("test_accuracy"), "flag": summary.get("status", "")})
         runs.sort(key=lambda r: -r["best_val_accuracy"])
@@ -395,7 +397,7 @@ def main():
     sub.add_parser("table")
     args = parser.parse_args()
     if args.cmd == "list":
-        for name, (what, reported, flags) in {**EXPERIMENTS, **SWEEPS, **GRIDS}.items():
+        for name, (what, reported, flags) in ALL.items():
             print(f"{name}: {what} [reported {reported}]\n    python train.py {' '.join(flags)}")
     elif args.cmd == "run":
         if not args.data_dir:
