@@ -568,7 +568,8 @@ def environment_info():
         "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
         "optax": optax.__version__, "flax": flax.__version__, "numpy": np.__version__,
         "python": platform.python_version(), "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()], "cpu": _cpu_model(), "cores": os.cpu_count(),
+        "devices": [str(d) for d in jax.devices()], "device_kind": jax.devices()[0].device_kind,
+        "cpu": _cpu_model(), "cores": os.cpu_count(),
         "host": platform.node(),
     }
 
