@@ -664,6 +664,15 @@ def _member(tree, m):
     return jax.tree_util.tree_map(lambda a: a[m], tree)
 
 
+def _take(tree, block):
+    """The members ``block`` (a slice) of a stacked tree, keeping the member axis."""
+    return jax.tree_util.tree_map(lambda a: a[block], tree)
+
+
+def _concat(trees):
+    return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *trees)
+
+
 def _epoch_inputs(run_key, train_idx, epoch):
     """A member's epoch order (indices into the pool) and the key its steps fold in."""
     perm_key, epoch_key = jax.random.split(jax.random.fold_in(run_key, epoch))
@@ -671,7 +680,7 @@ def _epoch_inputs(run_key, train_idx, epoch):
 
 
 def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=print, on_epoch_end=None,
-                names=None, t_start=None, extra_config=None):
+                names=None, t_start=None, extra_config=None, vmap=None):
     """Train ``configs`` together, vmapped in one compiled program; one run directory each.
 
     The configs must agree in :func:`group_key` (shapes and static settings); they may
@@ -685,6 +694,12 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     (more than one member) a member whose summary.json says it diverged stays stopped: it
     only keeps its slot, so the group runs the same program, and rounds the same, as when
     it started. ``extra_config`` (a list of dicts) adds entries to each member's config.json.
+
+    ``vmap``: train the members as one vmapped program (True), or one after another, each
+    through exactly the compiled programs of its single run (False: init, chunks of steps
+    and evaluation, so every member's numbers are bit-for-bit its single run's). Default
+    (None): vmapped, except on CPU, where XLA's batched programs are no faster per member
+    than the single-run one and round differently from it (see :func:`member_blocks`).
     """
     t_start = time.time() if t_start is None else t_start
     configs, run_dirs = list(configs), [Path(d) for d in run_dirs]
@@ -725,6 +740,10 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
 
     hps = _stack([hparams_of(c) for c in configs])
     seeds = jnp.asarray([c.seed for c in configs], jnp.uint32)
+    blocks = member_blocks(size, vmap=vmap if mesh is None else True)
+
+    def part(tree, b):  # a block's members of a stacked tree (the tree itself for one block)
+        return tree if len(blocks) == 1 else _take(tree, b)
 
     @jax.jit
     def init(seeds, hps):
@@ -737,7 +756,7 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     if mesh is not None:
         seeds, hps = P.replicate((seeds, hps), mesh)
         init = jax.jit(init.__wrapped__, out_shardings=P.replicated(mesh))
-    params, state, opt_state, run_keys = init(seeds, hps)
+    params, state, opt_state, run_keys = _concat([init(part(seeds, b), part(hps, b)) for b in blocks])
     start_epoch, metrics = 0, [[] for _ in configs]
     frozen, status = np.zeros(size, bool), ["completed"] * size
     member_epochs = [0] * size
@@ -801,11 +820,15 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             perms, epoch_keys = epoch_inputs(run_keys, train_idx, epoch)
             return (images, labels, perms), epoch_keys
 
-        def evaluate_val(params, state):
-            return group_evaluate(params, state, images, labels, val_idx, means, stds)
+        def evaluate_val(params, state, b):
+            return group_evaluate(params, state, images, labels, part(val_idx, b), part(means, b), part(stds, b))
 
-        def evaluate_test(params, state):
-            return group_evaluate(params, state, put(dataset.test_images), put(test_labels), None, means, stds)
+        test_set = None
+
+        def evaluate_test(params, state, b):
+            nonlocal test_set
+            test_set = test_set or (put(dataset.test_images), put(test_labels))
+            return group_evaluate(params, state, *test_set, None, part(means, b), part(stds, b))
     else:  # each process places only its own devices' shares (see jaxnets.parallel)
         chunk_fn = make_parallel_chunk(model, optimizer, base, mesh)
         parallel_evaluate = make_parallel_evaluate(model, base.eval_batch_size, mesh)
@@ -817,13 +840,14 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             perms, epoch_keys = epoch_inputs(host_keys, train_idx, epoch)
             return P.place_epoch(pool_x, pool_y, np.asarray(perms[0]), steps_per_epoch, batch, mesh), put(epoch_keys)
 
-        def evaluate_val(params, state):
+        def evaluate_val(params, state, b):
             return parallel_evaluate(params, state, *val_set, means, stds)
 
-        def evaluate_test(params, state):
+        def evaluate_test(params, state, b):
             test_set = P.place_eval(dataset.test_images, test_labels, np.arange(len(test_labels)), mesh)
             return parallel_evaluate(params, state, *test_set, means, stds)
-    where = f"run dir {run_dirs[0]}" if size == 1 else f"{size} members vmapped"
+    where = (f"run dir {run_dirs[0]}" if size == 1 else f"{size} members vmapped" if len(blocks) == 1
+             else f"{size} members one after another")
     if mesh is not None:
         where += (f"; data parallel over {mesh.size} devices ({jax.process_count()} processes), "
                   f"{base.batch_size // mesh.size} examples per device, "
@@ -832,6 +856,8 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
         f"{steps_per_epoch} steps per epoch, {epochs} epochs ({total_steps} steps); {where}")
 
     carry = (params, state, opt_state, jnp.asarray(frozen) if mesh is None else put(frozen))
+    carries = [part(carry, b) for b in blocks]  # one program's carry per block of members
+    del carry, params, state, opt_state
     alive = ~frozen
     last_good = [e if f else start_epoch for e, f in zip(member_epochs, frozen)]
     interrupted = False
@@ -845,9 +871,18 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             done = 0
             while done < epoch_steps and alive.any():
                 n = min(base.chunk_steps, epoch_steps - done)
-                carry, (chunk_loss, chunk_correct) = chunk_fn(carry, *batches, epoch_keys, means, stds, hps,
-                                                              done if mesh is None else put(np.int32(done)), n)
-                chunk_loss = np.asarray(chunk_loss)
+                start = done if mesh is None else put(np.int32(done))
+                outs = []
+                for k, b in enumerate(blocks):  # dispatch every block, then wait for them
+                    if alive[b].any():
+                        block_batches = batches if len(blocks) == 1 else (*batches[:2], batches[2][b])
+                        carries[k], out = chunk_fn(carries[k], *block_batches, part(epoch_keys, b), part(means, b),
+                                                   part(stds, b), part(hps, b), start, n)
+                    else:  # a stopped single member (blocks of one are not masked)
+                        out = (np.full((b.stop - b.start, n), np.nan, np.float32), np.zeros((b.stop - b.start, n), np.int32))
+                    outs.append(out)
+                chunk_loss = np.concatenate([np.asarray(o[0]) for o in outs])
+                chunk_correct = np.concatenate([np.asarray(o[1]) for o in outs])
                 for m in np.flatnonzero(alive):
                     finite = np.isfinite(chunk_loss[m])
                     if not finite.all():
@@ -857,7 +892,7 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
                         say(m, f"stopped: {status[m]}; kept the checkpoint of epoch {last_good[m]} "
                                f"and the metrics so far")
                 losses.append(chunk_loss)
-                corrects.append(np.asarray(chunk_correct))
+                corrects.append(chunk_correct)
                 done += n
                 elapsed = time.time() - t0
                 bar.update(n)
@@ -868,13 +903,14 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             if not alive.any():
                 break
             seconds = time.time() - t0
-            params, state, opt_state, _ = carry
             if n_val:
-                val_loss, val_acc = map(np.asarray, evaluate_val(params, state))
+                val_loss, val_acc = (np.concatenate(a) for a in zip(*(
+                    map(np.asarray, evaluate_val(c[0], c[1], b)) if alive[b].any() else (np.full(b.stop - b.start, np.nan),) * 2
+                    for c, b in zip(carries, blocks))))
             else:
                 val_loss = val_acc = np.full(size, np.nan)
             epoch_loss, epoch_correct = np.concatenate(losses, axis=1), np.concatenate(corrects, axis=1)
-            host = jax.device_get((params, state, opt_state))
+            host = {}
             for m in np.flatnonzero(alive):
                 record = {
                     "epoch": epoch + 1,
@@ -892,7 +928,10 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
                 last_good[m] = epoch + 1
                 if not writer:
                     continue
-                p_m, s_m, o_m = _member(host, m)
+                k = next(k for k, b in enumerate(blocks) if b.start <= m < b.stop)
+                if k not in host:
+                    host[k] = jax.device_get(carries[k][:3])
+                p_m, s_m, o_m = _member(host[k], m - blocks[k].start)
                 save_checkpoint(run_dirs[m], p_m, s_m, o_m, host_keys[m], epoch + 1)
                 _write_metrics(run_dirs[m], metrics[m])
                 if on_epoch_end is not None:
@@ -911,8 +950,9 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
 
     completed = [s == "completed" for s in status]
     if any(completed):
-        params, state, _, _ = carry
-        test_loss, test_acc = map(np.asarray, evaluate_test(params, state))
+        test_loss, test_acc = (np.concatenate(a) for a in zip(*(
+            map(np.asarray, evaluate_test(c[0], c[1], b)) if any(completed[b]) else (np.full(b.stop - b.start, np.nan),) * 2
+            for c, b in zip(carries, blocks))))
     summaries = []
     wall = round(time.time() - t_start, 2)
     for m, (c, run_dir) in enumerate(zip(configs, run_dirs)):
@@ -942,6 +982,18 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     if interrupted:
         raise KeyboardInterrupt
     return summaries
+
+
+def member_blocks(size, *, vmap=None):
+    """How a group's ``size`` members train: slices of members, each block one program run
+    after the other. ``vmap`` True: one block of all (one vmapped program); False: blocks
+    of one, each member through its single run's own programs. None: vmapped except on
+    XLA:CPU, where the batched matrix products run at or below the single-run speed per
+    member and the batched softmax and reductions round differently from the single run's,
+    so a vmapped member drifts away from its single run over hundreds of steps."""
+    if vmap is None:
+        vmap = jax.default_backend() != "cpu"
+    return [slice(0, size)] if vmap else [slice(m, m + 1) for m in range(size)]
 
 
 def _group_devices(config: TrainConfig, size: int):
