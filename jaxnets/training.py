@@ -664,15 +664,6 @@ def _member(tree, m):
     return jax.tree_util.tree_map(lambda a: a[m], tree)
 
 
-def _take(tree, block):
-    """The members ``block`` (a slice) of a stacked tree, keeping the member axis."""
-    return jax.tree_util.tree_map(lambda a: a[block], tree)
-
-
-def _concat(trees):
-    return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *trees)
-
-
 def _epoch_inputs(run_key, train_idx, epoch):
     """A member's epoch order (indices into the pool) and the key its steps fold in."""
     perm_key, epoch_key = jax.random.split(jax.random.fold_in(run_key, epoch))
@@ -738,12 +729,16 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     epochs = math.ceil(total_steps / steps_per_epoch)
     optimizer = build_optimizer(base, total_steps, decay=any(c.weight_decay != 0 for c in configs))
 
-    hps = _stack([hparams_of(c) for c in configs])
-    seeds = jnp.asarray([c.seed for c in configs], jnp.uint32)
+    put = jax.device_put if mesh is None else (lambda x: P.replicate(x, mesh))
+    # Per-member inputs stay on the host and each block's members are placed once, so no
+    # slicing runs (and compiles) on the device per block.
+    hps = jax.tree_util.tree_map(np.asarray, _stack([hparams_of(c) for c in configs]))
+    seeds = np.asarray([c.seed for c in configs], np.uint32)
     blocks = member_blocks(size, vmap=vmap if mesh is None else True)
+    block_of = [(k, m - b.start) for k, b in enumerate(blocks) for m in range(b.start, b.stop)]
 
-    def part(tree, b):  # a block's members of a stacked tree (the tree itself for one block)
-        return tree if len(blocks) == 1 else _take(tree, b)
+    def part(tree, b):  # a block's members of a stacked host tree, on the device
+        return put(jax.tree_util.tree_map(lambda a: a[b], tree))
 
     @jax.jit
     def init(seeds, hps):
@@ -754,25 +749,28 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
         return jax.vmap(one)(seeds, hps)
 
     if mesh is not None:
-        seeds, hps = P.replicate((seeds, hps), mesh)
         init = jax.jit(init.__wrapped__, out_shardings=P.replicated(mesh))
-    params, state, opt_state, run_keys = _concat([init(part(seeds, b), part(hps, b)) for b in blocks])
+    inits = [init(part(seeds, b), part(hps, b)) for b in blocks]
+    carries = [i[:3] for i in inits]  # (params, state, opt_state) of each block's program
+    key_data = np.concatenate([np.asarray(jax.random.key_data(i[3])) for i in inits])
+    del inits
     start_epoch, metrics = 0, [[] for _ in configs]
     frozen, status = np.zeros(size, bool), ["completed"] * size
     member_epochs = [0] * size
     if resume:
         restored = []
         for m, run_dir in enumerate(run_dirs):
-            like = (_member(params, m), _member(state, m), _member(opt_state, m))
+            like = _member(carries[block_of[m][0]], block_of[m][1])
             summary_path = run_dir / "summary.json"
             previous = json.loads(summary_path.read_text())["status"] if summary_path.exists() else ""
             if size > 1 and previous.startswith("diverged"):
                 frozen[m], status[m] = True, previous
             if frozen[m] and not (run_dir / "checkpoint.msgpack").exists():
                 # Diverged in its first epoch: no checkpoint, and its values no longer matter.
-                restored.append(dict(zip(("params", "state", "opt_state"), like), key=run_keys[m], epoch=0))
+                restored.append(dict(zip(("params", "state", "opt_state"), like),
+                                     key=jax.random.wrap_key_data(key_data[m]), epoch=0))
             else:
-                restored.append(load_checkpoint(run_dir, *like, run_keys[m]))
+                restored.append(load_checkpoint(run_dir, *like, jax.random.wrap_key_data(key_data[m])))
             member_epochs[m] = int(restored[m]["epoch"])
             metrics_path = run_dir / "metrics.jsonl"
             if metrics_path.exists():
@@ -783,10 +781,9 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             raise TrainingError(f"cannot resume {run_dirs[0].parent}: the group's members stopped at different "
                                 f"epochs {live}")
         start_epoch = live[0] if live else 0
-        params, state, opt_state = (_stack([r[k] for r in restored]) for k in ("params", "state", "opt_state"))
-        run_keys = jax.random.wrap_key_data(jnp.stack([jax.random.key_data(r["key"]) for r in restored]))
-        if mesh is not None:
-            params, state, opt_state, run_keys = P.replicate((params, state, opt_state, run_keys), mesh)
+        carries = [put(tuple(_stack([r[k] for r in restored[b]]) for k in ("params", "state", "opt_state")))
+                   for b in blocks]
+        key_data = np.stack([np.asarray(jax.random.key_data(r["key"])) for r in restored])
         if size == 1:
             log(f"resuming {run_dirs[0]} after epoch {start_epoch}")
         else:
@@ -806,46 +803,48 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             info.update((extra_config or [{}] * size)[m])
             (run_dir / "config.json").write_text(json.dumps(info, indent=2, default=str))
 
-    put = jax.device_put if mesh is None else (lambda x: P.replicate(x, mesh))
-    host_keys = jax.random.wrap_key_data(np.asarray(jax.random.key_data(run_keys)))
+    host_keys = jax.random.wrap_key_data(key_data)
     pool_y, test_labels = pool_y.astype(np.int32), dataset.test_labels.astype(np.int32)
-    means, stds = put(means), put(stds)
+    inputs = [dict(means=part(means, b), stds=part(stds, b), hps=part(hps, b)) for b in blocks]
     epoch_inputs = jax.jit(jax.vmap(_epoch_inputs, in_axes=(0, 0, None)))
     if mesh is None:  # the whole uint8 pool on the one device; each step gathers its batch there
-        images, labels, train_idx, val_idx = put(pool_x), put(pool_y), put(train_idx), put(val_idx)
+        images, labels = put(pool_x), put(pool_y)
+        for b, x in zip(blocks, inputs):
+            x.update(keys=jax.random.wrap_key_data(part(key_data, b)), train_idx=part(train_idx, b),
+                     val_idx=part(val_idx, b))
         chunk_fn = make_group_chunk(model, optimizer, base)
         group_evaluate = make_group_evaluate(model, base.eval_batch_size)
 
-        def epoch_data(epoch):
-            perms, epoch_keys = epoch_inputs(run_keys, train_idx, epoch)
+        def epoch_data(epoch, x):
+            perms, epoch_keys = epoch_inputs(x["keys"], x["train_idx"], epoch)
             return (images, labels, perms), epoch_keys
 
-        def evaluate_val(params, state, b):
-            return group_evaluate(params, state, images, labels, part(val_idx, b), part(means, b), part(stds, b))
+        def evaluate_val(params, state, x):
+            return group_evaluate(params, state, images, labels, x["val_idx"], x["means"], x["stds"])
 
         test_set = None
 
-        def evaluate_test(params, state, b):
+        def evaluate_test(params, state, x):
             nonlocal test_set
             test_set = test_set or (put(dataset.test_images), put(test_labels))
-            return group_evaluate(params, state, *test_set, None, part(means, b), part(stds, b))
+            return group_evaluate(params, state, *test_set, None, x["means"], x["stds"])
     else:  # each process places only its own devices' shares (see jaxnets.parallel)
         chunk_fn = make_parallel_chunk(model, optimizer, base, mesh)
         parallel_evaluate = make_parallel_evaluate(model, base.eval_batch_size, mesh)
         val_set = P.place_eval(pool_x, pool_y, val_idx[0], mesh) if n_val else None
 
-        def epoch_data(epoch):
+        def epoch_data(epoch, x):
             # Every process computes the same order a single-device run uses (from the
             # host copy of the run key) and places its devices' columns of it.
             perms, epoch_keys = epoch_inputs(host_keys, train_idx, epoch)
             return P.place_epoch(pool_x, pool_y, np.asarray(perms[0]), steps_per_epoch, batch, mesh), put(epoch_keys)
 
-        def evaluate_val(params, state, b):
-            return parallel_evaluate(params, state, *val_set, means, stds)
+        def evaluate_val(params, state, x):
+            return parallel_evaluate(params, state, *val_set, x["means"], x["stds"])
 
-        def evaluate_test(params, state, b):
+        def evaluate_test(params, state, x):
             test_set = P.place_eval(dataset.test_images, test_labels, np.arange(len(test_labels)), mesh)
-            return parallel_evaluate(params, state, *test_set, means, stds)
+            return parallel_evaluate(params, state, *test_set, x["means"], x["stds"])
     where = (f"run dir {run_dirs[0]}" if size == 1 else f"{size} members vmapped" if len(blocks) == 1
              else f"{size} members one after another")
     if mesh is not None:
@@ -855,9 +854,7 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     log(f"{model!r}\n{n_train} train / {n_val} val / {len(dataset.test_labels)} test images; "
         f"{steps_per_epoch} steps per epoch, {epochs} epochs ({total_steps} steps); {where}")
 
-    carry = (params, state, opt_state, jnp.asarray(frozen) if mesh is None else put(frozen))
-    carries = [part(carry, b) for b in blocks]  # one program's carry per block of members
-    del carry, params, state, opt_state
+    carries = [(*c, part(frozen, b)) for c, b in zip(carries, blocks)]
     alive = ~frozen
     last_good = [e if f else start_epoch for e, f in zip(member_epochs, frozen)]
     interrupted = False
@@ -866,20 +863,21 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
             losses, corrects = [], []
             t0 = time.time()
-            batches, epoch_keys = epoch_data(epoch)
+            epoch_batches = [epoch_data(epoch, x) if alive[b].any() else None for b, x in zip(blocks, inputs)]
             bar = _progress(epoch_steps, f"epoch {epoch + 1}/{epochs}", base.progress)
             done = 0
             while done < epoch_steps and alive.any():
                 n = min(base.chunk_steps, epoch_steps - done)
                 start = done if mesh is None else put(np.int32(done))
                 outs = []
-                for k, b in enumerate(blocks):  # dispatch every block, then wait for them
+                for k, (b, x) in enumerate(zip(blocks, inputs)):  # dispatch every block, then wait for them
                     if alive[b].any():
-                        block_batches = batches if len(blocks) == 1 else (*batches[:2], batches[2][b])
-                        carries[k], out = chunk_fn(carries[k], *block_batches, part(epoch_keys, b), part(means, b),
-                                                   part(stds, b), part(hps, b), start, n)
-                    else:  # a stopped single member (blocks of one are not masked)
-                        out = (np.full((b.stop - b.start, n), np.nan, np.float32), np.zeros((b.stop - b.start, n), np.int32))
+                        batches, epoch_keys = epoch_batches[k]
+                        carries[k], out = chunk_fn(carries[k], *batches, epoch_keys, x["means"], x["stds"], x["hps"],
+                                                   start, n)
+                    else:  # a stopped member alone in its block (float32: the epoch means stay float32)
+                        rows = b.stop - b.start
+                        out = (np.full((rows, n), np.nan, np.float32), np.zeros((rows, n), np.int32))
                     outs.append(out)
                 chunk_loss = np.concatenate([np.asarray(o[0]) for o in outs])
                 chunk_correct = np.concatenate([np.asarray(o[1]) for o in outs])
@@ -905,8 +903,8 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             seconds = time.time() - t0
             if n_val:
                 val_loss, val_acc = (np.concatenate(a) for a in zip(*(
-                    map(np.asarray, evaluate_val(c[0], c[1], b)) if alive[b].any() else (np.full(b.stop - b.start, np.nan),) * 2
-                    for c, b in zip(carries, blocks))))
+                    map(np.asarray, evaluate_val(c[0], c[1], x)) if alive[b].any()
+                    else (np.full(b.stop - b.start, np.nan),) * 2 for c, b, x in zip(carries, blocks, inputs))))
             else:
                 val_loss = val_acc = np.full(size, np.nan)
             epoch_loss, epoch_correct = np.concatenate(losses, axis=1), np.concatenate(corrects, axis=1)
@@ -928,10 +926,10 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
                 last_good[m] = epoch + 1
                 if not writer:
                     continue
-                k = next(k for k, b in enumerate(blocks) if b.start <= m < b.stop)
+                k, j = block_of[m]
                 if k not in host:
                     host[k] = jax.device_get(carries[k][:3])
-                p_m, s_m, o_m = _member(host[k], m - blocks[k].start)
+                p_m, s_m, o_m = _member(host[k], j)
                 save_checkpoint(run_dirs[m], p_m, s_m, o_m, host_keys[m], epoch + 1)
                 _write_metrics(run_dirs[m], metrics[m])
                 if on_epoch_end is not None:
@@ -951,8 +949,8 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     completed = [s == "completed" for s in status]
     if any(completed):
         test_loss, test_acc = (np.concatenate(a) for a in zip(*(
-            map(np.asarray, evaluate_test(c[0], c[1], b)) if any(completed[b]) else (np.full(b.stop - b.start, np.nan),) * 2
-            for c, b in zip(carries, blocks))))
+            map(np.asarray, evaluate_test(c[0], c[1], x)) if any(completed[b])
+            else (np.full(b.stop - b.start, np.nan),) * 2 for c, b, x in zip(carries, blocks, inputs))))
     summaries = []
     wall = round(time.time() - t_start, 2)
     for m, (c, run_dir) in enumerate(zip(configs, run_dirs)):
