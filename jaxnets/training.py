@@ -673,7 +673,8 @@ def _epoch_inputs(run_key, train_idx, epoch):
 
 def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=print, on_epoch_end=None,
                 names=None, t_start=None, extra_config=None, vmap=None):
-    """Train ``configs`` together, vmapped in one compiled program; one run directory each.
+    """Train ``configs`` together, vmapped in one compiled program (on CPU: each member
+    through its single run's programs, see ``vmap``); one run directory each.
 
     The configs must agree in :func:`group_key` (shapes and static settings); they may
     differ in the :data:`HPARAMS` and the seed. Each member gets exactly the files, and
@@ -690,9 +691,9 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     ``vmap``: train the members as one vmapped program (True), or each through exactly the
     compiled programs of its single run (False: init, chunks of steps and evaluation, so
     every member's numbers are bit-for-bit its single run's), :data:`CONCURRENT_BLOCKS` members
-    at a time. Default
-    (None): vmapped, except on CPU, where XLA's batched programs are no faster per member
-    than the single-run one and round differently from it (see :func:`member_blocks`).
+    at a time. Default (None): vmapped, except on CPU, where XLA's batched programs are no
+    faster per member than the single-run one and round differently from it (see
+    :func:`member_blocks`).
     """
     t_start = time.time() if t_start is None else t_start
     configs, run_dirs = list(configs), [Path(d) for d in run_dirs]
