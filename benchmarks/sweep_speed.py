@@ -44,6 +44,7 @@ def main(argv=None):
     axes = {"lr": [float(v) for v in args.lrs.split(",")], "seed": [int(v) for v in args.seeds.split(",")]}
     members = S.expand(base, axes)
     work = Path(tempfile.mkdtemp(prefix="sweep_speed-"))
+    load_before = os.getloadavg()
     quiet = lambda *_: None
     try:
         t0 = time.time()
@@ -76,6 +77,10 @@ def main(argv=None):
         "axes": axes, "single_wall_seconds": round(single_wall, 2), "sweep_wall_seconds": round(sweep_wall, 2),
         "speedup": round(single_wall / sweep_wall, 3),
         "max_test_accuracy_difference_points": max(c["difference_points"] for c in per_config),
+        "sweep_members": ("one vmapped program" if len(T.member_blocks(len(members))) == 1 else
+                          f"each through its single run's programs, {T.CONCURRENT_BLOCKS} at a time"),
+        "load_average_1_5_15_min": {"before": [round(v, 2) for v in load_before],
+                                    "after": [round(v, 2) for v in os.getloadavg()]},
         "per_config": per_config, "machine": T.environment_info(),
     }
     print(json.dumps({k: v for k, v in result.items() if k not in ("per_config", "machine")}, indent=2))

@@ -313,7 +313,7 @@ def dry_run(base: T.TrainConfig, axes, *, budget=None, max_members=None, dataset
 
 
 def sweep(base: T.TrainConfig, axes, *, out=None, dataset: D.Dataset | None = None, budget=None,
-          max_members=None, log=print, progress=None, resume=False):
+          max_members=None, log=print, progress=None, resume=False, vmap=None):
     """Train every combination of ``axes`` over ``base``; returns the table rows, best first.
 
     ``out`` (default ``base.out``, else ``runs/sweep-<model>-<dataset>-<time>``) gets one
@@ -322,6 +322,9 @@ def sweep(base: T.TrainConfig, axes, *, out=None, dataset: D.Dataset | None = No
     memory (default :func:`memory_budget`); ``max_members`` caps its size. ``resume``
     continues the interrupted sweep in ``out``, which must have been started with the same
     ``base`` and ``axes`` (its saved plan is reused, whatever ``budget`` says now).
+    ``vmap`` says how a chunk's members train (see :func:`~jaxnets.training.train_group`):
+    by default vmapped, except on CPU, where they run one after another, each bit-for-bit
+    its single run.
     """
     t_start = time.time()
     members = expand(base, axes)
@@ -397,6 +400,7 @@ def sweep(base: T.TrainConfig, axes, *, out=None, dataset: D.Dataset | None = No
             t0 = time.time()
             results = T.train_group([configs[i] for i in chunk], dirs, dataset=dataset, log=log,
                                     names=[names[i] for i in chunk], resume=how == "continue", on_epoch_end=advance,
+                                    vmap=vmap,
                                     extra_config=[{"sweep": {"values": members[i][1], "group": g,
                                                              "group_size": len(chunk)}} for i in chunk])
             for i, summary in zip(chunk, results):

@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -672,8 +673,9 @@ def _epoch_inputs(run_key, train_idx, epoch):
 
 
 def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=print, on_epoch_end=None,
-                names=None, t_start=None, extra_config=None):
-    """Train ``configs`` together, vmapped in one compiled program; one run directory each.
+                names=None, t_start=None, extra_config=None, vmap=None):
+    """Train ``configs`` together, vmapped in one compiled program (on CPU: each member
+    through its single run's programs, see ``vmap``); one run directory each.
 
     The configs must agree in :func:`group_key` (shapes and static settings); they may
     differ in the :data:`HPARAMS` and the seed. Each member gets exactly the files, and
@@ -686,6 +688,13 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     (more than one member) a member whose summary.json says it diverged stays stopped: it
     only keeps its slot, so the group runs the same program, and rounds the same, as when
     it started. ``extra_config`` (a list of dicts) adds entries to each member's config.json.
+
+    ``vmap``: train the members as one vmapped program (True), or each through exactly the
+    compiled programs of its single run (False: init, chunks of steps and evaluation, so
+    every member's numbers are bit-for-bit its single run's), :data:`CONCURRENT_BLOCKS` members
+    at a time. Default (None): vmapped, except on CPU, where XLA's batched programs are no
+    faster per member than the single-run one and round differently from it (see
+    :func:`member_blocks`).
     """
     t_start = time.time() if t_start is None else t_start
     configs, run_dirs = list(configs), [Path(d) for d in run_dirs]
@@ -724,8 +733,16 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     epochs = math.ceil(total_steps / steps_per_epoch)
     optimizer = build_optimizer(base, total_steps, decay=any(c.weight_decay != 0 for c in configs))
 
-    hps = _stack([hparams_of(c) for c in configs])
-    seeds = jnp.asarray([c.seed for c in configs], jnp.uint32)
+    put = jax.device_put if mesh is None else (lambda x: P.replicate(x, mesh))
+    # Per-member inputs stay on the host and each block's members are placed once, so no
+    # slicing runs (and compiles) on the device per block.
+    hps = jax.tree_util.tree_map(np.asarray, _stack([hparams_of(c) for c in configs]))
+    seeds = np.asarray([c.seed for c in configs], np.uint32)
+    blocks = member_blocks(size, vmap=vmap if mesh is None else True)
+    block_of = [(k, m - b.start) for k, b in enumerate(blocks) for m in range(b.start, b.stop)]
+
+    def part(tree, b):  # a block's members of a stacked host tree, on the device
+        return put(jax.tree_util.tree_map(lambda a: a[b], tree))
 
     @jax.jit
     def init(seeds, hps):
@@ -736,25 +753,28 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
         return jax.vmap(one)(seeds, hps)
 
     if mesh is not None:
-        seeds, hps = P.replicate((seeds, hps), mesh)
         init = jax.jit(init.__wrapped__, out_shardings=P.replicated(mesh))
-    params, state, opt_state, run_keys = init(seeds, hps)
+    inits = [init(part(seeds, b), part(hps, b)) for b in blocks]
+    carries = [i[:3] for i in inits]  # (params, state, opt_state) of each block's program
+    key_data = np.concatenate([np.asarray(jax.random.key_data(i[3])) for i in inits])
+    del inits
     start_epoch, metrics = 0, [[] for _ in configs]
     frozen, status = np.zeros(size, bool), ["completed"] * size
     member_epochs = [0] * size
     if resume:
         restored = []
         for m, run_dir in enumerate(run_dirs):
-            like = (_member(params, m), _member(state, m), _member(opt_state, m))
+            like = _member(carries[block_of[m][0]], block_of[m][1])
             summary_path = run_dir / "summary.json"
             previous = json.loads(summary_path.read_text())["status"] if summary_path.exists() else ""
             if size > 1 and previous.startswith("diverged"):
                 frozen[m], status[m] = True, previous
             if frozen[m] and not (run_dir / "checkpoint.msgpack").exists():
                 # Diverged in its first epoch: no checkpoint, and its values no longer matter.
-                restored.append(dict(zip(("params", "state", "opt_state"), like), key=run_keys[m], epoch=0))
+                restored.append(dict(zip(("params", "state", "opt_state"), like),
+                                     key=jax.random.wrap_key_data(key_data[m]), epoch=0))
             else:
-                restored.append(load_checkpoint(run_dir, *like, run_keys[m]))
+                restored.append(load_checkpoint(run_dir, *like, jax.random.wrap_key_data(key_data[m])))
             member_epochs[m] = int(restored[m]["epoch"])
             metrics_path = run_dir / "metrics.jsonl"
             if metrics_path.exists():
@@ -765,10 +785,9 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             raise TrainingError(f"cannot resume {run_dirs[0].parent}: the group's members stopped at different "
                                 f"epochs {live}")
         start_epoch = live[0] if live else 0
-        params, state, opt_state = (_stack([r[k] for r in restored]) for k in ("params", "state", "opt_state"))
-        run_keys = jax.random.wrap_key_data(jnp.stack([jax.random.key_data(r["key"]) for r in restored]))
-        if mesh is not None:
-            params, state, opt_state, run_keys = P.replicate((params, state, opt_state, run_keys), mesh)
+        carries = [put(tuple(_stack([r[k] for r in restored[b]]) for k in ("params", "state", "opt_state")))
+                   for b in blocks]
+        key_data = np.stack([np.asarray(jax.random.key_data(r["key"])) for r in restored])
         if size == 1:
             log(f"resuming {run_dirs[0]} after epoch {start_epoch}")
         else:
@@ -788,43 +807,50 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             info.update((extra_config or [{}] * size)[m])
             (run_dir / "config.json").write_text(json.dumps(info, indent=2, default=str))
 
-    put = jax.device_put if mesh is None else (lambda x: P.replicate(x, mesh))
-    host_keys = jax.random.wrap_key_data(np.asarray(jax.random.key_data(run_keys)))
+    host_keys = jax.random.wrap_key_data(key_data)
     pool_y, test_labels = pool_y.astype(np.int32), dataset.test_labels.astype(np.int32)
-    means, stds = put(means), put(stds)
+    inputs = [dict(means=part(means, b), stds=part(stds, b), hps=part(hps, b)) for b in blocks]
     epoch_inputs = jax.jit(jax.vmap(_epoch_inputs, in_axes=(0, 0, None)))
     if mesh is None:  # the whole uint8 pool on the one device; each step gathers its batch there
-        images, labels, train_idx, val_idx = put(pool_x), put(pool_y), put(train_idx), put(val_idx)
+        images, labels = put(pool_x), put(pool_y)
+        for b, x in zip(blocks, inputs):
+            x.update(keys=jax.random.wrap_key_data(part(key_data, b)), train_idx=part(train_idx, b),
+                     val_idx=part(val_idx, b))
         chunk_fn = make_group_chunk(model, optimizer, base)
         group_evaluate = make_group_evaluate(model, base.eval_batch_size)
 
-        def epoch_data(epoch):
-            perms, epoch_keys = epoch_inputs(run_keys, train_idx, epoch)
+        def epoch_data(epoch, x):
+            perms, epoch_keys = epoch_inputs(x["keys"], x["train_idx"], epoch)
             return (images, labels, perms), epoch_keys
 
-        def evaluate_val(params, state):
-            return group_evaluate(params, state, images, labels, val_idx, means, stds)
+        def evaluate_val(params, state, x):
+            return group_evaluate(params, state, images, labels, x["val_idx"], x["means"], x["stds"])
 
-        def evaluate_test(params, state):
-            return group_evaluate(params, state, put(dataset.test_images), put(test_labels), None, means, stds)
+        test_set = None
+
+        def evaluate_test(params, state, x):
+            nonlocal test_set
+            test_set = test_set or (put(dataset.test_images), put(test_labels))
+            return group_evaluate(params, state, *test_set, None, x["means"], x["stds"])
     else:  # each process places only its own devices' shares (see jaxnets.parallel)
         chunk_fn = make_parallel_chunk(model, optimizer, base, mesh)
         parallel_evaluate = make_parallel_evaluate(model, base.eval_batch_size, mesh)
         val_set = P.place_eval(pool_x, pool_y, val_idx[0], mesh) if n_val else None
 
-        def epoch_data(epoch):
+        def epoch_data(epoch, x):
             # Every process computes the same order a single-device run uses (from the
             # host copy of the run key) and places its devices' columns of it.
             perms, epoch_keys = epoch_inputs(host_keys, train_idx, epoch)
             return P.place_epoch(pool_x, pool_y, np.asarray(perms[0]), steps_per_epoch, batch, mesh), put(epoch_keys)
 
-        def evaluate_val(params, state):
-            return parallel_evaluate(params, state, *val_set, means, stds)
+        def evaluate_val(params, state, x):
+            return parallel_evaluate(params, state, *val_set, x["means"], x["stds"])
 
-        def evaluate_test(params, state):
+        def evaluate_test(params, state, x):
             test_set = P.place_eval(dataset.test_images, test_labels, np.arange(len(test_labels)), mesh)
-            return parallel_evaluate(params, state, *test_set, means, stds)
-    where = f"run dir {run_dirs[0]}" if size == 1 else f"{size} members vmapped"
+            return parallel_evaluate(params, state, *test_set, x["means"], x["stds"])
+    where = (f"run dir {run_dirs[0]}" if size == 1 else f"{size} members vmapped" if len(blocks) == 1
+             else f"{size} members, each through its single run's programs, {min(CONCURRENT_BLOCKS, size)} at a time")
     if mesh is not None:
         where += (f"; data parallel over {mesh.size} devices ({jax.process_count()} processes), "
                   f"{base.batch_size // mesh.size} examples per device, "
@@ -832,7 +858,29 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     log(f"{model!r}\n{n_train} train / {n_val} val / {len(dataset.test_labels)} test images; "
         f"{steps_per_epoch} steps per epoch, {epochs} epochs ({total_steps} steps); {where}")
 
-    carry = (params, state, opt_state, jnp.asarray(frozen) if mesh is None else put(frozen))
+    carries = [(*c, part(frozen, b)) for c, b in zip(carries, blocks)]
+    # Blocks run one after another, CONCURRENT_BLOCKS of them at a time (each its own
+    # program on its own inputs: the numbers do not depend on what runs beside it).
+    pool = ThreadPoolExecutor(CONCURRENT_BLOCKS) if len(blocks) > 1 else None
+    compiled = set()
+
+    def run_blocks(fn, ks, program):
+        """``{k: fn(k)}`` for the blocks ``ks``; the first call of a program runs alone (one compile)."""
+        results = {}
+        if program not in compiled and ks:
+            results[ks[0]] = fn(ks[0])
+            compiled.add(program)
+        rest = [k for k in ks if k not in results]
+        results.update(zip(rest, pool.map(fn, rest) if pool is not None and len(rest) > 1 else map(fn, rest)))
+        return results
+
+    def evaluate_blocks(evaluate, members, split):
+        """(losses, accuracies) of every member, NaN where ``members`` is False for its whole block."""
+        ks = [k for k, b in enumerate(blocks) if members[b].any()]
+        got = run_blocks(lambda k: jax.device_get(evaluate(carries[k][0], carries[k][1], inputs[k])), ks, split)
+        nan = lambda b: np.full(b.stop - b.start, np.nan)
+        return (np.concatenate([got[k][i] if k in got else nan(b) for k, b in enumerate(blocks)]) for i in (0, 1))
+
     alive = ~frozen
     last_good = [e if f else start_epoch for e, f in zip(member_epochs, frozen)]
     interrupted = False
@@ -841,14 +889,26 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
             losses, corrects = [], []
             t0 = time.time()
-            batches, epoch_keys = epoch_data(epoch)
+            epoch_batches = [epoch_data(epoch, x) if alive[b].any() else None for b, x in zip(blocks, inputs)]
             bar = _progress(epoch_steps, f"epoch {epoch + 1}/{epochs}", base.progress)
             done = 0
             while done < epoch_steps and alive.any():
                 n = min(base.chunk_steps, epoch_steps - done)
-                carry, (chunk_loss, chunk_correct) = chunk_fn(carry, *batches, epoch_keys, means, stds, hps,
-                                                              done if mesh is None else put(np.int32(done)), n)
-                chunk_loss = np.asarray(chunk_loss)
+                start = done if mesh is None else put(np.int32(done))
+
+                def run_block(k, n=n, start=start):
+                    (batches, epoch_keys), x = epoch_batches[k], inputs[k]
+                    carries[k], out = chunk_fn(carries[k], *batches, epoch_keys, x["means"], x["stds"], x["hps"],
+                                               start, n)
+                    return jax.device_get(out)
+
+                outs = run_blocks(run_block, [k for k, b in enumerate(blocks) if alive[b].any()], ("chunk", n))
+                for k, b in enumerate(blocks):
+                    if k not in outs:  # a stopped member alone in its block (float32: the epoch means stay float32)
+                        outs[k] = (np.full((b.stop - b.start, n), np.nan, np.float32),
+                                   np.zeros((b.stop - b.start, n), np.int32))
+                chunk_loss = np.concatenate([outs[k][0] for k in range(len(blocks))])
+                chunk_correct = np.concatenate([outs[k][1] for k in range(len(blocks))])
                 for m in np.flatnonzero(alive):
                     finite = np.isfinite(chunk_loss[m])
                     if not finite.all():
@@ -858,7 +918,7 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
                         say(m, f"stopped: {status[m]}; kept the checkpoint of epoch {last_good[m]} "
                                f"and the metrics so far")
                 losses.append(chunk_loss)
-                corrects.append(np.asarray(chunk_correct))
+                corrects.append(chunk_correct)
                 done += n
                 elapsed = time.time() - t0
                 bar.update(n)
@@ -869,13 +929,12 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             if not alive.any():
                 break
             seconds = time.time() - t0
-            params, state, opt_state, _ = carry
             if n_val:
-                val_loss, val_acc = map(np.asarray, evaluate_val(params, state))
+                val_loss, val_acc = evaluate_blocks(evaluate_val, alive, "val")
             else:
                 val_loss = val_acc = np.full(size, np.nan)
             epoch_loss, epoch_correct = np.concatenate(losses, axis=1), np.concatenate(corrects, axis=1)
-            host = jax.device_get((params, state, opt_state))
+            host = {}
             for m in np.flatnonzero(alive):
                 record = {
                     "epoch": epoch + 1,
@@ -893,7 +952,10 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
                 last_good[m] = epoch + 1
                 if not writer:
                     continue
-                p_m, s_m, o_m = _member(host, m)
+                k, j = block_of[m]
+                if k not in host:
+                    host[k] = jax.device_get(carries[k][:3])
+                p_m, s_m, o_m = _member(host[k], j)
                 save_checkpoint(run_dirs[m], p_m, s_m, o_m, host_keys[m], epoch + 1)
                 _write_metrics(run_dirs[m], metrics[m])
                 if on_epoch_end is not None:
@@ -912,8 +974,7 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
 
     completed = [s == "completed" for s in status]
     if any(completed):
-        params, state, _, _ = carry
-        test_loss, test_acc = map(np.asarray, evaluate_test(params, state))
+        test_loss, test_acc = evaluate_blocks(evaluate_test, np.array(completed), "test")
     summaries = []
     wall = round(time.time() - t_start, 2)
     for m, (c, run_dir) in enumerate(zip(configs, run_dirs)):
@@ -940,9 +1001,29 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
         if writer:
             _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
         summaries.append(summary)
+    if pool is not None:
+        pool.shutdown()
     if interrupted:
         raise KeyboardInterrupt
     return summaries
+
+
+#: Blocks of members in flight at once when a group trains block by block: on the 2-core
+#: CPU two single-member programs side by side ran ~20% more member-steps per second than
+#: one after another (XLA:CPU's intra-op threads leave the cores partly idle).
+CONCURRENT_BLOCKS = 2
+
+
+def member_blocks(size, *, vmap=None):
+    """How a group's ``size`` members train: slices of members, each block one program run
+    after the other. ``vmap`` True: one block of all (one vmapped program); False: blocks
+    of one, each member through its single run's own programs. None: vmapped except on
+    XLA:CPU, where the batched matrix products run at or below the single-run speed per
+    member and the batched softmax and reductions round differently from the single run's,
+    so a vmapped member drifts away from its single run over hundreds of steps."""
+    if vmap is None:
+        vmap = jax.default_backend() != "cpu"
+    return [slice(0, size)] if vmap else [slice(m, m + 1) for m in range(size)]
 
 
 def _group_devices(config: TrainConfig, size: int):
