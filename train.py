@@ -85,7 +85,7 @@ def build_parser():
                              "group); KEY is any flag name without '--'; integer ranges A..B; hidden units "
                              "300x100 for two layers, none for zero; e.g. --sweep lr=1e-2,1e-3 --sweep seed=0..2")
     parser.add_argument("--memory-budget", metavar="BYTES",
-                        help="sweeps: estimated memory per vmapped chunk, e.g. 4G (default: 25%% of free memory)")
+                        help="sweeps: estimated memory per chunk of members, e.g. 4G (default: 25%% of free memory)")
     parser.add_argument("--max-members", type=int, metavar="N", help="sweeps: at most N configurations per chunk")
     parser.add_argument("--coordinator-address", metavar="HOST:PORT", default=os.environ.get("JAXNETS_COORDINATOR_ADDRESS"),
                         help="multi-process run: address of process 0 for jax.distributed.initialize "

@@ -187,22 +187,21 @@ def flax_step_time(kind, batch, repeats, warmup=2):
 # ---------------------------------------------------------------------------- epochs
 
 
-def jaxnets_epoch_seconds(kind, n_images, tmp):
+def jaxnets_epoch_seconds(kind, dataset, tmp):
     config = T.TrainConfig(
         model=kind, dataset="cifar10", epochs=1, batch_size=200 if kind == "mlp" else 128, optimizer="adam",
         lr=1e-4, schedule="constant", hidden_units=(512, 512), dropout=0.0, val_size=0, progress=False,
         out=str(Path(tmp) / f"jaxnets-{kind}-{time.time_ns()}"),
     )
-    dataset = synthetic_dataset(n_images, 1000)
     t0 = time.perf_counter()
     T.train(config, dataset=dataset, log=lambda *_: None)
     return time.perf_counter() - t0
 
 
-def torch_epoch_seconds(torch, kind, n_images):
+def torch_epoch_seconds(torch, kind, dataset):
     """An idiomatic PyTorch epoch: normalise the uint8 set once, shuffle, slice batches."""
     t0 = time.perf_counter()
-    dataset = synthetic_dataset(n_images, 1000)
+    n_images = len(dataset.train_labels)
     x = torch.from_numpy(dataset.train_images).permute(0, 3, 1, 2).float().div_(255)
     mean, std = x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True)
     x = (x - mean) / std
@@ -316,9 +315,11 @@ def main(argv=None):
         epochs = {}
         with tempfile.TemporaryDirectory() as tmp:
             for kind, n_images in (("mlp", args.epoch_images), ("convnet", args.convnet_epoch_images)):
-                entry = {"images": n_images, "jaxnets_s": jaxnets_epoch_seconds(kind, n_images, tmp)}
+                # The same uint8 arrays for both, made outside the timings.
+                dataset = synthetic_dataset(n_images, 1000)
+                entry = {"images": n_images, "jaxnets_s": jaxnets_epoch_seconds(kind, dataset, tmp)}
                 if torch is not None:
-                    entry["torch_s"] = torch_epoch_seconds(torch, kind, n_images)
+                    entry["torch_s"] = torch_epoch_seconds(torch, kind, dataset)
                     entry["jaxnets_over_torch"] = entry["jaxnets_s"] / entry["torch_s"]
                 epochs[kind] = entry
                 print(f"epoch {kind}: {entry}")

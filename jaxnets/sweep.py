@@ -223,7 +223,7 @@ def member_steps(config: T.TrainConfig, n_pool):
 
 
 def memory_budget():
-    """Default budget for one vmapped chunk: 25% of free device memory (GPU/TPU) or of
+    """Default budget for one chunk of a sweep: 25% of free device memory (GPU/TPU) or of
     available RAM (CPU)."""
     try:
         stats = jax.devices()[0].memory_stats()
@@ -272,9 +272,10 @@ def plan(configs, *, image_shape, classes, n_val=0, budget=None, max_members=Non
     return chunks
 
 
-def describe(configs, chunks, axes, *, image_shape, classes, n_pool, budget=None):
-    """The plan as text: one line per vmapped chunk (its group's fixed swept values, members,
-    estimated memory per member, steps, share of the total work) and a header with totals."""
+def describe(configs, chunks, axes, *, image_shape, classes, n_pool, budget=None, vmap=None):
+    """The plan as text: one line per chunk (its group's fixed swept values, members,
+    estimated memory per member, steps, share of the total work) and a header with totals
+    that says how a chunk's members train (``vmap`` as in :func:`sweep`)."""
     lines, works, rows, groups, examples = [], [], [], {}, 0
     for chunk in chunks:
         c = configs[chunk[0]]
@@ -287,16 +288,18 @@ def describe(configs, chunks, axes, *, image_shape, classes, n_pool, budget=None
         rows.append((group, len(chunk), mib, steps, " ".join(f"{k}={format_value(v)}" for k, v in fixed.items())))
     total = sum(works) or 1
     budget_text = f"; memory budget {budget / 2**30:.2f} GiB per chunk" if budget else ""
+    how = ("vmapped chunk(s) (one compile each)" if len(T.member_blocks(2, vmap=vmap)) == 1 else
+           f"chunk(s) (members through their single run's programs, {T.CONCURRENT_BLOCKS} at a time)")
     lines.append(f"{len(configs)} configurations over {', '.join(axes) or 'nothing'}: {len(groups)} group(s), "
-                 f"{len(chunks)} vmapped chunk(s) (one compile each){budget_text}; "
-                 f"{examples:,} training examples over all members")
+                 f"{len(chunks)} {how}{budget_text}; {examples:,} training examples over all members")
     lines.append(f"{'chunk':>5} {'group':>5} {'members':>7} {'MiB/member':>10} {'steps':>6} {'work':>6}  fixed values")
     for k, ((group, n, mib, steps, fixed), work) in enumerate(zip(rows, works)):
         lines.append(f"{k + 1:>5} {group + 1:>5} {n:>7} {mib:>10.1f} {steps:>6} {100 * work / total:>5.1f}%  {fixed}")
     return "\n".join(lines)
 
 
-def dry_run(base: T.TrainConfig, axes, *, budget=None, max_members=None, dataset: D.Dataset | None = None):
+def dry_run(base: T.TrainConfig, axes, *, budget=None, max_members=None, dataset: D.Dataset | None = None,
+            vmap=None):
     """:func:`describe` of the sweep :func:`sweep` would run, without loading data or training."""
     configs = [c for c, _ in expand(base, axes)]
     if dataset is not None:
@@ -306,7 +309,8 @@ def dry_run(base: T.TrainConfig, axes, *, budget=None, max_members=None, dataset
     budget = memory_budget() if budget is None else budget
     chunks = plan(configs, image_shape=image_shape, classes=classes, n_val=base.val_size, budget=budget,
                   max_members=max_members)
-    return describe(configs, chunks, axes, image_shape=image_shape, classes=classes, n_pool=n_pool, budget=budget)
+    return describe(configs, chunks, axes, image_shape=image_shape, classes=classes, n_pool=n_pool, budget=budget,
+                    vmap=vmap)
 
 
 # ---------------------------------------------------------------------------- sweep
@@ -318,7 +322,7 @@ def sweep(base: T.TrainConfig, axes, *, out=None, dataset: D.Dataset | None = No
 
     ``out`` (default ``base.out``, else ``runs/sweep-<model>-<dataset>-<time>``) gets one
     directory per member plus the table and plots; a directory that holds files is never
-    written into without ``resume``. ``budget`` (bytes) caps each vmapped chunk's estimated
+    written into without ``resume``. ``budget`` (bytes) caps each chunk's estimated
     memory (default :func:`memory_budget`); ``max_members`` caps its size. ``resume``
     continues the interrupted sweep in ``out``, which must have been started with the same
     ``base`` and ``axes`` (its saved plan is reused, whatever ``budget`` says now).

@@ -342,16 +342,20 @@ def make_step(model, optimizer, config: TrainConfig, axis_name=None):
 
 
 def _member_chunk(step, batch):
-    """``n`` steps of one member in a ``lax.scan``; see :func:`make_group_chunk`.
+    """Steps ``start .. start+n-1`` of one member in a loop; see :func:`make_group_chunk`.
 
     Step ``i`` gathers ``images[perm[i*batch:(i+1)*batch]]``; with ``perm`` None the
     batches are laid out already, ``images[i]`` (the data-parallel path, where ``images``
-    is this device's slice of every batch of the epoch).
+    is this device's slice of every batch of the epoch). ``n`` may be traced: the loop
+    runs ``n`` times and writes its losses and correct counts into buffers of the static
+    ``length`` (entries from ``n`` on stay 0), so one compiled program serves every
+    chunk of a run, the last, shorter one of an epoch included.
     """
 
-    def member_chunk(carry, images, labels, perm, epoch_key, mean, std, hp, start, n, mask=True):
-        def body(c, i):
-            params, state, opt_state, diverged = c
+    def member_chunk(carry, images, labels, perm, epoch_key, mean, std, hp, start, n, length, mask=True):
+        def body(j, c):
+            (params, state, opt_state, diverged), (losses, corrects) = c
+            i = start + j
             if perm is None:
                 x, y = images[i], labels[i]
             else:
@@ -362,27 +366,31 @@ def _member_chunk(step, batch):
             if mask:  # freeze a member at its last finite step
                 ok = finite & ~diverged
                 new = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), tuple(new), (params, state, opt_state))
-            return (*new, diverged | ~finite), (loss, correct)
+            out = (losses.at[j].set(loss), corrects.at[j].set(correct))
+            return (*new, diverged | ~finite), out
 
-        return jax.lax.scan(body, carry, start + jnp.arange(n))
+        # float32, or float64 under jax_enable_x64 (a float32 loss fits either exactly).
+        buffers = (jnp.zeros((length,), jax.dtypes.canonicalize_dtype(jnp.float64)), jnp.zeros((length,), jnp.int32))
+        return jax.lax.fori_loop(0, n, body, (carry, buffers))
 
     return member_chunk
 
 
 def make_train_chunk(model, optimizer, config: TrainConfig):
-    """``chunk(carry, data, perm, epoch_key, start, n) -> (carry, (losses, correct))``: ``n`` steps in one scan.
+    """``chunk(carry, data, perm, epoch_key, start, n) -> (carry, (losses, correct))``: ``n`` steps in one loop.
 
     ``carry = (params, state, opt_state)``, ``data`` a :class:`DeviceData`; step ``i`` of
     the epoch uses the examples ``perm[i*B:(i+1)*B]`` of ``data.train_x`` and the key
-    ``fold_in(epoch_key, i)``. The member function of :func:`make_group_chunk`, for one
-    configuration without a member axis (handy for benchmarks and research code).
+    ``fold_in(epoch_key, i)``. ``n`` is static here (one program per chunk length). The
+    member function of :func:`make_group_chunk`, for one configuration without a member
+    axis (handy for benchmarks and research code).
     """
     member_chunk = _member_chunk(make_step(model, optimizer, config), config.batch_size)
 
     def chunk(carry, data, perm, epoch_key, start, n):
         (params, state, opt_state, _), out = member_chunk(
             (*carry, jnp.zeros((), bool)), data.train_x, data.train_y, perm, epoch_key, data.mean, data.std,
-            hparams_of(config), start, n, mask=False)
+            hparams_of(config), start, n, n, mask=False)
         return (params, state, opt_state), out
 
     return jax.jit(chunk, static_argnames="n", donate_argnums=0)
@@ -391,32 +399,35 @@ def make_train_chunk(model, optimizer, config: TrainConfig):
 def make_group_chunk(model, optimizer, config: TrainConfig):
     """The vmapped chunk of a group of members that share every shape-fixing setting.
 
-    ``chunk(carry, images, labels, perms, epoch_keys, means, stds, hps, start, n)`` ->
+    ``chunk(carry, images, labels, perms, epoch_keys, means, stds, hps, start, n, length)`` ->
     ``(carry, (losses, correct))`` with ``carry = (params, state, opt_state, diverged)``,
     each with a leading member axis, as are ``perms`` (indices into the shared uint8
     ``images``/``labels``), ``epoch_keys``, ``means``/``stds`` and ``hps``. A member whose
     loss turns non-finite is frozen at its last finite step and flagged ``diverged``; the
-    others go on unaffected. Losses and correct counts are ``(members, n)``. A group of
+    others go on unaffected. Losses and correct counts are ``(members, length)``, the
+    first ``n`` of each row filled (``n`` traced, ``length`` static: one program for
+    every chunk of a run). A group of
     one runs the member function without vmap and without the freezing (the host stops
     a lone run at its first non-finite loss), at a single run's speed.
     """
     member_chunk = _member_chunk(make_step(model, optimizer, config), config.batch_size)
 
-    def chunk(carry, images, labels, perms, epoch_keys, means, stds, hps, start, n):
-        one = lambda c, p, k, m, s, h, mask=True: member_chunk(c, images, labels, p, k, m, s, h, start, n, mask)
+    def chunk(carry, images, labels, perms, epoch_keys, means, stds, hps, start, n, length):
+        one = lambda c, p, k, m, s, h, mask=True: member_chunk(c, images, labels, p, k, m, s, h, start, n, length,
+                                                                mask)
         members = (carry, perms, epoch_keys, means, stds, hps)
         if perms.shape[0] == 1:
             out = one(*_member(members, 0), mask=False)
             return jax.tree_util.tree_map(lambda a: a[None], out)
         return jax.vmap(one)(*members)
 
-    return jax.jit(chunk, static_argnames="n", donate_argnums=0)
+    return jax.jit(chunk, static_argnames="length", donate_argnums=0)
 
 
 def make_parallel_chunk(model, optimizer, config: TrainConfig, mesh):
     """:func:`make_group_chunk` for one member, data parallel over ``mesh``'s ``"batch"`` axis.
 
-    ``chunk(carry, images, labels, epoch_keys, means, stds, hps, start, n)`` ->
+    ``chunk(carry, images, labels, epoch_keys, means, stds, hps, start, n, length)`` ->
     ``(carry, (losses, correct))``, with a member axis of 1 like the group chunk, but with
     the epoch's batches laid out instead of a permutation: ``images``/``labels`` are
     ``(steps, batch, ...)`` with the batch dimension split over the mesh
@@ -429,18 +440,18 @@ def make_parallel_chunk(model, optimizer, config: TrainConfig, mesh):
     P.check_batch(config.batch_size, mesh.size)
     member_chunk = _member_chunk(make_step(model, optimizer, config, axis_name=P.AXIS), config.batch_size)
 
-    def chunk(carry, images, labels, epoch_keys, means, stds, hps, start, n):
-        def body(c, images, labels, k, m, s, h, start):
-            return member_chunk(c, images, labels, None, k, m, s, h, start, n, mask=False)
+    def chunk(carry, images, labels, epoch_keys, means, stds, hps, start, n, length):
+        def body(c, images, labels, k, m, s, h, start, n):
+            return member_chunk(c, images, labels, None, k, m, s, h, start, n, length, mask=False)
 
         spec, rows = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(None, P.AXIS)
-        sharded = jax.shard_map(body, mesh=mesh, in_specs=(spec, rows, rows, spec, spec, spec, spec, spec),
+        sharded = jax.shard_map(body, mesh=mesh, in_specs=(spec, rows, rows, spec, spec, spec, spec, spec, spec),
                                 out_specs=spec, check_vma=False)
         c, k, m, s, h = _member((carry, epoch_keys, means, stds, hps), 0)
-        out = sharded(c, images, labels, k, m, s, h, start)
+        out = sharded(c, images, labels, k, m, s, h, start, n)
         return jax.tree_util.tree_map(lambda a: a[None], out)
 
-    return jax.jit(chunk, static_argnames="n", donate_argnums=0)
+    return jax.jit(chunk, static_argnames="length", donate_argnums=0)
 
 
 def _evaluate_fn(model, batch_size, axis_name=None):
@@ -859,6 +870,8 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
         f"{steps_per_epoch} steps per epoch, {epochs} epochs ({total_steps} steps); {where}")
 
     carries = [(*c, part(frozen, b)) for c, b in zip(carries, blocks)]
+    # One chunk program per run: the steps per call are an argument, at most chunk_length.
+    chunk_length = min(base.chunk_steps, steps_per_epoch, total_steps)
     # Blocks run one after another, CONCURRENT_BLOCKS of them at a time (each its own
     # program on its own inputs: the numbers do not depend on what runs beside it).
     pool = ThreadPoolExecutor(CONCURRENT_BLOCKS) if len(blocks) > 1 else None
@@ -893,16 +906,16 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             bar = _progress(epoch_steps, f"epoch {epoch + 1}/{epochs}", base.progress)
             done = 0
             while done < epoch_steps and alive.any():
-                n = min(base.chunk_steps, epoch_steps - done)
-                start = done if mesh is None else put(np.int32(done))
+                n = min(chunk_length, epoch_steps - done)
+                start, steps = (np.int32(done), np.int32(n)) if mesh is None else put((np.int32(done), np.int32(n)))
 
-                def run_block(k, n=n, start=start):
+                def run_block(k, n=n, start=start, steps=steps):
                     (batches, epoch_keys), x = epoch_batches[k], inputs[k]
                     carries[k], out = chunk_fn(carries[k], *batches, epoch_keys, x["means"], x["stds"], x["hps"],
-                                               start, n)
-                    return jax.device_get(out)
+                                               start, steps, length=chunk_length)
+                    return jax.tree_util.tree_map(lambda a: a[:, :n], jax.device_get(out))
 
-                outs = run_blocks(run_block, [k for k, b in enumerate(blocks) if alive[b].any()], ("chunk", n))
+                outs = run_blocks(run_block, [k for k, b in enumerate(blocks) if alive[b].any()], "chunk")
                 for k, b in enumerate(blocks):
                     if k not in outs:  # a stopped member alone in its block (float32: the epoch means stay float32)
                         outs[k] = (np.full((b.stop - b.start, n), np.nan, np.float32),

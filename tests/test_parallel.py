@@ -47,7 +47,7 @@ COMMON = textwrap.dedent("""
         else:
             fn = chunk(model, optimizer, config)
             args = (jnp.asarray(images), jnp.asarray(labels), one(perm), keys, mean, std, hps, 0)
-        (params, state, _, _), (losses, _) = fn(carry, *args, n=3)
+        (params, state, _, _), (losses, _) = fn(carry, *args, np.int32(3), length=3)
         return np.asarray(losses[0]), jax.tree_util.tree_leaves(jax.device_get((params, state)))
 
     def record(name, ref, dp):
