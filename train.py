@@ -87,6 +87,10 @@ def build_parser():
     parser.add_argument("--memory-budget", metavar="BYTES",
                         help="sweeps: estimated memory per chunk of members, e.g. 4G (default: 25%% of free memory)")
     parser.add_argument("--max-members", type=int, metavar="N", help="sweeps: at most N configurations per chunk")
+    parser.add_argument("--compile-cache", metavar="DIR",
+                        default=os.environ.get("JAXNETS_COMPILE_CACHE", T.DEFAULT_COMPILE_CACHE),
+                        help="keep compiled programs in DIR so the next run with the same shapes skips XLA "
+                             "compilation; 'off' disables (env JAXNETS_COMPILE_CACHE)")
     parser.add_argument("--coordinator-address", metavar="HOST:PORT", default=os.environ.get("JAXNETS_COORDINATOR_ADDRESS"),
                         help="multi-process run: address of process 0 for jax.distributed.initialize "
                              "(env JAXNETS_COORDINATOR_ADDRESS)")
@@ -162,6 +166,11 @@ def main(argv=None):
         P.initialize(args.coordinator_address, args.num_processes, args.process_id, auto=args.distributed)
     except ValueError as e:
         parser.error(str(e))
+    if args.compile_cache.strip().lower() not in ("", "off", "none", "0"):
+        try:
+            T.use_compile_cache(args.compile_cache)
+        except T.TrainingError as e:
+            parser.error(str(e))
     if args.sweep:
         return _sweep(parser, args, config)
     if args.dry_run:

@@ -13,7 +13,8 @@ Measures, after warm-up, the median of ``--repeats`` timings of:
    plus jaxnets on XLA's native convolution (the GPU/TPU path) to show why CPU uses GEMMs;
 4. ``epoch``: a full training epoch of each model on CIFAR-10-sized data (45,000 images,
    data handling included): jaxnets' trainer vs an idiomatic PyTorch loop over in-memory
-   tensors;
+   tensors; jaxnets also in two fresh processes sharing a compilation cache (the first
+   compiles, the second loads the programs, as ``train.py``'s ``--compile-cache`` does);
 5. ``compile``: time to the first finished step of each jaxnets model.
 
 jaxnets steps are timed as the trainer runs them: ``--chunk`` steps per compiled call
@@ -25,6 +26,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -198,6 +201,26 @@ def jaxnets_epoch_seconds(kind, dataset, tmp):
     return time.perf_counter() - t0
 
 
+def jaxnets_epoch_seconds_fresh_process(kind, n_images, cache_dir):
+    """:func:`jaxnets_epoch_seconds` in a new Python process that keeps its compiled programs in
+    ``cache_dir`` (as ``train.py`` does): the first call in an empty directory compiles
+    everything, a second call loads the programs (what a user's next run with the same
+    shapes gets). Imports and the synthetic data are outside the timing."""
+    code = "import sys; from benchmarks.cpu import _epoch_in_child; _epoch_in_child(*sys.argv[1:])"
+    out = subprocess.run([sys.executable, "-c", code, kind, str(n_images), str(cache_dir)], check=True,
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def _epoch_in_child(kind, n_images, cache_dir):
+    import tempfile
+
+    T.use_compile_cache(cache_dir)
+    dataset = synthetic_dataset(int(n_images), 1000)
+    with tempfile.TemporaryDirectory() as tmp:
+        print(jaxnets_epoch_seconds(kind, dataset, tmp))
+
+
 def torch_epoch_seconds(torch, kind, dataset):
     """An idiomatic PyTorch epoch: normalise the uint8 set once, shuffle, slice batches."""
     t0 = time.perf_counter()
@@ -318,9 +341,13 @@ def main(argv=None):
                 # The same uint8 arrays for both, made outside the timings.
                 dataset = synthetic_dataset(n_images, 1000)
                 entry = {"images": n_images, "jaxnets_s": jaxnets_epoch_seconds(kind, dataset, tmp)}
+                cache = Path(tmp) / f"cache-{kind}"
+                entry["jaxnets_fresh_process_s"] = jaxnets_epoch_seconds_fresh_process(kind, n_images, cache)
+                entry["jaxnets_cached_compile_s"] = jaxnets_epoch_seconds_fresh_process(kind, n_images, cache)
                 if torch is not None:
                     entry["torch_s"] = torch_epoch_seconds(torch, kind, dataset)
                     entry["jaxnets_over_torch"] = entry["jaxnets_s"] / entry["torch_s"]
+                    entry["jaxnets_cached_compile_over_torch"] = entry["jaxnets_cached_compile_s"] / entry["torch_s"]
                 epochs[kind] = entry
                 print(f"epoch {kind}: {entry}")
         results["epoch"] = epochs
@@ -339,7 +366,8 @@ def print_table(results):
                       f"{row.get(f'{label}_speedup_vs_torch', float('nan')):9.2f} "
                       f"{row.get(f'{label}_fraction_of_limit', float('nan')):9.2f}")
     for kind, entry in results.get("epoch", {}).items():
-        print(f"epoch {kind}: jaxnets {entry['jaxnets_s']:.1f}s, torch {entry.get('torch_s', float('nan')):.1f}s")
+        print(f"epoch {kind}: jaxnets {entry['jaxnets_s']:.1f}s (compiled programs cached: "
+              f"{entry.get('jaxnets_cached_compile_s', float('nan')):.1f}s), torch {entry.get('torch_s', float('nan')):.1f}s")
     for kind in ("mlp", "convnet"):
         if kind in results:
             print(f"first call {kind}: autodiff {results[kind]['jaxnets_autodiff_first_call_s']:.1f}s, "
@@ -359,6 +387,11 @@ def markdown(results):
     for kind, entry in results.get("epoch", {}).items():
         lines.append(f"| {kind} epoch of {entry['images']} images, wall s | jaxnets {entry['jaxnets_s']:.1f} | "
                      f"torch {entry.get('torch_s', float('nan')):.1f} | {entry.get('jaxnets_over_torch', float('nan')):.2f}x time | |")
+        if "jaxnets_cached_compile_s" in entry:
+            lines.append(f"| {kind} epoch, new process with its compiled programs cached, wall s | "
+                         f"jaxnets {entry['jaxnets_cached_compile_s']:.1f} (first process "
+                         f"{entry['jaxnets_fresh_process_s']:.1f}) | torch {entry.get('torch_s', float('nan')):.1f} | "
+                         f"{entry.get('jaxnets_cached_compile_over_torch', float('nan')):.2f}x time | |")
     for kind in ("mlp", "convnet"):
         if kind in results:
             lines.append(f"| {kind} first step (compile), s | autodiff {results[kind]['jaxnets_autodiff_first_call_s']:.1f} | "

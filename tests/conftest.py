@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# train.py keeps compiled programs in ~/.cache by default; tests that want the cache say where.
+os.environ.setdefault("JAXNETS_COMPILE_CACHE", "off")
 CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
                  "data_batch_5", "test_batch", "batches.meta")
 

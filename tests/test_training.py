@@ -187,6 +187,36 @@ def test_cli_missing_data_file_is_one_line_exit_2(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "train-images-idx3-ubyte.gz" in lines[0]
 
 
+def test_cli_compile_cache_is_written_then_reused_with_identical_results(tmp_path, mnist_dir):
+    cache = tmp_path / "cache"
+
+    def run(name):
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), "--dataset", "mnist", "--data-dir", str(mnist_dir),
+             "--train-subset", "600", "--val-size", "100", "--batch-size", "50", "--epochs", "1", "--no-progress",
+             "--compile-cache", str(cache), "--out", str(tmp_path / name)],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads((tmp_path / name / "summary.json").read_text())
+
+    first = run("first")
+    entries = sorted(p.name for p in cache.iterdir())
+    assert any(name.startswith("jit_chunk") for name in entries), entries
+    second = run("second")  # loads the programs: same numbers, bit for bit
+    assert sorted(p.name for p in cache.iterdir()) == entries
+    assert second["test_accuracy"] == first["test_accuracy"] and second["test_loss"] == first["test_loss"]
+
+
+def test_cli_compile_cache_that_cannot_be_created_is_a_usage_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--compile-cache", str(blocker / "cache"), "--dry-run"])
+    assert exit_info.value.code == 2
+    assert f"--compile-cache {blocker / 'cache'}: cannot create the directory" in capsys.readouterr().err
+
+
 def test_cli_flags_reach_the_config():
     args = cli.build_parser().parse_args(
         ["--preset", "course_mlp", "--lr", "0.01", "--hidden-units", "300,100", "--batch-norm", "--no-progress"])
