@@ -4,7 +4,8 @@
     python -m benchmarks.cpu --only gemm,mlp      # a subset
     python -m benchmarks.cpu --convnet-epoch-images 4480  # a shorter ConvNet "epoch"
 
-Measures, after warm-up, the median of ``--repeats`` timings of:
+Measures, after warm-up, the median of ``--short-repeats`` (GEMM, MLP) or ``--repeats``
+(ConvNet) timings of:
 
 1. ``gemm``: the best fp32 GEMM rate (2048^3 matmul) in jax and in torch: our "limit";
 2. ``mlp``: one train step of 3072-512-512-10 (ReLU, batch 200, Adam): jaxnets autodiff,
@@ -266,6 +267,9 @@ def main(argv=None):
     parser.add_argument("--only", default="gemm,mlp,convnet,epoch,compile",
                         help="comma-separated subset of gemm,mlp,convnet,epoch,compile")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (median taken)")
+    parser.add_argument("--short-repeats", type=int, default=30,
+                        help="timed repetitions of the short measurements, the GEMM and the MLP steps (10-150 ms "
+                             "each: a median of 5 is at the mercy of the machine's noise)")
     parser.add_argument("--chunk", type=int, default=10, help="jaxnets steps per compiled call")
     parser.add_argument("--epoch-images", type=int, default=45000, help="training images in the MLP full-epoch test")
     parser.add_argument("--convnet-epoch-images", type=int, default=45000,
@@ -287,7 +291,7 @@ def main(argv=None):
     results = {"command": "python -m benchmarks.cpu " + " ".join(argv if argv is not None else os.sys.argv[1:]),
                "machine": machine_info(torch)}
     if "gemm" in parts:
-        results["gemm"] = bench_gemm(args.repeats, torch)
+        results["gemm"] = bench_gemm(args.short_repeats, torch)
         print(f"GEMM 2048^3: {results['gemm']}")
     limit = results.get("gemm", {}).get("limit_gflops")
 
@@ -299,8 +303,9 @@ def main(argv=None):
         flops = 3 * M.flops_per_example(model) * batch  # forward + backward = 3 forwards
         row = {"batch": batch, "flops_per_step": flops}
         steps = args.chunk if kind == "mlp" else max(2, args.chunk // 5)
+        repeats = args.short_repeats if kind == "mlp" else args.repeats
         for grad in ("autodiff", "manual"):
-            seconds, first = jaxnets_step_time(model, batch, grad, steps, args.repeats if kind in parts else 1)
+            seconds, first = jaxnets_step_time(model, batch, grad, steps, repeats if kind in parts else 1)
             row[f"jaxnets_{grad}_first_call_s"] = first
             if kind in parts:
                 row[f"jaxnets_{grad}_s"] = seconds
@@ -315,11 +320,11 @@ def main(argv=None):
                 C.set_conv_impl(previous)
         if kind in parts:
             if torch is not None:
-                row["torch_s"] = torch_step_time(torch, kind, batch, args.repeats)
+                row["torch_s"] = torch_step_time(torch, kind, batch, repeats)
                 if kind == "convnet":
-                    row["torch_channels_last_s"] = torch_step_time(torch, kind, batch, args.repeats, True)
+                    row["torch_channels_last_s"] = torch_step_time(torch, kind, batch, repeats, True)
             # Flax's ConvNet runs on lax.conv (a few images/s on CPU): one warm-up, one timed step.
-            row["flax_s"] = flax_step_time(kind, batch, args.repeats if kind == "mlp" else 1,
+            row["flax_s"] = flax_step_time(kind, batch, repeats if kind == "mlp" else 1,
                                            warmup=2 if kind == "mlp" else 1)
             for name in [k for k in row if k.endswith("_s") and not k.endswith("first_call_s")]:
                 label = name[:-2]

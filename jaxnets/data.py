@@ -168,12 +168,16 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
     return _load_cifar10(root)
 
 
-def normalization_stats(train_images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def normalization_stats(train_images: np.ndarray, exclude=None) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and standard deviation of images on the [0, 1] scale.
 
     Args:
         train_images: ``(N, H, W, C)`` array; uint8 values are divided by 255, floating
             values are taken to be on [0, 1] already.
+        exclude: optional indices of images left out (e.g. the validation split). Their
+            sums are subtracted from the whole set's, so no copy of the rest is made; for
+            uint8 input every sum is an exact integer, so this equals the statistics of
+            ``np.delete(train_images, exclude, 0)`` bit for bit.
 
     Returns:
         ``(mean, std)``, each a float32 array of shape ``(C,)`` (population std, ddof=0).
@@ -183,24 +187,34 @@ def normalization_stats(train_images: np.ndarray) -> tuple[np.ndarray, np.ndarra
     x = np.asarray(train_images)
     if x.ndim != 4:
         raise ValueError(f"normalization_stats: expected (N, H, W, C) images, got shape {x.shape}")
-    if x.shape[0] == 0:
+    excluded = 0 if exclude is None else len(exclude)
+    if x.shape[0] - excluded <= 0:
         raise ValueError("normalization_stats: no images")
     scale = 255.0 if x.dtype == np.uint8 else 1.0
-    n, c = x.shape[0], x.shape[-1]
-    flat = x.reshape(n, -1)  # (N, H*W*C); column j belongs to channel j % C
+    total, total_sq = _column_sums(x)
+    if excluded:
+        left_out, left_out_sq = _column_sums(x[np.asarray(exclude)])
+        total, total_sq = total - left_out, total_sq - left_out_sq
+    c = x.shape[-1]
+    count = (x.shape[0] - excluded) * (x[0].size // c)
+    mean = total.reshape(-1, c).sum(axis=0) / count
+    var = np.maximum(total_sq.reshape(-1, c).sum(axis=0) / count - mean * mean, 0.0)
+    return (mean / scale).astype(np.float32), (np.sqrt(var) / scale).astype(np.float32)
+
+
+def _column_sums(x):
+    """Float64 sums over the images of every value and of its square, each (H*W*C,)."""
+    flat = x.reshape(x.shape[0], -1)  # (N, H*W*C); column j belongs to channel j % C
     total = np.zeros(flat.shape[1], np.float64)
     total_sq = np.zeros(flat.shape[1], np.float64)
     chunk = max(1, (1 << 22) // flat.shape[1])  # ~4M values (16 MB of float32) a chunk
-    for start in range(0, n, chunk):
+    for start in range(0, flat.shape[0], chunk):
         # uint8 values and their squares are exact in float32; the sums are in float64.
         part = flat[start:start + chunk].astype(np.float32)
         total += part.sum(axis=0, dtype=np.float64)
         part *= part
         total_sq += part.sum(axis=0, dtype=np.float64)
-    count = x.size // c
-    mean = total.reshape(-1, c).sum(axis=0) / count
-    var = np.maximum(total_sq.reshape(-1, c).sum(axis=0) / count - mean * mean, 0.0)
-    return (mean / scale).astype(np.float32), (np.sqrt(var) / scale).astype(np.float32)
+    return total, total_sq
 
 
 def split_validation(images: np.ndarray, labels: np.ndarray, val_size: int, seed: int):

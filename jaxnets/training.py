@@ -246,7 +246,7 @@ def member_split(train_x, train_y, config: TrainConfig):
     if len(train_idx) < config.batch_size:
         raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train_idx)} training examples")
     if config.normalize == "channel":
-        mean, std = D.normalization_stats(train_x[train_idx])
+        mean, std = D.normalization_stats(train_x, exclude=val_idx)
     else:  # the course's per-pixel mean image subtracted from raw 0..255 pixels, no scaling
         mean = (train_x[train_idx].astype(np.float64) / 255.0).mean(axis=0).astype(np.float32)
         std = np.full((), 1.0 / 255.0, np.float32)

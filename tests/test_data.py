@@ -460,6 +460,17 @@ def test_normalization_stats_matches_float64():
         normalization_stats(x[:, :, :, 0])
 
 
+def test_normalization_stats_exclude_equals_stats_of_the_rest_bit_for_bit():
+    x = np.random.default_rng(1).integers(0, 256, (50, 4, 4, 3), dtype=np.uint8)
+    val = np.array([3, 7, 8, 20, 49])
+    rest = np.delete(x, val, axis=0)
+    for got, want in zip(normalization_stats(x, exclude=val), normalization_stats(rest)):
+        np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(normalization_stats(x)[0], normalization_stats(rest)[0])  # the exclusion matters
+    with pytest.raises(ValueError, match="no images"):
+        normalization_stats(x, exclude=np.arange(50))
+
+
 def test_split_validation_deterministic_and_disjoint():
     n = 1000
     images = np.arange(n)[:, None, None, None] * np.ones((1, 2, 2, 1), np.int64)
