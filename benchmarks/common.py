@@ -24,6 +24,26 @@ def median_seconds(fn, repeats, warmup=1):
     return statistics.median(times)
 
 
+def interleaved_median_seconds(fns, repeats, warmup=1):
+    """``{name: median seconds}`` of ``fns`` (``{name: fn}``) timed in rounds, each round
+    calling every ``fn`` once in turn.
+
+    On a noisy machine a slow spell then hits every contender alike instead of whichever
+    happened to be measured during it, so ratios between them hold better than with one
+    :func:`median_seconds` block after another.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(fn())
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def write_json(path, data):
     """Write ``data`` as indented JSON to ``path`` (creating its folder) and say so."""
     path = Path(path)

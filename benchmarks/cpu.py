@@ -5,7 +5,8 @@
     python -m benchmarks.cpu --convnet-epoch-images 4480  # a shorter ConvNet "epoch"
 
 Measures, after warm-up, the median of ``--short-repeats`` (GEMM, MLP) or ``--repeats``
-(ConvNet) timings of:
+(ConvNet) timings, the contenders of each item timed in interleaved rounds (one call of
+each in turn, so the machine's slow spells hit them alike), of:
 
 1. ``gemm``: the best fp32 GEMM rate (2048^3 matmul) in jax and in torch: our "limit";
 2. ``mlp``: one train step of 3072-512-512-10 (ReLU, batch 200, Adam): jaxnets autodiff,
@@ -37,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.common import median_seconds, write_json
+from benchmarks.common import interleaved_median_seconds, median_seconds, write_json
 from jaxnets import conv as C
 from jaxnets import data as D
 from jaxnets import models as M
@@ -63,10 +64,11 @@ def bench_gemm(repeats, torch):
     a = jax.random.normal(jax.random.key(0), (n, n))
     b = jax.random.normal(jax.random.key(1), (n, n))
     mm = jax.jit(jnp.dot)
-    out = {"jax_gflops": flops / median_seconds(lambda: mm(a, b), repeats) / 1e9}
+    fns = {"jax": lambda: mm(a, b)}
     if torch is not None:
         ta, tb = torch.randn(n, n), torch.randn(n, n)
-        out["torch_gflops"] = flops / median_seconds(lambda: ta @ tb, repeats) / 1e9
+        fns["torch"] = lambda: ta @ tb
+    out = {f"{k}_gflops": flops / v / 1e9 for k, v in interleaved_median_seconds(fns, repeats).items()}
     out["limit_gflops"] = max(out.values())
     return out
 
@@ -74,8 +76,9 @@ def bench_gemm(repeats, torch):
 # -------------------------------------------------------------------- jaxnets steps
 
 
-def jaxnets_step_time(model, batch, grad, steps, repeats, image_shape=(32, 32, 3)):
-    """Seconds per train step as the trainer runs them, and seconds to the first finished step."""
+def jaxnets_step_runner(model, batch, grad, steps, image_shape=(32, 32, 3)):
+    """``(run, first)``: ``run()`` trains ``steps`` steps as the trainer runs them (one
+    compiled chunk call); ``first`` is the wall time of the first call (compile + steps)."""
     config = T.TrainConfig(batch_size=batch, grad=grad, optimizer="adam", lr=1e-4, schedule="constant",
                            dropout=0.0, val_size=0)
     data = T.prepare_data(synthetic_dataset(batch * steps, 10, image_shape), config)
@@ -92,7 +95,12 @@ def jaxnets_step_time(model, batch, grad, steps, repeats, image_shape=(32, 32, 3
 
     t0 = time.perf_counter()
     run()
-    first = time.perf_counter() - t0
+    return run, time.perf_counter() - t0
+
+
+def jaxnets_step_time(model, batch, grad, steps, repeats, image_shape=(32, 32, 3)):
+    """Seconds per train step as the trainer runs them, and seconds to the first finished step."""
+    run, first = jaxnets_step_runner(model, batch, grad, steps, image_shape)
     per_step = median_seconds(run, repeats, warmup=0) / steps
     # The first call compiles and then runs ``steps`` steps: time to the first finished step.
     return per_step, first - (steps - 1) * per_step
@@ -116,7 +124,8 @@ def torch_models(torch, kind):
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin, 10))
 
 
-def torch_step_time(torch, kind, batch, repeats, channels_last=False):
+def torch_step_runner(torch, kind, batch, channels_last=False):
+    """``step()``: one PyTorch eager train step (same model and optimizer)."""
     torch.manual_seed(0)
     model = torch_models(torch, kind)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -133,13 +142,14 @@ def torch_step_time(torch, kind, batch, repeats, channels_last=False):
         loss.backward()
         opt.step()
 
-    return median_seconds(step, repeats, warmup=2)
+    return step
 
 
 # ----------------------------------------------------------------------- flax steps
 
 
-def flax_step_time(kind, batch, repeats, warmup=2):
+def flax_step_runner(kind, batch):
+    """``run()``: one Flax linen + Optax train step (jitted, compiled on its first call)."""
     import flax.linen as nn
 
     class MLP(nn.Module):
@@ -185,7 +195,7 @@ def flax_step_time(kind, batch, repeats, warmup=2):
         box[0] = tuple(box[0])
         loss.block_until_ready()
 
-    return median_seconds(run, repeats, warmup=warmup)
+    return run
 
 
 # ---------------------------------------------------------------------------- epochs
@@ -304,28 +314,43 @@ def main(argv=None):
         row = {"batch": batch, "flops_per_step": flops}
         steps = args.chunk if kind == "mlp" else max(2, args.chunk // 5)
         repeats = args.short_repeats if kind == "mlp" else args.repeats
+        # Every contender as a callable of one timed call and the steps it runs; timed in
+        # interleaved rounds (a slow spell of the machine hits them all alike).
+        contenders = {}
         for grad in ("autodiff", "manual"):
-            seconds, first = jaxnets_step_time(model, batch, grad, steps, repeats if kind in parts else 1)
+            run, first = jaxnets_step_runner(model, batch, grad, steps)
+            contenders[f"jaxnets_{grad}"] = (run, steps)
             row[f"jaxnets_{grad}_first_call_s"] = first
-            if kind in parts:
-                row[f"jaxnets_{grad}_s"] = seconds
+        if kind in parts:
+            # The same number of steps per timed call for everyone (only a call's first step
+            # finds the caches cold after another library's call).
+            repeat = lambda step: (lambda: [step() for _ in range(steps)], steps)
+            if torch is not None:
+                contenders["torch"] = repeat(torch_step_runner(torch, kind, batch))
+                if kind == "convnet":
+                    contenders["torch_channels_last"] = repeat(torch_step_runner(torch, kind, batch, True))
+            if kind == "mlp":
+                contenders["flax"] = repeat(flax_step_runner(kind, batch))
+            seconds = interleaved_median_seconds({k: f for k, (f, _) in contenders.items()}, repeats, warmup=2)
+            for label, (_, n) in contenders.items():
+                row[f"{label}_s"] = seconds[label] / n
+        for grad in ("autodiff", "manual"):
+            # The first call compiled, then ran ``steps`` steps: time to the first finished step.
+            per_step = row.get(f"jaxnets_{grad}_s")
+            if per_step is None:
+                per_step = median_seconds(contenders[f"jaxnets_{grad}"][0], 1, warmup=0) / steps
+            row[f"jaxnets_{grad}_first_call_s"] -= (steps - 1) * per_step
         if kind == "convnet" and kind in parts:
-            # The same step on lax.conv_general_dilated, what the GPU/TPU path uses: the
-            # im2col + GEMM formulation is the CPU default because of this comparison.
-            # It runs at a few images/s, so one timed step after the compiling one.
+            # The same step on lax.conv_general_dilated, what the GPU/TPU path uses (and Flax's
+            # ConvNet): the im2col + GEMM formulation is the CPU default because of this
+            # comparison. They run at a few images/s: one timed step after the compiling one.
             previous = C.set_conv_impl("xla")
             try:
                 row["jaxnets_xla_conv_s"], _ = jaxnets_step_time(model, batch, "autodiff", 1, 1)
             finally:
                 C.set_conv_impl(previous)
+            row["flax_s"] = median_seconds(flax_step_runner(kind, batch), 1, warmup=1)
         if kind in parts:
-            if torch is not None:
-                row["torch_s"] = torch_step_time(torch, kind, batch, repeats)
-                if kind == "convnet":
-                    row["torch_channels_last_s"] = torch_step_time(torch, kind, batch, repeats, True)
-            # Flax's ConvNet runs on lax.conv (a few images/s on CPU): one warm-up, one timed step.
-            row["flax_s"] = flax_step_time(kind, batch, repeats if kind == "mlp" else 1,
-                                           warmup=2 if kind == "mlp" else 1)
             for name in [k for k in row if k.endswith("_s") and not k.endswith("first_call_s")]:
                 label = name[:-2]
                 row[f"{label}_images_per_s"] = batch / row[name]
