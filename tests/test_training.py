@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -191,20 +192,23 @@ def test_cli_compile_cache_is_written_then_reused_with_identical_results(tmp_pat
     cache = tmp_path / "cache"
 
     def run(name):
+        # JAX_LOG_COMPILES makes jax log each persistent-cache hit on stderr.
         result = subprocess.run(
             [sys.executable, str(ROOT / "train.py"), "--dataset", "mnist", "--data-dir", str(mnist_dir),
              "--train-subset", "600", "--val-size", "100", "--batch-size", "50", "--epochs", "1", "--no-progress",
              "--compile-cache", str(cache), "--out", str(tmp_path / name)],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_LOG_COMPILES": "1"},
         )
         assert result.returncode == 0, result.stderr[-2000:]
-        return json.loads((tmp_path / name / "summary.json").read_text())
+        return json.loads((tmp_path / name / "summary.json").read_text()), result.stderr
 
-    first = run("first")
-    entries = sorted(p.name for p in cache.iterdir())
-    assert any(name.startswith("jit_chunk") for name in entries), entries
-    second = run("second")  # loads the programs: same numbers, bit for bit
-    assert sorted(p.name for p in cache.iterdir()) == entries
+    first, log = run("first")
+    written = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert any(name.startswith("jit_chunk") for name in written), written
+    assert "Persistent compilation cache hit" not in log
+    second, log = run("second")  # loads the programs: same numbers, bit for bit
+    assert "Persistent compilation cache hit for 'jit_chunk'" in log
+    assert {name: (cache / name).stat().st_mtime_ns for name in written} == written  # none rewritten
     assert second["test_accuracy"] == first["test_accuracy"] and second["test_loss"] == first["test_loss"]
 
 
