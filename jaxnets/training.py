@@ -594,7 +594,6 @@ def use_compile_cache(directory=DEFAULT_COMPILE_CACHE, *, min_compile_seconds=0.
         raise TrainingError(f"--compile-cache {directory}: cannot create the directory ({e.strerror})") from None
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
 
 

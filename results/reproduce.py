@@ -31,6 +31,17 @@ LIGHT_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png")
 MEMBER_FILES = ("config.json", "metrics.jsonl", "summary.json")
 SWEEP_FILES = ("sweep.csv", "sweep.json")
 
+def _recipe(*, lr, batch, epochs):
+    """Our CIFAR-10 ConvNet recipe's flags: crops + flips, Nesterov one-cycle, L2 5e-4, label
+    smoothing 0.1, manual backprop."""
+    return ["--augment", "--optimizer", "nesterov", "--lr", lr, "--momentum", "0.9", "--weight-decay", "5e-4",
+            "--schedule", "onecycle", "--label-smoothing", "0.1", "--batch-size", batch, "--epochs", epochs,
+            "--grad", "manual"]
+
+
+_PREACT = ["--model", "preact_convnet", "--dataset", "cifar10", "--conv-plan",
+           "64,64,64,M,128,128,128,M,256,256,256,M,512,512,M", *_recipe(lr="0.1", batch="128", epochs="60")]
+
 # name: (what it reproduces, the figure reported in the course reports, train.py flags)
 EXPERIMENTS = {
     "mnist_mlp_default": (
@@ -85,9 +96,7 @@ EXPERIMENTS = {
         "Nesterov SGD 0.2 one-cycle, L2 5e-4, label smoothing 0.1, batch 256, 16 epochs, manual backprop",
         "90% goal (course 75-79%, best report 81.1%)",
         ["--model", "convnet", "--dataset", "cifar10", "--conv-plan", "32,M,64,64,M,128,128,M,256,256,M",
-         "--augment", "--optimizer", "nesterov", "--lr", "0.2", "--momentum", "0.9", "--weight-decay", "5e-4",
-         "--schedule", "onecycle", "--label-smoothing", "0.1", "--batch-size", "256", "--epochs", "16",
-         "--grad", "manual"],
+         *_recipe(lr="0.2", batch="256", epochs="16")],
     ),
     # The rows below ran on a GPU (native convolutions; the table's machine line says which):
     # tens of thousands of images/s make 40-60 epochs a matter of minutes.
@@ -101,45 +110,33 @@ EXPERIMENTS = {
         "the course mini-VGG itself with our recipe: crops + flips, Nesterov SGD 0.2 one-cycle, L2 5e-4, "
         "label smoothing 0.1, batch 256, 40 epochs, manual backprop",
         "90% goal (course 75-79%, best report 81.1%)",
-        ["--model", "convnet", "--dataset", "cifar10", "--augment", "--optimizer", "nesterov", "--lr", "0.2",
-         "--momentum", "0.9", "--weight-decay", "5e-4", "--schedule", "onecycle", "--label-smoothing", "0.1",
-         "--batch-size", "256", "--epochs", "40", "--grad", "manual"],
+        ["--model", "convnet", "--dataset", "cifar10", *_recipe(lr="0.2", batch="256", epochs="40")],
     ),
     "cifar10_convnet_vgg8": (
         "CIFAR-10 VGG-8: conv64-64-M-128-128-M-256-256-M-512-512-M (conv-BN-ReLU), the same recipe, 60 epochs, "
         "manual backprop",
         "90% goal (course 75-79%, best report 81.1%)",
         ["--model", "convnet", "--dataset", "cifar10", "--conv-plan", "64,64,M,128,128,M,256,256,M,512,512,M",
-         "--augment", "--optimizer", "nesterov", "--lr", "0.2", "--momentum", "0.9", "--weight-decay", "5e-4",
-         "--schedule", "onecycle", "--label-smoothing", "0.1", "--batch-size", "256", "--epochs", "60",
-         "--grad", "manual"],
+         *_recipe(lr="0.2", batch="256", epochs="60")],
     ),
     "cifar10_convnet_vgg11": (
         "CIFAR-10 VGG-11: conv64-64-M-128-128-M-256-256-256-M-512-512-512-M (conv-BN-ReLU), the same recipe "
         "at batch 128 and lr 0.1, 80 epochs, manual backprop",
         "90% goal (course 75-79%, best report 81.1%)",
         ["--model", "convnet", "--dataset", "cifar10", "--conv-plan", "64,64,M,128,128,M,256,256,256,M,512,512,512,M",
-         "--augment", "--optimizer", "nesterov", "--lr", "0.1", "--momentum", "0.9", "--weight-decay", "5e-4",
-         "--schedule", "onecycle", "--label-smoothing", "0.1", "--batch-size", "128", "--epochs", "80",
-         "--grad", "manual"],
+         *_recipe(lr="0.1", batch="128", epochs="80")],
     ),
     "cifar10_convnet_preact": (
         "CIFAR-10 pre-activation residual ConvNet: blocks x + conv(relu(bn(x))) of widths 64x3-M-128x3-M-256x3-M-"
         "512x2-M, the same recipe at batch 128 and lr 0.1, 60 epochs, manual backprop",
         "90% goal (course 75-79%, best report 81.1%)",
-        ["--model", "preact_convnet", "--dataset", "cifar10", "--conv-plan",
-         "64,64,64,M,128,128,128,M,256,256,256,M,512,512,M", "--augment", "--optimizer", "nesterov", "--lr", "0.1",
-         "--momentum", "0.9", "--weight-decay", "5e-4", "--schedule", "onecycle", "--label-smoothing", "0.1",
-         "--batch-size", "128", "--epochs", "60", "--grad", "manual"],
+        _PREACT,
     ),
     "cifar10_convnet_preact_seeds": (
         "the same pre-activation residual run over seeds 0, 1, 2 (one sweep command; its memory plan put "
         "one member per chunk, so they trained one after another)",
         "90% goal (course 75-79%, best report 81.1%)",
-        ["--model", "preact_convnet", "--dataset", "cifar10", "--conv-plan",
-         "64,64,64,M,128,128,128,M,256,256,256,M,512,512,M", "--augment", "--optimizer", "nesterov", "--lr", "0.1",
-         "--momentum", "0.9", "--weight-decay", "5e-4", "--schedule", "onecycle", "--label-smoothing", "0.1",
-         "--batch-size", "128", "--epochs", "60", "--grad", "manual", "--sweep", "seed=0,1,2"],
+        [*_PREACT, "--sweep", "seed=0,1,2"],
     ),
 }
 
