@@ -5,8 +5,8 @@ Conventions are those of :mod:`jaxnets.layers`: ``foo(...) -> (y, cache)`` and
 static settings (stride, padding, window) are keyword arguments of both functions; bad
 shapes raise ``ValueError`` at trace time.
 
-Two implementations of the convolution (forward *and* backward)
---------------------------------------------------------------
+Three implementations of the convolution (forward *and* backward)
+----------------------------------------------------------------
 * ``"gemm"``: im2col + one matrix product. The patches are built from ``kh*kw`` strided
   slices of the padded input concatenated on the channel axis, giving a
   ``(B*Ho*Wo, kh*kw*cin)`` matrix that is multiplied by the kernel reshaped to
@@ -15,14 +15,22 @@ Two implementations of the convolution (forward *and* backward)
   GEMM. XLA:CPU runs ``lax.conv_general_dilated`` through a slow generic kernel, so this
   is several times faster there, both with the hand-written backward and under
   ``jax.grad`` (autodiff of slices/concat/dot is again slices/pads/dots).
+* ``"winograd"``: Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, 2015) for the
+  3x3, stride-1, pad-1 convolutions of a VGG (even H and W >= 4, cin >= 16), ``"gemm"``
+  for every other convolution. Each 2x2 output tile is computed from a 4x4 input tile with
+  16 products instead of 36, so the three GEMMs of a training step do 2.25x fewer FLOPs;
+  the tile transforms are additions. Measured on a 2-core CPU at batch 128 it halves the
+  time of forward and backward from 16x16x64 to 4x4x512; with 3 input channels or a 2x2
+  image (one tile) it is slower than im2col, hence the limits. Rounding differs from the
+  direct sum by a few float32 ulps of the output's scale.
 * ``"xla"``: ``lax.conv_general_dilated`` and, for the backward, the two convolutions
   that are its transposes. This is what cuDNN / the TPU compiler are good at.
 
-``"auto"`` (the default) picks ``"gemm"`` when ``jax.default_backend() == "cpu"`` and
+``"auto"`` (the default) picks ``"winograd"`` when ``jax.default_backend() == "cpu"`` and
 ``"xla"`` otherwise. Override with :func:`set_conv_impl` or the environment variable
-``JAXNETS_CONV_IMPL`` (``auto``/``gemm``/``xla``; :func:`set_conv_impl` wins). The choice is
-made at *trace* time: functions already compiled by ``jax.jit`` keep the implementation
-they were traced with.
+``JAXNETS_CONV_IMPL`` (``auto``/``winograd``/``gemm``/``xla``; :func:`set_conv_impl`
+wins). The choice is made at *trace* time: functions already compiled by ``jax.jit`` keep
+the implementation they were traced with.
 
 Pooling
 -------
@@ -47,13 +55,13 @@ from jax import lax
 from jaxnets._checks import check_choice, check_dim, check_ndim
 from jaxnets.layers import init_weights
 
-CONV_IMPLS = ("auto", "gemm", "xla")
+CONV_IMPLS = ("auto", "winograd", "gemm", "xla")
 _ENV_VAR = "JAXNETS_CONV_IMPL"
 _impl_override = None
 
 
 def set_conv_impl(impl):
-    """Choose the convolution implementation: ``"auto"``, ``"gemm"`` or ``"xla"``.
+    """Choose the convolution implementation: ``"auto"``, ``"winograd"``, ``"gemm"`` or ``"xla"``.
 
     ``None`` removes the override, so the environment variable ``JAXNETS_CONV_IMPL``
     (default ``"auto"``) decides again. Returns the previous override (``None`` if there
@@ -67,13 +75,13 @@ def set_conv_impl(impl):
 
 
 def get_conv_impl():
-    """The implementation a convolution traced now would use: ``"gemm"`` or ``"xla"``."""
+    """The implementation a convolution traced now would use: ``"winograd"``, ``"gemm"`` or ``"xla"``."""
     impl = _impl_override
     if impl is None:
         impl = os.environ.get(_ENV_VAR, "auto").strip().lower() or "auto"
         check_choice(f"conv2d (env {_ENV_VAR})", "conv implementation", impl, CONV_IMPLS)
     if impl == "auto":
-        impl = "gemm" if jax.default_backend() == "cpu" else "xla"
+        impl = "winograd" if jax.default_backend() == "cpu" else "xla"
     return impl
 
 
@@ -185,6 +193,123 @@ def _crop(xp, pads, in_hw):
     return xp[:, t : t + in_hw[0], l : l + in_hw[1], :]
 
 
+# --------------------------------------------------------------------------- winograd
+# F(2x2, 3x3): for a 4x4 input tile d and a 3x3 kernel g, the 2x2 output tile is
+# Y = A^T [(G g G^T) * (B^T d B)] A with the matrices below (points 0, 1, -1, inf). Tile t
+# of a pad-1 image covers padded rows 2t..2t+3: writing the padded image as
+# (B, H/2+1, 2, W/2+1, 2, C), the four rows of every tile are [t, 0], [t, 1], [t+1, 0],
+# [t+1, 1], so tiles are unit-stride slices and the transforms fused elementwise ops.
+
+WINOGRAD_MIN_CHANNELS = 16
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def _winograd_applies(w_shape, x_shape, s_hw, pads):
+    h, w = x_shape[1:3]
+    return (tuple(w_shape[:2]) == (3, 3) and s_hw == (1, 1) and pads == ((1, 1), (1, 1))
+            and h % 2 == 0 and w % 2 == 0 and min(h, w) >= 4 and w_shape[2] >= WINOGRAD_MIN_CHANNELS)
+
+
+def _bt(d0, d1, d2, d3):
+    """``B^T d`` along one tile axis: the rows of ``B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]``."""
+    return [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+
+
+def _b(e0, e1, e2, e3):
+    """``B e``, the adjoint of :func:`_bt`."""
+    return [e0, e1 - e2 + e3, e1 + e2 - e0, -e3]
+
+
+def _at(m0, m1, m2, m3):
+    """``A^T m`` along one tile axis: ``A^T = [[1,1,1,0],[0,1,-1,-1]]``."""
+    return [m0 + m1 + m2, m1 - m2 - m3]
+
+
+def _a(e0, e1):
+    """``A e``, the adjoint of :func:`_at`."""
+    return [e0, e0 + e1, e0 - e1, -e1]
+
+
+def _tile_halves(z, axis):
+    """The four tile rows along ``axis`` of a (.., n+1, 2, ..) phased array: [t,0], [t,1], [t+1,0], [t+1,1]."""
+    n = z.shape[axis] - 1
+    take = lambda lo, phase: lax.index_in_dim(lax.slice_in_dim(z, lo, lo + n, axis=axis), phase, axis + 1, False)
+    return take(0, 0), take(0, 1), take(1, 0), take(1, 1)
+
+
+def _untile_halves(d0, d1, d2, d3, axis):
+    """Adjoint of :func:`_tile_halves`: overlap-add the four tile rows back to (.., n+1, 2, ..)."""
+    cfg = lambda lo, hi: [(0, 0, 0)] * axis + [(lo, hi, 0)] + [(0, 0, 0)] * (d0.ndim - axis - 1)
+    zero = jnp.zeros((), d0.dtype)
+    phase0 = lax.pad(d0, zero, cfg(0, 1)) + lax.pad(d2, zero, cfg(1, 0))
+    phase1 = lax.pad(d1, zero, cfg(0, 1)) + lax.pad(d3, zero, cfg(1, 0))
+    return jnp.stack([phase0, phase1], axis + 1)
+
+
+def _winograd_input(x):
+    """``V = B^T d B`` of every tile: 16 matrices (B*H/2*W/2, C), entry (a, b) at 4a+b."""
+    b, h, w, c = x.shape
+    xp = _pad(x, ((1, 1), (1, 1)), 0).reshape(b, h // 2 + 1, 2, w // 2 + 1, 2, c)
+    rows = _bt(*_tile_halves(xp, 1))  # each (b, h/2, w/2+1, 2, c)
+    return [v.reshape(-1, c) for r in rows for v in _bt(*_tile_halves(r, 2))]
+
+
+def _winograd_input_backward(dv, x_shape):
+    """Adjoint of :func:`_winograd_input`: ``dd = B dV B^T`` per tile, overlap-added, cropped."""
+    b, h, w, c = x_shape
+    dv = [v.reshape(b, h // 2, w // 2, c) for v in dv]
+    drows = [_untile_halves(*_b(*dv[4 * a : 4 * a + 4]), axis=2) for a in range(4)]
+    dxp = _untile_halves(*_b(*drows), axis=1).reshape(b, h + 2, w + 2, c)
+    return _crop(dxp, ((1, 1), (1, 1)), (h, w))
+
+
+def _winograd_filter(w):
+    """``U = G g G^T`` of a (3, 3, cin, cout) kernel: 16 matrices (cin, cout), entry (a, b) at 4a+b."""
+    g = jnp.asarray(_WINOGRAD_G, w.dtype)
+    u = jnp.einsum("ai,ijco,bj->abco", g, w, g)
+    return [u[a, b] for a in range(4) for b in range(4)]
+
+
+def _winograd_filter_backward(du):
+    """Adjoint of :func:`_winograd_filter`: ``dg = G^T dU G``."""
+    g = jnp.asarray(_WINOGRAD_G, du[0].dtype)
+    du = jnp.stack(du).reshape(4, 4, *du[0].shape)
+    return jnp.einsum("ai,abco,bj->ijco", g, du, g)
+
+
+def _winograd_output(m, x_shape):
+    """``Y = A^T M A`` of every tile, the 2x2 tiles interleaved back to (B, H, W, cout)."""
+    b, h, w, _ = x_shape
+    m = [e.reshape(b, h // 2, w // 2, -1) for e in m]
+    cols = [_at(*m[4 * a : 4 * a + 4]) for a in range(4)]  # cols[a][q]
+    y = [_at(*(cols[a][q] for a in range(4))) for q in range(2)]  # y[q][p]
+    return jnp.stack([jnp.stack([y[0][p], y[1][p]], 3) for p in range(2)], 2).reshape(b, h, w, -1)
+
+
+def _winograd_output_backward(dy):
+    """Adjoint of :func:`_winograd_output`: ``dM = A dY A^T`` per tile, 16 matrices (tiles, cout)."""
+    b, h, w, cout = dy.shape
+    dy = dy.reshape(b, h // 2, 2, w // 2, 2, cout)
+    t = [_a(dy[:, :, p, :, 0], dy[:, :, p, :, 1]) for p in range(2)]  # t[p][b]
+    dm = [_a(t[0][e], t[1][e]) for e in range(4)]  # dm[b][a]
+    return [dm[e][a].reshape(-1, cout) for a in range(4) for e in range(4)]
+
+
+def _winograd_conv(x, w):
+    # 16 separate GEMMs rather than one batched dot_general: XLA:CPU runs them faster and
+    # no stacked (16, tiles, C) copy is made.
+    v, u = _winograd_input(x), _winograd_filter(w)
+    return _winograd_output([jnp.dot(vi, ui) for vi, ui in zip(v, u)], x.shape)
+
+
+def _winograd_conv_backward(x, w, dy):
+    v, u = _winograd_input(x), _winograd_filter(w)
+    dm = _winograd_output_backward(dy)
+    dw = _winograd_filter_backward([jnp.dot(vi.T, dmi) for vi, dmi in zip(v, dm)])
+    dx = _winograd_input_backward([jnp.dot(dmi, ui.T) for dmi, ui in zip(dm, u)], x.shape)
+    return dw, dx
+
+
 # ----------------------------------------------------------------------------- conv2d
 
 
@@ -237,11 +362,15 @@ def conv2d(params, x, *, stride=1, padding="SAME"):
     ``x`` is NHWC, ``W`` HWIO, ``xp`` is ``x`` zero-padded by ``padding`` ("SAME" as in
     lax/TensorFlow: output size ceil(n/stride); "VALID"; an int; or
     ``((top, bottom), (left, right))``). ``stride``: an int or a pair. Cache: ``x``.
-    Implementation per :func:`get_conv_impl` (im2col + GEMM on CPU, native conv elsewhere).
+    Implementation per :func:`get_conv_impl` (Winograd F(2x2,3x3) or im2col + GEMM on CPU,
+    native conv elsewhere).
     """
     k_hw, s_hw, pads, out_hw = _conv_geometry("conv2d", params, x, stride, padding)
     w = params["w"]
-    if get_conv_impl() == "gemm":
+    impl = get_conv_impl()
+    if impl == "winograd" and _winograd_applies(w.shape, x.shape, s_hw, pads):
+        y = _winograd_conv(x, w)
+    elif impl in ("winograd", "gemm"):
         cols = _patches(x, k_hw, s_hw, pads, out_hw)
         y = jnp.dot(cols, w.reshape(-1, w.shape[3]))
     else:
@@ -261,6 +390,13 @@ def conv2d_backward(params, cache, dy, *, stride=1, padding="SAME"):
       block (i, j) is zero-filled back to its strided window of ``xp`` (``lax.pad`` with
       interior padding ``stride-1``) and the ``kh*kw`` results are summed.
 
+    ``"winograd"`` (where it applies, see the module docstring): with ``V = B^T d B`` the
+    transformed input tiles, ``U = G g G^T`` the transformed kernel and ``M = V U`` (the 16
+    tile positions (a, b) each a GEMM over channels) so that ``y = A^T M A``, the backward is
+    the adjoint of each linear stage: ``dM = A dy A^T``; ``dU = V^T dM`` and
+    ``dW = G^T dU G``; ``dV = dM U^T`` and ``dx`` = the tiles ``B dV B^T`` overlap-added
+    back into the padded image (tiles overlap by 2 rows and columns), cropped.
+
     The ``"xla"`` implementation computes the same two quantities as convolutions:
     ``dW[i,j,c,o] = sum_{n,p,q} xp[n,p*s+i,q*s+j,c] dy[n,p,q,o]`` (x correlated with ``dy``
     dilated by ``s``, batch as the contracted feature axis) and
@@ -279,7 +415,10 @@ def conv2d_backward(params, cache, dy, *, stride=1, padding="SAME"):
         )
     in_hw = x.shape[1:3]
     padded_hw = tuple(n + lo + hi for n, (lo, hi) in zip(in_hw, pads))
-    if get_conv_impl() == "gemm":
+    impl = get_conv_impl()
+    if impl == "winograd" and _winograd_applies(w.shape, x.shape, s_hw, pads):
+        dw, dx = _winograd_conv_backward(x, w, dy)
+    elif impl in ("winograd", "gemm"):
         cols = _patches(x, k_hw, s_hw, pads, out_hw)
         kdim = cols.shape[-1]
         dy2 = dy.reshape(-1, cout)

@@ -1,5 +1,5 @@
 """Tests for jaxnets.conv: hand-written backwards vs jax.vjp and finite differences,
-gemm vs xla implementations, implementation selection, shapes and input validation."""
+winograd vs gemm vs xla implementations, implementation selection, shapes and input validation."""
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +62,11 @@ CONV_CASES = [
     (3, 5, 7, 3, 4, 1, 2, "VALID"),
     (3, 5, 7, 2, 3, 1, 1, 1),
     (3, 7, 7, 2, 3, 2, 3, ((2, 1), (1, 2))),
+    # where "winograd" runs F(2x2, 3x3): 3x3, stride 1, pad 1, even H and W >= 4, cin >= 16
+    (2, 4, 6, 16, 5, 3, 1, "SAME"),
+    (1, 8, 4, 17, 3, 3, 1, 1),
 ]
+IMPLS = ("winograd", "gemm", "xla")
 
 
 def _conv_inputs(case, dtype, seed=0):
@@ -86,7 +90,7 @@ def _with_impl(impl, fn, *args):
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
 def test_conv2d_backward_matches_vjp_and_fd(case):
-    """Both impls (traced in one jit): forward vs lax, backward vs jax.vjp, and each other."""
+    """All impls (traced in one jit): forward vs lax, backward vs jax.vjp, and each other."""
     stride, padding = case[6], case[7]
     with jax.enable_x64(True):
         params, x, rng = _conv_inputs(case, jnp.float64)
@@ -107,7 +111,7 @@ def test_conv2d_backward_matches_vjp_and_fd(case):
             mine = C.conv2d_backward(params, cache, dy, stride=stride, padding=padding)
             return y, ref, vjp(dy), mine
 
-        check = jax.jit(lambda *a: {i: _with_impl(i, check1, *a) for i in ("gemm", "xla")})
+        check = jax.jit(lambda *a: {i: _with_impl(i, check1, *a) for i in IMPLS})
         results = check(params, x, dy)
         for impl, (y, ref, (dp_ref, dx_ref), (dp, dx)) in results.items():
             assert y.shape == ref.shape
@@ -116,11 +120,12 @@ def test_conv2d_backward_matches_vjp_and_fd(case):
             assert dx.shape == x.shape and dx.dtype == jnp.float64
             for a, b in [(dp["w"], dp_ref["w"]), (dp["b"], dp_ref["b"]), (dx, dx_ref)]:
                 assert _rel(a, b) < 1e-6, impl
-        for a, b in zip(jax.tree.leaves(results["gemm"][3]), jax.tree.leaves(results["xla"][3])):
-            assert _rel(a, b) < 1e-12
+        for impl in ("winograd", "xla"):
+            for a, b in zip(jax.tree.leaves(results["gemm"][3]), jax.tree.leaves(results[impl][3])):
+                assert _rel(a, b) < 1e-12, impl
 
-        dp, dx = results["gemm"][3]
-        with C_impl("gemm"):
+        dp, dx = results["winograd"][3]
+        with C_impl("winograd"):
             loss = lambda w, b, x: jnp.sum(f({"w": w, "b": b}, x) * dy)
             _fd_check(loss, (params["w"], params["b"], x), (dp["w"], dp["b"], dx), rng, 3)
 
@@ -138,8 +143,8 @@ class C_impl:
         C.set_conv_impl(self.previous)
 
 
-@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[4], CONV_CASES[7]], ids=str)
-def test_gemm_and_xla_agree_float32(case):
+@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[4], CONV_CASES[7], CONV_CASES[10]], ids=str)
+def test_impls_agree_float32(case):
     stride, padding = case[6], case[7]
     params, x, rng = _conv_inputs(case, jnp.float32, seed=1)
     out = {}
@@ -149,14 +154,40 @@ def test_gemm_and_xla_agree_float32(case):
         dy = jax.random.normal(jax.random.PRNGKey(2), y.shape)
         return (y, *C.conv2d_backward(params, cache, dy, stride=stride, padding=padding))
 
-    for impl in ("gemm", "xla"):
+    for impl in IMPLS:
         C.set_conv_impl(impl)
         out[impl] = jax.jit(lambda p, x: run(p, x))(params, x)  # fresh trace per impl
-    (yg, dpg, dxg), (yx, dpx, dxx) = out["gemm"], out["xla"]
-    np.testing.assert_allclose(yg, yx, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dpg["w"], dpx["w"], rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(dpg["b"], dpx["b"], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dxg, dxx, rtol=1e-5, atol=1e-5)
+    for impl in ("winograd", "gemm"):
+        (yg, dpg, dxg), (yx, dpx, dxx) = out[impl], out["xla"]
+        np.testing.assert_allclose(yg, yx, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(dpg["w"], dpx["w"], rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(dpg["b"], dpx["b"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(dxg, dxx, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, cin, stride, padding, used", [
+    ((2, 8, 6), 16, 1, "SAME", True),
+    ((2, 8, 6), 16, 1, 1, True),
+    ((2, 8, 6), 15, 1, "SAME", False),  # too few input channels
+    ((2, 7, 6), 16, 1, "SAME", False),  # odd height
+    ((2, 2, 2), 16, 1, "SAME", False),  # a single tile
+    ((2, 8, 6), 16, 2, "SAME", False),
+    ((2, 8, 6), 16, 1, "VALID", False),
+])
+def test_winograd_used_where_it_applies(shape, cin, stride, padding, used):
+    """F(2x2, 3x3) is 16 GEMMs forward and 32 backward (plus the kernel transform's); every
+    other case is im2col's one GEMM forward and two backward."""
+    params = C.conv2d_init(jax.random.PRNGKey(0), cin, 4)
+    x = jnp.ones((*shape, cin))
+    C.set_conv_impl("winograd")
+    fwd = lambda p, x: C.conv2d(p, x, stride=stride, padding=padding)[0]
+    y = jax.eval_shape(fwd, params, x)
+    bwd = lambda p, x: C.conv2d_backward(p, x, jnp.ones(y.shape), stride=stride, padding=padding)
+    dots = lambda fn: sum(str(e.primitive) == "dot_general" for e in jax.make_jaxpr(fn)(params, x).jaxpr.eqns)
+    if used:
+        assert dots(fwd) >= 16 and dots(bwd) >= 32
+    else:
+        assert (dots(fwd), dots(bwd)) == (1, 2)
 
 
 def test_conv2d_shapes_and_jit():
@@ -220,7 +251,7 @@ def test_impl_selection_set_and_env(monkeypatch):
 
     monkeypatch.delenv("JAXNETS_CONV_IMPL", raising=False)
     C.set_conv_impl(None)
-    expected = "gemm" if jax.default_backend() == "cpu" else "xla"
+    expected = "winograd" if jax.default_backend() == "cpu" else "xla"
     assert C.get_conv_impl() == expected
 
     assert C.set_conv_impl("xla") is None
@@ -348,7 +379,7 @@ def test_flatten():
 # ----------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("impl", ["gemm", "xla"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_conv_bad_inputs(impl):
     C.set_conv_impl(impl)
     p = C.conv2d_init(jax.random.PRNGKey(0), 3, 4)
