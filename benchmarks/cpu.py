@@ -273,6 +273,7 @@ def machine_info(torch):
     info["torch_threads"] = torch.get_num_threads() if torch is not None else None
     info["platform"] = platform.platform()
     info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    info["conv_impl"] = C.get_conv_impl()
     return info
 
 
