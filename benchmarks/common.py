@@ -2,6 +2,8 @@
 
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -42,6 +44,19 @@ def interleaved_median_seconds(fns, repeats, warmup=1):
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def child_output(module, function, *args, env=None):
+    """The last line ``module.function(*args)`` prints, run in a new Python process.
+
+    For what cannot share a process with the caller: a fresh compilation cache, settings
+    read at process start (``GLIBC_TUNABLES``). ``args`` are passed as strings; ``env``
+    replaces the environment if given. Runs from the repository root.
+    """
+    code = f"import sys; from {module} import {function}; {function}(*sys.argv[1:])"
+    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, check=True,
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True).stdout
+    return out.strip().splitlines()[-1]
 
 
 def write_json(path, data):

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.common import interleaved_median_seconds, median_seconds, write_json
+from benchmarks.common import child_output, interleaved_median_seconds, median_seconds, write_json
 from jaxnets import conv as C
 from jaxnets import data as D
 from jaxnets import models as M
@@ -221,10 +220,7 @@ def jaxnets_epoch_seconds_fresh_process(kind, n_images, cache_dir):
     ``cache_dir`` (as ``train.py`` does): the first call in an empty directory compiles
     everything, a second call loads the programs (what a user's next run with the same
     shapes gets). Imports and the synthetic data are outside the timing."""
-    code = "import sys; from benchmarks.cpu import _epoch_in_child; _epoch_in_child(*sys.argv[1:])"
-    out = subprocess.run([sys.executable, "-c", code, kind, str(n_images), str(cache_dir)], check=True,
-                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True).stdout
-    return float(out.strip().splitlines()[-1])
+    return float(child_output("benchmarks.cpu", "_epoch_in_child", kind, n_images, cache_dir))
 
 
 def _epoch_in_child(kind, n_images, cache_dir):
@@ -303,7 +299,7 @@ def main(argv=None):
         torch = None
         print("torch not installed (pip install torch==2.13.0): PyTorch columns are skipped")
 
-    results = {"command": "python -m benchmarks.cpu " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+    results = {"command": "python -m benchmarks.cpu " + " ".join(argv if argv is not None else sys.argv[1:]),
                "machine": machine_info(torch)}
     if "gemm" in parts:
         results["gemm"] = bench_gemm(args.short_repeats, torch)
@@ -347,7 +343,7 @@ def main(argv=None):
                                                                      per_step)
         if kind == "convnet" and kind in parts:
             # The same step on lax.conv_general_dilated, what the GPU/TPU path uses (and Flax's
-            # ConvNet): the im2col + GEMM formulation is the CPU default because of this
+            # ConvNet): GEMM formulations (Winograd, im2col) are the CPU default because of this
             # comparison. They run at a few images/s: one timed step after the compiling one.
             previous = C.set_conv_impl("xla")
             try:

@@ -18,11 +18,10 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import write_json
+from benchmarks.common import child_output, write_json
 from jaxnets import training as T
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "hugepages.json"
@@ -48,10 +47,7 @@ def run_child(grad, repeats, hugepages):
     env.pop("GLIBC_TUNABLES", None)
     if hugepages:
         env["GLIBC_TUNABLES"] = TUNABLE
-    code = "import sys; from benchmarks.hugepages import _child; _child(*sys.argv[1:])"
-    out = subprocess.run([sys.executable, "-c", code, grad, str(repeats)], env=env, check=True,
-                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return json.loads(child_output("benchmarks.hugepages", "_child", grad, repeats, env=env))
 
 
 def main(argv=None):

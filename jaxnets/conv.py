@@ -210,6 +210,15 @@ def _winograd_applies(w_shape, x_shape, s_hw, pads):
             and h % 2 == 0 and w % 2 == 0 and min(h, w) >= 4 and w_shape[2] >= WINOGRAD_MIN_CHANNELS)
 
 
+def _conv_method(w_shape, x_shape, s_hw, pads):
+    """What computes this convolution now: ``"winograd"`` where it applies, else ``"gemm"``
+    for the CPU implementations, or ``"xla"`` (per :func:`get_conv_impl`)."""
+    impl = get_conv_impl()
+    if impl == "winograd" and not _winograd_applies(w_shape, x_shape, s_hw, pads):
+        return "gemm"
+    return impl
+
+
 def _bt(d0, d1, d2, d3):
     """``B^T d`` along one tile axis: the rows of ``B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]``."""
     return [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
@@ -367,10 +376,10 @@ def conv2d(params, x, *, stride=1, padding="SAME"):
     """
     k_hw, s_hw, pads, out_hw = _conv_geometry("conv2d", params, x, stride, padding)
     w = params["w"]
-    impl = get_conv_impl()
-    if impl == "winograd" and _winograd_applies(w.shape, x.shape, s_hw, pads):
+    method = _conv_method(w.shape, x.shape, s_hw, pads)
+    if method == "winograd":
         y = _winograd_conv(x, w)
-    elif impl in ("winograd", "gemm"):
+    elif method == "gemm":
         cols = _patches(x, k_hw, s_hw, pads, out_hw)
         y = jnp.dot(cols, w.reshape(-1, w.shape[3]))
     else:
@@ -415,10 +424,10 @@ def conv2d_backward(params, cache, dy, *, stride=1, padding="SAME"):
         )
     in_hw = x.shape[1:3]
     padded_hw = tuple(n + lo + hi for n, (lo, hi) in zip(in_hw, pads))
-    impl = get_conv_impl()
-    if impl == "winograd" and _winograd_applies(w.shape, x.shape, s_hw, pads):
+    method = _conv_method(w.shape, x.shape, s_hw, pads)
+    if method == "winograd":
         dw, dx = _winograd_conv_backward(x, w, dy)
-    elif impl in ("winograd", "gemm"):
+    elif method == "gemm":
         cols = _patches(x, k_hw, s_hw, pads, out_hw)
         kdim = cols.shape[-1]
         dy2 = dy.reshape(-1, cout)

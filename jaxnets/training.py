@@ -4,8 +4,9 @@ Layout of one run, following airbench: the uint8 training set lives on the devic
 epoch a ``jax.random`` permutation orders it; a compiled loop runs a chunk of steps
 (gather the batch, augment, normalise, gradient, Optax update; the number of steps is an
 argument, so one program serves every chunk) and returns the chunk's losses, so the host
-only touches the device once per chunk (to advance the progress bar and check for NaN). Every random draw derives from ``(seed, epoch, step)``,
-so a run resumed from an epoch checkpoint is identical to an uninterrupted one.
+only touches the device once per chunk (to advance the progress bar and check for NaN).
+Every random draw derives from ``(seed, epoch, step)``, so a run resumed from an epoch
+checkpoint is identical to an uninterrupted one.
 
 :func:`train` is the library entry point; ``train.py`` is a thin CLI over it.
 """
