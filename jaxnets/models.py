@@ -16,7 +16,6 @@ gradient path: both return ``((loss, new_state), grads)`` like
 """
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -80,17 +79,11 @@ class MLP:
     def init(self, key):
         sizes = (self.input_size, *self.hidden, self.classes)
         keys = jax.random.split(key, len(sizes) - 1)
-        linears = [
-            L.linear_init(
-                k,
-                fan_in,
-                fan_out,
-                scheme=_first_layer_scheme(self.init_scheme) if i == 0 else self.init_scheme,
-                bias=not (self.batch_norm and i < len(self.hidden)),
-                dtype=self.dtype,
-            )
-            for i, (k, fan_in, fan_out) in enumerate(zip(keys, sizes[:-1], sizes[1:]))
-        ]
+        linears = L.init_layers(keys, [
+            ((fan_in, fan_out), fan_in, _first_layer_scheme(self.init_scheme) if i == 0 else self.init_scheme,
+             not (self.batch_norm and i < len(self.hidden)))
+            for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:]))
+        ], dtype=self.dtype, layer="MLP")
         blocks, states = [], []
         for lin, width in zip(linears[:-1], self.hidden):
             block, state = {"linear": lin}, {}
@@ -231,18 +224,30 @@ class ConvNet:
     def init(self, key):
         widths, cout = self._widths()
         keys = iter(jax.random.split(key, 2 * len(widths) + 1))
-        conv = functools.partial(C.conv2d_init, bias=False, dtype=self.dtype)
+        # The weights are drawn together by one L.init_layers call (one compiled draw):
+        # first each layer's place, key and spec, then the draws.
+        places, layer_keys, specs = [], [], []
+
+        def layer(where, name, shape, fan_in, scheme, bias):
+            where[name] = None  # keeps the keys' order
+            places.append((where, name))
+            layer_keys.append(next(keys))
+            specs.append((shape, fan_in, scheme, bias))
+
+        def conv(where, name, cin, cout, k, scheme):
+            layer(where, name, (k, k, cin, cout), k * k * cin, scheme, False)
+
         blocks, states = [], []
         for i, (cin, width) in enumerate(widths):
             block, state = {}, {}
             first = _first_layer_scheme(self.init_scheme) if i == 0 else self.init_scheme
             if self.preact:
                 if cin != width:
-                    block["proj"] = conv(next(keys), cin, width, 1, scheme=first)
+                    conv(block, "proj", cin, width, 1, first)
                 block["bn"], state["bn"] = L.batch_norm_init(width, self.dtype)
-                block["conv"] = conv(next(keys), width, width, 3, scheme=self.init_scheme)
+                conv(block, "conv", width, width, 3, self.init_scheme)
             else:
-                block["conv"] = conv(next(keys), cin, width, 3, scheme=first)
+                conv(block, "conv", cin, width, 3, first)
                 block["bn"], state["bn"] = L.batch_norm_init(width, self.dtype)
             blocks.append(block)
             states.append(state)
@@ -250,7 +255,9 @@ class ConvNet:
         if self.preact:
             params["head_bn"], state["head_bn"] = L.batch_norm_init(cout, self.dtype)
         h, w = self.output_spatial()
-        params["head"] = L.linear_init(next(keys), h * w * cout, self.classes, scheme=self.init_scheme, dtype=self.dtype)
+        layer(params, "head", (h * w * cout, self.classes), h * w * cout, self.init_scheme, True)
+        for (where, name), weights in zip(places, L.init_layers(layer_keys, specs, dtype=self.dtype, layer="ConvNet")):
+            where[name] = weights
         return params, state
 
     def _check_input(self, x):

@@ -701,6 +701,13 @@ def _member(tree, m):
     return jax.tree_util.tree_map(lambda a: a[m], tree)
 
 
+#: XLA options for programs of integer arithmetic only (threefry, sorts, gathers), which any
+#: optimisation level computes bit for bit alike: without LLVM's optimisations the epoch's
+#: order (6 threefry calls and two sorts) compiles in 0.3 s instead of 0.7 s on the 2-core
+#: CPU, and runs in 30 ms instead of 23 ms, once per epoch.
+INTEGER_PROGRAM_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
 def _epoch_inputs(run_key, train_idx, epoch):
     """A member's epoch order (indices into the pool) and the key its steps fold in."""
     perm_key, epoch_key = jax.random.split(jax.random.fold_in(run_key, epoch))
@@ -845,7 +852,7 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     host_keys = jax.random.wrap_key_data(key_data)
     pool_y, test_labels = pool_y.astype(np.int32), dataset.test_labels.astype(np.int32)
     inputs = [dict(means=part(means, b), stds=part(stds, b), hps=part(hps, b)) for b in blocks]
-    epoch_inputs = jax.jit(jax.vmap(_epoch_inputs, in_axes=(0, 0, None)))
+    epoch_inputs = jax.jit(jax.vmap(_epoch_inputs, in_axes=(0, 0, None)), compiler_options=INTEGER_PROGRAM_OPTIONS)
     if mesh is None:  # the whole uint8 pool on the one device; each step gathers its batch there
         images, labels = put(pool_x), put(pool_y)
         for b, x in zip(blocks, inputs):

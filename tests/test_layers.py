@@ -228,6 +228,45 @@ def test_init_scales():
     assert float(p["w"].std()) > 0.05
 
 
+INIT_SPECS = [((7, 5), 7, "lecun", True), ((3, 3, 4, 6), 36, "kaiming", False), ((5, 2), 5, "pytorch", True),
+              ((6, 9), 6, "course", True), ((9, 4), 9, "pytorch", False)]
+
+
+def per_layer_init(keys, dtype):
+    """Each layer's weights drawn on their own with jax.random, the scheme's formula."""
+    params = []
+    for key, (shape, fan_in, scheme, bias) in zip(keys, INIT_SPECS):
+        wkey, bkey = jax.random.split(key)
+        if scheme == "pytorch":
+            bound = 1 / np.sqrt(fan_in)
+            p = {"w": jax.random.uniform(wkey, shape, dtype, -bound, bound),
+                 "b": jax.random.uniform(bkey, shape[-1:], dtype, -bound, bound)}
+        else:
+            std = {"kaiming": np.sqrt(2 / fan_in), "lecun": np.sqrt(1 / fan_in), "course": 1e-4}[scheme]
+            p = {"w": jax.random.normal(wkey, shape, dtype) * jnp.asarray(std, dtype), "b": jnp.zeros(shape[-1:], dtype)}
+        params.append(p if bias else {"w": p["w"]})
+    return params
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, F64])
+@pytest.mark.parametrize("partitionable", [True, False])
+def test_init_layers_equals_per_layer_jitted_draws(dtype, partitionable):
+    # Batched into one draw (partitionable threefry) or not, each layer gets the numbers of
+    # its own jitted draw (what the trainer's jitted init gave before batching), bit for bit,
+    # and eager init_layers gives the same.
+    keys = jax.random.split(jax.random.key(4), len(INIT_SPECS))
+    with jax.threefry_partitionable(partitionable):
+        expected = jax.jit(per_layer_init, static_argnums=1)(keys, dtype)
+        batched = jax.jit(lambda k: L.init_layers(k, INIT_SPECS, dtype=dtype))(keys)
+        eager = L.init_layers(keys, INIT_SPECS, dtype=dtype)
+        single = [L.init_weights(k, *spec[:2], scheme=spec[2], bias=spec[3], dtype=dtype)
+                  for k, spec in zip(keys, INIT_SPECS)]
+    assert jax.tree_util.tree_structure(batched) == jax.tree_util.tree_structure(expected)
+    for got in (batched, eager, single):
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
+            assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_dropout_masks_are_independent_across_keys_and_positions():
     x = jnp.ones((256, 400))
     masks = np.stack([np.asarray(L.dropout(x, rate=0.3, key=jax.random.key(k))[0] != 0) for k in range(6)])

@@ -95,6 +95,39 @@ def test_init_and_apply_agree_on_shapes(model, shape):
     assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
 
 
+@pytest.mark.parametrize("scheme", ["kaiming", "pytorch"])
+def test_init_draws_once_and_equals_the_layers_own_inits(scheme):
+    # The whole model's weights come from one random draw (compile time), with the numbers
+    # each layer's own init function gives it from its key.
+    from jaxnets import conv as C
+    from jaxnets import layers as L
+
+    mlp = M.MLP(input_size=12, hidden=(9, 7), init_scheme=scheme)
+    convnet = M.ConvNet(input_shape=(8, 8, 3), plan=(4, "M", 6, 6, "M"), init_scheme=scheme)
+    for model in (mlp, convnet, M.ConvNet(input_shape=(8, 8, 3), plan=(4, "M", 6), preact=True)):
+        assert str(jax.make_jaxpr(model.init)(jax.random.key(0))).count("random_bits[") == 1
+
+    first = "lecun" if scheme == "kaiming" else scheme
+    def by_layer(key):
+        keys = jax.random.split(key, 3)
+        mlp_layers = [L.linear_init(keys[0], 12, 9, scheme=first), L.linear_init(keys[1], 9, 7, scheme=scheme),
+                      L.linear_init(keys[2], 7, 10, scheme=scheme)]
+        keys = jax.random.split(key, 7)
+        convs = [C.conv2d_init(keys[0], 3, 4, scheme=first, bias=False), C.conv2d_init(keys[1], 4, 6, scheme=scheme, bias=False),
+                 C.conv2d_init(keys[2], 6, 6, scheme=scheme, bias=False)]
+        return mlp_layers, convs, L.linear_init(keys[3], 2 * 2 * 6, 10, scheme=scheme)
+
+    key = jax.random.key(5)
+    mlp_layers, convs, head = jax.jit(by_layer)(key)
+    mlp_params, _ = jax.jit(mlp.init)(key)
+    conv_params, _ = jax.jit(convnet.init)(key)
+    got = ([b["linear"] for b in mlp_params["blocks"]] + [mlp_params["head"]],
+           [b["conv"] for b in conv_params["blocks"]], conv_params["head"])
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure((mlp_layers, convs, head))
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves((mlp_layers, convs, head))):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_eval_mode_is_deterministic_and_keeps_state():
     model = M.MLP(input_size=10, hidden=(8,), batch_norm=True, dropout=0.5)
     params, state = model.init(jax.random.PRNGKey(0))

@@ -147,6 +147,20 @@ def test_augment_without_flip_only_crops():
         assert any(np.array_equal(crop, padded[i:i + 6, j:j + 6]) for i in range(3) for j in range(3))
 
 
+def test_epoch_order_compiled_without_optimisations_is_bit_identical():
+    # The trainer compiles the epoch order with INTEGER_PROGRAM_OPTIONS: the same order and
+    # key as jax.random's default compile.
+    keys, idx = jax.random.split(jax.random.key(7), 2), np.stack([np.arange(1000), np.arange(1000, 2000)]).astype(np.int32)
+    epoch_inputs = jax.vmap(T._epoch_inputs, in_axes=(0, 0, None))
+    fast = jax.jit(epoch_inputs, compiler_options=T.INTEGER_PROGRAM_OPTIONS)(keys, idx, 3)
+    default = jax.jit(epoch_inputs)(keys, idx, 3)
+    perm_key, epoch_key = jax.random.split(jax.random.fold_in(keys[1], 3))
+    assert np.array_equal(fast[0], default[0]) and np.array_equal(fast[0][1], idx[1][jax.random.permutation(perm_key, 1000)])
+    assert np.array_equal(jax.random.key_data(fast[1]), jax.random.key_data(default[1]))
+    assert np.array_equal(jax.random.key_data(fast[1][1]), jax.random.key_data(epoch_key))
+    assert sorted(np.asarray(fast[0][0])) == list(range(1000))
+
+
 def test_small_conv_plan_trains_on_mnist_with_crops(mnist, tmp_path):
     cfg = config(tmp_path, model="convnet", conv_plan=(8, "M", 16, "M"), epochs=1, batch_size=64, val_size=128,
                  augment=True, chunk_steps=8, max_steps=24)
