@@ -293,6 +293,8 @@ POOL_CASES = [
     (1, 5, 7, 3, 2, 2, 0),
     (3, 5, 7, 2, 3, 1, "SAME"),
     (3, 7, 5, 2, 3, 2, ((1, 0), (2, 1))),
+    (2, 6, 8, 3, 3, 2, 1),  # phased (C._pool_phased): window positions cached
+    (1, 2, 4, 2, 3, 2, 1),
 ]
 
 
@@ -349,6 +351,42 @@ def test_max_pool_tie_goes_to_first_position():
     np.testing.assert_array_equal(dx[0, :, :, 0], [[1, 0], [0, 0]])
     g = jax.grad(lambda x: C.max_pool(x, window=2, stride=2, padding=0)[0].sum())(x)
     np.testing.assert_array_equal(g, dx)
+    # The phased 3x3/2 pool: the window's first real position is x[0, 0] (the rest of its
+    # first row and column is padding).
+    assert C._pool_phased(x.shape, (3, 3), (2, 2), ((1, 1), (1, 1)))
+    y, cache = C.max_pool(x)
+    np.testing.assert_array_equal(C.max_pool_backward(cache, jnp.ones_like(y))[0, :, :, 0], [[1, 0], [0, 0]])
+    np.testing.assert_array_equal(jax.grad(lambda x: C.max_pool(x)[0].sum())(x)[0, :, :, 0], [[1, 0], [0, 0]])
+
+
+def test_phased_max_pool_only_for_its_geometry():
+    assert C._pool_phased((2, 32, 32, 3), (3, 3), (2, 2), ((1, 1), (1, 1)))
+    assert not C._pool_phased((2, 31, 32, 3), (3, 3), (2, 2), ((1, 1), (1, 1)))
+    assert not C._pool_phased((2, 32, 32, 3), (2, 2), (2, 2), ((0, 0), (0, 0)))
+    assert not C._pool_phased((2, 32, 32, 3), (3, 3), (1, 1), ((1, 1), (1, 1)))
+    previous = C.set_conv_impl("xla")  # GPU/TPU's choice: the strided pool
+    try:
+        assert not C._pool_phased((2, 32, 32, 3), (3, 3), (2, 2), ((1, 1), (1, 1)))
+    finally:
+        C.set_conv_impl(previous)
+
+
+def test_phased_max_pool_equals_strided(monkeypatch):
+    # Ties and NaNs included: the same outputs and the same routing, bit for bit.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.integers(-2, 3, size=(3, 8, 6, 4)), jnp.float32).at[0, 1, 1, 0].set(jnp.nan)
+    x = x.at[1, 3, 2, 1].set(jnp.nan).at[2, 0, 0, 2].set(-jnp.inf)
+    dy = jnp.asarray(rng.normal(size=(3, 4, 3, 4)), jnp.float32)
+
+    def run(x, dy):
+        y, cache = C.max_pool(x)
+        return y, C.max_pool_backward(cache, dy), jax.grad(lambda x: jnp.sum(C.max_pool(x)[0] * dy))(x)
+
+    phased = jax.jit(run)(x, dy)
+    monkeypatch.setattr(C, "_pool_phased", lambda *args: False)
+    strided = jax.jit(run)(x, dy)
+    for a, b in zip(phased, strided):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_pool_shapes():
