@@ -42,7 +42,9 @@ the slices formulation wins for training.
 ``max_pool`` pads with ``-inf`` and, on ties, routes the whole gradient to the *first*
 maximal position in scan order (row-major over the window); the forward is a chain of
 ``where(m >= s, m, s)`` so that ``jax.grad`` of the forward routes ties the same way as
-:func:`max_pool_backward`. ``avg_pool`` pads with zeros and always divides by
+:func:`max_pool_backward`. Under the CPU convolutions the course's 3x3/2/1 pool of an
+even-sized image is *phased*: unit-stride window slices, and the first maximal positions
+stored by the forward for the backward (see :func:`_pool_phased`; same numbers). ``avg_pool`` pads with zeros and always divides by
 ``window*window`` (PyTorch's ``count_include_pad=True``).
 """
 
@@ -542,13 +544,13 @@ def max_pool_backward(cache, dy, *, window=3, stride=2, padding=1):
     a phased pool ``M_k = [k == first]`` with ``first`` from the cache, and ``unslice_k``
     is the adjoint of :func:`_phased_windows`'s window k.
     """
-    x, y = cache
+    x, kept = cache  # kept: y, or the first maximal positions of a phased pool
     k_hw, s_hw, pads, out_hw = _pool_geometry("max_pool_backward", x, window, stride, padding)
     _check_pool_dy("max_pool_backward", x, dy, out_hw)
     zero = jnp.zeros((), dy.dtype)
     if _pool_phased(x.shape, k_hw, s_hw, pads):
-        first = y
-        return _phased_windows_backward([jnp.where(first == k, dy, zero) for k in range(9)], x.shape)
+        return _phased_windows_backward([jnp.where(kept == k, dy, zero) for k in range(9)], x.shape)
+    y = kept
     xp = _pad(x, pads, -jnp.inf)
     padded_hw = xp.shape[1:3]
     pieces = _slices(xp, k_hw, s_hw, out_hw)
