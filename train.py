@@ -38,7 +38,8 @@ HELP = {
     "augment": "CIFAR-10: random crop with 4-pixel padding + horizontal flip, on the device",
     "normalize": "channel: per-channel mean/std of the training split; mean_image: subtract the mean image from raw 0..255 pixels (the course)",
     "val_size": "examples held out from train for validation (seeded)",
-    "grad": "gradient path: autodiff (jax.grad) or manual (the hand-written backward passes)",
+    "grad": "gradient path: autodiff (jax.grad) or manual (the hand-written backward passes: the same "
+            "gradients up to rounding, and on CPU the faster path for the ConvNet; README, Performance)",
     "seed": "seed of init, split, shuffling, augmentation and dropout",
     "max_steps": "stop after this many steps (0: epochs decide)",
     "train_subset": "use only the first N training images (0: all)",
