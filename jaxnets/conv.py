@@ -44,8 +44,9 @@ maximal position in scan order (row-major over the window); the forward is a cha
 ``where(m >= s, m, s)`` so that ``jax.grad`` of the forward routes ties the same way as
 :func:`max_pool_backward`. Under the CPU convolutions the course's 3x3/2/1 pool of an
 even-sized image is *phased*: unit-stride window slices, and the first maximal positions
-stored by the forward for the backward (see :func:`_pool_phased`; same numbers). ``avg_pool`` pads with zeros and always divides by
-``window*window`` (PyTorch's ``count_include_pad=True``).
+stored by the forward for the backward (see :func:`_pool_phased`; same numbers).
+``avg_pool`` pads with zeros and always divides by ``window*window`` (PyTorch's
+``count_include_pad=True``).
 """
 
 import os
@@ -248,6 +249,20 @@ def _tile_halves(z, axis):
     return take(0, 0), take(0, 1), take(1, 0), take(1, 1)
 
 
+def _phase_view(x, value):
+    """``x`` (B, H, W, C), even H and W, padded by 1 with ``value`` and seen as
+    (B, H/2+1, 2, W/2+1, 2, C): padded row 2t+r is [t, r]."""
+    b, h, w, c = x.shape
+    return _pad(x, ((1, 1), (1, 1)), value).reshape(b, h // 2 + 1, 2, w // 2 + 1, 2, c)
+
+
+def _unphase_view(z, x_shape):
+    """Adjoint of :func:`_phase_view`: the (B, H/2+1, 2, W/2+1, 2, C) array as the padded
+    image, its border cropped."""
+    b, h, w, c = x_shape
+    return _crop(z.reshape(b, h + 2, w + 2, c), ((1, 1), (1, 1)), (h, w))
+
+
 def _untile_halves(d0, d1, d2, d3, axis):
     """Adjoint of :func:`_tile_halves`: overlap-add the four tile rows back to (.., n+1, 2, ..).
     ``d3=None`` stands for zeros (a max pool's windows use only the first three)."""
@@ -262,10 +277,8 @@ def _untile_halves(d0, d1, d2, d3, axis):
 
 def _winograd_input(x):
     """``V = B^T d B`` of every tile: 16 matrices (B*H/2*W/2, C), entry (a, b) at 4a+b."""
-    b, h, w, c = x.shape
-    xp = _pad(x, ((1, 1), (1, 1)), 0).reshape(b, h // 2 + 1, 2, w // 2 + 1, 2, c)
-    rows = _bt(*_tile_halves(xp, 1))  # each (b, h/2, w/2+1, 2, c)
-    return [v.reshape(-1, c) for r in rows for v in _bt(*_tile_halves(r, 2))]
+    rows = _bt(*_tile_halves(_phase_view(x, 0), 1))  # each (b, h/2, w/2+1, 2, c)
+    return [v.reshape(-1, x.shape[3]) for r in rows for v in _bt(*_tile_halves(r, 2))]
 
 
 def _winograd_input_backward(dv, x_shape):
@@ -273,8 +286,7 @@ def _winograd_input_backward(dv, x_shape):
     b, h, w, c = x_shape
     dv = [v.reshape(b, h // 2, w // 2, c) for v in dv]
     drows = [_untile_halves(*_b(*dv[4 * a : 4 * a + 4]), axis=2) for a in range(4)]
-    dxp = _untile_halves(*_b(*drows), axis=1).reshape(b, h + 2, w + 2, c)
-    return _crop(dxp, ((1, 1), (1, 1)), (h, w))
+    return _unphase_view(_untile_halves(*_b(*drows), axis=1), x_shape)
 
 
 def _winograd_filter(w):
@@ -598,18 +610,14 @@ def _stored(a):
 def _phased_windows(x):
     """The 9 windows of the -inf-padded (B, H, W, C) image, row-major, each (B, H/2, W/2, C):
     window rows of output p are padded rows 2p, 2p+1, 2p+2, i.e. the first three of
-    :func:`_tile_halves` of the image seen as (B, H/2+1, 2, W/2+1, 2, C)."""
-    b, h, w, c = x.shape
-    xp = _pad(x, ((1, 1), (1, 1)), -jnp.inf).reshape(b, h // 2 + 1, 2, w // 2 + 1, 2, c)
-    return [col for row in _tile_halves(xp, 1)[:3] for col in _tile_halves(row, 2)[:3]]
+    :func:`_tile_halves` of :func:`_phase_view`."""
+    return [col for row in _tile_halves(_phase_view(x, -jnp.inf), 1)[:3] for col in _tile_halves(row, 2)[:3]]
 
 
 def _phased_windows_backward(dwindows, x_shape):
     """Adjoint of :func:`_phased_windows`: the 9 windows overlap-added back, cropped."""
-    b, h, w, c = x_shape
     drows = [_untile_halves(*dwindows[3 * i : 3 * i + 3], None, axis=2) for i in range(3)]
-    dxp = _untile_halves(*drows, None, axis=1).reshape(b, h + 2, w + 2, c)
-    return _crop(dxp, ((1, 1), (1, 1)), (h, w))
+    return _unphase_view(_untile_halves(*drows, None, axis=1), x_shape)
 
 
 def avg_pool(x, *, window=3, stride=2, padding=1):

@@ -61,7 +61,7 @@ def init_layers(keys, layers, *, dtype=jnp.float32, layer="init_layers"):
     normal weight is ``erf_inv(u) * (sqrt(2) * std)`` with ``u ~ U(nextafter(-1, 0), 1)``,
     the two constants multiplied first, as XLA folds ``jax.random.normal(key, shape) * std``.
     """
-    requests, plans = [], []  # requests: (distribution, key, size, bound) of each flat draw
+    requests, plans = [], []  # requests: (distribution, key, size, bound; 0 for erf_inv) of each flat draw
     for key, (shape, fan_in, scheme, bias) in zip(keys, layers):
         check_choice(layer, "init scheme", scheme, INIT_SCHEMES)
         wkey, bkey = jax.random.split(key)
@@ -71,7 +71,7 @@ def init_layers(keys, layers, *, dtype=jnp.float32, layer="init_layers"):
             scale = None
         else:
             std = {"kaiming": math.sqrt(2.0 / fan_in), "lecun": math.sqrt(1.0 / fan_in), "course": 1e-4}[scheme]
-            requests.append(("erf_inv", wkey, math.prod(shape), None))
+            requests.append(("erf_inv", wkey, math.prod(shape), 0.0))
             scale = np.asarray(np.sqrt(2), dtype) * np.asarray(std, dtype)
         plans.append((shape, bias, scale))
     flat = iter(_flat_draws(requests, dtype))
@@ -107,7 +107,7 @@ def _flat_draws(requests, dtype):
             continue
         size = max(requests[i][2] for i in which)
         keys = jnp.stack([requests[i][1] for i in which])
-        bounds = jnp.asarray([requests[i][3] or 0.0 for i in which], dtype)
+        bounds = jnp.asarray([requests[i][3] for i in which], dtype)
         rows = jax.lax.map(lambda kb: draw(distribution, kb[0], size, kb[1]), (keys, bounds))
         for row, i in enumerate(which):
             flat[i] = rows[row, :requests[i][2]]
