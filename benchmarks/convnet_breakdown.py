@@ -110,10 +110,10 @@ def main(argv=None):
     gflops = sum(r["gemm_flops"] for r in rows) / totals["gemm_s"] / 1e9
     print(f"sum {1e3 * whole:.0f} ms per step of {b}: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items())
           + f"; GEMMs at {gflops:.0f} GFLOP/s")
-    from jaxnets import training as T
+    from jaxnets import runs
 
     write_json(args.out, {"command": "python -m benchmarks.convnet_breakdown", "batch": b, "layers": rows,
-                          "total_s": whole, "shares": shares, "gemm_gflops": gflops, "machine": T.environment_info()})
+                          "total_s": whole, "shares": shares, "gemm_gflops": gflops, "machine": runs.environment_info()})
 
 
 if __name__ == "__main__":

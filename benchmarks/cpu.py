@@ -38,9 +38,12 @@ import numpy as np
 import optax
 
 from benchmarks.common import child_output, interleaved_median_seconds, median_seconds, write_json
+from jaxnets.config import TrainConfig
+from jaxnets.steps import make_train_chunk, prepare_data
 from jaxnets import conv as C
 from jaxnets import data as D
 from jaxnets import models as M
+from jaxnets import optim, runs
 from jaxnets import training as T
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "bench_cpu.json"
@@ -78,11 +81,11 @@ def bench_gemm(repeats, torch):
 def jaxnets_step_runner(model, batch, grad, steps, image_shape=(32, 32, 3)):
     """``(run, first)``: ``run()`` trains ``steps`` steps as the trainer runs them (one
     compiled chunk call); ``first`` is the wall time of the first call (compile + steps)."""
-    config = T.TrainConfig(batch_size=batch, grad=grad, optimizer="adam", lr=1e-4, schedule="constant",
+    config = TrainConfig(batch_size=batch, grad=grad, optimizer="adam", lr=1e-4, schedule="constant",
                            dropout=0.0, val_size=0)
-    data = T.prepare_data(synthetic_dataset(batch * steps, 10, image_shape), config)
-    optimizer = T.build_optimizer(config, 10**6)
-    chunk = T.make_train_chunk(model, optimizer, config)
+    data = prepare_data(synthetic_dataset(batch * steps, 10, image_shape), config)
+    optimizer = optim.build_optimizer(config, 10**6)
+    chunk = make_train_chunk(model, optimizer, config)
     params, state = model.init(jax.random.key(0))
     carry = [(params, state, optimizer.init(params))]
     perm = jnp.arange(batch * steps)
@@ -205,7 +208,7 @@ def flax_step_runner(kind, batch):
 
 
 def jaxnets_epoch_seconds(kind, dataset, tmp):
-    config = T.TrainConfig(
+    config = TrainConfig(
         model=kind, dataset="cifar10", epochs=1, batch_size=200 if kind == "mlp" else 128, optimizer="adam",
         lr=1e-4, schedule="constant", hidden_units=(512, 512), dropout=0.0, val_size=0, progress=False,
         out=str(Path(tmp) / f"jaxnets-{kind}-{time.time_ns()}"),
@@ -264,7 +267,7 @@ def torch_epoch_seconds(torch, kind, dataset):
 
 
 def machine_info(torch):
-    info = T.environment_info()
+    info = runs.environment_info()
     info["torch"] = torch.__version__ if torch is not None else None
     info["torch_threads"] = torch.get_num_threads() if torch is not None else None
     info["platform"] = platform.platform()

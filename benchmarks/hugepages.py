@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import child_output, write_json
-from jaxnets import training as T
+from jaxnets import runs
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "hugepages.json"
 TUNABLE = "glibc.malloc.hugetlb=1"
@@ -68,7 +68,7 @@ def main(argv=None):
     result = {
         "command": "python -m benchmarks.hugepages " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": "ConvNet (course mini-VGG, BN), batch 128, Adam", "grad": args.grad, "tunable": TUNABLE,
-        "machine": T.environment_info(), "pairs": pairs, "median_speedup": statistics.median(p["speedup"] for p in pairs),
+        "machine": runs.environment_info(), "pairs": pairs, "median_speedup": statistics.median(p["speedup"] for p in pairs),
     }
     print(f"median speedup with {TUNABLE}: {result['median_speedup']:.2f}x over {args.pairs} pairs")
     write_json(args.out, result)

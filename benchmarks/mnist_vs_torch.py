@@ -29,9 +29,9 @@ def torch_loop(data_dir, epochs, seed=0):
     import torch
 
     from jaxnets import data as D
-    from jaxnets import training as T
+    from jaxnets.config import TrainConfig
 
-    config = T.TrainConfig()
+    config = TrainConfig()
     dataset = D.load_dataset("mnist", data_dir)
     train_x, train_y, _, _ = D.split_validation(dataset.train_images, dataset.train_labels, config.val_size, seed)
     mean, std = D.normalization_stats(train_x)
@@ -97,7 +97,7 @@ def main():
                  "--epochs", str(args.epochs)]
     torch_s, out = timed(torch_cmd)
     torch_acc = json.loads(out.strip().splitlines()[-1])["test_accuracy"]
-    from jaxnets.training import environment_info
+    from jaxnets.runs import environment_info
 
     result = {"command": "python -m benchmarks.mnist_vs_torch " + " ".join(sys.argv[1:]),
               "jaxnets": {"wall_seconds": round(jax_s, 1), "test_accuracy": jax_acc, "command": " ".join(jax_cmd[1:])},

@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 from benchmarks.common import write_json
+from jaxnets.config import TrainConfig
 from jaxnets import data as D
 from jaxnets import sweep as S
-from jaxnets import training as T
+from jaxnets import runs, training as T
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +40,7 @@ def main(argv=None):
         parser.error("give --data-dir or set $JAXNETS_CIFAR10_DIR")
 
     dataset = D.load_dataset("cifar10", args.data_dir)
-    base = T.TrainConfig(model="mlp", dataset="cifar10", hidden_units=(200,), batch_size=256, optimizer="adam",
+    base = TrainConfig(model="mlp", dataset="cifar10", hidden_units=(200,), batch_size=256, optimizer="adam",
                          epochs=args.epochs, dropout=0.0, progress=False)
     axes = {"lr": [float(v) for v in args.lrs.split(",")], "seed": [int(v) for v in args.seeds.split(",")]}
     members = S.expand(base, axes)
@@ -81,7 +82,7 @@ def main(argv=None):
                           f"each through its single run's programs, {T.CONCURRENT_BLOCKS} at a time"),
         "load_average_1_5_15_min": {"before": [round(v, 2) for v in load_before],
                                     "after": [round(v, 2) for v in os.getloadavg()]},
-        "per_config": per_config, "machine": T.environment_info(),
+        "per_config": per_config, "machine": runs.environment_info(),
     }
     print(json.dumps({k: v for k, v in result.items() if k not in ("per_config", "machine")}, indent=2))
     write_json(args.out, result)

@@ -113,9 +113,9 @@ def main(argv=None):
         results["settings"][name] = {"flags": SETTINGS[name], **rates}
         print(f"{name:22s} {rates['gemm']:7.1f} {rates['mlp_gemm']:9.1f} {rates['conv_fwd']:9.1f} "
               f"{rates['conv_fwd_bwd']:9.1f} {rates['gemm_conv_fwd_bwd']:14.1f}", flush=True)
-    from jaxnets import training as T
+    from jaxnets import runs
 
-    results["machine"] = T.environment_info()
+    results["machine"] = runs.environment_info()
     write_json(args.out, results)
 
 

@@ -1,0 +1,25 @@
+"""jaxnets: MLPs, ConvNets and backpropagation in pure JAX.
+
+    import jaxnets as jn
+    y, cache = jn.layers.linear(params, x)          # every layer: forward, and its backward
+    run = jn.load_run("runs/mlp-mnist-...")         # a trained run, back in one line
+    probs = run.predict(images)
+
+Modules: ``layers``, ``conv`` (layers and their hand-written backward passes), ``models``
+(MLP, ConvNet), ``gradcheck`` (check a backward against finite differences and jax.vjp),
+``data`` (MNIST/CIFAR-10), ``config``, ``optim``, ``steps``, ``training``, ``runs``,
+``sweep``, ``parallel``; ``docs/design.md`` says what each owns.
+"""
+
+from importlib import metadata as _metadata
+
+try:
+    __version__ = _metadata.version("jaxnets")
+except _metadata.PackageNotFoundError:  # run from a checkout that was not pip-installed
+    __version__ = "0+unknown"
+
+from jaxnets import config, conv, data, layers, models, optim, parallel, runs, steps, sweep, training  # noqa: E402
+from jaxnets.runs import load_run  # noqa: E402
+
+__all__ = ["__version__", "config", "conv", "data", "layers", "load_run", "models", "optim", "parallel", "runs",
+           "steps", "sweep", "training"]

@@ -21,8 +21,9 @@ plan, skipping chunks whose members all finished, continuing partly trained chun
 their epoch checkpoints (the whole chunk, so its program and rounding are unchanged) and
 training the rest; the table equals an uninterrupted sweep's.
 
-    from jaxnets import sweep as S, training as T
-    rows = S.sweep(T.TrainConfig(dataset="cifar10", hidden_units=(200,)),
+    from jaxnets import sweep as S
+    from jaxnets.config import TrainConfig
+    rows = S.sweep(TrainConfig(dataset="cifar10", hidden_units=(200,)),
                    {"lr": [1e-2, 1e-3], "seed": [0, 1, 2]}, out="runs/lr-sweep")
 """
 
@@ -40,80 +41,53 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import serialization
 
 from jaxnets import data as D
+from jaxnets import models as M
 from jaxnets import training as T
+from jaxnets.config import FIELDS, TrainConfig, parse_setting
+from jaxnets.runs import (RUN_FILES, TrainingError, at_chance, checkpoint_epoch, read_json, read_metrics,
+                          read_summary, write_json)
+from jaxnets.steps import build_model
 
 #: Settings a sweep may not vary (they name where things go, not what is trained).
-NOT_SWEEPABLE = ("out", "data_dir", "progress", "dataset")
-SWEEPABLE = tuple(f.name for f in dataclasses.fields(T.TrainConfig) if f.name not in NOT_SWEEPABLE)
-_FIELDS = {f.name: f for f in dataclasses.fields(T.TrainConfig)}
+NOT_SWEEPABLE = ("out", "data_dir", "data_source", "progress", "dataset")
+#: The most members a sweep may have (a typo like seed=0..1000000000 is refused, not expanded).
+MAX_MEMBERS = 10_000
+SWEEPABLE = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_SWEEPABLE)
 #: The sweep's own record of what it trains and how, read back by ``resume``.
 PLAN_FILE = "sweep_plan.json"
-#: The files a member's run writes (a partly written member is cleared of these before a rerun).
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "checkpoint.msgpack")
 #: Image shape, classes and training images of each dataset, for planning without loading it.
 DATASET_SHAPES = {"mnist": ((28, 28, 1), 10, 60000), "cifar10": ((32, 32, 3), 10, 50000)}
-_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
 # ------------------------------------------------------------------------- parsing
-
-
-def parse_value(name: str, text: str):
-    """One value of setting ``name`` from its text; ValueError saying what was expected."""
-    default = _FIELDS[name].default
-    text = text.strip()
-    if name == "hidden_units":
-        if text.lower() in ("none", ""):
-            return ()
-        try:
-            return tuple(int(v) for v in text.lower().split("x"))
-        except ValueError:
-            raise ValueError(f"{text!r} is not a list of layer sizes like 200 or 300x100 (or none)") from None
-    if isinstance(default, bool):
-        if text.lower() in _TRUE + _FALSE:
-            return text.lower() in _TRUE
-        raise ValueError(f"{text!r} is not a boolean (true/false)")
-    if isinstance(default, int) and name not in T.HPARAMS and name != "warmup_epochs":
-        try:
-            return int(text)
-        except ValueError:
-            raise ValueError(f"{text!r} is not an integer") from None
-    if isinstance(default, (int, float)):
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"{text!r} is not a number") from None
-        if not math.isfinite(value):
-            raise ValueError(f"{text!r} is not a finite number")
-        return value
-    return text
 
 
 def parse_values(name: str, text: str):
     """``a,b,c`` -> [a, b, c]; for integer settings ``A..B`` is the inclusive range."""
     values = []
     for item in text.split(","):
-        if ".." in item and type(_FIELDS[name].default) is int:
+        if ".." in item and type(FIELDS[name].default) is int:
             lo, _, hi = item.partition("..")
-            lo, hi = parse_value(name, lo), parse_value(name, hi)
+            lo, hi = parse_setting(name, lo), parse_setting(name, hi)
             if hi < lo:
                 raise ValueError(f"empty range {item!r}")
+            if hi - lo + 1 > MAX_MEMBERS:
+                raise ValueError(f"range {item!r} has {hi - lo + 1} values; a sweep has at most {MAX_MEMBERS} members")
             values.extend(range(lo, hi + 1))
         else:
-            values.append(parse_value(name, item))
+            values.append(parse_setting(name, item))
     return values
 
 
-def parse_sweep(specs, base: T.TrainConfig | None = None):
+def parse_sweep(specs, base: TrainConfig | None = None):
     """``["lr=1e-2,1e-3", "seed=0..2", "hidden-units=100,300x100"]`` -> ``{"lr": [...], ...}``.
 
     Keys are TrainConfig field names (``-`` or ``_``); each value is checked against
     ``base`` (``TrainConfig()`` by default). Raises ValueError naming the bad spec.
     """
-    base = base or T.TrainConfig()
+    base = base or TrainConfig()
     axes = {}
     for spec in specs:
         key, sep, text = spec.partition("=")
@@ -139,9 +113,12 @@ def parse_sweep(specs, base: T.TrainConfig | None = None):
     return axes
 
 
-def expand(base: T.TrainConfig, axes):
+def expand(base: TrainConfig, axes):
     """Every combination: a list of ``(config, {setting: value})``, the last axis fastest."""
     names = list(axes)
+    size = math.prod(len(axes[k]) for k in names)
+    if size > MAX_MEMBERS:
+        raise ValueError(f"the sweep has {size} members; at most {MAX_MEMBERS} (sweep fewer values)")
     members = []
     for combo in itertools.product(*(axes[k] for k in names)):
         swept = dict(zip(names, combo))
@@ -169,51 +146,51 @@ def format_values(swept):
 # ------------------------------------------------------------------- grouping, memory
 
 
-def member_bytes(config: T.TrainConfig, image_shape, classes, n_val=0):
+def member_bytes(config: TrainConfig, image_shape, classes, n_val=0):
     """A rough upper estimate of one member's memory while training (float32).
 
     Parameters and state x (1 + optimizer slots + gradients + update + the kept previous
     copy), activations and their gradients of a training batch, and the member's gathered
     validation images and an evaluation batch.
     """
-    model = T.build_model(config, image_shape, classes)
+    model = build_model(config, image_shape, classes)
     params, state = jax.eval_shape(model.init, jax.random.key(0))
     n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves((params, state)))
     slots = {"sgd": 0, "momentum": 1, "nesterov": 1, "adagrad": 1, "rmsprop": 1}.get(config.optimizer, 2)
     pixels = math.prod(image_shape)
-    if isinstance(model, T.M.MLP):
+    if isinstance(model, M.MLP):
         per_example = pixels + 4 * sum(model.hidden) + classes
     else:
         h, w, _ = model.input_shape
         per_example = pixels
         for item in model.plan:
             if item == "M":
-                h, w = T.M._pooled(h), T.M._pooled(w)
+                h, w = M._pooled(h), M._pooled(w)
             else:
                 per_example += 4 * h * w * item
     activations = 4 * 2 * per_example * (config.batch_size + config.eval_batch_size)
     return 4 * n_params * (4 + slots) + activations + n_val * pixels
 
 
-def member_cost(config: T.TrainConfig, image_shape, classes):
+def member_cost(config: TrainConfig, image_shape, classes):
     """Multiply-adds of one example's forward pass: the relative cost of a member-step per
     example (a step costs about 3x this times the batch), for progress and work estimates."""
-    model = T.build_model(config, image_shape, classes)
-    if isinstance(model, T.M.MLP):
+    model = build_model(config, image_shape, classes)
+    if isinstance(model, M.MLP):
         sizes = [math.prod(image_shape), *model.hidden, classes]
         return sum(a * b for a, b in zip(sizes, sizes[1:]))
     h, w, channels = model.input_shape
     cost = 0
     for item in model.plan:
         if item == "M":
-            h, w = T.M._pooled(h), T.M._pooled(w)
+            h, w = M._pooled(h), M._pooled(w)
         else:
             cost += h * w * 9 * channels * item
             channels = item
     return cost + h * w * channels * classes
 
 
-def member_steps(config: T.TrainConfig, n_pool):
+def member_steps(config: TrainConfig, n_pool):
     """``(steps per epoch, total steps)`` of a member trained on a pool of ``n_pool`` images
     (before ``train_subset`` and the validation split), as :func:`~jaxnets.training.train_group` counts."""
     n_train = (min(config.train_subset, n_pool) if config.train_subset else n_pool) - config.val_size
@@ -298,7 +275,7 @@ def describe(configs, chunks, axes, *, image_shape, classes, n_pool, budget=None
     return "\n".join(lines)
 
 
-def dry_run(base: T.TrainConfig, axes, *, budget=None, max_members=None, dataset: D.Dataset | None = None,
+def dry_run(base: TrainConfig, axes, *, budget=None, max_members=None, dataset: D.Dataset | None = None,
             vmap=None):
     """:func:`describe` of the sweep :func:`sweep` would run, without loading data or training."""
     configs = [c for c, _ in expand(base, axes)]
@@ -316,7 +293,7 @@ def dry_run(base: T.TrainConfig, axes, *, budget=None, max_members=None, dataset
 # ---------------------------------------------------------------------------- sweep
 
 
-def sweep(base: T.TrainConfig, axes, *, out=None, dataset: D.Dataset | None = None, budget=None,
+def sweep(base: TrainConfig, axes, *, out=None, dataset: D.Dataset | None = None, budget=None,
           max_members=None, log=print, progress=None, resume=False, vmap=None):
     """Train every combination of ``axes`` over ``base``; returns the table rows, best first.
 
@@ -342,7 +319,7 @@ def sweep(base: T.TrainConfig, axes, *, out=None, dataset: D.Dataset | None = No
     if resume:
         chunks = _saved_plan(out, base, axes, names)
     elif out.exists() and any(out.iterdir()):
-        raise T.TrainingError(f"sweep directory {out} already holds files; continue it with --resume {out} "
+        raise TrainingError(f"sweep directory {out} already holds files; continue it with --resume {out} "
                               f"or choose another --out")
     if dataset is None:
         dataset = D.load_dataset(base.dataset, base.data_dir)
@@ -444,10 +421,11 @@ def _duration(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def _plan_settings(base: T.TrainConfig, axes, names):
+def _plan_settings(base: TrainConfig, axes, names):
     """What a resumed sweep must agree on, as JSON values: the base settings that change
     what is trained (not where it is written or read from), the axes and the member names."""
-    settings = {k: v for k, v in dataclasses.asdict(base).items() if k not in ("out", "progress", "data_dir")}
+    settings = {k: v for k, v in dataclasses.asdict(base).items()
+                if k not in ("out", "progress", "data_dir", "data_source")}
     payload = {"base": settings, "axes": {k: [format_value(v) for v in vs] for k, vs in axes.items()},
                "names": names}
     return json.loads(json.dumps(payload, default=str))
@@ -455,25 +433,27 @@ def _plan_settings(base: T.TrainConfig, axes, names):
 
 def _write_plan(out: Path, base, axes, names, chunks):
     payload = dict(_plan_settings(base, axes, names), chunks=chunks)
-    T._write_atomic(out / PLAN_FILE, json.dumps(payload, indent=1).encode())
+    write_json(out / PLAN_FILE, payload)
 
 
 def _saved_plan(out: Path, base, axes, names):
     """The chunks saved in ``out``'s plan, after checking it was started with these settings."""
     path = out / PLAN_FILE
     if not path.exists():
-        raise T.TrainingError(f"--resume {out}: no {PLAN_FILE} there, not a sweep directory")
-    saved = json.loads(path.read_text())
+        raise TrainingError(f"--resume {out}: no {PLAN_FILE} there, not a sweep directory")
+    saved = read_json(path)
+    if not all(k in saved for k in ("axes", "base", "names", "chunks")):
+        raise TrainingError(f"{path}: not a sweep plan (missing axes, base, names or chunks)")
     now = _plan_settings(base, axes, names)
     if saved["axes"] != now["axes"]:
-        raise T.TrainingError(f"--resume {out}: that sweep swept {_axes_text(saved['axes'])}, "
+        raise TrainingError(f"--resume {out}: that sweep swept {_axes_text(saved['axes'])}, "
                               f"not {_axes_text(now['axes'])}")
     for k in sorted(set(saved["base"]) | set(now["base"])):
         if saved["base"].get(k) != now["base"].get(k):
-            raise T.TrainingError(f"--resume {out}: that sweep was started with {k}={saved['base'].get(k)!r}, "
+            raise TrainingError(f"--resume {out}: that sweep was started with {k}={saved['base'].get(k)!r}, "
                                   f"not {now['base'].get(k)!r}")
     if saved["names"] != names:
-        raise T.TrainingError(f"--resume {out}: its members differ from these settings'")
+        raise TrainingError(f"--resume {out}: its members differ from these settings'")
     return saved["chunks"]
 
 
@@ -483,16 +463,8 @@ def _axes_text(axes):
 
 def _finished(run_dir: Path):
     """A member's summary if it finished (completed or diverged), else None."""
-    path = run_dir / "summary.json"
-    if not path.exists():
-        return None
-    summary = json.loads(path.read_text())
-    return summary if summary["status"] != "interrupted" else None
-
-
-def _checkpoint_epoch(run_dir: Path):
-    path = run_dir / "checkpoint.msgpack"
-    return int(serialization.msgpack_restore(path.read_bytes())["epoch"]) if path.exists() else None
+    summary = read_summary(run_dir)
+    return summary if summary is not None and summary.get("status") != "interrupted" else None
 
 
 def _resume_mode(dirs, log):
@@ -502,10 +474,10 @@ def _resume_mode(dirs, log):
     different epochs)."""
     epochs = set()
     for d in dirs:
-        summary = d / "summary.json"
-        if summary.exists() and json.loads(summary.read_text())["status"].startswith("diverged"):
+        summary = read_summary(d)
+        if summary is not None and str(summary.get("status", "")).startswith("diverged"):
             continue  # stays stopped in the continued chunk
-        epochs.add(_checkpoint_epoch(d))
+        epochs.add(checkpoint_epoch(d))
     if len(epochs) == 1 and None not in epochs:
         return "continue", epochs.pop()
     if epochs - {None}:
@@ -532,7 +504,7 @@ def table(members, summaries, names, classes):
             flag = "diverged"
         elif summary["status"] != "completed":
             flag = summary["status"]
-        elif summary["best_val_accuracy"] is not None and summary["best_val_accuracy"] < 1.2 / classes:
+        elif at_chance(summary["best_val_accuracy"], classes):
             flag = "chance"
         rows.append({"name": name, **{k: format_value(v) for k, v in swept.items()},
                      "best_val_accuracy": summary["best_val_accuracy"],
@@ -553,6 +525,8 @@ def table(members, summaries, names, classes):
 
 
 def write_table(out: Path, rows, axes, base, *, wall, groups, resumed=False):
+    """``sweep.csv`` and ``sweep.json``; run directories relative to the sweep directory."""
+    rows = [dict(r, run_dir=os.path.relpath(r["run_dir"], out)) for r in rows]
     columns = ["rank", "name", *axes, "best_val_accuracy", "test_accuracy", "test_loss", "flag", "status",
                "epochs", "seconds", "group", "group_seconds", "run_dir"]
     with open(out / "sweep.csv", "w", newline="") as f:
@@ -562,7 +536,7 @@ def write_table(out: Path, rows, axes, base, *, wall, groups, resumed=False):
     payload = {"base": dataclasses.asdict(base), "axes": {k: [format_value(v) for v in vs] for k, vs in axes.items()},
                "wall_seconds": round(wall, 2), "resumed": resumed, "groups": groups,
                "rows": [{k: v for k, v in r.items() if k != "_values"} for r in rows]}
-    T._write_atomic(out / "sweep.json", json.dumps(payload, indent=2, default=str).encode())
+    write_json(out / "sweep.json", payload)
 
 
 def _plot_axes():
@@ -614,7 +588,7 @@ def _plot_seed_bands(plt, out, rows, others, top=10):
         by_setting.setdefault(tuple(format_value(r["_values"][k]) for k in others), []).append(r)
     curves = []
     for setting, members in by_setting.items():
-        runs = [[m["val_accuracy"] for m in _metrics(r["run_dir"])] for r in members]
+        runs = [[m["val_accuracy"] for m in read_metrics(r["run_dir"])] for r in members]
         length = min(map(len, runs))
         if length:
             acc = 100 * np.array([run[:length] for run in runs])
@@ -633,8 +607,3 @@ def _plot_seed_bands(plt, out, rows, others, top=10):
     fig.tight_layout()
     fig.savefig(out / "seed_bands.png", dpi=110)
     plt.close(fig)
-
-
-def _metrics(run_dir):
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []

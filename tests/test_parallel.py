@@ -23,23 +23,24 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMON = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
-    from jaxnets import models as M, parallel as P, training as T
+    from jaxnets import models as M, optim, parallel as P, steps, training as T
+    from jaxnets.config import TrainConfig
     assert len(jax.devices()) == 4, jax.devices()
     mesh = P.make_mesh(jax.devices())
     rng = np.random.default_rng(0)
     results = {}
 
     def run(config, model, images, labels, chunk):
-        optimizer = T.build_optimizer(config, 100)
+        optimizer = optim.build_optimizer(config, 100)
         params, state = model.init(jax.random.key(1))
-        opt_state = T._with_hparams(optimizer.init(params), T.hparams_of(config))
+        opt_state = optim.with_hparams(optimizer.init(params), optim.hparams_of(config))
         one = lambda a: jnp.asarray(a)[None]
         carry = jax.tree_util.tree_map(one, (params, state, opt_state, jnp.zeros((), bool)))
         perm = np.random.default_rng(2).permutation(len(labels)).astype(np.int32)
         keys = jax.random.split(jax.random.key(3), 1)
         mean, std = one(np.float32(0.5)), one(np.float32(0.25))
-        hps = jax.tree_util.tree_map(one, T.hparams_of(config))
-        if chunk is T.make_parallel_chunk:  # each device holds its slice of every batch
+        hps = jax.tree_util.tree_map(one, optim.hparams_of(config))
+        if chunk is steps.make_parallel_chunk:  # each device holds its slice of every batch
             fn = chunk(model, optimizer, config, mesh)
             carry, rest = P.replicate((carry, (keys, mean, std, hps, np.int32(0))), mesh)
             args = (*P.place_epoch(images, labels, perm, len(labels) // config.batch_size, config.batch_size, mesh),
@@ -58,8 +59,8 @@ COMMON = textwrap.dedent("""
     def compare(name, config, make_model, shape):
         images = rng.integers(0, 256, (64, *shape), dtype=np.uint8)
         labels = rng.integers(0, 10, 64).astype(np.int32)
-        ref = run(config, make_model(None), images, labels, T.make_group_chunk)
-        dp = run(config, make_model(P.AXIS), images, labels, T.make_parallel_chunk)
+        ref = run(config, make_model(None), images, labels, steps.make_group_chunk)
+        dp = run(config, make_model(P.AXIS), images, labels, steps.make_parallel_chunk)
         record(name, ref, dp)
 """)
 
@@ -68,15 +69,15 @@ COMMON = textwrap.dedent("""
 # of the data (checked to differ).
 EQUALITY = COMMON + textwrap.dedent("""
     for grad in ("autodiff", "manual"):
-        mlp_cfg = T.TrainConfig(model="mlp", batch_size=16, hidden_units=(32,), batch_norm=True, dropout=0.0,
+        mlp_cfg = TrainConfig(model="mlp", batch_size=16, hidden_units=(32,), batch_norm=True, dropout=0.0,
                                 grad=grad, optimizer="momentum", lr=0.05)
-        mlp = lambda ax: T.build_model(mlp_cfg, (6, 6, 1), 10, bn_axis_name=ax)
+        mlp = lambda ax: steps.build_model(mlp_cfg, (6, 6, 1), 10, bn_axis_name=ax)
         compare(f"mlp-{grad}", mlp_cfg, mlp, (6, 6, 1))
-        conv_cfg = T.TrainConfig(model="convnet", batch_size=16, grad=grad, optimizer="adam", lr=1e-3)
+        conv_cfg = TrainConfig(model="convnet", batch_size=16, grad=grad, optimizer="adam", lr=1e-3)
         conv = lambda ax: M.ConvNet(input_shape=(8, 8, 3), plan=(4, "M", 8, "M"), bn_axis_name=ax)
         compare(f"convnet-{grad}", conv_cfg, conv, (8, 8, 3))
     # Per-device batch norm (the default) is a different computation: it must differ.
-    compare("mlp-per-device-bn", mlp_cfg, lambda ax: T.build_model(mlp_cfg, (6, 6, 1), 10), (6, 6, 1))
+    compare("mlp-per-device-bn", mlp_cfg, lambda ax: steps.build_model(mlp_cfg, (6, 6, 1), 10), (6, 6, 1))
 
     # Placement: each device holds only its contiguous slice of every batch of the epoch, in
     # the global order, and an evaluation set is split over the devices with masked padding.
@@ -102,19 +103,19 @@ NOISE = COMMON + textwrap.dedent("""
     images = rng.integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, 64).astype(np.int32)
     for grad in ("autodiff", "manual"):
-        cfg = T.TrainConfig(model="mlp", dataset="cifar10", batch_size=16, hidden_units=(32, 32), dropout=0.3,
+        cfg = TrainConfig(model="mlp", dataset="cifar10", batch_size=16, hidden_units=(32, 32), dropout=0.3,
                             augment=True, grad=grad, optimizer="momentum", lr=0.05)
-        ref = run(cfg, T.build_model(cfg, (8, 8, 3), 10), images, labels, T.make_group_chunk)
-        dp = run(cfg, T.build_model(cfg, (8, 8, 3), 10, batch_axis_name=P.AXIS), images, labels,
-                 T.make_parallel_chunk)
+        ref = run(cfg, steps.build_model(cfg, (8, 8, 3), 10), images, labels, steps.make_group_chunk)
+        dp = run(cfg, steps.build_model(cfg, (8, 8, 3), 10, batch_axis_name=P.AXIS), images, labels,
+                 steps.make_parallel_chunk)
         record(f"mlp-{grad}", ref, dp)
     # Without dropout and augmentation the losses move: the equality above is not vacuous.
     quiet_cfg = dataclasses.replace(cfg, dropout=0.0, augment=False)
-    quiet = run(quiet_cfg, T.build_model(quiet_cfg, (8, 8, 3), 10), images, labels, T.make_group_chunk)
+    quiet = run(quiet_cfg, steps.build_model(quiet_cfg, (8, 8, 3), 10), images, labels, steps.make_group_chunk)
     results["noise-effect"] = float(np.max(np.abs(quiet[0] - ref[0])))
     # A dropout model without batch_axis_name would repeat one slice's masks on every device.
     try:
-        T.make_parallel_chunk(T.build_model(cfg, (8, 8, 3), 10), T.build_optimizer(cfg, 10), cfg, mesh)
+        steps.make_parallel_chunk(steps.build_model(cfg, (8, 8, 3), 10), optim.build_optimizer(cfg, 10), cfg, mesh)
         results["refused"] = False
     except ValueError:
         results["refused"] = True
@@ -132,6 +133,7 @@ RUNS = textwrap.dedent("""
     from pathlib import Path
     import jax, numpy as np
     from jaxnets import data as D, training as T
+    from jaxnets.config import TrainConfig
     assert len(jax.devices()) == 4, jax.devices()
     out = Path(sys.argv[1])
     jax.config.update("jax_compilation_cache_dir", str(out / "jax-cache"))
@@ -143,7 +145,7 @@ RUNS = textwrap.dedent("""
     data = D.Dataset("cifar10", image(420), label(420), image(100), label(100), 10, "synthetic")
 
     def config(name, **kwargs):
-        return T.TrainConfig(model="mlp", dataset="cifar10", out=str(out / name), progress=False, epochs=2,
+        return TrainConfig(model="mlp", dataset="cifar10", out=str(out / name), progress=False, epochs=2,
                              batch_size=32, hidden_units=(32,), batch_norm=True, sync_bn=True, dropout=0.2,
                              augment=True, grad="manual", optimizer="adam", lr=1e-3, schedule="cosine",
                              val_size=100, eval_batch_size=50, chunk_steps=5, **kwargs)

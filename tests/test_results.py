@@ -31,7 +31,7 @@ def test_table_matches_committed_summaries():
 
 
 def test_every_experiment_command_parses():
-    import train as cli
+    from jaxnets import cli
 
     from jaxnets import sweep as S
 

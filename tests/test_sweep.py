@@ -7,7 +7,9 @@ import jax
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-import train as cli
+from jaxnets.config import TrainConfig
+from jaxnets.runs import TrainingError
+from jaxnets import cli
 from jaxnets import data as D
 from jaxnets import sweep as S
 from jaxnets import training as T
@@ -45,7 +47,7 @@ def base(tmp_path, **kwargs):
     values = dict(hidden_units=(32,), batch_size=64, epochs=2, val_size=500, progress=False, chunk_steps=10,
                   out=str(tmp_path / "sweep"))
     values.update(kwargs)
-    return T.TrainConfig(**values)
+    return TrainConfig(**values)
 
 
 def metrics(run_dir):
@@ -93,9 +95,9 @@ def test_each_member_reproduces_its_single_run(mnist_small, tmp_path, vmap):
 
 def test_members_run_one_after_another_on_cpu_by_default():
     # XLA:CPU: the single-run programs, member by member; elsewhere one vmapped program.
-    assert S.T.member_blocks(3, vmap=True) == [slice(0, 3)]
-    assert S.T.member_blocks(3, vmap=False) == [slice(0, 1), slice(1, 2), slice(2, 3)]
-    assert S.T.member_blocks(3) == S.T.member_blocks(3, vmap=jax.default_backend() != "cpu")
+    assert T.member_blocks(3, vmap=True) == [slice(0, 3)]
+    assert T.member_blocks(3, vmap=False) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    assert T.member_blocks(3) == T.member_blocks(3, vmap=jax.default_backend() != "cpu")
 
 
 def test_zero_and_nonzero_weight_decay_share_a_group_and_reproduce_single_runs(mnist_small, tmp_path):
@@ -256,7 +258,7 @@ def test_interrupted_sweep_resumes_to_the_uninterrupted_table(mnist_small, tmp_p
 def test_sweep_directory_is_not_overwritten_or_resumed_with_other_settings(mnist_dir, tmp_path, capsys):
     out = tmp_path / "sweep"
     cfg = base(tmp_path)
-    with pytest.raises(T.TrainingError, match="no sweep_plan.json there"):
+    with pytest.raises(TrainingError, match="no sweep_plan.json there"):
         S.sweep(cfg, {"lr": [1e-3, 1e-2]}, out=out, resume=True, **quiet)
     out.mkdir()
     (out / "notes.txt").write_text("mine")

@@ -1,0 +1,223 @@
+"""The command line: ``python train.py ...`` and ``jaxnets-train ...`` (same flags).
+
+A thin shell over :func:`jaxnets.training.train` and :func:`jaxnets.sweep.sweep`: the
+flags, their defaults, help texts and groups are generated from
+:class:`jaxnets.config.TrainConfig`'s fields. Exit codes: 0 success, 2 usage or data error
+(one line on stderr), 3 the run diverged, 130 interrupted (Ctrl-C or SIGTERM; the last
+epoch checkpoint is kept, ``--resume DIR`` continues).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import sys
+
+from jaxnets import config as C
+
+EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 130
+
+EXAMPLES = """examples:
+  jaxnets-train --model mlp --dataset mnist --epochs 1
+  jaxnets-train --model mlp --dataset mnist --hidden-units 300 --activation sigmoid --optimizer sgd --lr 0.1
+  jaxnets-train --preset course_mlp --grad manual
+  jaxnets-train --resume runs/mlp-mnist-20261130-101500 --epochs 20
+  jaxnets-train --model mlp --dataset mnist --sweep lr=1e-2,1e-3 --sweep seed=0..2 --out runs/lr-sweep
+
+exit codes: 0 done, 2 usage or data error, 3 diverged, 130 interrupted (resume with --resume DIR)"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's line breaks; wraps help texts."""
+
+
+def build_parser():
+    """The argument parser: run-level flags plus one flag per TrainConfig field, in groups."""
+    parser = argparse.ArgumentParser(
+        prog=os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "jaxnets-train",
+        description="Train an MLP or ConvNet on MNIST or CIFAR-10 with jaxnets. Every default is shown once.",
+        formatter_class=_Formatter, epilog=EXAMPLES)
+    run = parser.add_argument_group("run and output")
+    groups = {name: run if name == "run and output" else parser.add_argument_group(name) for name in C.GROUPS}
+    run.add_argument("--preset", choices=sorted(C.PRESETS),
+                     help="start from a named setup; flags given explicitly override it: "
+                          + "; ".join(f"{k}: {_describe(v)}" for k, v in C.PRESETS.items()))
+    run.add_argument("--resume", metavar="DIR",
+                     help="continue the run in DIR with its saved settings (flags may only extend --epochs or "
+                          "change --data-dir/--data-source/--devices/--progress); with --sweep, the sweep in DIR")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the configuration (with --sweep: the plan) and exit without loading data")
+    for field in dataclasses.fields(C.TrainConfig):
+        _add_setting(groups[field.metadata["group"]], field)
+    sweeps = parser.add_argument_group("sweeps")
+    sweeps.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...",
+                        help="sweep a setting (repeat for a grid of every combination); KEY is a flag name without "
+                             "'--'; integer ranges A..B; e.g. --sweep lr=1e-2,1e-3 --sweep seed=0..2 "
+                             "--sweep hidden-units=100,300x100")
+    sweeps.add_argument("--memory-budget", metavar="BYTES",
+                        help="estimated memory per chunk of members, e.g. 4G (default: 25%% of free memory)")
+    sweeps.add_argument("--max-members", type=int, metavar="N", help="at most N configurations per chunk")
+    perf = groups["performance"]
+    from jaxnets.training import DEFAULT_COMPILE_CACHE
+    perf.add_argument("--compile-cache", metavar="DIR",
+                      default=os.environ.get("JAXNETS_COMPILE_CACHE", DEFAULT_COMPILE_CACHE),
+                      help="keep compiled programs in DIR so a later run with the same shapes skips XLA "
+                           "compilation; 'off' disables (env JAXNETS_COMPILE_CACHE; default %(default)s)")
+    multi = groups["multi-device"]
+    multi.add_argument("--coordinator-address", metavar="HOST:PORT",
+                       help="multi-process run: address of process 0 (env JAXNETS_COORDINATOR_ADDRESS)")
+    multi.add_argument("--num-processes", type=int, metavar="N",
+                       help="multi-process run: number of processes (env JAXNETS_NUM_PROCESSES)")
+    multi.add_argument("--process-id", type=int, metavar="I",
+                       help="multi-process run: this process's index, 0..N-1 (env JAXNETS_PROCESS_ID)")
+    multi.add_argument("--distributed", action="store_true",
+                       help="multi-process run with the settings JAX detects itself (SLURM, Open MPI, TPU pods)")
+    return parser
+
+
+def _describe(values):
+    return ", ".join(f"{C.flag(k)[2:]}={_text(v)}" for k, v in values.items()).replace("%", "%%")
+
+
+def _text(value):
+    """A setting's value as it is written on the command line."""
+    if isinstance(value, tuple):
+        return "x".join(map(str, value)) or "none" if all(isinstance(v, int) for v in value) else \
+            ",".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _add_setting(group, field):
+    flag, help_text, default = C.flag(field.name), field.metadata["help"], field.default
+    shown = "" if default is None else f" (default: {_text(default) if default != () else 'none'})"
+    if field.name == "conv_plan":
+        shown = ""  # its help says what the default is
+    if isinstance(default, bool):
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text + shown)
+        return
+    valid = C.choices(field.name)
+    group.add_argument(flag, type=_parser_of(field.name), default=None, choices=valid,
+                       metavar=None if valid else field.name.upper(), help=help_text.replace("%", "%%") + shown)
+
+
+def _parser_of(name):
+    def parse(text):
+        if name == "hidden_units" and "," in text:  # the old syntax, still read
+            print(f"note: {C.flag(name)} {text}: write {text.replace(',', 'x')} (the comma form is deprecated; "
+                  "'x' is the one syntax, as in --sweep)", file=sys.stderr)
+            text = text.replace(",", "x")
+        try:
+            return C.parse_setting(name, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
+
+
+def given_settings(args, parser=None):
+    """The settings named on the command line (a preset's values, then explicit flags)."""
+    values = dict(C.PRESETS[args.preset]) if args.preset else {}
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(C.TrainConfig)
+                   if getattr(args, f.name) is not None})
+    return values
+
+
+def config_from_args(args):
+    """The TrainConfig of the command line: defaults, then the preset, then explicit flags."""
+    return C.TrainConfig(**given_settings(args))
+
+
+def _env_defaults(parser, args):
+    """Multi-process settings from the environment where no flag gave them (a bad value is a usage error)."""
+    if args.coordinator_address is None:
+        args.coordinator_address = os.environ.get("JAXNETS_COORDINATOR_ADDRESS") or None
+    for name in ("num_processes", "process_id"):
+        env = "JAXNETS_" + name.upper()
+        if getattr(args, name) is None and os.environ.get(env):
+            try:
+                setattr(args, name, int(os.environ[env]))
+            except ValueError:
+                parser.error(f"${env} must be an integer, got {os.environ[env]!r}")
+
+
+def main(argv=None):
+    """Run the command line; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _env_defaults(parser, args)
+    try:
+        config = config_from_args(args).validate()
+    except (TypeError, ValueError) as e:
+        parser.error(str(e))
+    if args.max_members is not None and args.max_members <= 0:
+        parser.error(f"--max-members must be positive, got {args.max_members}")
+    from jaxnets import parallel, training
+
+    try:  # before anything else touches a JAX backend
+        parallel.initialize(args.coordinator_address, args.num_processes, args.process_id, auto=args.distributed)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.compile_cache.strip().lower() not in ("", "off", "none", "0"):
+        try:
+            training.use_compile_cache(args.compile_cache)
+        except training.TrainingError as e:
+            parser.error(str(e))
+    if args.sweep:
+        return _sweep(parser, args, config)
+    if args.dry_run:
+        print(json.dumps(dataclasses.asdict(config), indent=2, default=str))
+        return EXIT_OK
+    if args.resume:
+        return _exit_code(lambda: training.train(resume=args.resume, changes=given_settings(args),
+                                                 command=_command(argv)))
+    return _exit_code(lambda: training.train(config, command=_command(argv)))
+
+
+def _command(argv):
+    return [os.path.basename(sys.argv[0]) or "jaxnets-train", *(sys.argv[1:] if argv is None else argv)]
+
+
+def _exit_code(run, *, diverged_exit=EXIT_DIVERGED):
+    """Run; a data/config/run error is one line on stderr (exit 2), a divergence
+    ``diverged_exit``, an interrupt (Ctrl-C or SIGTERM) exit 130."""
+    from jaxnets import data as D
+    from jaxnets import training
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        result = run()
+    except (D.DataError, training.TrainingError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    diverged = isinstance(result, dict) and str(result.get("status", "")).startswith("diverged")
+    return diverged_exit if diverged else EXIT_OK
+
+
+def _terminate(signum, frame):
+    # A scheduler's preemption stops a run as Ctrl-C does: the last epoch checkpoint is kept.
+    raise KeyboardInterrupt
+
+
+def _sweep(parser, args, config):
+    from jaxnets import sweep as S
+
+    if args.resume and config.out and os.path.abspath(config.out) != os.path.abspath(args.resume):
+        parser.error(f"--resume {args.resume} continues the sweep in that directory; --out {config.out} differs")
+    try:
+        axes = S.parse_sweep(args.sweep, config)
+        S.expand(config, axes)
+        budget = S.parse_bytes(args.memory_budget) if args.memory_budget else None
+    except ValueError as e:
+        parser.error(str(e))
+    if args.dry_run:
+        print(S.dry_run(config, axes, budget=budget, max_members=args.max_members))
+        return EXIT_OK
+    return _exit_code(lambda: S.sweep(config, axes, out=args.resume, budget=budget, max_members=args.max_members,
+                                      resume=args.resume is not None), diverged_exit=EXIT_OK)

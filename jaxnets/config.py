@@ -1,0 +1,303 @@
+"""A run's settings: :class:`TrainConfig`, its presets, and the checks of every value.
+
+This module owns what a run *is*: each field carries its help text and its group (the CLI's
+``--help`` and flags are generated from these fields, ``jaxnets.cli``), the named presets
+live in :data:`PRESETS` (the one registry; ``results/reproduce.py`` uses it too), every
+value is range-checked in :meth:`TrainConfig.validate` with the flag's name in the message,
+and :func:`parse_setting` reads a setting from text with one syntax everywhere (the CLI,
+``--sweep``, a saved ``config.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+#: Architectures, optimizers, schedules and input normalisations a run can name.
+MODELS = ("mlp", "convnet", "preact_convnet")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "adagrad", "rmsprop")
+SCHEDULES = ("constant", "cosine", "onecycle", "step")
+NORMALIZATIONS = ("channel", "mean_image")
+GRAD_PATHS = ("autodiff", "manual")
+#: Seeds are drawn into ``jax.random.key`` as uint32.
+SEED_LIMIT = 2**32
+
+#: The groups of ``--help``, in order.
+GROUPS = ("data", "model", "optimisation", "run and output", "multi-device", "performance")
+
+
+def _setting(default, help, group, **extra):
+    """A TrainConfig field with its help text and ``--help`` group."""
+    return dataclasses.field(default=default, metadata={"help": help, "group": group, **extra})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a run; the CLI's flags, defaults and help are generated from these fields."""
+
+    # data
+    dataset: str = _setting("mnist", "mnist or cifar10", "data", choices=("mnist", "cifar10"))
+    data_dir: str | None = _setting(
+        None, "where the dataset's standard files are, or are downloaded to (default: $JAXNETS_DATA_DIR, else "
+              "~/.cache/jaxnets/data)", "data")
+    data_source: str = _setting(
+        "auto", "auto: the files in the data dir, downloaded there when missing; files: never download; "
+                "tfds: tensorflow-datasets (needs the [tfds] extra)", "data")
+    val_size: int = _setting(5000, "training examples held out for validation (seeded split; 0: none)", "data")
+    train_subset: int = _setting(0, "use only the first N training images (0: all)", "data")
+    normalize: str = _setting(
+        "channel", "channel: per-channel mean/std of the training split; mean_image: subtract the mean image "
+                   "from raw 0..255 pixels (the course)", "data", choices=NORMALIZATIONS)
+    augment: bool = _setting(
+        False, "random crops from a 4-pixel zero-padded copy, on the device; CIFAR-10 also gets horizontal flips "
+               "(digits are not mirror-symmetric, so MNIST gets crops only)", "data")
+    # model
+    model: str = _setting(
+        "mlp", "mlp, convnet (the course mini-VGG) or preact_convnet (its pre-activation residual variant)",
+        "model", choices=MODELS)
+    hidden_units: tuple = _setting(
+        (1024, 1024), "MLP hidden sizes, e.g. 300x100 for two layers, none for logistic regression", "model")
+    conv_plan: tuple = _setting(
+        (), "ConvNet layers: a width is conv3x3-BN-ReLU, M a 3x3/2 max pool, e.g. 32,32,M,64,64,M "
+            "(default: the course's mini-VGG)", "model")
+    activation: str = _setting("relu", "MLP activation", "model")
+    batch_norm: bool = _setting(False, "MLP: batch norm between each linear layer and its activation", "model")
+    dropout: float = _setting(0.2, "MLP dropout rate after each hidden activation", "model")
+    init: str = _setting("kaiming", "weight init: kaiming, lecun, pytorch (torch.nn defaults) or course "
+                                    "(N(0, 1e-4^2))", "model")
+    # optimisation
+    epochs: int = _setting(10, "training epochs", "optimisation")
+    batch_size: int = _setting(128, "examples per step", "optimisation")
+    optimizer: str = _setting("adam", "Optax optimizer (docs/optimizers.md: where each differs from PyTorch's)",
+                              "optimisation", choices=OPTIMIZERS)
+    lr: float = _setting(1e-3, "peak learning rate", "optimisation")
+    weight_decay: float = _setting(
+        0.0, "weight decay on weights (not biases/BN): decoupled for adamw, L2 on the gradient otherwise",
+        "optimisation")
+    momentum: float = _setting(0.9, "momentum of --optimizer momentum/nesterov", "optimisation")
+    schedule: str = _setting(
+        "cosine", "learning-rate schedule: constant, cosine (decay to 0), onecycle, step (x0.1 at 50%% and 75%%)",
+        "optimisation", choices=SCHEDULES)
+    warmup_epochs: float = _setting(0.0, "linear warm-up from 0 over this many epochs (constant/cosine/step)",
+                                    "optimisation")
+    label_smoothing: float = _setting(0.0, "label smoothing of the cross-entropy targets", "optimisation")
+    grad: str = _setting(
+        "autodiff", "gradient path: autodiff (jax.grad) or manual (the hand-written backward passes: the same "
+                    "gradients up to rounding, and on CPU the faster path for the ConvNet)", "optimisation",
+        choices=GRAD_PATHS)
+    max_steps: int = _setting(0, "stop after this many steps (0: the epochs decide)", "optimisation")
+    seed: int = _setting(0, "seed of init, split, shuffling, augmentation and dropout", "optimisation")
+    # run and output
+    out: str | None = _setting(None, "run directory (default: runs/<model>-<dataset>-<timestamp>)",
+                               "run and output")
+    progress: bool = _setting(True, "progress bar (shown only when stderr is a terminal)", "run and output")
+    # multi-device
+    devices: int = _setting(
+        0, "data parallel over this many devices (0: all local devices, or all devices of a multi-process run); "
+           "the batch size is global and must divide evenly; sweeps use one device", "multi-device")
+    sync_bn: bool = _setting(False, "with --devices > 1: batch-norm statistics synchronised over all devices "
+                                    "(default: per device)", "multi-device")
+    # performance
+    conv_impl: str = _setting(
+        "auto", "convolution kernels: auto (winograd/gemm on CPU, xla on GPU/TPU), winograd, gemm or xla",
+        "performance")
+    eval_batch_size: int = _setting(1000, "batch size of evaluation", "performance")
+    chunk_steps: int = _setting(50, "training steps per compiled call (the progress bar advances per call)",
+                                "performance")
+
+    def validate(self):
+        """Raise ValueError naming the first bad setting as its flag (``--lr``) with the bad value."""
+        for f in dataclasses.fields(self):
+            _check(f, getattr(self, f.name))
+        if self.conv_plan and self.model == "mlp":
+            raise ValueError("--conv-plan is a ConvNet setting; it has no effect with --model mlp")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"--warmup-epochs must be at most --epochs ({self.epochs}), got {self.warmup_epochs}")
+        return self
+
+    def model_fields(self):
+        """The settings that fix the parameters' shapes."""
+        return {k: getattr(self, k) for k in ("model", "dataset", "hidden_units", "conv_plan", "batch_norm")}
+
+
+def flag(name: str) -> str:
+    """The CLI flag of a setting: ``weight_decay`` -> ``--weight-decay``."""
+    return "--" + name.replace("_", "-")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def choices(name: str):
+    """The valid values of a setting with a fixed set of them, else None (looked up late: the
+    activation, init, data source and conv implementation lists live with their code)."""
+    if name == "activation":
+        from jaxnets.layers import ACTIVATIONS
+        return tuple(ACTIVATIONS)
+    if name == "init":
+        from jaxnets.layers import INIT_SCHEMES
+        return INIT_SCHEMES
+    if name == "data_source":
+        from jaxnets.data import SOURCES
+        return SOURCES
+    if name == "conv_impl":
+        from jaxnets.conv import CONV_IMPLS
+        return CONV_IMPLS
+    return FIELDS[name].metadata.get("choices")
+
+
+#: Integer settings and the least value each may take (``None``: no integer setting).
+_INT_MIN = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "chunk_steps": 1, "val_size": 0,
+            "train_subset": 0, "max_steps": 0, "devices": 0, "seed": 0}
+#: Float settings and their ranges: (low, low inclusive, high, high inclusive).
+_FLOAT_RANGE = {"lr": (0.0, False, math.inf, False), "weight_decay": (0.0, True, math.inf, False),
+                "momentum": (0.0, True, 1.0, False), "dropout": (0.0, True, 1.0, False),
+                "label_smoothing": (0.0, True, 1.0, False), "warmup_epochs": (0.0, True, math.inf, False)}
+
+
+def _check(field, value):
+    name, where = field.name, flag(field.name)
+    valid = choices(name)
+    if valid is not None:
+        if value not in valid:
+            raise ValueError(f"{where} must be one of {', '.join(valid)}, got {value!r}")
+    elif name in _INT_MIN:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        if value < _INT_MIN[name]:
+            raise ValueError(f"{where} must be >= {_INT_MIN[name]}, got {value}")
+        if name == "seed" and value >= SEED_LIMIT:
+            raise ValueError(f"{where} must be below 2**32, got {value}")
+    elif name in _FLOAT_RANGE:
+        lo, lo_in, hi, hi_in = _FLOAT_RANGE[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{where} must be a finite number, got {value!r}")
+        if value < lo or (value == lo and not lo_in) or value > hi or (value == hi and not hi_in):
+            interval = f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+            raise ValueError(f"{where} must be in {interval}, got {value}")
+    elif isinstance(field.default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+    elif name == "hidden_units":
+        if not isinstance(value, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                   for v in value):
+            raise ValueError(f"{where} must be positive layer sizes like 300x100, got {value!r}")
+    elif name == "conv_plan":
+        for item in value:
+            if item != "M" and not (isinstance(item, int) and not isinstance(item, bool) and item > 0):
+                raise ValueError(f"{where} items must be positive widths or M, got {item!r} in {value}")
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def parse_setting(name: str, text: str):
+    """One value of setting ``name`` from its text; ValueError saying what was expected.
+
+    The syntax is the same on the command line, in ``--sweep`` and in presets: hidden sizes
+    ``300x100`` (``none`` for no hidden layer), a conv plan ``32,32,M,64``, booleans
+    true/false, numbers as Python writes them.
+    """
+    default = FIELDS[name].default
+    text = text.strip()
+    if name == "hidden_units":
+        if text.lower() in ("none", ""):
+            return ()
+        try:
+            return tuple(int(v) for v in text.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"{text!r} is not a list of layer sizes like 200 or 300x100 (or none)") from None
+    if name == "conv_plan":
+        items = [v.strip() for v in text.split(",") if v.strip()]
+        try:
+            return tuple("M" if v.upper() == "M" else int(v) for v in items)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a list of widths and M (max pool) like 32,32,M,64") from None
+    if isinstance(default, bool):
+        if text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        raise ValueError(f"{text!r} is not a boolean (true/false)")
+    if name in _INT_MIN:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not an integer") from None
+    if name in _FLOAT_RANGE:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{text!r} is not a finite number")
+        return value
+    return text
+
+
+#: Named starting points (``--preset``); flags given explicitly override them.
+PRESETS = {
+    # The course's MLP: one hidden layer of 100, SGD 2e-3, batch 200, 1500 steps,
+    # N(0, 1e-4^2) weights, mean-image subtraction without std scaling.
+    "course_mlp": dict(model="mlp", dataset="cifar10", hidden_units=(100,), optimizer="sgd",
+                       lr=2e-3, batch_size=200, max_steps=1500, epochs=7, init="course",
+                       normalize="mean_image", schedule="constant", dropout=0.0, val_size=1000),
+    # The course's ConvNet: mini-VGG, Adam 1e-4, batch 32, 5000 steps.
+    "course_convnet": dict(model="convnet", dataset="cifar10", optimizer="adam", lr=1e-4,
+                           batch_size=32, max_steps=5000, epochs=4, schedule="constant",
+                           dropout=0.0, val_size=1000),
+}
+
+
+def from_dict(values: dict, *, where: str = "config") -> TrainConfig:
+    """A validated TrainConfig from a dict such as ``config.json``'s ``"config"`` (lists become
+    tuples); ValueError naming ``where`` and the unknown or bad setting."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected an object of settings, got {type(values).__name__}")
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"{where}: unknown settings {', '.join(unknown)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        return TrainConfig(**values).validate()
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+#: What a resumed run may change: where its data is read from, how it shows progress, how
+#: many devices it spreads over (the same global batches), and more epochs.
+RESUME_CHANGES = ("data_dir", "data_source", "devices", "progress", "epochs")
+
+
+def resume_config(saved: dict, given: dict, *, where: str) -> tuple[TrainConfig, dict]:
+    """The settings of a resumed run: ``saved`` (config.json's) with the ``given`` ones applied.
+
+    A given setting must equal the saved one, or be one of :data:`RESUME_CHANGES`
+    (``epochs`` only upward); anything else is refused with a ValueError naming the flag and
+    both values. Returns the config and the changes, ``{name: (saved, given)}``.
+    """
+    config = from_dict(saved, where=where)
+    changes = {}
+    for name, value in given.items():
+        if name == "out" or name not in FIELDS:
+            continue
+        value = tuple(value) if isinstance(value, list) else value
+        old = getattr(config, name)
+        if value == old:
+            continue
+        if name not in RESUME_CHANGES:
+            raise ValueError(f"{where}: {flag(name)} {_show(value)} differs from the run's saved {_show(old)}; "
+                             f"a resumed run keeps its settings (it may change "
+                             f"{', '.join(flag(k) for k in RESUME_CHANGES)}): drop the flag, or start a new run")
+        if name == "epochs" and value < old:
+            raise ValueError(f"{where}: --epochs {value} is fewer than the run's {old}; a resume can only extend it")
+        changes[name] = (old, value)
+    try:
+        config = dataclasses.replace(config, **{k: new for k, (_, new) in changes.items()}).validate()
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return config, changes
+
+
+def _show(value):
+    if isinstance(value, tuple):
+        return "x".join(map(str, value)) or "none"
+    return repr(value) if isinstance(value, str) else str(value)

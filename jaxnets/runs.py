@@ -1,0 +1,464 @@
+"""A run directory and its files: what a run writes, and reading it back.
+
+A run directory holds ``config.json`` (the settings, the model, the environment and the
+provenance), ``metrics.jsonl`` (one line per epoch), ``checkpoint.msgpack`` (the last
+epoch's parameters, batch-norm state, optimizer state and key), ``summary.json`` (status
+and final figures) and ``curves.png``. Every file is written atomically (a temporary file,
+fsync, rename), so an interrupted write never leaves a half file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization
+
+from jaxnets.config import TrainConfig, from_dict
+
+#: The files a run writes.
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "checkpoint.msgpack")
+
+
+class TrainingError(Exception):
+    """A run cannot start or continue (bad run directory or run file, mismatched config, a
+    failed write); the message is one line naming the file or setting."""
+
+
+CHECKPOINT = "checkpoint.msgpack"
+LOCK = ".lock"
+
+
+def write_atomic(path: Path, data: bytes):
+    """Write ``data`` to ``path`` through ``path.tmp`` (fsync, rename): readers see the old file
+    or the new one, never half of one. A failed write (disk full, no permission) removes
+    the temporary file and raises a one-line TrainingError; the old file stays."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise TrainingError(f"{path}: cannot write ({e.strerror or e}); the previous version is kept") from None
+
+
+def _strict(value):
+    """``value`` with NaN and infinities as None: run files are strict JSON (``null``)."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+def json_text(value, indent=2) -> str:
+    """Strict JSON (NaN and infinities written as null; tuples as lists)."""
+    return json.dumps(_strict(value), indent=indent, allow_nan=False, default=str)
+
+
+def write_json(path: Path, value):
+    write_atomic(path, (json_text(value) + "\n").encode())
+
+
+def read_json(path: Path, *, kind=dict):
+    """The JSON in ``path``, which must be a ``kind`` (dict or list); a one-line TrainingError
+    naming the file when it is missing, unreadable or not valid JSON of that kind."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TrainingError(f"{path} not found") from None
+    except OSError as e:
+        raise TrainingError(f"{path}: cannot read ({e.strerror})") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise TrainingError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(value, kind):
+        raise TrainingError(f"{path}: expected a JSON {'object' if kind is dict else 'array'}, "
+                            f"got {type(value).__name__}")
+    return value
+
+
+def read_config(run_dir: Path) -> dict:
+    """``config.json`` of a run: a dict with at least a ``"config"`` object of settings."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise TrainingError(f"{run_dir}: no config.json there, not a run directory")
+    info = read_json(path)
+    if not isinstance(info.get("config"), dict):
+        raise TrainingError(f"{path}: no \"config\" object of settings in it")
+    return info
+
+
+def read_summary(run_dir: Path):
+    """``summary.json`` of a run, or None when the run has none yet."""
+    path = Path(run_dir) / "summary.json"
+    return read_json(path) if path.exists() else None
+
+
+def read_metrics(run_dir: Path) -> list:
+    """The epoch records of ``metrics.jsonl`` (empty when there are none yet)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise TrainingError(f"{path}, line {n}: not valid JSON ({e})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+                raise TrainingError(f"{path}, line {n}: not an epoch record")
+            records.append(record)
+    return records
+
+
+def write_metrics(run_dir: Path, metrics):
+    write_atomic(Path(run_dir) / "metrics.jsonl", "".join(json_text(m, indent=None) + "\n" for m in metrics).encode())
+
+
+def _checkpoint_target(params, state, opt_state, key, epoch=0):
+    return {"params": params, "state": state, "opt_state": opt_state, "key": key, "epoch": epoch}
+
+
+def save_checkpoint(run_dir: Path, params, state, opt_state, key, epoch, *, mean=None, std=None):
+    """Write the epoch checkpoint: the state bytes (flax msgpack) and their SHA-256, verified
+    on load. ``mean``/``std`` (the input normalisation) make the run loadable without its data."""
+    payload = _checkpoint_target(params, state, opt_state, jax.random.key_data(key), epoch)
+    if mean is not None:
+        payload["normalization"] = {"mean": np.asarray(mean), "std": np.asarray(std)}
+    body = serialization.to_bytes(jax.device_get(payload))
+    wrapped = serialization.msgpack_serialize({"format": "jaxnets-checkpoint-1",
+                                               "sha256": hashlib.sha256(body).hexdigest(), "body": body})
+    write_atomic(Path(run_dir) / CHECKPOINT, wrapped)
+
+
+def read_checkpoint(run_dir: Path) -> dict:
+    """The checkpoint's raw state dict (nested dicts of arrays), its checksum verified."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.exists():
+        raise TrainingError(f"{path} not found: no epoch checkpoint")
+    try:
+        outer = serialization.msgpack_restore(path.read_bytes())
+        ok = isinstance(outer, dict) and outer.get("format") == "jaxnets-checkpoint-1"
+        body = outer["body"] if ok else None
+    except Exception as e:  # msgpack raises assorted types for damaged files
+        raise TrainingError(f"{path}: damaged checkpoint, cannot read it ({type(e).__name__})") from None
+    if not ok or not isinstance(body, bytes):
+        raise TrainingError(f"{path}: not a jaxnets checkpoint (or one written before checksums)")
+    if hashlib.sha256(body).hexdigest() != outer.get("sha256"):
+        raise TrainingError(f"{path}: damaged checkpoint (SHA-256 mismatch)")
+    try:
+        return serialization.msgpack_restore(body)
+    except Exception as e:
+        raise TrainingError(f"{path}: damaged checkpoint, cannot read it ({type(e).__name__})") from None
+
+
+def checkpoint_epoch(run_dir: Path):
+    """The epoch of the run's checkpoint, or None when it has none."""
+    return int(read_checkpoint(run_dir)["epoch"]) if (Path(run_dir) / CHECKPOINT).exists() else None
+
+
+def load_checkpoint(run_dir: Path, params, state, opt_state, key):
+    """The checkpoint restored into the structure of ``params, state, opt_state, key``."""
+    path = Path(run_dir) / CHECKPOINT
+    raw = read_checkpoint(run_dir)
+    raw.pop("normalization", None)
+    target = _checkpoint_target(params, state, opt_state, jax.random.key_data(key))
+    try:
+        restored = serialization.from_state_dict(target, raw)
+    except Exception as e:  # flax names the first mismatching field
+        raise TrainingError(f"{path}: the checkpoint does not match this run's model or optimizer "
+                            f"({str(e).splitlines()[0][:200]})") from None
+    for a, b in zip(jax.tree_util.tree_leaves(target), jax.tree_util.tree_leaves(restored)):
+        if np.shape(a) != np.shape(b):
+            raise TrainingError(f"{path}: checkpoint shapes do not match this model ({np.shape(b)} vs {np.shape(a)})")
+    restored["key"] = jax.random.wrap_key_data(jnp.asarray(restored["key"]))
+    return restored
+
+
+#: A final accuracy below this many times 1/classes counts as chance: the run learned nothing.
+CHANCE_FACTOR = 1.2
+
+
+def at_chance(accuracy, classes) -> bool:
+    """Whether ``accuracy`` is at chance level for ``classes`` classes (see :data:`CHANCE_FACTOR`)."""
+    return accuracy is not None and bool(np.isfinite(accuracy)) and accuracy < CHANCE_FACTOR / classes
+
+
+def default_run_dir(config: TrainConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.model}-{config.dataset}-{stamp}"
+
+
+def prepare_run_dir(run_dir: Path, *, new: bool):
+    """Make sure ``run_dir`` can hold a run before any data is loaded: a directory (created
+    when missing) that is writable and, for a new run, holds no files (``new``)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainingError(f"--out {run_dir}: is a file, not a directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainingError(f"--out {run_dir}: cannot create the directory ({e.strerror})") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise TrainingError(f"--out {run_dir}: the directory is not writable")
+    if new and any(p.name != LOCK for p in run_dir.iterdir()):
+        raise TrainingError(f"--out {run_dir} already holds files; choose a new directory or --resume it")
+
+
+class RunLock:
+    """``with RunLock(run_dir):`` one process at a time writes a run: ``run_dir/.lock`` holds
+    the owner's PID and host; a lock whose process is gone (same host) is taken over."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK
+        self.held = False
+
+    def __enter__(self):
+        owner = f"{os.getpid()} {platform.node()}\n"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not self._stale():
+                    raise TrainingError(f"{self.path.parent}: another process is writing this run "
+                                        f"({self._owner_text()}); wait for it or stop it") from None
+                self.path.unlink(missing_ok=True)
+                continue
+            except OSError as e:
+                raise TrainingError(f"{self.path}: cannot create the run's lock file ({e.strerror})") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(owner)
+            self.held = True
+            return self
+        raise TrainingError(f"{self.path}: cannot take the run's lock")
+
+    def __exit__(self, *exc):
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def _owner_text(self):
+        try:
+            pid, host = self.path.read_text().split()
+            return f"PID {pid} on {host}"
+        except (OSError, ValueError):
+            return "unknown owner"
+
+    def _stale(self):
+        try:
+            pid, host = self.path.read_text().split()
+            pid = int(pid)
+        except (OSError, ValueError):
+            return True  # unreadable or half-written: its writer died while writing it
+        if host != platform.node():
+            return False  # another machine's process: cannot tell, so keep it
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+
+def provenance(command=None) -> dict:
+    """Where a run came from: jaxnets' version, the git commit of the checkout (with a dirty
+    flag) when run from one, the command line and the start time."""
+    from jaxnets import __version__
+
+    info = {"jaxnets_version": __version__, "command": list(command) if command is not None else list(sys.argv),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    root = Path(__file__).resolve().parent.parent
+    if (root / ".git").exists():
+        try:
+            commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    timeout=5).stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            if commit:
+                info["git"] = {"commit": commit, "dirty": bool(dirty)}
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return info
+
+
+def environment_info():
+    import flax
+    return {
+        "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+        "optax": optax.__version__, "flax": flax.__version__, "numpy": np.__version__,
+        "python": platform.python_version(), "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()], "device_kind": jax.devices()[0].device_kind,
+        "cpu": cpu_model(), "cores": os.cpu_count(),
+        "host": platform.node(),
+    }
+
+
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def plot_curves(metrics, path: Path, title=""):
+    """Loss and accuracy per epoch, train vs validation, side by side (like the course reports)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [m["epoch"] for m in metrics]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for split, style in (("train", "-o"), ("val", "-s")):
+        ax_loss.plot(epochs, [m[f"{split}_loss"] for m in metrics], style, label=split, markersize=3)
+        ax_acc.plot(epochs, [100 * m[f"{split}_accuracy"] for m in metrics], style, label=split, markersize=3)
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+#: Image shape and classes of each dataset, for runs whose config.json predates recording them.
+DATASET_SHAPES = {"mnist": ((28, 28, 1), 10), "cifar10": ((32, 32, 3), 10)}
+
+
+@dataclasses.dataclass
+class Run:
+    """A trained run loaded back (:func:`load_run`): its model, parameters, batch-norm state,
+    settings and input normalisation; no dataset needed."""
+
+    run_dir: Path
+    config: TrainConfig
+    model: object
+    image_shape: tuple
+    params: dict
+    state: dict
+    mean: np.ndarray
+    std: np.ndarray
+    epoch: int
+    summary: dict | None
+
+    def predict(self, images, *, batch_size: int = 1000) -> np.ndarray:
+        """Class probabilities ``(N, classes)`` of ``images`` ``(N, H, W, C)``: uint8 pixels
+        0..255, or floats on the same scale divided by 255 (0..1), as the run was trained."""
+        from jaxnets.steps import normalize
+
+        x = self._images(images)
+        probs = []
+        for i in range(0, len(x), batch_size):
+            logits, _ = self._apply(self.params, self.state, normalize(x[i:i + batch_size], self.mean, self.std))
+            probs.append(np.asarray(jax.nn.softmax(logits, axis=-1)))
+        return np.concatenate(probs) if probs else np.zeros((0, self.num_classes), np.float32)
+
+    def evaluate(self, dataset=None, *, images=None, labels=None, batch_size: int = 1000) -> dict:
+        """Accuracy and mean cross-entropy on ``dataset``'s test split (a
+        :class:`jaxnets.data.Dataset`, loaded from the run's data settings when None), or on
+        ``images``/``labels``."""
+        from jaxnets.steps import make_evaluate
+
+        if images is None:
+            if dataset is None:
+                from jaxnets import data as D
+                dataset = D.load_dataset(self.config.dataset, self.config.data_dir, source=self.config.data_source)
+            images, labels = dataset.test_images, dataset.test_labels
+        x = self._images(images)
+        y = np.asarray(labels).astype(np.int32)
+        if y.shape != (len(x),):
+            raise ValueError(f"labels of shape {y.shape} do not match {len(x)} images")
+        u8 = x if x.dtype == np.uint8 else None
+        if u8 is None:  # the evaluation program takes uint8 pixels; floats go through predict
+            probs = self.predict(x, batch_size=batch_size)
+            picked = np.clip(probs[np.arange(len(y)), y], 1e-30, None)
+            return {"accuracy": float(np.mean(probs.argmax(-1) == y)), "loss": float(-np.log(picked).mean()),
+                    "examples": int(len(y))}
+        loss, acc = make_evaluate(self.model, batch_size)(self.params, self.state, u8, y, self.mean, self.std)
+        return {"accuracy": float(acc), "loss": float(loss), "examples": int(len(y))}
+
+    @property
+    def num_classes(self):
+        return self.model.classes
+
+    def _apply(self, params, state, x):
+        if not hasattr(self, "_jitted"):
+            self._jitted = jax.jit(lambda p, s, x: self.model.apply(p, s, x, train=False))
+        return self._jitted(params, state, x)
+
+    def _images(self, images):
+        x = np.asarray(images)
+        shape = tuple(self.image_shape)
+        if x.shape == shape:
+            x = x[None]
+        if x.ndim != 4 or x.shape[1:] != shape:
+            want = f"(N, {', '.join(map(str, shape))})"
+            raise ValueError(f"images of shape {x.shape}; this run takes {want}")
+        if x.dtype != np.uint8:
+            x = x.astype(np.float32) * 255.0  # the programs scale by 1/255, as for uint8 pixels
+        return x
+
+
+def load_run(run_dir) -> Run:
+    """A trained run back from its directory: ``run = load_run(DIR)``; ``run.predict(images)``.
+
+    Works for single runs and sweep members, whatever backend trained them; reads
+    ``config.json`` and the verified ``checkpoint.msgpack`` (the last finished epoch).
+    """
+    from jaxnets.steps import build_model
+
+    run_dir = Path(run_dir)
+    info = read_config(run_dir)
+    try:
+        config = from_dict(info["config"], where=str(run_dir / "config.json"))
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    shape, classes = DATASET_SHAPES[config.dataset]
+    shape, classes = tuple(info.get("image_shape", shape)), int(info.get("classes", classes))
+    model = build_model(config, shape, classes)
+    raw = read_checkpoint(run_dir)
+    like_params, like_state = jax.eval_shape(model.init, jax.random.key(0))
+    path = run_dir / CHECKPOINT
+    try:
+        params = serialization.from_state_dict(like_params, raw["params"])
+        state = serialization.from_state_dict(like_state, raw.get("state", {}))
+        norm = raw["normalization"]
+    except Exception as e:
+        raise TrainingError(f"{path}: does not match the model in config.json ({str(e).splitlines()[0][:160]})") \
+            from None
+    for a, b in zip(jax.tree_util.tree_leaves((like_params, like_state)), jax.tree_util.tree_leaves((params, state))):
+        if tuple(a.shape) != np.shape(b):
+            raise TrainingError(f"{path}: shapes do not match the model in config.json ({np.shape(b)} vs {a.shape})")
+    as_jax = lambda tree: jax.tree_util.tree_map(jnp.asarray, tree)
+    return Run(run_dir=run_dir, config=config, model=model, image_shape=shape, params=as_jax(params), state=as_jax(state),
+               mean=np.asarray(norm["mean"], np.float32), std=np.asarray(norm["std"], np.float32),
+               epoch=int(raw["epoch"]), summary=read_summary(run_dir))
