@@ -1,0 +1,561 @@
+"""Download MNIST's and CIFAR-10's standard files, with the standard library's urllib.
+
+The files are the ones :mod:`jaxnets.data` reads: MNIST's four IDX ``.gz`` files and
+CIFAR-10's ``cifar-10-python.tar.gz``. They go to ``<data dir>/mnist/`` and
+``<data dir>/cifar10/``, where the data dir is the ``data_dir`` argument, else
+``$JAXNETS_DATA_DIR``, else ``~/.cache/jaxnets/data`` (:func:`data_root`).
+
+Where each file is looked for, in order (the first copy that verifies wins):
+
+1. ``$JAXNETS_MIRROR`` when set: ``$JAXNETS_MIRROR/mnist/train-images-idx3-ubyte.gz``, ...,
+   ``$JAXNETS_MIRROR/cifar10/cifar-10-python.tar.gz`` (a company mirror, a local server).
+2. The built-in copies, :data:`MIRRORS`. MNIST: PyTorch's (torchvision's first mirror) and
+   Google's CVDF copy (the one tensorflow-datasets downloads); the original page,
+   http://yann.lecun.com/exdb/mnist/, is not tried, as it often refuses downloads.
+   CIFAR-10: its home at the University of Toronto (torchvision's and Keras's source) and
+   PaddlePaddle's copy (``paddle.vision.datasets.Cifar10``, published with the same MD5).
+
+How a file is fetched:
+
+* It is written to ``NAME.part`` and renamed to ``NAME`` only once complete and verified, so
+  an interrupted download never leaves a file that looks complete. A ``.part`` left behind
+  is resumed with an HTTP ``Range`` request where the server allows it (``206``), else
+  downloaded again; a connection dropped mid-file is resumed the same way (twice at most,
+  and only while bytes keep coming).
+* Verification: MNIST's MD5 and SHA-256 are of the *gunzipped* content (the MD5s are the
+  widely published ones of the uncompressed originals), so a mirror that recompressed the
+  ``.gz`` still verifies; CIFAR-10's are of the tarball itself. A file that fails is deleted.
+* A failing network costs little time: each attempt gets :data:`TIMEOUT` seconds (DNS
+  lookup, connection and each wait for data alike), a host that could not be reached is not
+  tried again for the other files, and once :data:`BUDGET` seconds have gone on failed
+  attempts no new one starts. Then one :class:`~jaxnets.data.DataError` line names every URL
+  tried with its reason (DNS, no route, refused, timeout, HTTP status, checksum mismatch,
+  disk full, unwritable directory) and what to do instead.
+* A progress bar (tqdm) is shown when stderr is a terminal; otherwise one line per file.
+* Concurrent processes fetching into the same folder take turns (a lock file, ``.lock``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import gzip
+import hashlib
+import http.client
+import os
+import socket
+import ssl
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from pathlib import Path
+
+from .data import DATA_DIR_ENV, DataError, _one_line
+
+__all__ = [
+    "BUDGET",
+    "DEFAULT_DATA_DIR",
+    "FILES",
+    "MIRRORS",
+    "MIRROR_ENV",
+    "RemoteFile",
+    "TIMEOUT",
+    "data_root",
+    "fetch",
+    "file_urls",
+]
+
+#: Environment variable naming a mirror tried before the built-in URLs.
+MIRROR_ENV = "JAXNETS_MIRROR"
+#: Where files are kept when neither ``data_dir`` nor ``$JAXNETS_DATA_DIR`` is given.
+DEFAULT_DATA_DIR = "~/.cache/jaxnets/data"
+#: Seconds an attempt may wait: for an answer (DNS, connection, headers) and for each read.
+TIMEOUT = 10.0
+#: Seconds of failed attempts after which no new attempt starts (bounds the offline case).
+BUDGET = 15.0
+#: Resumed retries of one URL whose connection dropped mid-file (each must bring bytes).
+RETRIES = 2
+_CHUNK = 1 << 18
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteFile:
+    """One standard file and its checksums.
+
+    Attributes:
+        name: the file's name, the same on every mirror.
+        md5: hex MD5 of the content that is checked.
+        sha256: hex SHA-256 of the same content (None where none is published).
+        gunzipped: the checksums are of the gunzipped content (MNIST), not of the file.
+    """
+
+    name: str
+    md5: str | None
+    sha256: str | None
+    gunzipped: bool
+
+
+#: The files of each dataset, checksums included.
+FILES = {
+    "mnist": (
+        RemoteFile("train-images-idx3-ubyte.gz", "6bbc9ace898e44ae57da46a324031adb",
+                   "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db", True),
+        RemoteFile("train-labels-idx1-ubyte.gz", "a25bea736e30d166cdddb491f175f624",
+                   "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5", True),
+        RemoteFile("t10k-images-idx3-ubyte.gz", "2646ac647ad5339dbf082846283269ea",
+                   "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7", True),
+        RemoteFile("t10k-labels-idx1-ubyte.gz", "27ae3e4e09519cfbb04c329615203637",
+                   "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2", True),
+    ),
+    # The SHA-256 is the one Keras's cifar10.load_data checks.
+    "cifar10": (
+        RemoteFile("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
+                   "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce", False),
+    ),
+}
+
+#: Built-in folder URLs of each dataset's files, tried in order after ``$JAXNETS_MIRROR``.
+MIRRORS = {
+    "mnist": (
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    ),
+    "cifar10": (
+        "https://www.cs.toronto.edu/~kriz/",
+        "https://dataset.bj.bcebos.com/cifar/",
+    ),
+}
+
+_LABEL = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
+_HOME = {"mnist": "http://yann.lecun.com/exdb/mnist/",
+         "cifar10": "https://www.cs.toronto.edu/~kriz/cifar.html"}
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def data_root(data_dir: str | os.PathLike | None = None) -> Path:
+    """The data directory: ``data_dir``, else ``$JAXNETS_DATA_DIR``, else
+    :data:`DEFAULT_DATA_DIR` (``~`` expanded)."""
+    chosen = data_dir if data_dir not in (None, "") else os.environ.get(DATA_DIR_ENV) or None
+    return Path(chosen if chosen is not None else DEFAULT_DATA_DIR).expanduser()
+
+
+def file_urls(dataset: str, name: str) -> list[str]:
+    """Where ``name`` of ``dataset`` is looked for, in order: ``$JAXNETS_MIRROR/<dataset>/name``
+    (when the variable is set), then each of :data:`MIRRORS` ``[dataset]`` + ``name``."""
+    mirror = os.environ.get(MIRROR_ENV, "").strip()
+    urls = [f"{mirror.rstrip('/')}/{dataset}/{name}"] if mirror else []
+    return urls + [base + name for base in MIRRORS[dataset]]
+
+
+def fetch(dataset: str, data_dir: str | os.PathLike | None = None, *, names=None,
+          checksums=None, timeout: float = TIMEOUT, budget: float = BUDGET,
+          progress: bool | None = None) -> Path:
+    """Make sure the standard files of ``dataset`` are in ``data_root(data_dir)/dataset/``.
+
+    Files already there are left alone (they were verified before they got their name);
+    the others are downloaded and verified as the module docstring describes.
+
+    Args:
+        dataset: ``"mnist"`` or ``"cifar10"``.
+        data_dir: the data directory (see :func:`data_root`); created when missing.
+        names: the file names to fetch (default: all of the dataset's, :data:`FILES`).
+        checksums: optional ``{file name: hex digest}`` replacing a file's built-in
+            checksums: 32 hex digits is an MD5, 64 a SHA-256 (of the gunzipped content for
+            MNIST, of the file for CIFAR-10).
+        timeout: seconds an attempt may wait for an answer, and for each read.
+        budget: seconds of failed attempts after which no new attempt starts.
+        progress: show a progress bar; None (default) shows one when stderr is a terminal
+            and prints one line per file otherwise; False prints nothing.
+
+    Returns:
+        The folder holding the files, ``data_root(data_dir) / dataset``.
+
+    Raises:
+        ValueError: unknown dataset, file name or checksum format.
+        DataError: a file could not be fetched (one line: every URL tried and why, and
+            what to do), or the directory cannot be written.
+    """
+    if dataset not in FILES:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(FILES)}")
+    known = {f.name: f for f in FILES[dataset]}
+    wanted = list(known) if names is None else list(names)
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise ValueError(f"{dataset} has no file {unknown[0]!r}; its files: {', '.join(known)}")
+    checksums = dict(checksums or {})
+    if set(checksums) - set(known):
+        raise ValueError(f"checksums for unknown {dataset} files: "
+                         f"{', '.join(sorted(set(checksums) - set(known)))}")
+    expected = {n: _expected(known[n], checksums.get(n)) for n in wanted}
+
+    folder = data_root(data_dir) / dataset
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the data directory {folder} ({_os_reason(e)}); "
+                        f"{_writable_fix()}") from None
+    attempts = _Attempts(timeout, budget)
+    with _lock(folder):
+        for name in wanted:
+            dest = folder / name
+            if not dest.is_file():  # (again: another process may have fetched it meanwhile)
+                _fetch_file(dataset, known[name], dest, expected[name], attempts, progress)
+    return folder
+
+
+# --------------------------------------------------------------------------- one file
+
+
+class _Failed(Exception):
+    """One attempt at one URL failed; ``reason`` is a short phrase for the error line.
+
+    ``unreachable``: the host gave no HTTP answer (not tried again in this fetch);
+    ``progressed``: bytes arrived before the failure (worth resuming);
+    ``maybe_complete``: the server says the kept ``.part`` already has every byte (416).
+    """
+
+    def __init__(self, reason, *, unreachable=False, progressed=False, maybe_complete=False):
+        super().__init__(reason)
+        self.reason = reason
+        self.unreachable = unreachable
+        self.progressed = progressed
+        self.maybe_complete = maybe_complete
+
+
+class _Attempts:
+    """The bounds shared by every attempt of one fetch: unreachable hosts, time spent."""
+
+    def __init__(self, timeout, budget):
+        self.timeout = float(timeout)
+        self.budget = float(budget)
+        self.spent = 0.0  # seconds spent in failed attempts
+        self.dead_hosts = set()
+
+    def skip_reason(self, url):
+        if _host(url) in self.dead_hosts:
+            return "not tried: host unreachable above"
+        if self.spent >= self.budget:
+            return f"not tried: {self.budget:g} s of failed attempts already"
+        return None
+
+    def attempt_timeout(self):
+        """The timeout of the next attempt: never past the budget, at least 0.1 s."""
+        return max(0.1, min(self.timeout, self.budget - self.spent))
+
+    def failed(self, url, started, failure):
+        self.spent += time.monotonic() - started
+        if failure.unreachable:
+            self.dead_hosts.add(_host(url))
+
+
+def _fetch_file(dataset, remote, dest, expected, attempts, progress):
+    part = dest.with_name(dest.name + ".part")
+    tried = []
+    for url in file_urls(dataset, remote.name):
+        reason = attempts.skip_reason(url)
+        if reason is None:
+            reason = _try_url(dataset, url, part, dest, remote, expected, attempts, progress)
+            if reason is None:
+                return
+        tried.append((url, reason))
+    raise DataError(_failure_line(dataset, dest, tried))
+
+
+def _try_url(dataset, url, part, dest, remote, expected, attempts, progress):
+    """Download ``url`` into ``part``, verify it and rename it to ``dest``.
+
+    Returns None on success, else the reason this URL failed.
+    """
+    retries = 0
+    restarted = False  # a resumed file that failed verification gets one fresh download
+    while True:
+        started = time.monotonic()
+        resumed = part.is_file() and part.stat().st_size > 0
+        try:
+            _transfer(dataset, url, part, dest, attempts, progress)
+        except _Failed as failure:
+            attempts.failed(url, started, failure)
+            if failure.maybe_complete:
+                pass  # verify what we have below
+            elif failure.progressed and retries < RETRIES:
+                retries += 1
+                continue
+            else:
+                return failure.reason
+        problem = _verify(part, remote, expected)
+        if problem is None:
+            os.replace(part, dest)
+            return None
+        _unlink(part)
+        if resumed and not restarted:
+            # The kept bytes may have come from another copy (MNIST mirrors compress
+            # differently), so the mix fails; a download from the start settles it.
+            restarted = True
+            continue
+        return f"{problem}; file removed"
+
+
+def _transfer(dataset, url, part, dest, attempts, progress):
+    """One HTTP request for ``url``, appended to ``part`` (resumed with Range when it
+    exists). Raises :class:`_Failed` for network trouble and DataError for disk trouble."""
+    offset = part.stat().st_size if part.is_file() else 0
+    headers = {"User-Agent": f"jaxnets (Python-urllib/{sys.version_info[0]}.{sys.version_info[1]})"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    timeout = attempts.attempt_timeout()
+    try:
+        response = _open(urllib.request.Request(url, headers=headers), timeout)
+    except urllib.error.HTTPError as e:
+        e.close()
+        if e.code == 416 and offset:
+            raise _Failed(f"HTTP 416 for bytes {offset}-", maybe_complete=True) from None
+        raise _Failed(f"HTTP {e.code} {e.reason}".strip()) from None
+    except (OSError, http.client.HTTPException, ValueError) as e:  # URLError is an OSError
+        raise _Failed(_net_reason(e, timeout), unreachable=True) from None
+
+    with response:
+        if offset and response.status == 206:
+            if not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
+                _unlink(part)
+                raise _Failed(f"server sent another range ({response.headers.get('Content-Range')})",
+                              progressed=True)
+        else:
+            offset = 0  # a full answer (200): start over
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length and length.isdigit() else None
+        _set_read_timeout(response, attempts.timeout)
+        got = offset
+        bar = _progress(progress, url, dest, total, offset)
+        try:
+            with _open_part(part, "ab" if offset else "wb", url, dataset, dest) as out:
+                while True:
+                    try:
+                        chunk = response.read(_CHUNK)
+                    except (OSError, http.client.HTTPException) as e:
+                        raise _Failed(f"{_net_reason(e, attempts.timeout)} after "
+                                      f"{_size(got)} of {_size(total)}",
+                                      progressed=got > offset) from None
+                    if not chunk:
+                        break
+                    _write(out, chunk, part, url, dataset, dest)
+                    got += len(chunk)
+                    bar.update(len(chunk))
+                _write(out, None, part, url, dataset, dest)
+        finally:
+            bar.close()
+    if total is not None and got < total:
+        raise _Failed(f"connection closed after {_size(got)} of {_size(total)}",
+                      progressed=got > offset)
+
+
+def _open(request, timeout):
+    """``urlopen`` in a helper thread, so that the whole wait for an answer, DNS lookup
+    included (which socket timeouts do not cover), ends after ``timeout`` seconds."""
+    lock = threading.Lock()
+    box = {}
+
+    def run():
+        try:
+            result = urllib.request.urlopen(request, timeout=timeout)
+        except BaseException as e:  # handed to the caller
+            result = e
+        with lock:
+            if box.get("abandoned"):
+                if not isinstance(result, BaseException):
+                    result.close()
+                return
+            box["result"] = result
+
+    thread = threading.Thread(target=run, name="jaxnets-download", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    with lock:
+        if "result" not in box:
+            box["abandoned"] = True
+            raise TimeoutError(f"no answer within {timeout:g} s")
+        result = box["result"]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _set_read_timeout(response, timeout):
+    """Give the body's reads the full timeout (the answer may have had a shorter one)."""
+    sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
+    if sock is not None:
+        sock.settimeout(timeout)
+
+
+def _verify(path, remote, expected):
+    """None if ``path`` matches ``expected`` ({"md5"/"sha256": hex}), else what is wrong."""
+    digests = {"md5": hashlib.md5(usedforsecurity=False), "sha256": hashlib.sha256()}
+    try:
+        with (gzip.open(path, "rb") if remote.gunzipped else open(path, "rb")) as f:
+            while chunk := f.read(1 << 20):
+                for d in digests.values():
+                    d.update(chunk)
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        return f"not a complete gzip file ({_one_line(e)})"
+    what = " of the gunzipped content" if remote.gunzipped else ""
+    for algo, want in expected.items():
+        got = digests[algo].hexdigest()
+        if got != want:
+            return f"checksum mismatch ({algo.upper()}{what} {got}, expected {want})"
+    return None
+
+
+def _expected(remote, override):
+    """The checksums to check: the built-in ones, or the one digest given instead."""
+    if override is None:
+        return {k: v for k, v in (("md5", remote.md5), ("sha256", remote.sha256)) if v}
+    digest = str(override).lower()
+    algo = {32: "md5", 64: "sha256"}.get(len(digest))
+    if algo is None or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"checksum for {remote.name} must be an MD5 (32 hex digits) or a "
+                         f"SHA-256 (64), got {override!r}")
+    return {algo: digest}
+
+
+# --------------------------------------------------------------------------- disk
+
+
+@contextlib.contextmanager
+def _open_part(part, mode, url, dataset, dest):
+    try:
+        f = open(part, mode)
+    except OSError as e:
+        raise _disk_error(e, part, url, dataset, dest) from None
+    with f:
+        yield f
+
+
+def _write(out, chunk, part, url, dataset, dest):
+    """Write ``chunk`` (None: flush to disk); a full or unwritable disk ends the fetch."""
+    try:
+        if chunk is None:
+            out.flush()
+            os.fsync(out.fileno())
+        else:
+            out.write(chunk)
+    except OSError as e:
+        raise _disk_error(e, part, url, dataset, dest) from None
+
+
+def _disk_error(e, part, url, dataset, dest):
+    full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    if full:
+        _unlink(part)  # useless until space is freed, and it holds space
+    reason = f"disk full writing {part}" if full else f"cannot write {part}"
+    return DataError(_failure_line(dataset, dest, [(url, f"{reason}: {_os_reason(e)}")],
+                                   fix=_writable_fix()))
+
+
+@contextlib.contextmanager
+def _lock(folder):
+    """Hold ``folder/.lock`` exclusively (POSIX), so two processes never write one file."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        yield
+        return
+    try:
+        handle = open(folder / ".lock", "a")
+    except OSError as e:
+        raise DataError(f"cannot write in the data directory {folder} ({_os_reason(e)}); "
+                        f"{_writable_fix()}") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"jaxnets: waiting for another process downloading into {folder}",
+                  file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _unlink(path):
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def _failure_line(dataset, dest, tried, fix=None):
+    """The one-line error: every URL tried with its reason, then what to do instead."""
+    attempts = ", ".join(f"{url} ({reason})" for url, reason in tried) or "no URL to try"
+    if fix is None:
+        files = (f"the files {', '.join(f.name for f in FILES[dataset])}" if dataset == "mnist"
+                 else f"the file {dest.name} (or its extracted cifar-10-batches-py/)")
+        fix = (f"connect to the internet, or set {MIRROR_ENV} to a mirror holding "
+               f"{dataset}/{dest.name}, or pass --data-dir DIR holding {files} "
+               f"(from {_HOME[dataset]})")
+    return (f"could not download {_LABEL[dataset]} file {dest.name} into {dest.parent}: "
+            f"tried {attempts}. To fix: {fix}")
+
+
+def _writable_fix():
+    return (f"pass --data-dir DIR (or set {DATA_DIR_ENV}) to a writable directory with free "
+            f"space")
+
+
+def _net_reason(e, timeout):
+    """A short phrase for a network failure: DNS, no route, refused, timeout, TLS, ..."""
+    if isinstance(e, urllib.error.URLError) and isinstance(e.reason, BaseException):
+        e = e.reason
+    if isinstance(e, socket.gaierror):
+        return f"DNS lookup failed: {e.strerror or e}"
+    if isinstance(e, TimeoutError):  # socket.timeout is TimeoutError
+        return f"timed out after {timeout:g} s"
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, ssl.SSLError):
+        return f"TLS error: {_one_line(e)}"
+    if isinstance(e, OSError) and e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return f"no route to host: {e.strerror}"
+    if isinstance(e, (ConnectionError, http.client.HTTPException)):
+        return f"connection lost: {type(e).__name__}"
+    return _one_line(e)
+
+
+def _os_reason(e):
+    return e.strerror or _one_line(e)
+
+
+def _host(url):
+    return urllib.parse.urlsplit(url).netloc
+
+
+def _size(n):
+    if n is None:
+        return "?"
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n} bytes"
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(progress, url, dest, total, initial):
+    """A tqdm bar on a terminal; otherwise one line (progress None) or nothing (False)."""
+    show = sys.stderr.isatty() if progress is None else progress
+    if show:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
+                    desc=dest.name, file=sys.stderr, leave=False)
+    if progress is None:
+        more = f" (resuming at {_size(initial)})" if initial else ""
+        print(f"jaxnets: downloading {url} ({_size(total)}){more} -> {dest}", file=sys.stderr)
+    return _NoBar()
