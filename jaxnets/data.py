@@ -1,8 +1,10 @@
 """Datasets: MNIST and CIFAR-10 as uint8 NHWC numpy arrays.
 
-Two ways in:
+Where the data comes from (``source``, one of :data:`SOURCES`):
 
-* **Offline files** (numpy only, no TensorFlow): the standard distribution files.
+* ``"auto"`` (default): the standard distribution files in the data directory, downloaded
+  there first when they are missing (:mod:`jaxnets.download`: standard library only, checked
+  against the published checksums). Reading them needs numpy only, no TensorFlow.
 
   - MNIST: the four IDX files ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
     ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each gzipped (``.gz``, as
@@ -10,11 +12,14 @@ Two ways in:
   - CIFAR-10: the extracted ``cifar-10-batches-py/`` directory (``data_batch_1`` ..
     ``data_batch_5``, ``test_batch``) or the official ``cifar-10-python.tar.gz``.
 
-* **tensorflow-datasets**: ``tfds.load(name, batch_size=-1, as_supervised=True)``. It needs
-  TensorFlow (the ``jaxnets[tfds]`` extra) and, the first time, internet access.
+* ``"files"``: the same files, never downloaded (a missing file is an error).
+* ``"tfds"``: tensorflow-datasets' prepared copy, ``tfds.load(name, batch_size=-1,
+  as_supervised=True, download=False)``. It needs TensorFlow (the ``jaxnets[tfds]``
+  extra) and a tfds data directory that already holds the dataset: this source does not
+  download (offline, tfds's downloader retries for minutes).
 
-Where the files are looked for (``root`` is the ``data_dir`` argument, else the
-``JAXNETS_DATA_DIR`` environment variable):
+The data directory ``root`` is the ``data_dir`` argument, else the ``JAXNETS_DATA_DIR``
+environment variable, else ``~/.cache/jaxnets/data``. Where the files are looked for in it:
 
 ================  ===========================================================================
 MNIST             ``root/`` itself if it holds any of the four files, else ``root/mnist/``
@@ -26,8 +31,10 @@ CIFAR-10          ``root/`` if it *is* the batches directory (holds ``data_batch
 
 So one ``JAXNETS_DATA_DIR`` can serve both datasets, e.g. ``DIR/mnist/*.gz`` beside
 ``DIR/cifar-10-batches-py/``, and ``data_dir`` may also point straight at the folder with
-the files. Nothing is cached on disk; loading MNIST takes well under a second and
-CIFAR-10 from the batches directory about one.
+the files. Downloads go to ``root/mnist/`` and ``root/cifar10/cifar-10-python.tar.gz``
+(found there by the same rules); with ``"auto"``, MNIST files directly in ``root`` are read
+as they are, never completed by a download. Loading MNIST takes well under a second and
+CIFAR-10 from the batches directory about one (from the tarball about two).
 
 Every problem with the files (missing, truncated, corrupt, inconsistent) raises
 :class:`DataError` with a one-line message that names the file and what was expected; the
@@ -39,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import io
+import logging
 import os
 import pickle
 import tarfile
@@ -52,6 +60,7 @@ __all__ = [
     "DATASETS",
     "DataError",
     "Dataset",
+    "SOURCES",
     "load_dataset",
     "normalization_stats",
     "split_validation",
@@ -63,7 +72,8 @@ DATASETS = ("mnist", "cifar10")
 #: Environment variable consulted when ``data_dir`` is not given.
 DATA_DIR_ENV = "JAXNETS_DATA_DIR"
 
-_SOURCES = ("auto", "files", "tfds")
+#: Where :func:`load_dataset` takes the data from (see the module docstring).
+SOURCES = ("auto", "files", "tfds")
 _NUM_CLASSES = {"mnist": 10, "cifar10": 10}
 
 MNIST_FILES = {
@@ -131,12 +141,12 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
     Args:
         name: ``"mnist"`` or ``"cifar10"``.
         data_dir: directory with the standard files (see the module docstring for where
-            they are looked for). With ``source="tfds"`` it is passed to ``tfds.load`` as
-            its ``data_dir`` instead.
-        source: ``"files"`` reads the offline files from ``data_dir``, else from
-            ``$JAXNETS_DATA_DIR``; ``"tfds"`` uses tensorflow-datasets; ``"auto"`` (default)
-            reads files when ``data_dir`` or ``$JAXNETS_DATA_DIR`` is given (and then does not
-            fall back to tfds: a wrong directory is reported, not papered over), else tfds.
+            they are looked for); default ``$JAXNETS_DATA_DIR``, else
+            ``~/.cache/jaxnets/data``. With ``source="tfds"`` it is passed to ``tfds.load``
+            as its ``data_dir`` instead (default: tfds's own).
+        source: ``"auto"`` (default) reads the files, downloading the missing ones into the
+            data directory first (created if needed); ``"files"`` reads them and never
+            downloads; ``"tfds"`` reads tensorflow-datasets' prepared copy.
 
     Returns:
         A :class:`Dataset`.
@@ -147,25 +157,40 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    if source not in _SOURCES:
-        raise ValueError(f"unknown source {source!r}; choose one of {', '.join(_SOURCES)}")
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
 
     if source == "tfds":
         return _load_tfds(name, data_dir)
-    root = data_dir if data_dir not in (None, "") else os.environ.get(DATA_DIR_ENV) or None
-    if root is None:
-        if source == "files":
-            raise DataError(
-                f"no data directory for {name}: pass --data-dir DIR (or set {DATA_DIR_ENV}) "
-                f"with the standard files"
-            )
-        return _load_tfds(name, None)
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"data directory {root} does not exist or is not a directory")
+    from . import download  # here, not at the top: download imports DataError from this module
+
+    root = download.data_root(data_dir)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data directory {root} is not a directory")
+    if source == "auto":
+        missing = _missing_files(name, root)
+        if missing:
+            download.fetch(name, root, names=missing)
+    elif not root.is_dir():
+        raise DataError(
+            f"data directory {root} does not exist: pass --data-dir DIR (or set {DATA_DIR_ENV}) "
+            f"with the standard {name} files, or use --data-source auto to download them"
+        )
     if name == "mnist":
         return _load_mnist(root)
     return _load_cifar10(root)
+
+
+def _missing_files(name: str, root: Path) -> list[str]:
+    """The standard files that ``source="auto"`` downloads into ``root``: none when the
+    dataset is there in a layout :func:`load_dataset` reads, else the absent ones of the
+    download layout (``root/mnist/*.gz``, ``root/cifar10/cifar-10-python.tar.gz``)."""
+    if name == "cifar10":
+        return [] if _locate_cifar10(root) is not None else [CIFAR10_TARBALL]
+    if _holds_mnist(root):  # the user's own folder: read as it is (errors name what is missing)
+        return []
+    return [b + ".gz" for b in MNIST_FILES.values()
+            if _find_file(root / "mnist", (b + ".gz", b)) is None]
 
 
 def normalization_stats(train_images: np.ndarray, exclude=None) -> tuple[np.ndarray, np.ndarray]:
@@ -256,11 +281,15 @@ def split_validation(images: np.ndarray, labels: np.ndarray, val_size: int, seed
 # --------------------------------------------------------------------------- MNIST (IDX)
 
 
+def _holds_mnist(folder: Path) -> bool:
+    """Whether ``folder`` holds any of the four MNIST files (gzipped or not)."""
+    return any(_find_file(folder, (b + ".gz", b)) is not None for b in MNIST_FILES.values())
+
+
 def _find_mnist_dir(root: Path) -> Path:
     """``root`` if it holds any MNIST file, else ``root/mnist`` if that is a directory."""
-    for base in MNIST_FILES.values():
-        if (root / (base + ".gz")).is_file() or (root / base).is_file():
-            return root
+    if _holds_mnist(root):
+        return root
     return root / "mnist" if (root / "mnist").is_dir() else root
 
 
@@ -270,9 +299,7 @@ def _load_mnist(root: Path) -> Dataset:
     for key, base in MNIST_FILES.items():
         path = _find_file(folder, (base + ".gz", base))
         if path is None:
-            found_any = any((folder / f).is_file()
-                            for b in MNIST_FILES.values() for f in (b, b + ".gz"))
-            searched = str(folder) if found_any else f"{root} (nor in {root / 'mnist'})"
+            searched = str(folder) if _holds_mnist(folder) else f"{root} (nor in {root / 'mnist'})"
             expected = ", ".join(b + ".gz" for b in MNIST_FILES.values())
             raise DataError(
                 f"MNIST file {base}.gz not found in {searched}; expected {expected} "
@@ -336,14 +363,30 @@ def read_idx(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
 # --------------------------------------------------------------------------- CIFAR-10
 
 
-def _load_cifar10(root: Path) -> Dataset:
+def _locate_cifar10(root: Path) -> tuple[str, Path] | None:
+    """``("dir", batches dir)`` or ``("tar", tarball)``: the first of the layouts in the
+    module docstring that exists under ``root``; None when there is none."""
     if (root / CIFAR10_TRAIN_BATCHES[0]).is_file() or (root / CIFAR10_TEST_BATCH).is_file():
-        batches_dir = root
-    else:
-        batches_dir = next((p for p in (root / CIFAR10_BATCHES_DIR,
-                                        root / "cifar10" / CIFAR10_BATCHES_DIR) if p.is_dir()),
-                           None)
-    if batches_dir is not None:
+        return "dir", root
+    for p in (root / CIFAR10_BATCHES_DIR, root / "cifar10" / CIFAR10_BATCHES_DIR):
+        if p.is_dir():
+            return "dir", p
+    for p in (root / CIFAR10_TARBALL, root / "cifar10" / CIFAR10_TARBALL):
+        if p.is_file():
+            return "tar", p
+    return None
+
+
+def _load_cifar10(root: Path) -> Dataset:
+    found = _locate_cifar10(root)
+    if found is None:
+        raise DataError(
+            f"CIFAR-10 not found in {root}: expected {CIFAR10_BATCHES_DIR}/ (data_batch_1..5, "
+            f"test_batch) or {CIFAR10_TARBALL} there or in {root / 'cifar10'}"
+        )
+    kind, path = found
+    if kind == "dir":
+        batches_dir = path
         blobs = {}
         for b in CIFAR10_TRAIN_BATCHES + (CIFAR10_TEST_BATCH,):
             path = batches_dir / b
@@ -354,15 +397,7 @@ def _load_cifar10(root: Path) -> Dataset:
                 )
             blobs[b] = (str(path), _read_bytes(path, gz=False))
         return _cifar10_from_blobs(blobs, f"files:{batches_dir}")
-
-    tarball = next((p for p in (root / CIFAR10_TARBALL, root / "cifar10" / CIFAR10_TARBALL)
-                    if p.is_file()), None)
-    if tarball is None:
-        raise DataError(
-            f"CIFAR-10 not found in {root}: expected {CIFAR10_BATCHES_DIR}/ (data_batch_1..5, "
-            f"test_batch) or {CIFAR10_TARBALL} there or in {root / 'cifar10'}"
-        )
-    return _cifar10_from_blobs(_read_cifar10_tarball(tarball), f"files:{tarball}")
+    return _cifar10_from_blobs(_read_cifar10_tarball(path), f"files:{path}")
 
 
 def _read_cifar10_tarball(tarball: Path) -> dict:
@@ -483,30 +518,40 @@ def _tensorflow_available() -> bool:
 
 def _load_tfds(name: str, data_dir) -> Dataset:
     hint = (
-        f"pass --data-dir DIR with the standard {name} files "
+        f"use --data-source auto (downloads the standard files), or --data-source files "
+        f"with --data-dir DIR holding the standard {name} files "
         + ("(train-images-idx3-ubyte.gz, ...)" if name == "mnist"
            else f"({CIFAR10_BATCHES_DIR}/ or {CIFAR10_TARBALL})")
     )
     try:
         import tensorflow_datasets as tfds
     except ImportError:
-        raise DataError(f"tensorflow-datasets is not installed, so {name} can't be "
-                        f"downloaded; {hint}") from None
+        raise DataError(f"tensorflow-datasets is not installed (pip install 'jaxnets[tfds]'), "
+                        f"so it can't load {name}; {hint}") from None
     if not _tensorflow_available():
         raise DataError(f"tensorflow-datasets needs TensorFlow (pip install 'jaxnets[tfds]') "
                         f"to load {name}; {hint}")
     tfds_name = {"mnist": "mnist", "cifar10": "cifar10"}[name]
     out = {}
+    absl_logger = logging.getLogger("absl")  # tfds warns through absl about what it lacks
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
     try:
         for split in ("train", "test"):
+            # download=False: this source reads tfds's prepared copy; offline, tfds's own
+            # downloader retries for minutes before it fails.
             ds = tfds.load(tfds_name, split=split, batch_size=-1, as_supervised=True,
-                           data_dir=None if data_dir is None else str(data_dir))
+                           data_dir=None if data_dir is None else str(data_dir),
+                           download=False)
             images, labels = ds  # eager tf.Tensors (batch_size=-1): the whole split
             out[f"{split}_images"] = np.asarray(images)
             out[f"{split}_labels"] = np.asarray(labels)
-    except Exception as e:  # no internet, no TensorFlow, broken download dir, ...
+    except Exception as e:  # not prepared in the tfds data dir, broken dir, ...
         raise DataError(f"tensorflow-datasets could not provide {name} "
-                        f"({type(e).__name__}: {_one_line(e)}); {hint}") from None
+                        f"({type(e).__name__}: {_one_line(e)}); the tfds source reads a prepared "
+                        f"copy and does not download: {hint}") from None
+    finally:
+        absl_logger.setLevel(level)
     for split in ("train", "test"):
         images, labels = out[f"{split}_images"], out[f"{split}_labels"]
         where = f"tfds {tfds_name} {split} split"

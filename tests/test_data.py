@@ -12,15 +12,24 @@ import numpy as np
 import pytest
 
 from jaxnets import data as D
+from jaxnets import download as DL
 from jaxnets.data import DataError, load_dataset, normalization_stats, split_validation
 
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
 
 
 @pytest.fixture(autouse=True)
-def _no_env_data_dir(monkeypatch):
-    """Tests must not depend on a developer's JAXNETS_DATA_DIR."""
+def _no_env_data_dir(monkeypatch, tmp_path):
+    """Tests must not depend on a developer's JAXNETS_DATA_DIR or cache, nor download:
+    the default data dir is a fresh temporary path and any HTTP request fails the test
+    (tests/test_download.py covers downloads, against a local server)."""
     monkeypatch.delenv(D.DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(DL, "DEFAULT_DATA_DIR", str(tmp_path / "default-cache"))
+
+    def no_network(request, timeout):
+        raise AssertionError(f"test_data tried to download {request.full_url}")
+
+    monkeypatch.setattr(DL, "_open", no_network)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -140,7 +149,7 @@ def test_mnist_missing_file(tmp_path):
 def test_mnist_empty_dir_names_both_places_searched(tmp_path):
     (tmp_path / "mnist").mkdir()
     with pytest.raises(DataError) as e:
-        load_dataset("mnist", tmp_path)
+        load_dataset("mnist", tmp_path, source="files")
     assert_one_line_error(e, "train-images-idx3-ubyte.gz", tmp_path / "mnist")
 
 
@@ -295,7 +304,7 @@ def test_cifar10_tarball_missing_member(tmp_path):
 
 def test_cifar10_missing_everything(tmp_path):
     with pytest.raises(DataError) as e:
-        load_dataset("cifar10", tmp_path)
+        load_dataset("cifar10", tmp_path, source="files")
     assert_one_line_error(e, tmp_path, "cifar-10-batches-py", D.CIFAR10_TARBALL)
 
 
@@ -356,12 +365,49 @@ def test_bad_arguments(tmp_path):
         load_dataset("imagenet", tmp_path)
     with pytest.raises(ValueError, match="unknown source"):
         load_dataset("mnist", tmp_path, source="web")
-    with pytest.raises(DataError) as e:
+    with pytest.raises(DataError) as e:  # the default data dir does not exist (yet)
         load_dataset("mnist", source="files")
-    assert_one_line_error(e, "--data-dir", D.DATA_DIR_ENV)
+    assert_one_line_error(e, "--data-dir", D.DATA_DIR_ENV, DL.data_root(), "--data-source auto")
     with pytest.raises(DataError) as e:
-        load_dataset("mnist", tmp_path / "nope")
+        load_dataset("mnist", tmp_path / "nope", source="files")
     assert_one_line_error(e, tmp_path / "nope")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", tmp_path / "a-file")
+    assert_one_line_error(e, tmp_path / "a-file", "not a directory")
+    assert D.SOURCES == ("auto", "files", "tfds")
+
+
+def test_auto_fetches_exactly_what_is_missing(tmp_path, monkeypatch):
+    """source="auto" asks the downloader for the absent files of the download layout only;
+    a dataset present in any layout it reads is loaded without asking."""
+    calls = []
+
+    def fake_fetch(name, root, *, names):
+        calls.append((name, root, names))
+        raise DataError("stop here")
+
+    monkeypatch.setattr(DL, "fetch", fake_fetch)
+    with pytest.raises(DataError, match="stop here"):
+        load_dataset("mnist")
+    assert calls == [("mnist", DL.data_root(), [b + ".gz" for b in D.MNIST_FILES.values()])]
+    arrays = make_mnist(tmp_path / "mnist")
+    (tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz").unlink()
+    (tmp_path / "mnist" / "train-labels-idx1-ubyte.gz").unlink()
+    write_idx(tmp_path / "mnist" / "train-labels-idx1-ubyte", arrays["train_labels"])  # raw
+    calls.clear()
+    with pytest.raises(DataError, match="stop here"):
+        load_dataset("mnist", tmp_path)
+    assert calls == [("mnist", tmp_path, ["t10k-images-idx3-ubyte.gz"])]
+    calls.clear()
+    with pytest.raises(DataError, match="stop here"):
+        load_dataset("cifar10", tmp_path)
+    assert calls == [("cifar10", tmp_path, [D.CIFAR10_TARBALL])]
+    make_cifar(tmp_path / "cifar10")  # root/cifar10/cifar-10-batches-py: read, not fetched
+    calls.clear()
+    assert load_dataset("cifar10", tmp_path).source == \
+        f"files:{tmp_path / 'cifar10' / 'cifar-10-batches-py'}"
+    assert calls == []
 
 
 # --------------------------------------------------------------------------- tfds
@@ -370,9 +416,9 @@ def test_bad_arguments(tmp_path):
 def _fake_tfds_load(calls, n=4, hw=(28, 28), channels=None):
     """Stand-in for tfds.load(..., batch_size=-1, as_supervised=True): (images, labels)."""
 
-    def load(name, *, split, batch_size, as_supervised, data_dir):
+    def load(name, *, split, batch_size, as_supervised, data_dir, download):
         calls.append(dict(name=name, split=split, batch_size=batch_size,
-                          as_supervised=as_supervised, data_dir=data_dir))
+                          as_supervised=as_supervised, data_dir=data_dir, download=download))
         shape = (n, *hw) + ((channels,) if channels else (1,))
         rng = np.random.default_rng(len(calls))
         return rng.integers(0, 256, shape, dtype=np.uint8), np.arange(n, dtype=np.int64) % 10
@@ -389,14 +435,14 @@ def test_tfds_path_with_fake_load(monkeypatch, tmp_path):
     ds = load_dataset("cifar10", tmp_path, source="tfds")
     assert [c["split"] for c in calls] == ["train", "test"]
     assert all(c["batch_size"] == -1 and c["as_supervised"] and c["name"] == "cifar10"
-               and c["data_dir"] == str(tmp_path) for c in calls)
+               and c["data_dir"] == str(tmp_path) and c["download"] is False for c in calls)
     assert ds.train_images.shape == (4, 32, 32, 3) and ds.train_images.dtype == np.uint8
     assert ds.train_labels.dtype == np.int32
     assert ds.source == f"tfds:{tmp_path}"
-    # with no data_dir and no JAXNETS_DATA_DIR, "auto" goes to tfds
+    # with no data_dir, tfds's own default directory
     calls.clear()
     monkeypatch.setattr(tfds, "load", _fake_tfds_load(calls))
-    ds = load_dataset("mnist")
+    ds = load_dataset("mnist", source="tfds")
     assert ds.source == "tfds:default" and calls[0]["data_dir"] is None
     assert ds.test_images.shape == (4, 28, 28, 1)
 
@@ -419,8 +465,18 @@ def test_tfds_without_tensorflow_is_a_data_error():
     """The real situation offline: tfds is installed, TensorFlow is not."""
     pytest.importorskip("tensorflow_datasets")
     with pytest.raises(DataError) as e:
-        load_dataset("cifar10")
+        load_dataset("cifar10", source="tfds")
     assert_one_line_error(e, "TensorFlow", "--data-dir", "cifar-10-batches-py")
+
+
+@pytest.mark.skipif(not HAS_TF, reason="tfds needs TensorFlow (not installed)")
+def test_tfds_source_does_not_download(tmp_path, caplog):
+    """An empty tfds data dir: a one-line error at once, no download attempt, and none of
+    tfds's warnings (it logs one about the missing dataset_info.json through absl)."""
+    with pytest.raises(DataError) as e:
+        load_dataset("mnist", tmp_path, source="tfds")
+    assert_one_line_error(e, "does not download", "--data-source auto", "--data-dir")
+    assert [r.getMessage() for r in caplog.records if r.name == "absl"] == []
 
 
 @pytest.mark.skipif(not HAS_TF, reason="tfds.testing.mock_data needs TensorFlow (not installed)")
