@@ -38,6 +38,7 @@ def build_parser():
     """The argument parser: run-level flags plus one flag per TrainConfig field, in groups."""
     parser = argparse.ArgumentParser(
         prog=os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "jaxnets-train",
+        usage="%(prog)s [--model M] [--dataset D] [options]   (--help lists every option, in groups)",
         description="Train an MLP or ConvNet on MNIST or CIFAR-10 with jaxnets. Every default is shown once.",
         formatter_class=_Formatter, epilog=EXAMPLES)
     run = parser.add_argument_group("run and output")
@@ -100,7 +101,11 @@ def _add_setting(group, field):
         return
     valid = C.choices(field.name)
     group.add_argument(flag, type=_parser_of(field.name), default=None, choices=valid,
-                       metavar=None if valid else field.name.upper(), help=help_text.replace("%", "%%") + shown)
+                       metavar=None if valid else _METAVARS.get(field.name, "N" if type(default) is int else "X"),
+                       help=help_text.replace("%", "%%") + shown)
+
+
+_METAVARS = {"data_dir": "DIR", "out": "DIR", "hidden_units": "SIZES", "conv_plan": "PLAN"}
 
 
 def _parser_of(name):

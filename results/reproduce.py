@@ -32,11 +32,9 @@ MEMBER_FILES = ("config.json", "metrics.jsonl", "summary.json")
 SWEEP_FILES = ("sweep.csv", "sweep.json")
 
 def _recipe(*, lr, batch, epochs):
-    """Our CIFAR-10 ConvNet recipe's flags: crops + flips, Nesterov one-cycle, L2 5e-4, label
-    smoothing 0.1, manual backprop."""
-    return ["--augment", "--optimizer", "nesterov", "--lr", lr, "--momentum", "0.9", "--weight-decay", "5e-4",
-            "--schedule", "onecycle", "--label-smoothing", "0.1", "--batch-size", batch, "--epochs", epochs,
-            "--grad", "manual"]
+    """Our CIFAR-10 ConvNet recipe (``--preset cifar10_recipe``: crops + flips, Nesterov one-cycle,
+    L2 5e-4, label smoothing 0.1, manual backprop) at a learning rate, batch size and length."""
+    return ["--preset", "cifar10_recipe", "--lr", lr, "--batch-size", batch, "--epochs", epochs]
 
 
 _PREACT = ["--model", "preact_convnet", "--dataset", "cifar10", "--conv-plan",

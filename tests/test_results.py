@@ -75,3 +75,26 @@ def test_grid_rows_are_the_best_and_worst_committed_members():
         k = reproduce.GRID_SHOWN
         assert [r["best_val_accuracy"] for r in shown] == vals[:k] + vals[-k:]
         assert [r["rank"] for r in shown] == [*range(1, k + 1), *range(len(vals) - k + 1, len(vals) + 1)]
+
+
+def test_every_experiment_command_gives_its_committed_config():
+    """The listed commands (presets included) still produce the settings the committed runs
+    recorded: a preset that drifted would silently change what 'reproduce' reruns."""
+    import dataclasses
+
+    from jaxnets import cli
+
+    reproduce = load_reproduce()
+    where = {"out", "data_dir", "data_source", "progress", "conv_impl"}  # where/how, not what, is trained
+    checked = 0
+    for name, (_, _, flags) in reproduce.EXPERIMENTS.items():
+        args = cli.build_parser().parse_args([*flags, "--data-dir", "DIR"])
+        if args.sweep:
+            continue
+        saved = json.loads((RESULTS / name / "config.json").read_text())["config"]
+        now = dataclasses.asdict(cli.config_from_args(args))
+        differ = {k: (saved[k], now[k]) for k in saved if k not in where
+                  and (tuple(saved[k]) if isinstance(saved[k], list) else saved[k]) != now[k]}
+        assert not differ, (name, differ)
+        checked += 1
+    assert checked >= 8
