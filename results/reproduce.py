@@ -3,6 +3,7 @@
     python results/reproduce.py list                    # the experiments and their commands
     python results/reproduce.py run NAME [NAME ...]     # train, then copy the light files here
     python results/reproduce.py table                   # regenerate the table in README.md
+    python results/reproduce.py scrub                   # machine paths out of the committed files
 
 ``run`` executes ``train.py`` with the experiment's flags into ``runs/results/NAME`` and
 copies ``config.json``, ``metrics.jsonl``, ``summary.json`` and ``curves.png`` (not the
@@ -18,6 +19,7 @@ command. Data comes from ``$JAXNETS_DATA_DIR`` (a folder holding ``mnist/`` and
 import argparse
 import collections
 import json
+import re
 import statistics
 import os
 import shutil
@@ -220,7 +222,25 @@ def run(names, data_root):
         else:
             for f in LIGHT_FILES:
                 shutil.copy2(out / f, target / f)
+        scrub(target)
     table()
+
+
+def scrub(folder):
+    """Remove machine paths from a result folder's text files: run directories become
+    ``runs/results/NAME/...`` (in a sweep table: relative to the sweep, the member's folder
+    name), an absolute data directory becomes ``DIR`` (as in the listed commands)."""
+    for path in sorted(folder.rglob("*")):
+        if path.suffix not in (".json", ".jsonl", ".csv"):
+            continue
+        text = path.read_text()
+        new = re.sub(r'"data_dir": "/[^"]*"', '"data_dir": "DIR"', text)
+        new = re.sub(r'"files:/[^"]*?/((?:mnist|cifar-10-batches-py|cifar10)[^"/]*)"', r'"files:DIR/\1"', new)
+        if path.name in SWEEP_FILES:  # members relative to the sweep directory
+            new = re.sub(r'(?<=[",])/[^",\n]*/runs/results/[^/",\n]+/', "", new)
+        new = re.sub(r'(?<=[",])/[^",\n]*/(runs/results/)', r"\1", new)
+        if new != text:
+            path.write_text(new)
 
 
 def members(folder):
@@ -461,6 +481,7 @@ def main():
     r.add_argument("--data-dir", default=os.environ.get("JAXNETS_DATA_DIR"),
                    help="folder holding mnist/ and cifar-10-batches-py/ (default $JAXNETS_DATA_DIR)")
     sub.add_parser("table")
+    sub.add_parser("scrub", help="remove machine paths from every committed result folder (run does it too)")
     args = parser.parse_args()
     if args.cmd == "list":
         for name, (what, reported, flags) in ALL.items():
@@ -469,6 +490,9 @@ def main():
         if not args.data_dir:
             parser.error("--data-dir (or $JAXNETS_DATA_DIR) is required")
         run(args.names, args.data_dir)
+    elif args.cmd == "scrub":
+        for folder in sorted(p for p in RESULTS.iterdir() if p.is_dir()):
+            scrub(folder)
     else:
         table()
 
