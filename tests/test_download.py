@@ -394,3 +394,40 @@ def test_cifar10_download_with_injected_checksum(server, served, monkeypatch, tm
     DL.fetch("cifar10", tmp_path / "other", progress=False,
              checksums={TARBALL: hashlib.sha256(blob).hexdigest()})
     assert (tmp_path / "other" / "cifar10" / TARBALL).read_bytes() == blob
+
+
+def test_a_hanging_lookup_is_bounded_too(monkeypatch, tmp_path):
+    """urlopen stuck before any socket exists (a DNS lookup that hangs, which socket
+    timeouts do not cover) still ends after `timeout`."""
+
+    def hang(request, timeout):
+        time.sleep(2)
+        raise OSError("late")
+
+    monkeypatch.setattr(DL.urllib.request, "urlopen", hang)
+    start = time.monotonic()
+    with pytest.raises(DataError) as e:
+        DL.fetch("mnist", tmp_path, names=["t10k-labels-idx1-ubyte.gz"], timeout=0.3,
+                 progress=False)
+    assert time.monotonic() - start < 1.5
+    assert_one_line_error(e, "(timed out after 0.3 s)")
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bar_only_on_a_terminal(server, monkeypatch, tmp_path, terminal):
+    name = "t10k-images-idx3-ubyte.gz"
+    monkeypatch.setenv(DL.MIRROR_ENV, server.url)
+    err = FakeTerminal() if terminal else io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    DL.fetch("mnist", tmp_path, names=[name])
+    text = err.getvalue()
+    if terminal:  # tqdm redraws its bar with carriage returns
+        assert "\r" in text and name in text and "downloading" not in text
+    else:  # a log gets one line per file
+        assert text == (f"jaxnets: downloading {server.url}/mnist/{name} (1.6 MB) -> "
+                        f"{tmp_path / 'mnist' / name}\n")
