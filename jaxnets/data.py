@@ -34,7 +34,7 @@ So one ``JAXNETS_DATA_DIR`` can serve both datasets, e.g. ``DIR/mnist/*.gz`` bes
 the files. Downloads go to ``root/mnist/`` and ``root/cifar10/cifar-10-python.tar.gz``
 (found there by the same rules); with ``"auto"``, MNIST files directly in ``root`` are read
 as they are, never completed by a download. Loading MNIST takes well under a second and
-CIFAR-10 from the batches directory about one (from the tarball about two).
+CIFAR-10 from the batches directory about one (the tarball is decompressed on each load).
 
 Every problem with the files (missing, truncated, corrupt, inconsistent) raises
 :class:`DataError` with a one-line message that names the file and what was expected; the
