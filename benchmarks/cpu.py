@@ -43,7 +43,7 @@ from jaxnets.steps import make_train_chunk, prepare_data
 from jaxnets import conv as C
 from jaxnets import data as D
 from jaxnets import models as M
-from jaxnets import optim, runs
+from jaxnets import cost, optim, runs
 from jaxnets import training as T
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "bench_cpu.json"
@@ -314,7 +314,7 @@ def main(argv=None):
     for kind, (model, batch) in specs.items():
         if kind not in parts and "compile" not in parts:
             continue
-        flops = 3 * M.flops_per_example(model) * batch  # forward + backward = 3 forwards
+        flops = cost.train_flops(model) * batch  # the work a step does (jaxnets.cost)
         row = {"batch": batch, "flops_per_step": flops}
         steps = args.chunk if kind == "mlp" else max(2, args.chunk // 5)
         repeats = args.short_repeats if kind == "mlp" else args.repeats

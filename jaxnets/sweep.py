@@ -43,7 +43,7 @@ import jax
 import numpy as np
 
 from jaxnets import data as D
-from jaxnets import models as M
+from jaxnets import cost
 from jaxnets import training as T
 from jaxnets.config import FIELDS, TrainConfig, parse_setting
 from jaxnets.runs import (RUN_FILES, TrainingError, at_chance, checkpoint_epoch, read_json, read_metrics,
@@ -150,44 +150,22 @@ def member_bytes(config: TrainConfig, image_shape, classes, n_val=0):
     """A rough upper estimate of one member's memory while training (float32).
 
     Parameters and state x (1 + optimizer slots + gradients + update + the kept previous
-    copy), activations and their gradients of a training batch, and the member's gathered
-    validation images and an evaluation batch.
+    copy), activations and their gradients of a training batch
+    (:func:`jaxnets.cost.activation_floats`), and the member's gathered validation images
+    and an evaluation batch.
     """
     model = build_model(config, image_shape, classes)
     params, state = jax.eval_shape(model.init, jax.random.key(0))
     n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves((params, state)))
     slots = {"sgd": 0, "momentum": 1, "nesterov": 1, "adagrad": 1, "rmsprop": 1}.get(config.optimizer, 2)
-    pixels = math.prod(image_shape)
-    if isinstance(model, M.MLP):
-        per_example = pixels + 4 * sum(model.hidden) + classes
-    else:
-        h, w, _ = model.input_shape
-        per_example = pixels
-        for item in model.plan:
-            if item == "M":
-                h, w = M._pooled(h), M._pooled(w)
-            else:
-                per_example += 4 * h * w * item
-    activations = 4 * 2 * per_example * (config.batch_size + config.eval_batch_size)
-    return 4 * n_params * (4 + slots) + activations + n_val * pixels
+    activations = 4 * 2 * cost.activation_floats(model, image_shape) * (config.batch_size + config.eval_batch_size)
+    return 4 * n_params * (4 + slots) + activations + n_val * math.prod(image_shape)
 
 
 def member_cost(config: TrainConfig, image_shape, classes):
-    """Multiply-adds of one example's forward pass: the relative cost of a member-step per
-    example (a step costs about 3x this times the batch), for progress and work estimates."""
-    model = build_model(config, image_shape, classes)
-    if isinstance(model, M.MLP):
-        sizes = [math.prod(image_shape), *model.hidden, classes]
-        return sum(a * b for a, b in zip(sizes, sizes[1:]))
-    h, w, channels = model.input_shape
-    cost = 0
-    for item in model.plan:
-        if item == "M":
-            h, w = M._pooled(h), M._pooled(w)
-        else:
-            cost += h * w * 9 * channels * item
-            channels = item
-    return cost + h * w * channels * classes
+    """Multiply-adds of one example's forward pass (:func:`jaxnets.cost.forward_macs`): the
+    relative cost of a member-step per example, for progress and work estimates."""
+    return cost.forward_macs(build_model(config, image_shape, classes))
 
 
 def member_steps(config: TrainConfig, n_pool):
@@ -335,8 +313,8 @@ def sweep(base: TrainConfig, axes, *, out=None, dataset: D.Dataset | None = None
     # ETA count, so a chunk of 3000-step, 300-wide members weighs what it costs.
     n_pool = len(dataset.train_labels)
     steps = [member_steps(c, n_pool) for c in configs]
-    cost = [c.batch_size * member_cost(c, image_shape, classes) for c in configs]
-    works = [sum(steps[i][1] * cost[i] for i in chunk) for chunk in chunks]
+    step_work = [c.batch_size * member_cost(c, image_shape, classes) for c in configs]
+    works = [sum(steps[i][1] * step_work[i] for i in chunk) for chunk in chunks]
     finished = [[_finished(Path(configs[i].out)) for i in chunk] for chunk in chunks]
     done = [all(s is not None for s in f) for f in finished]
 
@@ -374,7 +352,7 @@ def sweep(base: TrainConfig, axes, *, out=None, dataset: D.Dataset | None = None
                 c = configs[chunk[0]]
                 per_epoch, total = member_steps(c, n_pool)
                 before = min((record["epoch"] - 1) * per_epoch, total)
-                bar.update((record["steps"] - before) * cost[chunk[0]])
+                bar.update((record["steps"] - before) * step_work[chunk[0]])
 
             if how == "continue":  # the epochs already trained count as done
                 bar.update(works[g] * min(1.0, epoch * steps[chunk[0]][0] / steps[chunk[0]][1]))

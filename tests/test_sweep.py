@@ -172,7 +172,7 @@ def test_sweep_parsing():
 @pytest.mark.parametrize("spec, message", [
     ("learning-rate=0.1", "unknown or unsweepable setting 'learning-rate'"),
     ("lr=abc", "'abc' is not a number"),
-    ("lr=-1", "lr must be positive"),
+    ("lr=-1", "--lr must be in (0, inf)"),
     ("seed=0.5", "'0.5' is not an integer"),
     ("dropout=0.5,1.5", "dropout must be in [0, 1)"),
     ("activation=relu,swish", "activation must be one of"),
