@@ -42,7 +42,7 @@ class TrainConfig:
               "~/.cache/jaxnets/data)", "data")
     data_source: str = _setting(
         "auto", "auto: the files in the data dir, downloaded there when missing; files: never download; "
-                "tfds: tensorflow-datasets (needs the [tfds] extra)", "data")
+                "tfds: tensorflow-datasets' prepared copy, never downloads (needs the [tfds] extra)", "data")
     val_size: int = _setting(5000, "training examples held out for validation (seeded split; 0: none)", "data")
     train_subset: int = _setting(0, "use only the first N training images (0: all)", "data")
     normalize: str = _setting(
