@@ -6,7 +6,7 @@
     probs = run.predict(images)
 
 Modules: ``layers``, ``conv`` (layers and their hand-written backward passes), ``models``
-(MLP, ConvNet), ``gradcheck`` (check a backward against finite differences and jax.vjp),
+(MLP, ConvNet), ``cost`` (FLOPs and memory per example), ``gradcheck`` (check a backward against finite differences and jax.vjp),
 ``data`` (MNIST/CIFAR-10), ``config``, ``optim``, ``steps``, ``training``, ``runs``,
 ``sweep``, ``parallel``; ``docs/design.md`` says what each owns.
 """
@@ -18,8 +18,8 @@ try:
 except _metadata.PackageNotFoundError:  # run from a checkout that was not pip-installed
     __version__ = "0+unknown"
 
-from jaxnets import config, conv, data, layers, models, optim, parallel, runs, steps, sweep, training  # noqa: E402
+from jaxnets import config, conv, cost, data, layers, models, optim, parallel, runs, steps, sweep, training  # noqa: E402
 from jaxnets.runs import load_run  # noqa: E402
 
-__all__ = ["__version__", "config", "conv", "data", "layers", "load_run", "models", "optim", "parallel", "runs",
+__all__ = ["__version__", "config", "conv", "cost", "data", "layers", "load_run", "models", "optim", "parallel", "runs",
            "steps", "sweep", "training"]
