@@ -377,6 +377,29 @@ def test_python_examples_in_docs_name_existing_api():
     assert not problems, problems
 
 
+def test_api_table_names_exist():
+    """Each function or class docs/training.md's API table names exists in its module."""
+    import jaxnets
+
+    page = (ROOT / "docs" / "training.md").read_text()
+    rows = re.findall(r"^\| (`jaxnets\.[^|]+) \| (.+) \|$", page, re.M)
+    assert len(rows) >= 8, rows
+    missing = []
+    for modules, contents in rows:
+        mods = [importlib.import_module(m) for m in re.findall(r"`(jaxnets\.\w+)`", modules)]
+        for name in re.findall(r"`([A-Za-z_][\w.]*)(?:\(|`)", contents):
+            if name.endswith("_backward") or name.startswith("*"):
+                continue
+            owner = jaxnets if name.startswith("jaxnets.") else None
+            if owner is not None:
+                found = hasattr(jaxnets, name.split(".", 1)[1])
+            else:
+                found = any(hasattr(m, name) for m in mods)
+            if not found:
+                missing.append(f"{modules}: {name}")
+    assert not missing, missing
+
+
 # --------------------------------------------------------------------------- results table
 
 
