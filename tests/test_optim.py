@@ -35,14 +35,11 @@ from hypothesis import strategies as st
 
 from jaxnets import data as D
 from jaxnets import models as M
+from jaxnets import runs
 from jaxnets import training as T
 
-try:  # the trainer split (issue 18)
-    from jaxnets.config import TrainConfig
-    from jaxnets.optim import build_optimizer, decay_mask
-except ImportError:  # pragma: no cover - before the split
-    from jaxnets.training import TrainConfig, build_optimizer
-    from jaxnets.training import _decay_mask as decay_mask
+from jaxnets.config import TrainConfig
+from jaxnets.optim import build_optimizer, decay_mask
 
 # float32-exact hyperparameters, so float64 reference and code see the same numbers;
 # deliberately not the defaults (momentum 0.9), so a setting that is ignored shows.
@@ -165,11 +162,11 @@ def test_decay_mask_marks_exactly_the_weight_matrices_and_kernels():
 # --------------------------------------------------------------------------- schedules
 
 
-def multipliers(config, total_steps, steps):
+def multipliers(config, total_steps, steps, steps_per_epoch=None):
     """The learning-rate multiplier at steps 0..steps-1: plain SGD with lr 1 on a gradient of
     1 moves its parameter by exactly -multiplier each step."""
     optimizer = build_optimizer(dataclasses.replace(config, optimizer="sgd", lr=1.0, weight_decay=0.0),
-                                total_steps)
+                                total_steps, steps_per_epoch=steps_per_epoch)
     p = {"w": jnp.zeros(())}
 
     def body(state, _):
@@ -204,8 +201,8 @@ def warm(t, warmup, after):
     return np.where(t < warmup, t / max(warmup, 1), after)
 
 
-# 10 epochs of 10 steps: T = 100, a warm-up epoch is 10 steps (max_steps is checked end to
-# end below, where the steps per epoch come from the data).
+# 10 epochs of 10 steps: T = 100, a warm-up epoch is 10 steps (max_steps is checked below,
+# and end to end, where the steps per epoch come from the data).
 T_STEPS = 100
 STEP = np.arange(T_STEPS, dtype=np.float64)
 SCHEDULE_CASES = {
@@ -227,6 +224,18 @@ def test_schedule_multiplier_at_every_step(case):
     config = TrainConfig(epochs=10, **settings_)
     # The schedules compute in float32 inside Optax: agreement to float32 rounding.
     np.testing.assert_allclose(multipliers(config, T_STEPS, T_STEPS), expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "step"])
+def test_warmup_with_max_steps_is_warmup_epochs_of_steps(schedule):
+    # --epochs 100 --max-steps 60 at 10 steps per epoch: a 2-epoch warm-up is 20 steps (not
+    # 2 * 60 / 100 = 1 step), then the schedule runs over the 60 steps.
+    config = TrainConfig(epochs=100, max_steps=60, warmup_epochs=2, schedule=schedule)
+    s = np.arange(60, dtype=np.float64)
+    after = {"constant": np.ones(60), "cosine": cosine(s, 20, 60), "step": step_decay(s, 60)}[schedule]
+    np.testing.assert_allclose(multipliers(config, 60, 60, steps_per_epoch=10), warm(s, 20, after), rtol=1e-6,
+                               atol=1e-7)
 
 
 @pytest.mark.usefixtures("x64")
@@ -257,15 +266,13 @@ def tiny_dataset(n_train=1100, n_test=50):
 
 def stored_multipliers(tmp_path, **settings_):
     """(optimizer step count, lr multiplier of the last step) in each epoch's checkpoint."""
-    from flax import serialization
-
     out = tmp_path / "run"
     config = TrainConfig(hidden_units=(8,), dropout=0.0, batch_size=100, val_size=100, optimizer="sgd", lr=0.01,
                          progress=False, out=str(out), **settings_)
     seen = []
 
     def read_checkpoint(record, params, state):
-        opt_state = serialization.msgpack_restore((out / "checkpoint.msgpack").read_bytes())["opt_state"]
+        opt_state = runs.read_checkpoint(out)["opt_state"]
         seen.append((int(opt_state["count"]), float(opt_state["hyperparams"]["lr_scale"])))
 
     T.train(config, dataset=tiny_dataset(), log=lambda *_: None, on_epoch_end=read_checkpoint)
@@ -281,7 +288,6 @@ def test_cosine_with_max_steps_decays_over_the_max_steps(tmp_path):
     np.testing.assert_allclose([m for _, m in seen], cosine(np.array([9, 19, 29]), 0, 30), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.xfail(strict=True, reason="warm-up with max_steps, issue 16")
 def test_warmup_with_max_steps_lasts_warmup_epochs_of_steps(tmp_path):
     # One warm-up epoch is one epoch of steps (10 here), whatever --epochs and --max-steps
     # say: then the cosine runs from step 10 to step 30.
