@@ -25,7 +25,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
@@ -132,6 +131,7 @@ def _plain_train_command(command: str) -> bool:
 
 
 def _pyproject():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11; the project allows 3.10
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
