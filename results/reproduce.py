@@ -4,6 +4,7 @@
     python results/reproduce.py run NAME [NAME ...]     # train, then copy the light files here
     python results/reproduce.py table                   # regenerate the table in README.md
     python results/reproduce.py scrub                   # machine paths out of the committed files
+    python results/reproduce.py check FOLDER [...]      # retrain epoch 1 of committed runs, compare exactly
 
 ``run`` executes ``train.py`` with the experiment's flags into ``runs/results/NAME`` and
 copies ``config.json``, ``metrics.jsonl``, ``summary.json`` and ``curves.png`` (not the
@@ -241,6 +242,44 @@ def scrub(folder):
         new = re.sub(r'(?<=[",])/[^",\n]*/(runs/results/)', r"\1", new)
         if new != text:
             path.write_text(new)
+
+
+def check(paths, data_root):
+    """Retrain the first epoch of committed runs (a run folder, or a sweep member's) and
+    compare its metrics with the committed ones, exactly: the check that a refactor kept
+    the numbers. Prints one line per run; returns the number that differ."""
+    import tempfile
+
+    from jaxnets import config as C
+    from jaxnets import data as D
+    from jaxnets import runs, training
+
+    differ = 0
+    for path in paths:
+        folder = Path(path).resolve()
+        saved = runs.read_config(folder)["config"]
+        config = C.from_dict({**saved, "data_dir": None, "out": None, "progress": False}, where=str(folder))
+        sub = {"mnist": "mnist", "cifar10": "."}[config.dataset]
+        dataset = D.load_dataset(config.dataset, str(Path(data_root) / sub), source="files")
+        committed = runs.read_metrics(folder)[0]
+
+        def stop(record, params, state):
+            raise KeyboardInterrupt
+
+        with tempfile.TemporaryDirectory() as tmp:
+            config.out = str(Path(tmp) / "run")
+            try:
+                training.train(config, dataset=dataset, log=lambda *a, **k: None, on_epoch_end=stop)
+            except KeyboardInterrupt:
+                pass
+            now = runs.read_metrics(config.out)[0]
+        keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "steps")
+        same = all(now[k] == committed[k] for k in keys)
+        differ += not same
+        print(f"{'same' if same else 'DIFFERENT'}: {folder.relative_to(RESULTS)} epoch 1 "
+              + ", ".join(f"{k} {committed[k]} -> {now[k]}" if now[k] != committed[k] else f"{k} {now[k]}"
+                          for k in keys), flush=True)
+    return differ
 
 
 def members(folder):
@@ -481,6 +520,10 @@ def main():
     r.add_argument("--data-dir", default=os.environ.get("JAXNETS_DATA_DIR"),
                    help="folder holding mnist/ and cifar-10-batches-py/ (default $JAXNETS_DATA_DIR)")
     sub.add_parser("table")
+    c = sub.add_parser("check", help="retrain the first epoch of committed runs and compare its metrics exactly")
+    c.add_argument("paths", nargs="+", help="result folders, e.g. results/mnist_mlp_default")
+    c.add_argument("--data-dir", default=os.environ.get("JAXNETS_DATA_DIR"),
+                   help="folder holding mnist/ and cifar-10-batches-py/ (default $JAXNETS_DATA_DIR)")
     sub.add_parser("scrub", help="remove machine paths from every committed result folder (run does it too)")
     args = parser.parse_args()
     if args.cmd == "list":
@@ -490,6 +533,10 @@ def main():
         if not args.data_dir:
             parser.error("--data-dir (or $JAXNETS_DATA_DIR) is required")
         run(args.names, args.data_dir)
+    elif args.cmd == "check":
+        if not args.data_dir:
+            parser.error("--data-dir (or $JAXNETS_DATA_DIR) is required")
+        sys.exit(1 if check(args.paths, args.data_dir) else 0)
     elif args.cmd == "scrub":
         for folder in sorted(p for p in RESULTS.iterdir() if p.is_dir()):
             scrub(folder)
