@@ -111,6 +111,9 @@ class TrainConfig:
             _check(f, getattr(self, f.name))
         if self.conv_plan and self.model == "mlp":
             raise ValueError("--conv-plan is a ConvNet setting; it has no effect with --model mlp")
+        if self.warmup_epochs and self.schedule == "onecycle":
+            raise ValueError("--warmup-epochs does not apply to --schedule onecycle (it has its own warm-up); "
+                             "drop one of them")
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"--warmup-epochs must be at most --epochs ({self.epochs}), got {self.warmup_epochs}")
         return self

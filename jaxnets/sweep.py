@@ -379,7 +379,10 @@ def sweep(base: TrainConfig, axes, *, out=None, dataset: D.Dataset | None = None
         raise
     bar.close()
     rows = table(members, summaries, names, classes)
-    write_table(out, rows, axes, base, wall=time.time() - t_start, groups=[len(c) for c in chunks], resumed=resume)
+    trained = ("vmapped per chunk" if len(T.member_blocks(2, vmap=vmap)) == 1 else
+               "each member through its single run's programs")
+    write_table(out, rows, axes, base, wall=time.time() - t_start, groups=[len(c) for c in chunks], resumed=resume,
+                members_trained=trained)
     plot_sweep(out, rows, axes)
     log(f"sweep done in {time.time() - t_start:.0f}s; best: {rows[0]['name']} "
         f"(val {rows[0]['best_val_accuracy']}, test {rows[0].get('test_accuracy')}); table {out / 'sweep.csv'}")
@@ -502,7 +505,7 @@ def table(members, summaries, names, classes):
     return rows
 
 
-def write_table(out: Path, rows, axes, base, *, wall, groups, resumed=False):
+def write_table(out: Path, rows, axes, base, *, wall, groups, resumed=False, members_trained=None):
     """``sweep.csv`` and ``sweep.json``; run directories relative to the sweep directory."""
     rows = [dict(r, run_dir=os.path.relpath(r["run_dir"], out)) for r in rows]
     columns = ["rank", "name", *axes, "best_val_accuracy", "test_accuracy", "test_loss", "flag", "status",
@@ -512,7 +515,7 @@ def write_table(out: Path, rows, axes, base, *, wall, groups, resumed=False):
         writer.writeheader()
         writer.writerows(rows)
     payload = {"base": dataclasses.asdict(base), "axes": {k: [format_value(v) for v in vs] for k, vs in axes.items()},
-               "wall_seconds": round(wall, 2), "resumed": resumed, "groups": groups,
+               "wall_seconds": round(wall, 2), "resumed": resumed, "groups": groups, "members_trained": members_trained,
                "rows": [{k: v for k, v in r.items() if k != "_values"} for r in rows]}
     write_json(out / "sweep.json", payload)
 
