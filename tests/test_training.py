@@ -176,7 +176,7 @@ def test_small_conv_plan_trains_on_mnist_with_crops(mnist, tmp_path):
 def test_bad_conv_plan_is_refused():
     with pytest.raises(ValueError, match="conv-plan items"):
         TrainConfig(model="convnet", conv_plan=(8, "X")).validate()
-    with pytest.raises(ValueError, match="conv_plan is a ConvNet setting"):
+    with pytest.raises(ValueError, match="--conv-plan is a ConvNet setting"):
         TrainConfig(model="mlp", conv_plan=(8,)).validate()
 
 
