@@ -44,14 +44,32 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None, *,
     explicit = coordinator_address is not None or num_processes is not None or process_id is not None
     if not (explicit or auto):
         return
-    if explicit and None in (coordinator_address, num_processes, process_id):
-        raise ValueError("multi-process: give all of --coordinator-address, --num-processes and --process-id "
-                         "(or --distributed to let JAX detect them)")
+    if explicit:
+        check_processes(coordinator_address, num_processes, process_id)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit:
         jax.distributed.initialize(coordinator_address, int(num_processes), int(process_id))
     else:
         jax.distributed.initialize()
+
+
+def check_processes(coordinator_address, num_processes, process_id):
+    """Raise a ValueError naming the flag unless the three multi-process settings are all
+    given and sound: ``HOST:PORT`` with a port 1..65535, at least one process, and a process
+    index in ``0..num_processes-1`` (checked here, before ``jax.distributed`` fails with an
+    index error or waits for a coordinator that cannot exist)."""
+    if None in (coordinator_address, num_processes, process_id):
+        raise ValueError("multi-process: give all of --coordinator-address, --num-processes and --process-id "
+                         "(or --distributed to let JAX detect them)")
+    host, sep, port = str(coordinator_address).strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--coordinator-address {coordinator_address!r}: expected HOST:PORT of process 0, "
+                         f"e.g. 10.0.0.1:1234")
+    if int(num_processes) < 1:
+        raise ValueError(f"--num-processes must be at least 1, got {num_processes}")
+    if not 0 <= int(process_id) < int(num_processes):
+        raise ValueError(f"--process-id must be in 0..{int(num_processes) - 1} (--num-processes {num_processes}), "
+                         f"got {process_id}")
 
 
 def resolve_devices(requested: int):

@@ -9,13 +9,17 @@ fsync, rename), so an interrupted write never leaves a half file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -58,6 +62,27 @@ def write_atomic(path: Path, data: bytes):
         except OSError:
             pass
         raise TrainingError(f"{path}: cannot write ({e.strerror or e}); the previous version is kept") from None
+
+
+@contextlib.contextmanager
+def deferred_interrupts():
+    """``with deferred_interrupts():`` the block runs to its end through Ctrl-C and SIGTERM
+    (files that must change together, e.g. an epoch's metrics and checkpoint); a signal that
+    came meanwhile raises KeyboardInterrupt right after it. Only the main thread receives
+    signals, so elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _strict(value):
@@ -106,7 +131,22 @@ def read_config(run_dir: Path) -> dict:
     info = read_json(path)
     if not isinstance(info.get("config"), dict):
         raise TrainingError(f"{path}: no \"config\" object of settings in it")
+    try:
+        from_dict(info["config"], where=str(path))
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
     return info
+
+
+def check_run_files(run_dir: Path):
+    """Read every file a resume reads (config.json, summary.json, metrics.jsonl, the
+    checkpoint with its checksum) and raise the first problem as a one-line TrainingError
+    naming the file: a resume checks them all before it writes anything."""
+    read_config(run_dir)
+    read_summary(run_dir)
+    read_metrics(run_dir)
+    if (Path(run_dir) / CHECKPOINT).exists():
+        read_checkpoint(run_dir)
 
 
 def read_summary(run_dir: Path):
@@ -223,7 +263,7 @@ def prepare_run_dir(run_dir: Path, *, new: bool):
         raise TrainingError(f"--out {run_dir}: cannot create the directory ({e.strerror})") from None
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise TrainingError(f"--out {run_dir}: the directory is not writable")
-    if new and any(p.name != LOCK for p in run_dir.iterdir()):
+    if new and any(not p.name.startswith(LOCK) for p in run_dir.iterdir()):  # a lock (or its .tmp) is no file of a run
         raise TrainingError(f"--out {run_dir} already holds files; choose a new directory or --resume it")
 
 
@@ -236,23 +276,28 @@ class RunLock:
         self.held = False
 
     def __enter__(self):
-        owner = f"{os.getpid()} {platform.node()}\n"
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if not self._stale():
-                    raise TrainingError(f"{self.path.parent}: another process is writing this run "
-                                        f"({self._owner_text()}); wait for it or stop it") from None
-                self.path.unlink(missing_ok=True)
-                continue
-            except OSError as e:
-                raise TrainingError(f"{self.path}: cannot create the run's lock file ({e.strerror})") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(owner)
-            self.held = True
-            return self
-        raise TrainingError(f"{self.path}: cannot take the run's lock")
+        # The owner line is written to a private file first and hard-linked to .lock, which
+        # fails if .lock exists: the lock appears with its owner in it, so another process
+        # never sees an empty lock and takes it for a dead writer's.
+        own = self.path.with_name(f"{LOCK}.{os.getpid()}.tmp")
+        try:
+            own.write_text(f"{os.getpid()} {platform.node()}\n")
+            for _ in range(2):
+                try:
+                    os.link(own, self.path)
+                except FileExistsError:
+                    if not self._stale():
+                        raise TrainingError(f"{self.path.parent}: another process is writing this run "
+                                            f"({self._owner_text()}); wait for it or stop it") from None
+                    self.path.unlink(missing_ok=True)
+                    continue
+                self.held = True
+                return self
+        except OSError as e:
+            raise TrainingError(f"{self.path}: cannot create the lock file ({e.strerror or e})") from None
+        finally:
+            own.unlink(missing_ok=True)
+        raise TrainingError(f"{self.path}: cannot take the lock (another process took it over meanwhile)")
 
     def __exit__(self, *exc):
         if self.held:
@@ -346,8 +391,10 @@ def plot_curves(metrics, path: Path, title=""):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
+    write_atomic(path, image.getvalue())  # a full disk: one error line, the old file kept
 
 
 #: Image shape and classes of each dataset, for runs whose config.json predates recording them.

@@ -46,8 +46,8 @@ from jaxnets import data as D
 from jaxnets import cost
 from jaxnets import training as T
 from jaxnets.config import FIELDS, TrainConfig, parse_setting
-from jaxnets.runs import (RUN_FILES, TrainingError, at_chance, checkpoint_epoch, read_json, read_metrics,
-                          read_summary, write_json)
+from jaxnets.runs import (LOCK, RUN_FILES, RunLock, TrainingError, at_chance, checkpoint_epoch, read_json,
+                          read_metrics, read_summary, write_json)
 from jaxnets.steps import build_model
 
 #: Settings a sweep may not vary (they name where things go, not what is trained).
@@ -147,19 +147,44 @@ def format_values(swept):
 
 
 def member_bytes(config: TrainConfig, image_shape, classes, n_val=0):
-    """A rough upper estimate of one member's memory while training (float32).
+    """A rough upper estimate of one member's memory while training (float32): the sum of
+    :func:`memory_parts`."""
+    return sum(memory_parts(config, image_shape, classes, n_val).values())
 
-    Parameters and state x (1 + optimizer slots + gradients + update + the kept previous
-    copy), activations and their gradients of a training batch
-    (:func:`jaxnets.cost.activation_floats`), and the member's gathered validation images
-    and an evaluation batch.
+
+def memory_parts(config: TrainConfig, image_shape, classes, n_val=0) -> dict:
+    """The bytes of one member's memory while training, by what holds them (float32):
+
+    ``state`` = 4 x parameters and state x (1 + optimizer slots + gradients + update + the
+    kept previous copy); ``activations`` = 4 x 2 x activation floats per example
+    (:func:`jaxnets.cost.activation_floats`, forward and gradient) x (``batch_size`` +
+    ``eval_batch_size``); ``validation`` = the member's gathered validation images (uint8).
     """
     model = build_model(config, image_shape, classes)
     params, state = jax.eval_shape(model.init, jax.random.key(0))
     n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves((params, state)))
     slots = {"sgd": 0, "momentum": 1, "nesterov": 1, "adagrad": 1, "rmsprop": 1}.get(config.optimizer, 2)
     activations = 4 * 2 * cost.activation_floats(model, image_shape) * (config.batch_size + config.eval_batch_size)
-    return 4 * n_params * (4 + slots) + activations + n_val * math.prod(image_shape)
+    return {"state": 4 * n_params * (4 + slots), "activations": activations,
+            "validation": n_val * math.prod(image_shape)}
+
+
+def check_memory(config: TrainConfig, image_shape, classes, *, n_val=None, available=None):
+    """Refuse, before any training, a run whose :func:`member_bytes` estimate exceeds the
+    ``available`` bytes (default :func:`available_memory`): a ValueError saying how much it
+    needs and what to make smaller (the batch sizes when activations dominate, else the model)."""
+    parts = memory_parts(config, image_shape, classes, config.val_size if n_val is None else n_val)
+    need, available = sum(parts.values()), available_memory() if available is None else available
+    if need <= available:
+        return need
+    gib = lambda b: f"{b / 2**30:.1f} GiB"
+    if parts["activations"] >= parts["state"]:
+        advice = (f"use a smaller --batch-size (now {config.batch_size}) or --eval-batch-size "
+                  f"(now {config.eval_batch_size})")
+    else:
+        advice = "use a smaller model (--hidden-units, --conv-plan); a smaller --batch-size will not be enough"
+    raise ValueError(f"the run needs about {gib(need)} (parameters and optimizer state {gib(parts['state'])}, "
+                     f"activations {gib(parts['activations'])}), more than the {gib(available)} available: {advice}")
 
 
 def member_cost(config: TrainConfig, image_shape, classes):
@@ -177,22 +202,27 @@ def member_steps(config: TrainConfig, n_pool):
     return per_epoch, min(total, config.max_steps) if config.max_steps else total
 
 
-def memory_budget():
-    """Default budget for one chunk of a sweep: 25% of free device memory (GPU/TPU) or of
-    available RAM (CPU)."""
+def available_memory():
+    """Bytes a run can use: the free memory of the first device (GPU/TPU), else the
+    available RAM (CPU: ``MemAvailable``, else the physical memory)."""
     try:
         stats = jax.devices()[0].memory_stats()
         if stats and "bytes_limit" in stats:
-            return int(0.25 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
+            return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
     except Exception:  # CPU backends have no memory_stats
         pass
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(0.25 * int(line.split()[1]) * 1024)
+                return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return int(0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def memory_budget():
+    """Default budget for one chunk of a sweep: 25% of :func:`available_memory`."""
+    return int(0.25 * available_memory())
 
 
 def parse_bytes(text: str) -> int:
@@ -294,18 +324,43 @@ def sweep(base: TrainConfig, axes, *, out=None, dataset: D.Dataset | None = None
     out = Path(out)
     configs = [c for c, _ in members]
     names = [f"{i:03d}-{format_values(s)}" for i, (_, s) in enumerate(members)]
+    if base.devices > 1 or jax.process_count() > 1:  # before anything is written (train_group refuses it too)
+        raise ValueError(f"--devices {base.devices}: a sweep trains each member on one device "
+                         f"(use --devices 1 or 0, in one process)")
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out}: is a file, not a directory")
+    if resume and out.is_dir() and not any(not p.name.startswith(LOCK) for p in out.iterdir()):
+        log(f"{out} holds no sweep yet (it stopped before writing its plan): starting it")
+        resume = False
     if resume:
         chunks = _saved_plan(out, base, axes, names)
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(not p.name.startswith(LOCK) for p in out.iterdir()):
         raise TrainingError(f"sweep directory {out} already holds files; continue it with --resume {out} "
                               f"or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainingError(f"--out {out}: cannot create the directory ({e.strerror})") from None
+    with RunLock(out):  # one process at a time runs (or resumes) a sweep
+        if resume:
+            chunks = _saved_plan(out, base, axes, names)  # again: the plan as it is now we hold the lock
+        return _sweep(base, axes, members, configs, names, out, chunks if resume else None, dataset=dataset,
+                      budget=budget, max_members=max_members, log=log, progress=progress, resume=resume, vmap=vmap,
+                      t_start=t_start)
+
+
+def _sweep(base, axes, members, configs, names, out, chunks, *, dataset, budget, max_members, log, progress, resume,
+           vmap, t_start):
+    """:func:`sweep` once its directory is checked and locked."""
     if dataset is None:
-        dataset = D.load_dataset(base.dataset, base.data_dir)
+        dataset = D.load_dataset(base.dataset, base.data_dir, source=base.data_source)
     image_shape, classes = dataset.image_shape, dataset.num_classes
     if not resume:
         budget = memory_budget() if budget is None else budget
         chunks = plan(configs, image_shape=image_shape, classes=classes, n_val=base.val_size, budget=budget,
                       max_members=max_members)
+    for chunk in chunks:  # each member alone must fit (a chunk is at least one member, whatever the budget)
+        check_memory(configs[chunk[0]], image_shape, classes)
     for c, name in zip(configs, names):
         c.out, c.progress = str(out / name), False
 
@@ -326,7 +381,6 @@ def sweep(base: TrainConfig, axes, *, out=None, dataset: D.Dataset | None = None
                  budget=None if resume else budget))
     log(("resuming" if resume else "writing") + f" {out}"
         + (f": {sum(done)} of {len(chunks)} chunks finished already" if resume else ""))
-    out.mkdir(parents=True, exist_ok=True)
     if not resume:
         _write_plan(out, base, axes, names, chunks)
 
@@ -377,6 +431,13 @@ def sweep(base: TrainConfig, axes, *, out=None, dataset: D.Dataset | None = None
         log(f"sweep interrupted; finished and partly trained chunks are kept: continue it with the same "
             f"settings and --resume {out}")
         raise
+    except Exception:
+        bar.close()
+        if not resume and not any((Path(c.out) / "config.json").exists() for c in configs):
+            # Failed before any member started (a setting refused on the data): the plan alone
+            # would block both a corrected rerun and a resume, so it goes.
+            (out / PLAN_FILE).unlink(missing_ok=True)
+        raise
     bar.close()
     rows = table(members, summaries, names, classes)
     trained = ("vmapped per chunk" if len(T.member_blocks(2, vmap=vmap)) == 1 else
@@ -406,7 +467,7 @@ def _plan_settings(base: TrainConfig, axes, names):
     """What a resumed sweep must agree on, as JSON values: the base settings that change
     what is trained (not where it is written or read from), the axes and the member names."""
     settings = {k: v for k, v in dataclasses.asdict(base).items()
-                if k not in ("out", "progress", "data_dir", "data_source")}
+                if k not in ("out", "progress", "data_dir", "data_source", "devices")}
     payload = {"base": settings, "axes": {k: [format_value(v) for v in vs] for k, vs in axes.items()},
                "names": names}
     return json.loads(json.dumps(payload, default=str))
