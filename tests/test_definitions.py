@@ -297,14 +297,15 @@ def mnist(mnist_dir):
 
 
 def test_mlp_on_real_mnist_clears_its_threshold_by_a_wide_margin(mnist, tmp_path):
-    # 10,000 training images, 2 epochs of a 784-128-10 Adam MLP (~2 s): test accuracy
-    # 0.92 on the 2,000 test images used, so the threshold 0.85 sits 7 points (about 11
-    # standard errors of a 2,000-image accuracy) below it: a trainer that learns at all
-    # passes, and one that feeds wrong labels, mis-scales the inputs badly or does not
-    # update scores near 0.1 and fails.
-    data = D.Dataset("mnist", mnist.train_images[:11000], mnist.train_labels[:11000], mnist.test_images[:2000],
-                     mnist.test_labels[:2000], 10, mnist.source)
-    config = TrainConfig(hidden_units=(128,), dropout=0.0, epochs=2, batch_size=100, val_size=1000, progress=False,
-                         out=str(tmp_path / "run"))
+    # 10,000 training images, 2 epochs of a 784-128-10 Adam MLP (lr 3e-3, batch 50; ~3 s of
+    # CPU), scored on the whole test set: 0.9434 for seed 0; seeds 0-5 gave 0.9422-0.9459
+    # (mean 0.9434, sd 0.0012). The threshold 0.92 sits 2.3 points below: ~19 seed sds and
+    # ~9 standard errors of a 10,000-image accuracy, so no rounding or platform difference
+    # trips it, while a trainer that costs 2-3 points (or more: wrong labels, inputs
+    # mis-scaled, a broken update) fails it.
+    data = D.Dataset("mnist", mnist.train_images[:11000], mnist.train_labels[:11000], mnist.test_images,
+                     mnist.test_labels, 10, mnist.source)
+    config = TrainConfig(hidden_units=(128,), dropout=0.0, epochs=2, batch_size=50, lr=3e-3, val_size=1000,
+                         progress=False, out=str(tmp_path / "run"))
     summary = T.train(config, dataset=data, log=lambda *_: None)
-    assert summary["test_accuracy"] > 0.85, summary
+    assert summary["test_accuracy"] > 0.92, summary

@@ -42,7 +42,10 @@ def config(tmp_path, **kwargs):
 @pytest.mark.slow
 def test_one_epoch_mlp_on_real_mnist(mnist, tmp_path):
     summary = T.train(config(tmp_path, epochs=1, hidden_units=(256,), val_size=5000), dataset=mnist, log=lambda *_: None)
-    assert summary["test_accuracy"] > 0.90
+    # Seeds 0-2 score 0.9531-0.9553 on the 10,000 test images (sd ~0.001): 0.94 sits ~1.4
+    # points (over 10 seed sds, ~6 standard errors) below, so only a trainer that loses more
+    # than a point fails it.
+    assert summary["test_accuracy"] > 0.94, summary
     run = tmp_path / "run"
     for name in OUTPUTS:
         assert (run / name).stat().st_size > 0, name
@@ -165,10 +168,13 @@ def test_epoch_order_compiled_without_optimisations_is_bit_identical():
 
 
 def test_small_conv_plan_trains_on_mnist_with_crops(mnist, tmp_path):
+    # 100 Adam steps (lr 3e-3) in chunks of 8 (the last one shorter): seeds 0-2 score
+    # 0.805-0.822 on 1,000 test images, so 0.7 sits 10 points (~12 seed sds) below; chance
+    # is 0.1. (24 steps at lr 1e-3 scored 0.25-0.33, at the old threshold 0.3.)
     cfg = config(tmp_path, model="convnet", conv_plan=(8, "M", 16, "M"), epochs=1, batch_size=64, val_size=128,
-                 augment=True, chunk_steps=8, max_steps=24)
-    summary = T.train(cfg, dataset=small(mnist, 1600, 200), log=lambda *_: None)
-    assert summary["status"] == "completed" and summary["test_accuracy"] > 0.3
+                 augment=True, chunk_steps=8, max_steps=100, lr=3e-3)
+    summary = T.train(cfg, dataset=small(mnist, 6528, 1000), log=lambda *_: None)
+    assert summary["status"] == "completed" and summary["test_accuracy"] > 0.7, summary
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
     assert saved["conv_plan"] == [8, "M", 16, "M"]
 
@@ -250,10 +256,15 @@ def test_cli_flags_reach_the_config():
 
 @pytest.mark.slow
 def test_short_convnet_run_on_cifar10_subset(cifar10_dir, tmp_path):
-    dataset = small(D.load_dataset("cifar10", cifar10_dir), 640, 200)
-    cfg = config(tmp_path, model="convnet", dataset="cifar10", epochs=1, batch_size=32, val_size=128,
-                 augment=True, chunk_steps=8)
+    # A 3-block ConvNet (a gemm conv on the RGB input, Winograd ones after it) for 100 Adam
+    # steps (lr 3e-3) with crops and flips: seeds 0-2 score 0.351-0.411 on 1,000 test
+    # images, so 0.25 sits 10 points below the worst of them and 15 above chance (0.1, one
+    # standard error ~1 point). The course VGG took ~40 s of CPU here for 16 steps whose
+    # accuracy (0.17-0.24) could not be told from chance with any margin.
+    dataset = small(D.load_dataset("cifar10", cifar10_dir), 3328, 1000)
+    cfg = config(tmp_path, model="convnet", conv_plan=(16, "M", 32, "M", 64, "M"), dataset="cifar10", epochs=1,
+                 batch_size=32, val_size=128, augment=True, chunk_steps=8, lr=3e-3)
     summary = T.train(cfg, dataset=dataset, log=lambda *_: None)
-    assert summary["status"] == "completed" and 0.0 <= summary["test_accuracy"] <= 1.0
+    assert summary["status"] == "completed" and summary["test_accuracy"] > 0.25, summary
     for name in OUTPUTS:
         assert (tmp_path / "run" / name).stat().st_size > 0, name
