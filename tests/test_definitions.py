@@ -288,6 +288,25 @@ def test_the_trainers_loss_smooths_labels_like_optax():
     np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
+# ------------------------------------------------------------------------- sweeps
+
+
+def test_sweep_table_ranks_by_validation_accuracy_never_test():
+    # Selection by the test set would be a leak: rows are ordered by best validation
+    # accuracy, highest first, diverged members last, whatever their test accuracies say.
+    from jaxnets import sweep
+
+    members = sweep.expand(TrainConfig(), {"lr": [0.1, 0.2, 0.3, 0.4]})
+    cases = [("completed", 0.90, 0.50), ("completed", 0.80, 0.95), ("diverged: non-finite loss at step 3", 0.99, None),
+             ("completed", 0.85, 0.60)]
+    summaries = [{"status": status, "best_val_accuracy": val, "test_accuracy": test, "test_loss": 1.0, "epochs": 1,
+                  "group_seconds": 1.0, "group": 0, "run_dir": f"run{i}", "group_size": 4}
+                 for i, (status, val, test) in enumerate(cases)]
+    rows = sweep.table(members, summaries, [f"m{i}" for i in range(4)], 10)
+    assert [r["name"] for r in rows] == ["m0", "m3", "m1", "m2"]
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4] and rows[-1]["flag"] == "diverged"
+
+
 # ------------------------------------------------------------------- end to end
 
 
