@@ -52,7 +52,6 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
-    C.set_conv_impl("gemm")
     b = args.batch
     key = jax.random.key(0)
     rows = []
@@ -63,8 +62,8 @@ def main(argv=None):
 
     @jax.jit
     def conv(params, x, dy):
-        y, cache = C.conv2d(params, x)
-        return y, C.conv2d_backward(params, cache, dy)
+        y, cache = C.conv2d(params, x, impl="gemm")
+        return y, C.conv2d_backward(params, cache, dy, impl="gemm")
 
     @jax.jit
     def bn_relu(params, state, x, dy):
@@ -74,8 +73,8 @@ def main(argv=None):
 
     @jax.jit
     def pool(x, dy):
-        y, cache = C.max_pool(x)
-        return y, C.max_pool_backward(cache, dy)
+        y, cache = C.max_pool(x, impl="gemm")
+        return y, C.max_pool_backward(cache, dy, impl="gemm")
 
     print(f"{'layer':24s} {'gemm ms':>8s} {'conv ms':>8s} {'im2col ms':>9s} {'bn+relu ms':>10s} {'pool ms':>8s} "
           f"{'GEMM GFLOP/s':>12s}")

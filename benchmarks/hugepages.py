@@ -35,11 +35,12 @@ def _child(grad, repeats):
     from jaxnets import models as M
 
     steps = 2
-    run, _ = jaxnets_step_runner(M.ConvNet(), 128, grad, steps)
+    model = M.ConvNet()
+    run, _ = jaxnets_step_runner(model, 128, grad, steps)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     seconds = median_seconds(run, int(repeats), warmup=1) / steps
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / ((int(repeats) + 1) * steps)
-    print(json.dumps({"step_s": seconds, "faults_per_step": faults, "conv_impl": C.get_conv_impl()}))
+    print(json.dumps({"step_s": seconds, "faults_per_step": faults, "conv_impl": C.resolve_impl(model.conv_impl)}))
 
 
 def run_child(grad, repeats, hugepages):

@@ -2,11 +2,16 @@
 
 Conventions are those of :mod:`jaxnets.layers`: ``foo(...) -> (y, cache)`` and
 ``foo_backward(...)``; images are NHWC, convolution kernels HWIO ``(kh, kw, cin, cout)``;
-static settings (stride, padding, window) are keyword arguments of both functions; bad
-shapes raise ``ValueError`` at trace time.
+static settings (stride, padding, window, ``impl``) are keyword arguments of both
+functions; bad shapes raise ``ValueError`` at trace time.
 
-Three implementations of the convolution (forward *and* backward)
-----------------------------------------------------------------
+Implementations of the convolution: the ``impl`` keyword
+---------------------------------------------------------
+``conv2d``/``conv2d_backward`` and ``max_pool``/``max_pool_backward`` take a static
+``impl``: ``"auto"`` (the default), ``"winograd"``, ``"gemm"`` or ``"xla"``. It is an
+argument, never a global setting, and :func:`resolve_impl` is the one place where
+``"auto"`` looks at the backend: ``"winograd"`` on CPU, ``"xla"`` on GPU/TPU.
+
 * ``"gemm"``: im2col + one matrix product. The patches are built from ``kh*kw`` strided
   slices of the padded input concatenated on the channel axis, giving a
   ``(B*Ho*Wo, kh*kw*cin)`` matrix that is multiplied by the kernel reshaped to
@@ -15,22 +20,15 @@ Three implementations of the convolution (forward *and* backward)
   GEMM. XLA:CPU runs ``lax.conv_general_dilated`` through a slow generic kernel, so this
   is several times faster there, both with the hand-written backward and under
   ``jax.grad`` (autodiff of slices/concat/dot is again slices/pads/dots).
-* ``"winograd"``: Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, 2015) for the
-  3x3, stride-1, pad-1 convolutions of a VGG (even H and W >= 4, cin >= 16), ``"gemm"``
-  for every other convolution. Each 2x2 output tile is computed from a 4x4 input tile with
-  16 products instead of 36, so the three GEMMs of a training step do 2.25x fewer FLOPs;
-  the tile transforms are additions. Measured on a 2-core CPU at batch 128 it halves the
-  time of forward and backward from 16x16x64 to 4x4x512; with 3 input channels or a 2x2
-  image (one tile) it is slower than im2col, hence the limits. Rounding differs from the
-  direct sum by a few float32 ulps of the output's scale.
+* ``"winograd"``: ``"gemm"``, except that the 3x3, stride-1, pad-1 convolutions of a VGG
+  (even H and W >= 4, cin >= 16) run Winograd's F(2x2, 3x3), 2.25x fewer multiplications
+  (:mod:`jaxnets._cpu_conv`; rounding differs from the direct sum by a few ulps).
 * ``"xla"``: ``lax.conv_general_dilated`` and, for the backward, the two convolutions
   that are its transposes. This is what cuDNN / the TPU compiler are good at.
 
-``"auto"`` (the default) picks ``"winograd"`` when ``jax.default_backend() == "cpu"`` and
-``"xla"`` otherwise. Override with :func:`set_conv_impl` or the environment variable
-``JAXNETS_CONV_IMPL`` (``auto``/``winograd``/``gemm``/``xla``; :func:`set_conv_impl`
-wins). The choice is made at *trace* time: functions already compiled by ``jax.jit`` keep
-the implementation they were traced with.
+Which of these computed a forward is recorded in its cache (:class:`ConvCache`,
+:class:`MaxPoolCache`), and a backward given an ``impl`` that would compute it otherwise
+raises ``ValueError`` instead of mixing the two: pass a backward the ``impl`` of its forward.
 
 Pooling
 -------
@@ -39,53 +37,99 @@ padded input (dense ops only, no ``reduce_window``/scatter). Measured on a 2-cor
 3x3/2/1 max pool of (128, 32, 32, 64): forward ~24 ms slices vs ~18 ms ``reduce_window``,
 but ``jax.grad`` ~54 ms slices vs ~250 ms ``reduce_window`` (``select_and_scatter``), so
 the slices formulation wins for training.
-``max_pool`` pads with ``-inf`` and, on ties, routes the whole gradient to the *first*
-maximal position in scan order (row-major over the window); the forward is a chain of
-``where(m >= s, m, s)`` so that ``jax.grad`` of the forward routes ties the same way as
-:func:`max_pool_backward`. Under the CPU convolutions the course's 3x3/2/1 pool of an
-even-sized image is *phased*: unit-stride window slices, and the first maximal positions
-stored by the forward for the backward (see :func:`_pool_phased`; same numbers).
+``max_pool`` pads with ``-inf`` and propagates NaN (a window holding a NaN gives NaN, as
+in PyTorch and ``lax.reduce_window``). The gradient of each output goes to the *first*
+maximal position of its window in scan order (row-major over the window), a NaN counting
+as maximal; the forward is a chain of ``where(m >= s or m is NaN, m, s)`` so that
+``jax.grad`` of the forward routes ties and NaNs the same way as :func:`max_pool_backward`.
+Under the CPU implementations the course's 3x3/2/1 pool of an even-sized image is
+*phased* (:mod:`jaxnets._cpu_conv`): unit-stride window slices, and the first maximal
+positions stored by the forward for the backward (same numbers).
 ``avg_pool`` pads with zeros and always divides by ``window*window`` (PyTorch's
 ``count_include_pad=True``).
 """
 
-import os
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxnets import _cpu_conv
 from jaxnets._checks import check_choice, check_dim, check_ndim
 from jaxnets.layers import init_weights
 
 CONV_IMPLS = ("auto", "winograd", "gemm", "xla")
-_ENV_VAR = "JAXNETS_CONV_IMPL"
-_impl_override = None
 
 
-def set_conv_impl(impl):
-    """Choose the convolution implementation: ``"auto"``, ``"winograd"``, ``"gemm"`` or ``"xla"``.
+def resolve_impl(impl, *, layer="resolve_impl"):
+    """The implementation ``impl`` names on this backend: ``"winograd"``, ``"gemm"`` or ``"xla"``.
 
-    ``None`` removes the override, so the environment variable ``JAXNETS_CONV_IMPL``
-    (default ``"auto"``) decides again. Returns the previous override (``None`` if there
-    was none), so a caller can restore it. Affects functions traced after the call only.
+    ``"auto"`` is ``"winograd"`` when ``jax.default_backend() == "cpu"`` and ``"xla"``
+    otherwise; the others name themselves. Read at trace time, like every static argument.
     """
-    global _impl_override
-    if impl is not None:
-        check_choice("set_conv_impl", "conv implementation", impl, CONV_IMPLS)
-    previous, _impl_override = _impl_override, impl
-    return previous
-
-
-def get_conv_impl():
-    """The implementation a convolution traced now would use: ``"winograd"``, ``"gemm"`` or ``"xla"``."""
-    impl = _impl_override
-    if impl is None:
-        impl = os.environ.get(_ENV_VAR, "auto").strip().lower() or "auto"
-        check_choice(f"conv2d (env {_ENV_VAR})", "conv implementation", impl, CONV_IMPLS)
+    check_choice(layer, "conv implementation (impl)", impl, CONV_IMPLS)
     if impl == "auto":
-        impl = "winograd" if jax.default_backend() == "cpu" else "xla"
+        return "winograd" if jax.default_backend() == "cpu" else "xla"
     return impl
+
+
+def _conv_method(layer, impl, w_shape, x_shape, s_hw, pads):
+    """What computes this convolution: ``"winograd"`` where F(2x2, 3x3) applies, else
+    ``"gemm"``, for the CPU implementations; ``"xla"`` for ``"xla"``."""
+    impl = resolve_impl(impl, layer=layer)
+    if impl == "winograd" and not _cpu_conv.winograd_applies(w_shape, x_shape, s_hw, pads):
+        return "gemm"
+    return impl
+
+
+def _pool_form(layer, impl, x_shape, k_hw, s_hw, pads):
+    """What a max pool's cache keeps for the backward: ``"first_max"`` (the first maximal
+    window positions, the phased CPU pool) or ``"output"`` (``y``, the strided pool)."""
+    if resolve_impl(impl, layer=layer) != "xla" and _cpu_conv.phased_pool_applies(x_shape, k_hw, s_hw, pads):
+        return "first_max"
+    return "output"
+
+
+def _static_fields(*names):
+    """Register a frozen dataclass as a pytree whose fields ``names`` are static metadata
+    (they pass through ``jax.jit`` as part of the structure, not as arrays)."""
+
+    def register(cls):
+        fields = [f.name for f in dataclasses.fields(cls)]
+        return jax.tree_util.register_dataclass(
+            cls, data_fields=[f for f in fields if f not in names], meta_fields=list(names))
+
+    return register
+
+
+@_static_fields("method")
+@dataclasses.dataclass(frozen=True)
+class ConvCache:
+    """What :func:`conv2d_backward` needs: the input ``x``, and the ``method`` that computed
+    the forward (``"winograd"``, ``"gemm"`` or ``"xla"``)."""
+
+    x: jax.Array
+    method: str
+
+
+@_static_fields("form")
+@dataclasses.dataclass(frozen=True)
+class MaxPoolCache:
+    """What :func:`max_pool_backward` needs: the input ``x`` and ``kept``, which ``form`` says:
+    ``"output"``: the pool's output ``y``; ``"first_max"``: for every output, the index
+    (int8, row-major in the window) of the first maximal window position."""
+
+    x: jax.Array
+    kept: jax.Array
+    form: str
+
+
+def _check_cache(layer, cache, cls, producer):
+    if not isinstance(cache, cls):
+        raise ValueError(
+            f"{layer}: cache must be the {cls.__name__} that {producer} returned, got {type(cache).__name__}"
+        )
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -196,146 +240,6 @@ def _crop(xp, pads, in_hw):
     return xp[:, t : t + in_hw[0], l : l + in_hw[1], :]
 
 
-# --------------------------------------------------------------------------- winograd
-# F(2x2, 3x3): for a 4x4 input tile d and a 3x3 kernel g, the 2x2 output tile is
-# Y = A^T [(G g G^T) * (B^T d B)] A with the matrices below (points 0, 1, -1, inf). Tile t
-# of a pad-1 image covers padded rows 2t..2t+3: writing the padded image as
-# (B, H/2+1, 2, W/2+1, 2, C), the four rows of every tile are [t, 0], [t, 1], [t+1, 0],
-# [t+1, 1], so tiles are unit-stride slices and the transforms fused elementwise ops.
-
-WINOGRAD_MIN_CHANNELS = 16
-_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-
-
-def _winograd_applies(w_shape, x_shape, s_hw, pads):
-    h, w = x_shape[1:3]
-    return (tuple(w_shape[:2]) == (3, 3) and s_hw == (1, 1) and pads == ((1, 1), (1, 1))
-            and h % 2 == 0 and w % 2 == 0 and min(h, w) >= 4 and w_shape[2] >= WINOGRAD_MIN_CHANNELS)
-
-
-def _conv_method(w_shape, x_shape, s_hw, pads):
-    """What computes this convolution now: ``"winograd"`` where it applies, else ``"gemm"``
-    for the CPU implementations, or ``"xla"`` (per :func:`get_conv_impl`)."""
-    impl = get_conv_impl()
-    if impl == "winograd" and not _winograd_applies(w_shape, x_shape, s_hw, pads):
-        return "gemm"
-    return impl
-
-
-def _bt(d0, d1, d2, d3):
-    """``B^T d`` along one tile axis: the rows of ``B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]``."""
-    return [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
-
-
-def _b(e0, e1, e2, e3):
-    """``B e``, the adjoint of :func:`_bt`."""
-    return [e0, e1 - e2 + e3, e1 + e2 - e0, -e3]
-
-
-def _at(m0, m1, m2, m3):
-    """``A^T m`` along one tile axis: ``A^T = [[1,1,1,0],[0,1,-1,-1]]``."""
-    return [m0 + m1 + m2, m1 - m2 - m3]
-
-
-def _a(e0, e1):
-    """``A e``, the adjoint of :func:`_at`."""
-    return [e0, e0 + e1, e0 - e1, -e1]
-
-
-def _tile_halves(z, axis):
-    """The four tile rows along ``axis`` of a (.., n+1, 2, ..) phased array: [t,0], [t,1], [t+1,0], [t+1,1]."""
-    n = z.shape[axis] - 1
-    take = lambda lo, phase: lax.index_in_dim(lax.slice_in_dim(z, lo, lo + n, axis=axis), phase, axis + 1, False)
-    return take(0, 0), take(0, 1), take(1, 0), take(1, 1)
-
-
-def _phase_view(x, value):
-    """``x`` (B, H, W, C), even H and W, padded by 1 with ``value`` and seen as
-    (B, H/2+1, 2, W/2+1, 2, C): padded row 2t+r is [t, r]."""
-    b, h, w, c = x.shape
-    return _pad(x, ((1, 1), (1, 1)), value).reshape(b, h // 2 + 1, 2, w // 2 + 1, 2, c)
-
-
-def _unphase_view(z, x_shape):
-    """Adjoint of :func:`_phase_view`: the (B, H/2+1, 2, W/2+1, 2, C) array as the padded
-    image, its border cropped."""
-    b, h, w, c = x_shape
-    return _crop(z.reshape(b, h + 2, w + 2, c), ((1, 1), (1, 1)), (h, w))
-
-
-def _untile_halves(d0, d1, d2, d3, axis):
-    """Adjoint of :func:`_tile_halves`: overlap-add the four tile rows back to (.., n+1, 2, ..).
-    ``d3=None`` stands for zeros (a max pool's windows use only the first three)."""
-    cfg = lambda lo, hi: [(0, 0, 0)] * axis + [(lo, hi, 0)] + [(0, 0, 0)] * (d0.ndim - axis - 1)
-    zero = jnp.zeros((), d0.dtype)
-    phase0 = lax.pad(d0, zero, cfg(0, 1)) + lax.pad(d2, zero, cfg(1, 0))
-    phase1 = lax.pad(d1, zero, cfg(0, 1))
-    if d3 is not None:
-        phase1 = phase1 + lax.pad(d3, zero, cfg(1, 0))
-    return jnp.stack([phase0, phase1], axis + 1)
-
-
-def _winograd_input(x):
-    """``V = B^T d B`` of every tile: 16 matrices (B*H/2*W/2, C), entry (a, b) at 4a+b."""
-    rows = _bt(*_tile_halves(_phase_view(x, 0), 1))  # each (b, h/2, w/2+1, 2, c)
-    return [v.reshape(-1, x.shape[3]) for r in rows for v in _bt(*_tile_halves(r, 2))]
-
-
-def _winograd_input_backward(dv, x_shape):
-    """Adjoint of :func:`_winograd_input`: ``dd = B dV B^T`` per tile, overlap-added, cropped."""
-    b, h, w, c = x_shape
-    dv = [v.reshape(b, h // 2, w // 2, c) for v in dv]
-    drows = [_untile_halves(*_b(*dv[4 * a : 4 * a + 4]), axis=2) for a in range(4)]
-    return _unphase_view(_untile_halves(*_b(*drows), axis=1), x_shape)
-
-
-def _winograd_filter(w):
-    """``U = G g G^T`` of a (3, 3, cin, cout) kernel: 16 matrices (cin, cout), entry (a, b) at 4a+b."""
-    g = jnp.asarray(_WINOGRAD_G, w.dtype)
-    u = jnp.einsum("ai,ijco,bj->abco", g, w, g)
-    return [u[a, b] for a in range(4) for b in range(4)]
-
-
-def _winograd_filter_backward(du):
-    """Adjoint of :func:`_winograd_filter`: ``dg = G^T dU G``."""
-    g = jnp.asarray(_WINOGRAD_G, du[0].dtype)
-    du = jnp.stack(du).reshape(4, 4, *du[0].shape)
-    return jnp.einsum("ai,abco,bj->ijco", g, du, g)
-
-
-def _winograd_output(m, x_shape):
-    """``Y = A^T M A`` of every tile, the 2x2 tiles interleaved back to (B, H, W, cout)."""
-    b, h, w, _ = x_shape
-    m = [e.reshape(b, h // 2, w // 2, -1) for e in m]
-    cols = [_at(*m[4 * a : 4 * a + 4]) for a in range(4)]  # cols[a][q]
-    y = [_at(*(cols[a][q] for a in range(4))) for q in range(2)]  # y[q][p]
-    return jnp.stack([jnp.stack([y[0][p], y[1][p]], 3) for p in range(2)], 2).reshape(b, h, w, -1)
-
-
-def _winograd_output_backward(dy):
-    """Adjoint of :func:`_winograd_output`: ``dM = A dY A^T`` per tile, 16 matrices (tiles, cout)."""
-    b, h, w, cout = dy.shape
-    dy = dy.reshape(b, h // 2, 2, w // 2, 2, cout)
-    t = [_a(dy[:, :, p, :, 0], dy[:, :, p, :, 1]) for p in range(2)]  # t[p][b]
-    dm = [_a(t[0][e], t[1][e]) for e in range(4)]  # dm[b][a]
-    return [dm[e][a].reshape(-1, cout) for a in range(4) for e in range(4)]
-
-
-def _winograd_conv(x, w):
-    # 16 separate GEMMs rather than one batched dot_general: XLA:CPU runs them faster and
-    # no stacked (16, tiles, C) copy is made.
-    v, u = _winograd_input(x), _winograd_filter(w)
-    return _winograd_output([jnp.dot(vi, ui) for vi, ui in zip(v, u)], x.shape)
-
-
-def _winograd_conv_backward(x, w, dy):
-    v, u = _winograd_input(x), _winograd_filter(w)
-    dm = _winograd_output_backward(dy)
-    dw = _winograd_filter_backward([jnp.dot(vi.T, dmi) for vi, dmi in zip(v, dm)])
-    dx = _winograd_input_backward([jnp.dot(dmi, ui.T) for dmi, ui in zip(dm, u)], x.shape)
-    return dw, dx
-
-
 # ----------------------------------------------------------------------------- conv2d
 
 
@@ -382,30 +286,30 @@ def _xla_dims():
     return lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
 
 
-def conv2d(params, x, *, stride=1, padding="SAME"):
+def conv2d(params, x, *, stride=1, padding="SAME", impl="auto"):
     """y = conv(x, W) + b: ``y[n,p,q,o] = b[o] + sum_{i,j,c} xp[n, p*s+i, q*s+j, c] W[i,j,c,o]``.
 
     ``x`` is NHWC, ``W`` HWIO, ``xp`` is ``x`` zero-padded by ``padding`` ("SAME" as in
     lax/TensorFlow: output size ceil(n/stride); "VALID"; an int; or
-    ``((top, bottom), (left, right))``). ``stride``: an int or a pair. Cache: ``x``.
-    Implementation per :func:`get_conv_impl` (Winograd F(2x2,3x3) or im2col + GEMM on CPU,
-    native conv elsewhere).
+    ``((top, bottom), (left, right))``). ``stride``: an int or a pair. ``impl``: see the
+    module docstring (``"auto"``: Winograd F(2x2,3x3) or im2col + GEMM on CPU, native conv
+    elsewhere). Cache: :class:`ConvCache` (``x`` and the method that ran).
     """
     k_hw, s_hw, pads, out_hw = _conv_geometry("conv2d", params, x, stride, padding)
     w = params["w"]
-    method = _conv_method(w.shape, x.shape, s_hw, pads)
+    method = _conv_method("conv2d", impl, w.shape, x.shape, s_hw, pads)
     if method == "winograd":
-        y = _winograd_conv(x, w)
+        y = _cpu_conv.winograd_conv(x, w)
     elif method == "gemm":
         cols = _patches(x, k_hw, s_hw, pads, out_hw)
         y = jnp.dot(cols, w.reshape(-1, w.shape[3]))
     else:
         y = lax.conv_general_dilated(x, w, s_hw, pads, dimension_numbers=_xla_dims())
-    return (y + params["b"] if "b" in params else y), x
+    return (y + params["b"] if "b" in params else y), ConvCache(x, method)
 
 
-def conv2d_backward(params, cache, dy, *, stride=1, padding="SAME"):
-    """Gradients of :func:`conv2d` (same ``stride``/``padding``). Returns ``(dparams, dx)``.
+def conv2d_backward(params, cache, dy, *, stride=1, padding="SAME", impl="auto"):
+    """Gradients of :func:`conv2d` (same ``stride``/``padding``/``impl``). Returns ``(dparams, dx)``.
 
     With ``X = im2col(xp)`` of shape (B*Ho*Wo, kh*kw*cin) and ``W`` reshaped to
     (kh*kw*cin, cout), ``dy`` reshaped to (B*Ho*Wo, cout):
@@ -419,9 +323,7 @@ def conv2d_backward(params, cache, dy, *, stride=1, padding="SAME"):
     ``"winograd"`` (where it applies, see the module docstring): with ``V = B^T d B`` the
     transformed input tiles, ``U = G g G^T`` the transformed kernel and ``M = V U`` (the 16
     tile positions (a, b) each a GEMM over channels) so that ``y = A^T M A``, the backward is
-    the adjoint of each linear stage: ``dM = A dy A^T``; ``dU = V^T dM`` and
-    ``dW = G^T dU G``; ``dV = dM U^T`` and ``dx`` = the tiles ``B dV B^T`` overlap-added
-    back into the padded image (tiles overlap by 2 rows and columns), cropped.
+    the adjoint of each linear stage (:func:`jaxnets._cpu_conv.winograd_conv_backward`).
 
     The ``"xla"`` implementation computes the same two quantities as convolutions:
     ``dW[i,j,c,o] = sum_{n,p,q} xp[n,p*s+i,q*s+j,c] dy[n,p,q,o]`` (x correlated with ``dy``
@@ -429,9 +331,16 @@ def conv2d_backward(params, cache, dy, *, stride=1, padding="SAME"):
     ``dx = conv(dilate_s(dy), flip(W)^T)`` with padding ``(k-1-lo, k-1-hi+extra)``,
     ``extra`` = input rows the forward windows never reached (a transposed convolution).
     """
-    x = cache
+    _check_cache("conv2d_backward", cache, ConvCache, "conv2d")
+    x = cache.x
     k_hw, s_hw, pads, out_hw = _conv_geometry("conv2d_backward", params, x, stride, padding)
     w = params["w"]
+    method = _conv_method("conv2d_backward", impl, w.shape, x.shape, s_hw, pads)
+    if method != cache.method:
+        raise ValueError(
+            f"conv2d_backward: impl={impl!r} computes this convolution by {method!r}, but the forward "
+            f"ran {cache.method!r}; give conv2d_backward the impl that conv2d had"
+        )
     cout = w.shape[3]
     check_ndim("conv2d_backward", "dy", dy, 4)
     if dy.shape != (x.shape[0], *out_hw, cout):
@@ -441,9 +350,8 @@ def conv2d_backward(params, cache, dy, *, stride=1, padding="SAME"):
         )
     in_hw = x.shape[1:3]
     padded_hw = tuple(n + lo + hi for n, (lo, hi) in zip(in_hw, pads))
-    method = _conv_method(w.shape, x.shape, s_hw, pads)
     if method == "winograd":
-        dw, dx = _winograd_conv_backward(x, w, dy)
+        dw, dx = _cpu_conv.winograd_conv_backward(x, w, dy)
     elif method == "gemm":
         cols = _patches(x, k_hw, s_hw, pads, out_hw)
         kdim = cols.shape[-1]
@@ -522,102 +430,77 @@ def _check_pool_dy(layer, x, dy, out_hw):
         )
 
 
-def max_pool(x, *, window=3, stride=2, padding=1):
-    """``y[n,p,q,c] = max_{i,j} xp[n, p*s+i, q*s+j, c]``, ``xp`` = x padded with -inf.
+def _is_max(piece, y):
+    """Where window slice ``piece`` attains its output ``y``: ``piece == y``, or ``piece`` is
+    NaN (a NaN is the maximum of its window)."""
+    return (piece == y) | jnp.isnan(piece)
+
+
+def max_pool(x, *, window=3, stride=2, padding=1, impl="auto"):
+    """``y[n,p,q,c] = max_{i,j} xp[n, p*s+i, q*s+j, c]``, ``xp`` = x padded with -inf; NaN if
+    the window holds a NaN (as PyTorch and ``lax.reduce_window``).
 
     ``window``/``stride``: int or pair; ``padding`` as in :func:`conv2d` (each side must be
-    smaller than the window). Written as a chain ``m = where(m >= s_k, m, s_k)`` over the
-    window slices ``s_k`` in row-major window order, so ``jax.grad`` routes each output's
-    gradient to the first maximal position, like :func:`max_pool_backward`.
-    Cache: ``(x, y)``; for a phased pool (:func:`_pool_phased`) ``(x, k)``, ``k`` the first
-    window position with ``s_k == y`` (int8; 9 where there is none, i.e. ``y`` is NaN).
+    smaller than the window); ``impl`` as in :func:`conv2d` (the CPU ones take a phased
+    3x3/2/1 pool, see the module docstring). Written as a chain
+    ``m = where(m >= s_k or isnan(m), m, s_k)`` over the window slices ``s_k`` in row-major
+    window order: ``m`` keeps the first maximum (or the first NaN), and ``jax.grad`` routes
+    each output's gradient to that position, like :func:`max_pool_backward`.
+    Cache: :class:`MaxPoolCache`.
     """
     k_hw, s_hw, pads, out_hw = _pool_geometry("max_pool", x, window, stride, padding)
-    phased = _pool_phased(x.shape, k_hw, s_hw, pads)
-    pieces = _phased_windows(x) if phased else _slices(_pad(x, pads, -jnp.inf), k_hw, s_hw, out_hw)
+    form = _pool_form("max_pool", impl, x.shape, k_hw, s_hw, pads)
+    if form == "first_max":
+        pieces = _cpu_conv.phased_windows(x)
+    else:
+        pieces = _slices(_pad(x, pads, -jnp.inf), k_hw, s_hw, out_hw)
     y = pieces[0]
     for piece in pieces[1:]:
-        y = jnp.where(y >= piece, y, piece)
-    if not phased:
-        return y, (x, y)
-    first = jnp.full(y.shape, len(pieces), jnp.int8)
-    for n in reversed(range(len(pieces))):
-        first = jnp.where(pieces[n] == y, jnp.int8(n), first)
-    return y, (x, _stored(first))
+        y = jnp.where((y >= piece) | jnp.isnan(y), y, piece)
+    if form == "first_max":
+        return y, MaxPoolCache(x, _cpu_conv.first_positions([_is_max(p, y) for p in pieces]), form)
+    return y, MaxPoolCache(x, y, form)
 
 
-def max_pool_backward(cache, dy, *, window=3, stride=2, padding=1):
-    """``dx = crop(sum_k unslice_k(dy * M_k))`` with ``M_k = [s_k == y] * prod_{l<k} [s_l != y]``.
+def max_pool_backward(cache, dy, *, window=3, stride=2, padding=1, impl="auto"):
+    """``dx = crop(sum_k unslice_k(dy * M_k))`` with ``M_k = [s_k is max] * prod_{l<k} [s_l is not max]``.
 
     ``s_k`` is the k-th strided window slice of the -inf-padded input (row-major window
-    order), so ``M_k`` marks, for every output, only the *first* position attaining the
-    max; ``unslice_k`` is the adjoint of that strided slice (``lax.pad`` with interior
-    padding ``stride-1``) and ``crop`` drops the padding. Overlapping windows add up. For
-    a phased pool ``M_k = [k == first]`` with ``first`` from the cache, and ``unslice_k``
-    is the adjoint of :func:`_phased_windows`'s window k.
+    order) and "is max" means ``s_k == y`` or ``s_k`` is NaN, so ``M_k`` marks, for every
+    output, only the *first* position attaining the max (the first NaN of a NaN window);
+    ``unslice_k`` is the adjoint of that strided slice (``lax.pad`` with interior padding
+    ``stride-1``) and ``crop`` drops the padding. Overlapping windows add up. A phased pool
+    (cache form ``"first_max"``) routes by the positions its forward stored. ``impl`` must
+    be the forward's (else ``ValueError``).
     """
-    x, kept = cache  # kept: y, or the first maximal positions of a phased pool
+    _check_cache("max_pool_backward", cache, MaxPoolCache, "max_pool")
+    x = cache.x
     k_hw, s_hw, pads, out_hw = _pool_geometry("max_pool_backward", x, window, stride, padding)
     _check_pool_dy("max_pool_backward", x, dy, out_hw)
-    zero = jnp.zeros((), dy.dtype)
-    if _pool_phased(x.shape, k_hw, s_hw, pads):
-        return _phased_windows_backward([jnp.where(kept == k, dy, zero) for k in range(9)], x.shape)
-    y = kept
+    form = _pool_form("max_pool_backward", impl, x.shape, k_hw, s_hw, pads)
+    if form != cache.form:
+        raise ValueError(
+            f"max_pool_backward: the cache holds the {cache.form!r} form of the pool's result, but "
+            f"impl={impl!r} takes the backward of the {form!r} form here; give max_pool_backward the "
+            f"impl that max_pool had"
+        )
+    if form == "first_max":
+        return _cpu_conv.phased_max_pool_backward(cache.kept, dy, x.shape)
+    y = cache.kept
     xp = _pad(x, pads, -jnp.inf)
     padded_hw = xp.shape[1:3]
     pieces = _slices(xp, k_hw, s_hw, out_hw)
+    zero = jnp.zeros((), dy.dtype)
     remaining = dy  # gradient not yet routed: dy until the first maximal position, then 0
     dxp = None
     for n, piece in enumerate(pieces):
         i, j = divmod(n, k_hw[1])
-        hit = piece == y
+        hit = _is_max(piece, y)
         term = _unslice(jnp.where(hit, remaining, zero), i, j, s_hw, padded_hw)
         if n + 1 < len(pieces):
             remaining = jnp.where(hit, zero, remaining)
         dxp = term if dxp is None else dxp + term
     return _crop(dxp, pads, x.shape[1:3])
-
-
-def _pool_phased(x_shape, k_hw, s_hw, pads):
-    """Whether a max pool is *phased*: the 3x3, stride-2, pad-1 pool of an even-sized image
-    under the CPU convolutions (``"winograd"``/``"gemm"``; GPU/TPU keep the strided one).
-
-    Its windows are unit-stride slices of the image seen as (B, H/2+1, 2, W/2+1, 2, C)
-    (:func:`_phased_windows`), and the forward stores the first maximal positions, which
-    the backward routes by. The strided backward recomputes the max and the select chains
-    inside XLA:CPU's fusion for each of the 9 (interior-padded) window terms; in the
-    course ConvNet's manual step this one is 8-15% faster (same-process A/B).
-    """
-    h, w = x_shape[1:3]
-    return (get_conv_impl() != "xla" and k_hw == (3, 3) and s_hw == (2, 2) and pads == ((1, 1), (1, 1))
-            and h % 2 == 0 and w % 2 == 0)
-
-
-def _stored(a):
-    """``a``, computed where it is made and stored rather than recomputed by each consumer.
-
-    XLA:CPU fuses cheap elementwise producers into their consumers (it drops
-    ``optimization_barrier``), so the max pool's 9 window positions were recomputed, chain
-    and all, for each of the backward's 9 terms. A conditional is a fusion boundary XLA
-    keeps; both branches return ``a`` (``a + 0`` in one, which keeps XLA from removing a
-    conditional with identical branches), so the predicate does not matter.
-    """
-    if a.size == 0:
-        return a
-    return lax.cond(a.reshape(-1)[0] < 0, lambda v: v + 0, lambda v: v, a)
-
-
-def _phased_windows(x):
-    """The 9 windows of the -inf-padded (B, H, W, C) image, row-major, each (B, H/2, W/2, C):
-    window rows of output p are padded rows 2p, 2p+1, 2p+2, i.e. the first three of
-    :func:`_tile_halves` of :func:`_phase_view`."""
-    return [col for row in _tile_halves(_phase_view(x, -jnp.inf), 1)[:3] for col in _tile_halves(row, 2)[:3]]
-
-
-def _phased_windows_backward(dwindows, x_shape):
-    """Adjoint of :func:`_phased_windows`: the 9 windows overlap-added back, cropped."""
-    drows = [_untile_halves(*dwindows[3 * i : 3 * i + 3], None, axis=2) for i in range(3)]
-    return _unphase_view(_untile_halves(*drows, None, axis=1), x_shape)
 
 
 def avg_pool(x, *, window=3, stride=2, padding=1):

@@ -14,12 +14,14 @@ Conventions (shared with :mod:`jaxnets.conv`):
 * Bad shapes or names raise ``ValueError`` at trace time (see :mod:`jaxnets._checks`).
 """
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnets import _init_fast
 from jaxnets._checks import check_choice, check_dim, check_ndim
 
 # ----------------------------------------------------------------------------- linear
@@ -38,86 +40,37 @@ def init_weights(key, shape, fan_in, *, scheme="kaiming", bias=True, dtype=jnp.f
     are zero except for ``"pytorch"``. ``bias=False`` leaves out ``"b"``: for a layer
     followed by batch norm, whose mean subtraction cancels any bias (its gradient is
     exactly zero, and an optimizer like Adam would only amplify the rounding noise in it).
-
-    With ``wkey, bkey = jax.random.split(key)``: ``w = jax.random.normal(wkey, shape) * std``
-    (jitted; see :func:`init_layers`) or ``jax.random.uniform(wkey, shape, minval=-bound,
-    maxval=bound)``, and ``b`` the same uniform draw from ``bkey``.
     """
-    return init_layers([key], [(shape, fan_in, scheme, bias)], dtype=dtype, layer=layer)[0]
+    check_choice(layer, "init scheme", scheme, INIT_SCHEMES)
+    uniform = scheme == "pytorch"
+    if uniform:
+        scale = 1.0 / math.sqrt(fan_in)
+    else:
+        scale = {"kaiming": math.sqrt(2.0 / fan_in), "lecun": math.sqrt(1.0 / fan_in), "course": 1e-4}[scheme]
+    if _init_fast.deferring():  # inside a model's init: all its layers in one draw, same numbers
+        return _init_fast.defer(key, tuple(shape), uniform, scale, bias, dtype)
+    return _draw_weights(key, tuple(shape), uniform, scale, bias, dtype)
 
 
-def init_layers(keys, layers, *, dtype=jnp.float32, layer="init_layers"):
-    """:func:`init_weights` of several layers, ``layers`` being ``(shape, fan_in, scheme, bias)``
-    tuples, with one compiled random draw per distribution.
-
-    XLA:CPU spends ~0.3 s compiling each threefry draw, so a model drawing its layers one by
-    one spent 1.5 s (the 3-layer MLP) to 4 s (the mini-VGG) compiling its init. With JAX's
-    default, partitionable threefry, the i-th number of a draw depends only on the key and
-    i, so a layer's n numbers are the first n of a draw of the largest layer's size N: here
-    one ``lax.map`` over the keys draws N numbers per layer (at most a few times the numbers
-    needed) and each layer keeps its prefix. Other PRNGs draw layer by layer.
-
-    The numbers are those of the jitted per-layer draws bit for bit (tests check it): a
-    normal weight is ``erf_inv(u) * (sqrt(2) * std)`` with ``u ~ U(nextafter(-1, 0), 1)``,
-    the two constants multiplied first, as XLA folds ``jax.random.normal(key, shape) * std``.
-    """
-    requests, plans = [], []  # requests: (distribution, key, size, bound; 0 for erf_inv) of each flat draw
-    for key, (shape, fan_in, scheme, bias) in zip(keys, layers):
-        check_choice(layer, "init scheme", scheme, INIT_SCHEMES)
-        wkey, bkey = jax.random.split(key)
-        if scheme == "pytorch":
-            bound = 1.0 / math.sqrt(fan_in)
-            requests += [("uniform", wkey, math.prod(shape), bound), ("uniform", bkey, shape[-1], bound)]
-            scale = None
-        else:
-            std = {"kaiming": math.sqrt(2.0 / fan_in), "lecun": math.sqrt(1.0 / fan_in), "course": 1e-4}[scheme]
-            requests.append(("erf_inv", wkey, math.prod(shape), 0.0))
-            scale = np.asarray(np.sqrt(2), dtype) * np.asarray(std, dtype)
-        plans.append((shape, bias, scale))
-    flat = iter(_flat_draws(requests, dtype))
-    params = []
-    for shape, bias, scale in plans:
-        if scale is None:
-            w, b = next(flat).reshape(shape), next(flat)
-        else:
-            w, b = next(flat).reshape(shape) * scale, jnp.zeros(shape[-1:], dtype)
-        params.append({"w": w, "b": b} if bias else {"w": w})
-    return params
-
-
-def _flat_draws(requests, dtype):
-    """For each ``(distribution, key, size, bound)`` a flat draw of ``size`` numbers: U(-bound,
-    bound) (``"uniform"``) or erf_inv of U(nextafter(-1, 0), 1) (``"erf_inv"``, what
-    ``jax.random.normal`` multiplies by sqrt(2)), batched as in :func:`init_layers`."""
-    lowest = np.nextafter(np.asarray(-1.0, dtype), np.asarray(0.0, dtype))
-
-    def draw(distribution, key, size, bound):
-        if distribution == "erf_inv":
-            return jax.lax.erf_inv(jax.random.uniform(key, (size,), dtype, lowest, 1.0))
-        return jax.random.uniform(key, (size,), dtype, -bound, bound)
-
-    prefix_safe = jax.config.jax_threefry_partitionable and all(
-        str(jax.random.key_impl(r[1])) == "threefry2x32" for r in requests)
-    if not prefix_safe:
-        return [draw(*r) for r in requests]
-    flat = [None] * len(requests)
-    for distribution in ("erf_inv", "uniform"):
-        which = [i for i, r in enumerate(requests) if r[0] == distribution]
-        if not which:
-            continue
-        size = max(requests[i][2] for i in which)
-        keys = jnp.stack([requests[i][1] for i in which])
-        bounds = jnp.asarray([requests[i][3] for i in which], dtype)
-        rows = jax.lax.map(lambda kb: draw(distribution, kb[0], size, kb[1]), (keys, bounds))
-        for row, i in enumerate(which):
-            flat[i] = rows[row, :requests[i][2]]
-    return flat
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _draw_weights(key, shape, uniform, scale, bias, dtype):
+    """With ``wkey, bkey = split(key)``: ``w = scale * normal(wkey, shape)`` and ``b = 0``,
+    or (``uniform``) ``w ~ U(-scale, scale)`` from ``wkey`` and ``b`` likewise from ``bkey``."""
+    # Jitted: XLA folds scale * sqrt(2) (inside jax.random.normal) into one constant, which
+    # a model's one-draw init (jaxnets._init_fast) reproduces bit for bit.
+    wkey, bkey = jax.random.split(key)
+    if uniform:
+        w = jax.random.uniform(wkey, shape, dtype, -scale, scale)
+        b = jax.random.uniform(bkey, shape[-1:], dtype, -scale, scale)
+    else:
+        w = scale * jax.random.normal(wkey, shape, dtype)
+        b = jnp.zeros(shape[-1:], dtype)
+    return {"w": w, "b": b} if bias else {"w": w}
 
 
 def linear_init(key, fan_in, fan_out, *, scheme="kaiming", bias=True, dtype=jnp.float32):
     """Parameters ``{"w": (fan_in, fan_out), "b": (fan_out,)}``; see :func:`init_weights`."""
     return init_weights(key, (fan_in, fan_out), fan_in, scheme=scheme, bias=bias, dtype=dtype, layer="linear_init")
-
 
 
 def linear(params, x):
@@ -414,6 +367,10 @@ def batch_norm(params, state, x, *, train, momentum=0.1, eps=1e-5, axis_name=Non
     statistics and leaves them unchanged. ``axis_name`` (inside ``shard_map``/``pmap``)
     averages the statistics across devices (synchronised BN).
 
+    Training needs n > 1 (for a conv, batch * H * W > 1 over all devices): with one value
+    per feature, xhat = 0 and y = beta whatever x is, so it raises ``ValueError`` (as
+    PyTorch does).
+
     Returns ``(y, cache, new_state)``; cache = (xhat, 1 / sqrt(var + eps)).
     """
     check_ndim("batch_norm", "input", x, (2, 4))
@@ -422,15 +379,21 @@ def batch_norm(params, state, x, *, train, momentum=0.1, eps=1e-5, axis_name=Non
     if train:
         # Two passes (mean, then mean squared deviation): E[x^2] - E[x]^2 cancels badly
         # in float32 when |mean| >> std.
-        mean = jnp.mean(x, axis=axes)
         count = x.size // x.shape[-1]
+        if axis_name is not None:
+            count = count * jax.lax.psum(1, axis_name)
+        if count <= 1:
+            raise ValueError(
+                f"batch_norm: expected more than 1 value per channel when training, got input shape "
+                f"{tuple(x.shape)} ({count} value per channel); use a larger batch or train=False"
+            )
+        mean = jnp.mean(x, axis=axes)
         if axis_name is not None:
             mean = jax.lax.pmean(mean, axis_name)
         var = jnp.mean(jnp.square(x - mean), axis=axes)
         if axis_name is not None:
             var = jax.lax.pmean(var, axis_name)
-            count = count * jax.lax.psum(1, axis_name)
-        unbiased = var * (count / max(count - 1, 1))
+        unbiased = var * (count / (count - 1))
         new_state = {
             "mean": (1 - momentum) * state["mean"] + momentum * jax.lax.stop_gradient(mean),
             "var": (1 - momentum) * state["var"] + momentum * jax.lax.stop_gradient(unbiased),

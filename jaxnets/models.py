@@ -20,6 +20,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxnets import _init_fast
 from jaxnets import conv as C
 from jaxnets import layers as L
 from jaxnets._checks import check_choice, check_dim, check_ndim
@@ -76,22 +77,22 @@ class MLP:
                 f"hidden={self.hidden}, classes={self.classes})"
             )
 
+    @_init_fast.drawn_together  # every layer's weights in one compiled draw, the same numbers
     def init(self, key):
         sizes = (self.input_size, *self.hidden, self.classes)
         keys = jax.random.split(key, len(sizes) - 1)
-        linears = L.init_layers(keys, [
-            ((fan_in, fan_out), fan_in, _first_layer_scheme(self.init_scheme) if i == 0 else self.init_scheme,
-             not (self.batch_norm and i < len(self.hidden)))
-            for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:]))
-        ], dtype=self.dtype, layer="MLP")
+        schemes = [_first_layer_scheme(self.init_scheme)] + [self.init_scheme] * len(self.hidden)
         blocks, states = [], []
-        for lin, width in zip(linears[:-1], self.hidden):
-            block, state = {"linear": lin}, {}
+        for i, width in enumerate(self.hidden):
+            block, state = {}, {}
+            block["linear"] = L.linear_init(keys[i], sizes[i], width, scheme=schemes[i],
+                                            bias=not self.batch_norm, dtype=self.dtype)
             if self.batch_norm:
                 block["bn"], state["bn"] = L.batch_norm_init(width, self.dtype)
             blocks.append(block)
             states.append(state)
-        return {"blocks": blocks, "head": linears[-1]}, {"blocks": states}
+        head = L.linear_init(keys[-1], sizes[-2], self.classes, scheme=schemes[-1], dtype=self.dtype)
+        return {"blocks": blocks, "head": head}, {"blocks": states}
 
     def _flat_input(self, x):
         check_ndim("MLP", "input", x, (2, 4))
@@ -184,6 +185,9 @@ class ConvNet:
     No conv has a bias: every conv output reaches a batch norm (directly, or through the
     residual stream and max pools, which commute with a per-channel shift), whose mean
     subtraction cancels it exactly.
+
+    ``conv_impl`` is the ``impl`` of every conv and max pool, forward and backward (see
+    :mod:`jaxnets.conv`: ``"auto"`` is Winograd/im2col on CPU and XLA's convolution on GPU/TPU).
     """
 
     input_shape: tuple = (32, 32, 3)
@@ -194,11 +198,13 @@ class ConvNet:
     bn_momentum: float = 0.1
     dtype: str = "float32"
     bn_axis_name: str | None = None  # see MLP.bn_axis_name
+    conv_impl: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
         object.__setattr__(self, "plan", tuple(self.plan))
         check_choice("ConvNet", "init scheme", self.init_scheme, INIT_SCHEMES)
+        check_choice("ConvNet", "conv_impl", self.conv_impl, C.CONV_IMPLS)
         for item in self.plan:
             if item != "M" and not (isinstance(item, int) and item > 0):
                 raise ValueError(f"ConvNet: plan items must be positive ints or 'M', got {item!r}")
@@ -221,33 +227,23 @@ class ConvNet:
                 cin = item
         return widths, cin
 
+    @_init_fast.drawn_together  # every layer's weights in one compiled draw, the same numbers
     def init(self, key):
         widths, cout = self._widths()
         keys = iter(jax.random.split(key, 2 * len(widths) + 1))
-        # The weights are drawn together by one L.init_layers call (one compiled draw):
-        # first each layer's place, key and spec, then the draws.
-        places, layer_keys, specs = [], [], []
-
-        def layer(where, name, shape, fan_in, scheme, bias):
-            where[name] = None  # keeps the keys' order
-            places.append((where, name))
-            layer_keys.append(next(keys))
-            specs.append((shape, fan_in, scheme, bias))
-
-        def conv(where, name, cin, cout, k, scheme):
-            layer(where, name, (k, k, cin, cout), k * k * cin, scheme, False)
-
+        conv = lambda cin, cout, k, scheme: C.conv2d_init(next(keys), cin, cout, k, scheme=scheme, bias=False,
+                                                          dtype=self.dtype)
         blocks, states = [], []
         for i, (cin, width) in enumerate(widths):
             block, state = {}, {}
             first = _first_layer_scheme(self.init_scheme) if i == 0 else self.init_scheme
             if self.preact:
                 if cin != width:
-                    conv(block, "proj", cin, width, 1, first)
+                    block["proj"] = conv(cin, width, 1, first)
                 block["bn"], state["bn"] = L.batch_norm_init(width, self.dtype)
-                conv(block, "conv", width, width, 3, self.init_scheme)
+                block["conv"] = conv(width, width, 3, self.init_scheme)
             else:
-                conv(block, "conv", cin, width, 3, first)
+                block["conv"] = conv(cin, width, 3, first)
                 block["bn"], state["bn"] = L.batch_norm_init(width, self.dtype)
             blocks.append(block)
             states.append(state)
@@ -255,9 +251,8 @@ class ConvNet:
         if self.preact:
             params["head_bn"], state["head_bn"] = L.batch_norm_init(cout, self.dtype)
         h, w = self.output_spatial()
-        layer(params, "head", (h * w * cout, self.classes), h * w * cout, self.init_scheme, True)
-        for (where, name), weights in zip(places, L.init_layers(layer_keys, specs, dtype=self.dtype, layer="ConvNet")):
-            where[name] = weights
+        params["head"] = L.linear_init(next(keys), h * w * cout, self.classes, scheme=self.init_scheme,
+                                       dtype=self.dtype)
         return params, state
 
     def _check_input(self, x):
@@ -272,24 +267,25 @@ class ConvNet:
         del key  # no stochastic layers
         self._check_input(x)
         bn = dict(train=train, momentum=self.bn_momentum, axis_name=self.bn_axis_name)
+        conv = dict(stride=1, padding="SAME", impl=self.conv_impl)
         caches, new_states, blocks = [], [], iter(zip(params["blocks"], state["blocks"]))
         for item in self.plan:
             cache = {}
             if item == "M":
-                x, cache["pool"] = C.max_pool(x, **POOL)
+                x, cache["pool"] = C.max_pool(x, **POOL, impl=self.conv_impl)
                 caches.append(cache)
                 continue
             block, block_state = next(blocks)
             new_state = {}
             if self.preact:
                 if "proj" in block:
-                    x, cache["proj"] = C.conv2d(block["proj"], x, stride=1, padding="SAME")
+                    x, cache["proj"] = C.conv2d(block["proj"], x, **conv)
                 h, cache["bn"], new_state["bn"] = L.batch_norm(block["bn"], block_state["bn"], x, **bn)
                 h, cache["relu"] = L.relu(h)
-                h, cache["conv"] = C.conv2d(block["conv"], h, stride=1, padding="SAME")
+                h, cache["conv"] = C.conv2d(block["conv"], h, **conv)
                 x = x + h
             else:
-                x, cache["conv"] = C.conv2d(block["conv"], x, stride=1, padding="SAME")
+                x, cache["conv"] = C.conv2d(block["conv"], x, **conv)
                 x, cache["bn"], new_state["bn"] = L.batch_norm(block["bn"], block_state["bn"], x, **bn)
                 x, cache["relu"] = L.relu(x)
             caches.append(cache)
@@ -312,6 +308,7 @@ class ConvNet:
     def backward(self, params, cache, dlogits, *, train=True):
         """Gradients w.r.t. params, composing each layer's backward in reverse order."""
         caches, head_cache = cache
+        conv = dict(stride=1, padding="SAME", impl=self.conv_impl)
         grads = {}
         grads["head"], dx = L.linear_backward(params["head"], head_cache["linear"], dlogits)
         dx = C.flatten_backward(head_cache["flatten"], dx)
@@ -322,23 +319,23 @@ class ConvNet:
         block_grads, blocks = [], iter(reversed(params["blocks"]))
         for item, cache in zip(reversed(self.plan), reversed(caches)):
             if item == "M":
-                dx = C.max_pool_backward(cache["pool"], dx, **POOL)
+                dx = C.max_pool_backward(cache["pool"], dx, **POOL, impl=self.conv_impl)
                 continue
             block, g = next(blocks), {}
             if self.preact:
                 # x_out = x_in + conv(relu(bn(x_in))): the skip passes dx through unchanged.
-                g["conv"], dh = C.conv2d_backward(block["conv"], cache["conv"], dx, stride=1, padding="SAME")
+                g["conv"], dh = C.conv2d_backward(block["conv"], cache["conv"], dx, **conv)
                 dh = L.relu_backward(cache["relu"], dh)
                 g["bn"], dh = L.batch_norm_backward(block["bn"], cache["bn"], dh, train=train,
                                                      axis_name=self.bn_axis_name)
                 dx = dx + dh
                 if "proj" in block:
-                    g["proj"], dx = C.conv2d_backward(block["proj"], cache["proj"], dx, stride=1, padding="SAME")
+                    g["proj"], dx = C.conv2d_backward(block["proj"], cache["proj"], dx, **conv)
             else:
                 dx = L.relu_backward(cache["relu"], dx)
                 g["bn"], dx = L.batch_norm_backward(block["bn"], cache["bn"], dx, train=train,
                                                      axis_name=self.bn_axis_name)
-                g["conv"], dx = C.conv2d_backward(block["conv"], cache["conv"], dx, stride=1, padding="SAME")
+                g["conv"], dx = C.conv2d_backward(block["conv"], cache["conv"], dx, **conv)
             block_grads.append(g)
         grads["blocks"] = block_grads[::-1]
         return grads

@@ -1,5 +1,8 @@
-"""Tests for jaxnets.conv: hand-written backwards vs jax.vjp and finite differences,
-winograd vs gemm vs xla implementations, implementation selection, shapes and input validation."""
+"""Tests for jaxnets.conv: hand-written backwards vs jax.vjp and finite differences (jaxnets.gradcheck),
+winograd vs gemm vs xla implementations, the explicit impl keyword and the caches that record it,
+max pool against its definition (NaN, ties), shapes and input validation."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -8,44 +11,13 @@ import pytest
 from jax import lax
 
 from jaxnets import conv as C
-
-
-@pytest.fixture(autouse=True)
-def _restore_impl():
-    previous = C.set_conv_impl(None)
-    C.set_conv_impl(previous)
-    yield
-    C.set_conv_impl(previous)
+from jaxnets import gradcheck
+from jaxnets import models as M
 
 
 def _rel(a, b):
     a, b = np.asarray(a), np.asarray(b)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-
-
-def _fd_check(loss, args, grads, rng, n_coords=4, h=1e-5, tol=1e-5):
-    """Central differences of scalar ``loss(*args)`` at a few random coordinates of each arg.
-
-    All perturbed inputs are evaluated in one vmapped, jitted call (one compilation).
-    """
-    args = [np.asarray(a) for a in args]
-    stacks, where = [[] for _ in args], []
-    for k, a in enumerate(args):
-        for _ in range(n_coords):
-            idx = tuple(int(rng.integers(0, s)) for s in a.shape)
-            where.append((k, idx))
-            for sign in (1, -1):
-                for j, v in enumerate(args):
-                    v = v.copy()
-                    if j == k:
-                        v[idx] += sign * h
-                    stacks[j].append(v)
-    vals = np.asarray(jax.jit(jax.vmap(loss))(*[jnp.asarray(np.stack(s)) for s in stacks]))
-    for n, (k, idx) in enumerate(where):
-        num = (vals[2 * n] - vals[2 * n + 1]) / (2 * h)
-        ana = float(np.asarray(grads[k])[idx])
-        err = abs(num - ana) / max(1e-8, abs(num) + abs(ana))
-        assert err < tol, (k, idx, num, ana, err)
 
 
 # ----------------------------------------------------------------------------- conv2d
@@ -80,67 +52,39 @@ def _conv_inputs(case, dtype, seed=0):
     return params, x, rng
 
 
-def _with_impl(impl, fn, *args):
-    previous = C.set_conv_impl(impl)  # read at trace time, so this works inside jit
-    try:
-        return fn(*args)
-    finally:
-        C.set_conv_impl(previous)
-
-
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
 def test_conv2d_backward_matches_vjp_and_fd(case):
-    """All impls (traced in one jit): forward vs lax, backward vs jax.vjp, and each other."""
+    """The CPU default (Winograd where it applies, else im2col) by gradcheck (jax.vjp and finite
+    differences); then every impl in one jit: forward vs lax's convolution, backwards agree."""
     stride, padding = case[6], case[7]
     with jax.enable_x64(True):
         params, x, rng = _conv_inputs(case, jnp.float64)
-        f = lambda p, x: C.conv2d(p, x, stride=stride, padding=padding)[0]
-        pads = C._resolve_padding(
-            "t", padding, x.shape[1:3], params["w"].shape[:2], (stride, stride)
-        )
-        out_shape = jax.eval_shape(f, params, x).shape
+        report = gradcheck.check(C.conv2d, C.conv2d_backward, x, params, coords=4,
+                                 stride=stride, padding=padding, impl="winograd")
+        assert report.ok, report
+        pads = C._resolve_padding("t", padding, x.shape[1:3], params["w"].shape[:2], (stride, stride))
+        out_shape = jax.eval_shape(lambda p, x: C.conv2d(p, x, stride=stride, padding=padding)[0], params, x).shape
         dy = jnp.asarray(rng.normal(size=out_shape))
 
-        def check1(params, x, dy):
-            y, vjp = jax.vjp(f, params, x)
+        @jax.jit
+        def check(params, x, dy):
             ref = lax.conv_general_dilated(  # reference forward: lax's own convolution
-                x, params["w"], (stride, stride), pads,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                x, params["w"], (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
             ) + params["b"]
-            _, cache = C.conv2d(params, x, stride=stride, padding=padding)
-            mine = C.conv2d_backward(params, cache, dy, stride=stride, padding=padding)
-            return y, ref, vjp(dy), mine
+            results = {}
+            for impl in IMPLS:
+                y, cache = C.conv2d(params, x, stride=stride, padding=padding, impl=impl)
+                results[impl] = y, C.conv2d_backward(params, cache, dy, stride=stride, padding=padding, impl=impl)
+            return ref, results
 
-        check = jax.jit(lambda *a: {i: _with_impl(i, check1, *a) for i in IMPLS})
-        results = check(params, x, dy)
-        for impl, (y, ref, (dp_ref, dx_ref), (dp, dx)) in results.items():
-            assert y.shape == ref.shape
-            assert _rel(y, ref) < 1e-12, impl
+        ref, results = check(params, x, dy)
+        for impl, (y, (dp, dx)) in results.items():
+            assert y.shape == ref.shape and _rel(y, ref) < 1e-12, impl
             assert jax.tree.structure(dp) == jax.tree.structure(params)
             assert dx.shape == x.shape and dx.dtype == jnp.float64
-            for a, b in [(dp["w"], dp_ref["w"]), (dp["b"], dp_ref["b"]), (dx, dx_ref)]:
-                assert _rel(a, b) < 1e-6, impl
         for impl in ("winograd", "xla"):
-            for a, b in zip(jax.tree.leaves(results["gemm"][3]), jax.tree.leaves(results[impl][3])):
+            for a, b in zip(jax.tree.leaves(results["gemm"][1]), jax.tree.leaves(results[impl][1])):
                 assert _rel(a, b) < 1e-12, impl
-
-        dp, dx = results["winograd"][3]
-        with C_impl("winograd"):
-            loss = lambda w, b, x: jnp.sum(f({"w": w, "b": b}, x) * dy)
-            _fd_check(loss, (params["w"], params["b"], x), (dp["w"], dp["b"], dx), rng, 3)
-
-
-class C_impl:
-    """Context manager: set the conv implementation, restore the previous override."""
-
-    def __init__(self, impl):
-        self.impl = impl
-
-    def __enter__(self):
-        self.previous = C.set_conv_impl(self.impl)
-
-    def __exit__(self, *exc):
-        C.set_conv_impl(self.previous)
 
 
 @pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[4], CONV_CASES[7], CONV_CASES[10]], ids=str)
@@ -149,14 +93,13 @@ def test_impls_agree_float32(case):
     params, x, rng = _conv_inputs(case, jnp.float32, seed=1)
     out = {}
 
-    def run(params, x):
-        y, cache = C.conv2d(params, x, stride=stride, padding=padding)
+    def run(params, x, impl):
+        y, cache = C.conv2d(params, x, stride=stride, padding=padding, impl=impl)
         dy = jax.random.normal(jax.random.PRNGKey(2), y.shape)
-        return (y, *C.conv2d_backward(params, cache, dy, stride=stride, padding=padding))
+        return (y, *C.conv2d_backward(params, cache, dy, stride=stride, padding=padding, impl=impl))
 
     for impl in IMPLS:
-        C.set_conv_impl(impl)
-        out[impl] = jax.jit(lambda p, x: run(p, x))(params, x)  # fresh trace per impl
+        out[impl] = jax.jit(run, static_argnums=2)(params, x, impl)
     for impl in ("winograd", "gemm"):
         (yg, dpg, dxg), (yx, dpx, dxx) = out[impl], out["xla"]
         np.testing.assert_allclose(yg, yx, rtol=1e-5, atol=1e-5)
@@ -179,10 +122,11 @@ def test_winograd_used_where_it_applies(shape, cin, stride, padding, used):
     other case is im2col's one GEMM forward and two backward."""
     params = C.conv2d_init(jax.random.PRNGKey(0), cin, 4)
     x = jnp.ones((*shape, cin))
-    C.set_conv_impl("winograd")
-    fwd = lambda p, x: C.conv2d(p, x, stride=stride, padding=padding)[0]
-    y = jax.eval_shape(fwd, params, x)
-    bwd = lambda p, x: C.conv2d_backward(p, x, jnp.ones(y.shape), stride=stride, padding=padding)
+    y, cache = jax.eval_shape(lambda p, x: C.conv2d(p, x, stride=stride, padding=padding, impl="winograd"), params, x)
+    assert cache.method == ("winograd" if used else "gemm")
+    fwd = lambda p, x: C.conv2d(p, x, stride=stride, padding=padding, impl="winograd")[0]
+    bwd = lambda p, x: C.conv2d_backward(p, C.ConvCache(x, cache.method), jnp.ones(y.shape), stride=stride,
+                                         padding=padding, impl="winograd")
     dots = lambda fn: sum(str(e.primitive) == "dot_general" for e in jax.make_jaxpr(fn)(params, x).jaxpr.eqns)
     if used:
         assert dots(fwd) >= 16 and dots(bwd) >= 32
@@ -198,8 +142,11 @@ def test_conv2d_shapes_and_jit():
     assert shape(stride=2) == (2, 5, 6, 8)
     assert shape(padding="VALID") == (2, 7, 9, 8)
     assert shape(padding=((0, 0), (2, 2)), stride=(1, 2)) == (2, 7, 7, 8)
-    f = jax.jit(lambda p, x: C.conv2d_backward(p, x, C.conv2d(p, x)[0]))
-    dp, dx = f(params, x)
+    # The cache (x and the method, static) passes through jit: forward and backward jitted apart.
+    y, cache = jax.jit(C.conv2d)(params, x)
+    assert isinstance(cache, C.ConvCache) and cache.method == C._conv_method("t", "auto", (3, 3, 3, 8), x.shape,
+                                                                             (1, 1), ((1, 1), (1, 1)))
+    dp, dx = jax.jit(C.conv2d_backward)(params, cache, y)
     assert dp["w"].shape == (3, 3, 3, 8) and dp["b"].shape == (8,) and dx.shape == x.shape
 
 
@@ -238,49 +185,78 @@ def test_conv2d_init_bad_scheme():
 
 
 def _prims(fn, *args):
-    # a fresh wrapper each time: JAX caches traces per function object, which (like jit)
-    # would keep the implementation chosen when the function was first traced
-    return {str(e.primitive) for e in jax.make_jaxpr(lambda *a: fn(*a))(*args).jaxpr.eqns}
+    return {str(e.primitive) for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns}
 
 
-def test_impl_selection_set_and_env(monkeypatch):
+def test_impl_is_an_explicit_keyword(monkeypatch):
     params = C.conv2d_init(jax.random.PRNGKey(0), 3, 4)
     x = jnp.ones((1, 5, 5, 3))
-    fwd = lambda p, x: C.conv2d(p, x)[0]
-    bwd = lambda p, x: C.conv2d_backward(p, x, jnp.ones((1, 5, 5, 4)))
-
-    monkeypatch.delenv("JAXNETS_CONV_IMPL", raising=False)
-    C.set_conv_impl(None)
     expected = "winograd" if jax.default_backend() == "cpu" else "xla"
-    assert C.get_conv_impl() == expected
-
-    assert C.set_conv_impl("xla") is None
-    assert C.get_conv_impl() == "xla"
-    assert "conv_general_dilated" in _prims(fwd, params, x)
-    assert "conv_general_dilated" in _prims(bwd, params, x)
-    assert C.set_conv_impl("gemm") == "xla"
-    assert "conv_general_dilated" not in _prims(fwd, params, x)
-    assert "conv_general_dilated" not in _prims(bwd, params, x)
-    assert "dot_general" in _prims(fwd, params, x)
-
-    C.set_conv_impl(None)
+    assert C.resolve_impl("auto") == expected
+    assert [C.resolve_impl(i) for i in ("winograd", "gemm", "xla")] == ["winograd", "gemm", "xla"]
+    for impl, native in (("xla", True), ("gemm", False), ("winograd", False), ("auto", expected == "xla")):
+        fwd = lambda p, x: C.conv2d(p, x, impl=impl)
+        bwd = lambda p, x: C.conv2d_backward(p, C.conv2d(p, x, impl=impl)[1], jnp.ones((1, 5, 5, 4)), impl=impl)
+        assert ("conv_general_dilated" in _prims(fwd, params, x)) == native, impl
+        assert ("conv_general_dilated" in _prims(bwd, params, x)) == native, impl
+        assert ("dot_general" in _prims(fwd, params, x)) != native, impl
+    # No global setting is left: the old override and environment variable are gone.
+    assert not hasattr(C, "set_conv_impl") and not hasattr(C, "get_conv_impl")
     monkeypatch.setenv("JAXNETS_CONV_IMPL", "xla")
-    assert C.get_conv_impl() == "xla"
-    assert "conv_general_dilated" in _prims(fwd, params, x)
-    monkeypatch.setenv("JAXNETS_CONV_IMPL", "gemm")
-    assert C.get_conv_impl() == "gemm"
-    monkeypatch.setenv("JAXNETS_CONV_IMPL", "auto")
-    assert C.get_conv_impl() == expected
-    C.set_conv_impl("xla")  # the explicit override wins over the environment
-    monkeypatch.setenv("JAXNETS_CONV_IMPL", "gemm")
-    assert C.get_conv_impl() == "xla"
+    assert C.resolve_impl("auto") == expected
+    with pytest.raises(ValueError, match="conv2d: unknown conv implementation .impl. 'cudnn'"):
+        C.conv2d(params, x, impl="cudnn")
+    with pytest.raises(ValueError, match="max_pool: unknown conv implementation"):
+        C.max_pool(x, impl="fast")
+    with pytest.raises(ValueError, match="ConvNet: unknown conv_impl 'fast'"):
+        M.ConvNet(conv_impl="fast")
 
-    C.set_conv_impl(None)
-    monkeypatch.setenv("JAXNETS_CONV_IMPL", "cudnn")
-    with pytest.raises(ValueError, match="JAXNETS_CONV_IMPL"):
-        C.conv2d(params, x)
-    with pytest.raises(ValueError, match="set_conv_impl"):
-        C.set_conv_impl("fast")
+
+def test_convnet_conv_impl_reaches_every_conv_and_pool():
+    net = M.ConvNet(input_shape=(8, 8, 16), plan=(16, "M", 16), classes=3)
+    params, state = net.init(jax.random.PRNGKey(0))
+    x, y = jnp.ones((2, 8, 8, 16)), jnp.array([0, 1])
+    for impl, native in (("xla", True), ("gemm", False), ("winograd", False)):
+        model = dataclasses.replace(net, conv_impl=impl)
+        _, _, (caches, _) = model.forward(params, state, x, train=True)
+        assert [c["conv"].method for c in caches if "conv" in c] == [C._conv_method(
+            "t", impl, (3, 3, 16, 16), (2, s, s, 16), (1, 1), ((1, 1), (1, 1))) for s in (8, 4)]
+        assert caches[1]["pool"].form == ("output" if native else "first_max")
+        step = lambda p: M.manual_value_and_grad(model, p, state, x, y)
+        assert ("conv_general_dilated" in _prims(step, params)) == native, impl
+
+
+# The flip that once gave silently zero gradients (issue 18): the forward under the CPU
+# default, the backward asked for xla, and the reverse. Now each raises; matched impls work.
+FLIPS = [("winograd", "xla"), ("xla", "winograd"), ("gemm", "xla"), ("xla", "auto" if jax.default_backend() == "cpu"
+                                                                     else "gemm")]
+
+
+@pytest.mark.parametrize("forward_impl, backward_impl", FLIPS)
+def test_max_pool_backward_refuses_another_impls_cache(forward_impl, backward_impl):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 4, 1)), jnp.float32)
+    y, cache = jax.jit(lambda x: C.max_pool(x, impl=forward_impl))(x)  # the cache crosses a jit boundary
+    with pytest.raises(ValueError, match=rf"max_pool_backward: the cache holds .* impl='{backward_impl}'"):
+        C.max_pool_backward(cache, jnp.ones_like(y), impl=backward_impl)
+    with pytest.raises(ValueError, match="max_pool_backward: the cache"):
+        jax.jit(lambda c, dy: C.max_pool_backward(c, dy, impl=backward_impl))(cache, jnp.ones_like(y))
+    dx = C.max_pool_backward(cache, jnp.ones_like(y), impl=forward_impl)
+    assert float(dx.sum()) == 8.0  # one unit of gradient per output
+    np.testing.assert_array_equal(dx, jax.grad(lambda x: C.max_pool(x, impl=forward_impl)[0].sum())(x))
+
+
+@pytest.mark.parametrize("forward_impl, backward_impl", FLIPS)
+def test_conv2d_backward_refuses_another_impls_cache(forward_impl, backward_impl):
+    params = C.conv2d_init(jax.random.PRNGKey(0), 16, 4, bias=False)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 4, 16)), jnp.float32)
+    y, cache = jax.jit(lambda p, x: C.conv2d(p, x, impl=forward_impl))(params, x)
+    with pytest.raises(ValueError, match=rf"conv2d_backward: impl='{backward_impl}' computes .* by '.*', but the "
+                                         rf"forward ran '{C.resolve_impl(forward_impl)}'"):
+        C.conv2d_backward(params, cache, y, impl=backward_impl)
+    with pytest.raises(ValueError, match="cache must be the ConvCache that conv2d returned, got ArrayImpl"):
+        C.conv2d_backward(params, x, y, impl=forward_impl)
+    with pytest.raises(ValueError, match="cache must be the MaxPoolCache that max_pool returned"):
+        C.max_pool_backward(x, x[:, ::2, ::2])
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -293,7 +269,7 @@ POOL_CASES = [
     (1, 5, 7, 3, 2, 2, 0),
     (3, 5, 7, 2, 3, 1, "SAME"),
     (3, 7, 5, 2, 3, 2, ((1, 0), (2, 1))),
-    (2, 6, 8, 3, 3, 2, 1),  # phased (C._pool_phased): window positions cached
+    (2, 6, 8, 3, 3, 2, 1),  # phased under the CPU impls: window positions cached
     (1, 2, 4, 2, 3, 2, 1),
 ]
 
@@ -317,6 +293,8 @@ def test_pool_backward_matches_vjp_and_fd(case, kind, ties):
             x = jnp.asarray(rng.integers(-1, 2, size=(b, h, w, c)), jnp.float64)
         else:
             x = jnp.asarray(rng.normal(size=(b, h, w, c)), jnp.float64)
+            report = gradcheck.check(fwd, bwd, x, coords=4, window=k, stride=s, padding=p)
+            assert report.ok, report
         f = lambda x: fwd(x, window=k, stride=s, padding=p)[0]
         pads = C._resolve_padding("t", p, (h, w), (k, k), (s, s))
         dy = jnp.asarray(rng.normal(size=jax.eval_shape(f, x).shape))
@@ -340,51 +318,100 @@ def test_pool_backward_matches_vjp_and_fd(case, kind, ties):
         assert _rel(dx, dx_ref) < 1e-6
         if kind == "max":  # every output's gradient lands on exactly one input position
             assert float(ones.sum()) == y.size
-        if not ties:
-            _fd_check(lambda x: jnp.sum(f(x) * dy), (x,), (dx,), rng, n_coords=4)
 
 
-def test_max_pool_tie_goes_to_first_position():
+def _max_pool_definition(x, dy, k, s, pads):
+    """NumPy, window by window: ``y`` = the max of each window of the -inf-padded ``x``
+    (``np.max``: NaN if the window holds one), and ``dx`` with each output's ``dy`` added at the
+    first position of its window (row-major) that equals ``y`` or is NaN."""
+    b, h, w, c = x.shape
+    xp = np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)), constant_values=-np.inf)
+    ho, wo = (xp.shape[1] - k) // s + 1, (xp.shape[2] - k) // s + 1
+    y, dxp = np.zeros((b, ho, wo, c), x.dtype), np.zeros(xp.shape, x.dtype)
+    bi, ci = np.meshgrid(np.arange(b), np.arange(c), indexing="ij")
+    for p in range(ho):
+        for q in range(wo):
+            window = xp[:, p * s : p * s + k, q * s : q * s + k, :].reshape(b, k * k, c)
+            y[:, p, q] = np.max(window, axis=1)
+            first = np.argmax((window == y[:, None, p, q]) | np.isnan(window), axis=1)  # (b, c)
+            np.add.at(dxp, (bi, p * s + first // k, q * s + first % k, ci), dy[:, p, q])
+    return y, dxp[:, pads[0][0] : pads[0][0] + h, pads[1][0] : pads[1][0] + w]
+
+
+@pytest.mark.parametrize("impl", ["winograd", "xla"])
+@pytest.mark.parametrize("shape, k, s, p", [((2, 6, 8, 3), 3, 2, 1), ((2, 5, 7, 2), 3, 2, 1),
+                                            ((2, 6, 8, 2), 2, 2, 0), ((1, 5, 7, 2), 3, 1, "SAME")], ids=str)
+def test_max_pool_against_definition_with_nan_and_ties(shape, k, s, p, impl):
+    """NaN propagates (as np.max, PyTorch and lax.reduce_window); a NaN window's gradient
+    goes to its first NaN, a tied window's to its first maximum: max_pool_backward and
+    jax.grad of max_pool alike, exactly (integer values, so the sums are exact)."""
+    rng = np.random.default_rng(7)
+    x = rng.integers(-2, 3, size=shape).astype(np.float32)  # ties everywhere
+    flat = x.reshape(-1)
+    flat[rng.choice(flat.size, size=max(2, flat.size // 12), replace=False)] = np.nan
+    flat[:2] = np.nan  # two NaNs in one window
+    pads = C._resolve_padding("t", p, shape[1:3], (k, k), (s, s))
+    ho, wo = [(n + lo + hi - k) // s + 1 for n, (lo, hi) in zip(shape[1:3], pads)]
+    dy = rng.integers(1, 5, size=(shape[0], ho, wo, shape[3])).astype(np.float32)
+    y_ref, dx_ref = _max_pool_definition(x, dy, k, s, pads)
+    assert np.isnan(y_ref).any() and not np.isnan(y_ref).all()
+
+    @jax.jit
+    def run(x, dy):
+        y, cache = C.max_pool(x, window=k, stride=s, padding=p, impl=impl)
+        dx = C.max_pool_backward(cache, dy, window=k, stride=s, padding=p, impl=impl)
+        grad = jax.grad(lambda x: jnp.sum(C.max_pool(x, window=k, stride=s, padding=p, impl=impl)[0] * dy))(x)
+        return y, dx, grad
+
+    y, dx, grad = run(x, dy)
+    np.testing.assert_array_equal(y, y_ref)  # NaN where the definition has NaN
+    np.testing.assert_array_equal(dx, dx_ref)
+    np.testing.assert_array_equal(grad, dx_ref)
+
+
+@pytest.mark.parametrize("impl", ["winograd", "xla"])
+def test_max_pool_tie_goes_to_first_position(impl):
     x = jnp.zeros((1, 2, 2, 1))
-    y, cache = C.max_pool(x, window=2, stride=2, padding=0)
-    dx = C.max_pool_backward(cache, jnp.ones_like(y), window=2, stride=2, padding=0)
+    y, cache = C.max_pool(x, window=2, stride=2, padding=0, impl=impl)
+    dx = C.max_pool_backward(cache, jnp.ones_like(y), window=2, stride=2, padding=0, impl=impl)
     np.testing.assert_array_equal(dx[0, :, :, 0], [[1, 0], [0, 0]])
-    g = jax.grad(lambda x: C.max_pool(x, window=2, stride=2, padding=0)[0].sum())(x)
+    g = jax.grad(lambda x: C.max_pool(x, window=2, stride=2, padding=0, impl=impl)[0].sum())(x)
     np.testing.assert_array_equal(g, dx)
-    # The phased 3x3/2 pool: the window's first real position is x[0, 0] (the rest of its
-    # first row and column is padding).
-    assert C._pool_phased(x.shape, (3, 3), (2, 2), ((1, 1), (1, 1)))
-    y, cache = C.max_pool(x)
-    np.testing.assert_array_equal(C.max_pool_backward(cache, jnp.ones_like(y))[0, :, :, 0], [[1, 0], [0, 0]])
-    np.testing.assert_array_equal(jax.grad(lambda x: C.max_pool(x)[0].sum())(x)[0, :, :, 0], [[1, 0], [0, 0]])
+    # The 3x3/2 pool (phased under "winograd"): the window's first real position is x[0, 0]
+    # (the rest of its first row and column is padding).
+    y, cache = C.max_pool(x, impl=impl)
+    assert cache.form == ("first_max" if impl == "winograd" else "output")
+    np.testing.assert_array_equal(C.max_pool_backward(cache, jnp.ones_like(y), impl=impl)[0, :, :, 0],
+                                  [[1, 0], [0, 0]])
+    np.testing.assert_array_equal(jax.grad(lambda x: C.max_pool(x, impl=impl)[0].sum())(x)[0, :, :, 0],
+                                  [[1, 0], [0, 0]])
 
 
 def test_phased_max_pool_only_for_its_geometry():
-    assert C._pool_phased((2, 32, 32, 3), (3, 3), (2, 2), ((1, 1), (1, 1)))
-    assert not C._pool_phased((2, 31, 32, 3), (3, 3), (2, 2), ((1, 1), (1, 1)))
-    assert not C._pool_phased((2, 32, 32, 3), (2, 2), (2, 2), ((0, 0), (0, 0)))
-    assert not C._pool_phased((2, 32, 32, 3), (3, 3), (1, 1), ((1, 1), (1, 1)))
-    previous = C.set_conv_impl("xla")  # GPU/TPU's choice: the strided pool
-    try:
-        assert not C._pool_phased((2, 32, 32, 3), (3, 3), (2, 2), ((1, 1), (1, 1)))
-    finally:
-        C.set_conv_impl(previous)
+    form = lambda shape, k, s, pads, impl="gemm": C._pool_form("t", impl, shape, k, s, pads)
+    assert form((2, 32, 32, 3), (3, 3), (2, 2), ((1, 1), (1, 1))) == "first_max"
+    assert form((2, 31, 32, 3), (3, 3), (2, 2), ((1, 1), (1, 1))) == "output"
+    assert form((2, 32, 32, 3), (2, 2), (2, 2), ((0, 0), (0, 0))) == "output"
+    assert form((2, 32, 32, 3), (3, 3), (1, 1), ((1, 1), (1, 1))) == "output"
+    # GPU/TPU's choice: the strided pool
+    assert form((2, 32, 32, 3), (3, 3), (2, 2), ((1, 1), (1, 1)), "xla") == "output"
 
 
-def test_phased_max_pool_equals_strided(monkeypatch):
-    # Ties and NaNs included: the same outputs and the same routing, bit for bit.
+def test_phased_max_pool_equals_strided():
+    # Ties and NaNs included: the same outputs and the same routing, bit for bit (integer
+    # dy: where windows overlap, the two sum a position's shares in different orders).
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.integers(-2, 3, size=(3, 8, 6, 4)), jnp.float32).at[0, 1, 1, 0].set(jnp.nan)
     x = x.at[1, 3, 2, 1].set(jnp.nan).at[2, 0, 0, 2].set(-jnp.inf)
-    dy = jnp.asarray(rng.normal(size=(3, 4, 3, 4)), jnp.float32)
+    dy = jnp.asarray(rng.integers(-3, 4, size=(3, 4, 3, 4)), jnp.float32)
 
-    def run(x, dy):
-        y, cache = C.max_pool(x)
-        return y, C.max_pool_backward(cache, dy), jax.grad(lambda x: jnp.sum(C.max_pool(x)[0] * dy))(x)
+    def run(x, dy, impl):
+        y, cache = C.max_pool(x, impl=impl)
+        return (y, C.max_pool_backward(cache, dy, impl=impl),
+                jax.grad(lambda x: jnp.sum(C.max_pool(x, impl=impl)[0] * dy))(x))
 
-    phased = jax.jit(run)(x, dy)
-    monkeypatch.setattr(C, "_pool_phased", lambda *args: False)
-    strided = jax.jit(run)(x, dy)
+    phased = jax.jit(run, static_argnums=2)(x, dy, "gemm")
+    strided = jax.jit(run, static_argnums=2)(x, dy, "xla")
     for a, b in zip(phased, strided):
         np.testing.assert_array_equal(a, b)
 
@@ -419,31 +446,32 @@ def test_flatten():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_conv_bad_inputs(impl):
-    C.set_conv_impl(impl)
     p = C.conv2d_init(jax.random.PRNGKey(0), 3, 4)
     x = jnp.ones((2, 5, 5, 3))
+    conv = lambda p, x, **kw: C.conv2d(p, x, impl=impl, **kw)
     with pytest.raises(ValueError, match=r"conv2d: input must be 4-D, got shape \(5, 5, 3\)"):
-        C.conv2d(p, x[0])
+        conv(p, x[0])
     with pytest.raises(ValueError, match=r"conv2d: input has 2 channels.*expects 3"):
-        C.conv2d(p, x[..., :2])
+        conv(p, x[..., :2])
     with pytest.raises(ValueError, match="conv2d: kernel .* bigger than the padded input"):
-        C.conv2d(p, jnp.ones((2, 2, 5, 3)), padding="VALID")
+        conv(p, jnp.ones((2, 2, 5, 3)), padding="VALID")
     with pytest.raises(ValueError, match="conv2d: unknown padding"):
-        C.conv2d(p, x, padding="FULL")
+        conv(p, x, padding="FULL")
     with pytest.raises(ValueError, match="conv2d: padding must be"):
-        C.conv2d(p, x, padding=((1, 1),))
+        conv(p, x, padding=((1, 1),))
     with pytest.raises(ValueError, match="conv2d: padding must be non-negative"):
-        C.conv2d(p, x, padding=-1)
+        conv(p, x, padding=-1)
     with pytest.raises(ValueError, match="conv2d: stride must be >= 1"):
-        C.conv2d(p, x, stride=0)
+        conv(p, x, stride=0)
     with pytest.raises(ValueError, match="conv2d: bias b has 3 entries"):
-        C.conv2d({"w": p["w"], "b": jnp.zeros(3)}, x)
+        conv({"w": p["w"], "b": jnp.zeros(3)}, x)
     with pytest.raises(ValueError, match="conv2d: kernel w must be 4-D"):
-        C.conv2d({"w": p["w"][0], "b": p["b"]}, x)
+        conv({"w": p["w"][0], "b": p["b"]}, x)
+    _, cache = conv(p, x)
     with pytest.raises(ValueError, match=r"conv2d_backward: dy has shape \(2, 4, 4, 4\)"):
-        C.conv2d_backward(p, x, jnp.ones((2, 4, 4, 4)))
+        C.conv2d_backward(p, cache, jnp.ones((2, 4, 4, 4)), impl=impl)
     with pytest.raises(ValueError, match="conv2d_backward: input must be 4-D"):
-        C.conv2d_backward(p, x[0], jnp.ones((2, 5, 5, 4)))
+        C.conv2d_backward(p, C.ConvCache(x[0], cache.method), jnp.ones((2, 5, 5, 4)), impl=impl)
 
 
 @pytest.mark.parametrize("kind", ["max", "avg"])

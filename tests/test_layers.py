@@ -1,11 +1,12 @@
-"""Hand-written backward passes of the dense layers vs jax.vjp and finite differences."""
+"""Hand-written backward passes of the dense layers vs jax.vjp and finite differences
+(jaxnets.gradcheck), batch norm's statistics, dropout's masks, the initialisers."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradcheck import finite_difference_error, vjp_error
+from jaxnets import _init_fast, gradcheck
 from jaxnets import layers as L
 
 F64 = jnp.float64
@@ -23,8 +24,8 @@ def x64():
 
 
 def check(forward, manual, primals, seed=0):
-    assert vjp_error(forward, manual, primals, seed) < 1e-6
-    assert finite_difference_error(forward, manual, primals, seed=seed) < 1e-5
+    report = gradcheck.check_grad(forward, manual, primals, seed=seed)
+    assert report.ok, report
 
 
 BATCHES = [1, 3, 8]
@@ -35,11 +36,9 @@ BATCHES = [1, 3, 8]
 def test_linear(batch, fan_in, fan_out):
     params = L.linear_init(jax.random.PRNGKey(1), fan_in, fan_out, scheme="pytorch", dtype=F64)
     x = normal(2, (batch, fan_in))
-    check(
-        lambda p, x: L.linear(p, x)[0],
-        lambda p, x, dy: L.linear_backward(p, L.linear(p, x)[1], dy),
-        (params, x),
-    )
+    report = gradcheck.check(L.linear, L.linear_backward, x, params)
+    assert report.ok, report
+    assert [row.name for row in report.rows] == ["params['b']", "params['w']", "x"]
 
 
 ACTIVATION_KWARGS = {"leaky_relu": {"negative_slope": 0.2}, "elu": {"alpha": 0.7}}
@@ -48,15 +47,9 @@ ACTIVATION_KWARGS = {"leaky_relu": {"negative_slope": 0.2}, "elu": {"alpha": 0.7
 @pytest.mark.parametrize("name", sorted(L.ACTIVATIONS) + ["softmax", "log_softmax"])
 @pytest.mark.parametrize("shape", [(1, 5), (7, 3), (2, 3, 5, 4)])
 def test_activation(name, shape):
-    forward = getattr(L, name)
-    backward = getattr(L, name + "_backward")
-    kwargs = ACTIVATION_KWARGS.get(name, {})
     x = normal(3, shape, 2.0)
-    check(
-        lambda x: forward(x, **kwargs)[0],
-        lambda x, dy: (backward(forward(x, **kwargs)[1], dy, **kwargs),),
-        (x,),
-    )
+    report = gradcheck.check(getattr(L, name), getattr(L, name + "_backward"), x, **ACTIVATION_KWARGS.get(name, {}))
+    assert report.ok, report
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -146,13 +139,28 @@ def test_batch_norm_backward(train, shape):
     state = {"mean": normal(15, state["mean"].shape), "var": jnp.exp(normal(16, state["var"].shape))}
     x = normal(17, shape, 2.0) + 0.5
 
-    def forward(p, x):
-        return L.batch_norm(p, state, x, train=train)[0]
+    report = gradcheck.check(lambda p, x: L.batch_norm(p, state, x, train=train)[:2],
+                             lambda p, cache, dy: L.batch_norm_backward(p, cache, dy, train=train), x, params)
+    assert report.ok, report
 
-    def manual(p, x, dy):
-        return L.batch_norm_backward(p, L.batch_norm(p, state, x, train=train)[1], dy, train=train)
 
-    check(forward, manual, (params, x))
+@pytest.mark.parametrize("shape", [(1, 4), (1, 1, 1, 3)])
+def test_batch_norm_training_refuses_one_value_per_channel(shape):
+    # The batch statistics of one value are that value: xhat = 0 and y = beta for any x
+    # (and the running variance would shrink). PyTorch raises; so do we, naming the shape.
+    params, state = L.batch_norm_init(shape[-1], F64)
+    x = normal(23, shape)
+    with pytest.raises(ValueError, match=r"batch_norm: expected more than 1 value per channel when training, "
+                                         rf"got input shape \({shape[0]}, "):
+        L.batch_norm(params, state, x, train=True)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        jax.jit(lambda x: L.batch_norm(params, state, x, train=True))(x)
+    y, _, _ = L.batch_norm(params, state, x, train=False)  # evaluation uses the running statistics
+    np.testing.assert_allclose(y, np.asarray(x) / np.sqrt(1 + 1e-5), rtol=1e-12)
+    # One example with several positions per channel (B*H*W = 2) is a batch of statistics.
+    x = np.asarray(normal(24, (1, 2, 1, shape[-1])))
+    y, _, _ = L.batch_norm(params, state, jnp.asarray(x), train=True)
+    np.testing.assert_allclose(y, (x - x.mean((0, 1, 2))) / np.sqrt(x.var((0, 1, 2)) + 1e-5), rtol=1e-12)
 
 
 def test_batch_norm_statistics_and_running_update():
@@ -183,11 +191,8 @@ def test_batch_norm_conv_statistics_per_channel():
 def test_layer_norm(shape):
     params = {"gamma": normal(20, shape[-1:]) + 1.0, "beta": normal(21, shape[-1:])}
     x = normal(22, shape, 2.0) - 1.0
-    check(
-        lambda p, x: L.layer_norm(p, x)[0],
-        lambda p, x, dy: L.layer_norm_backward(p, L.layer_norm(p, x)[1], dy),
-        (params, x),
-    )
+    report = gradcheck.check(L.layer_norm, L.layer_norm_backward, x, params)
+    assert report.ok, report
     y, _ = L.layer_norm(L.layer_norm_init(shape[-1], F64), x)
     assert np.max(np.abs(np.asarray(y.mean(-1)))) < 1e-5
     if shape[-1] > 2:
@@ -250,17 +255,21 @@ def per_layer_init(keys, dtype):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, F64])
 @pytest.mark.parametrize("partitionable", [True, False])
-def test_init_layers_equals_per_layer_jitted_draws(dtype, partitionable):
+def test_layers_drawn_together_equal_per_layer_jitted_draws(dtype, partitionable):
     # Batched into one draw (partitionable threefry) or not, each layer gets the numbers of
-    # its own jitted draw (what the trainer's jitted init gave before batching), bit for bit,
-    # and eager init_layers gives the same.
+    # its own jitted draw, std * normal(key, shape) (what the trainer's jitted init gave
+    # before batching), bit for bit; eager and a single layer's init_weights give the same.
     keys = jax.random.split(jax.random.key(4), len(INIT_SPECS))
+    single = lambda keys: [L.init_weights(k, *spec[:2], scheme=spec[2], bias=spec[3], dtype=dtype)
+                           for k, spec in zip(keys, INIT_SPECS)]
+    together = _init_fast.drawn_together(single)
     with jax.threefry_partitionable(partitionable):
         expected = jax.jit(per_layer_init, static_argnums=1)(keys, dtype)
-        batched = jax.jit(lambda k: L.init_layers(k, INIT_SPECS, dtype=dtype))(keys)
-        eager = L.init_layers(keys, INIT_SPECS, dtype=dtype)
-        single = [L.init_weights(k, *spec[:2], scheme=spec[2], bias=spec[3], dtype=dtype)
-                  for k, spec in zip(keys, INIT_SPECS)]
+        batched = jax.jit(together)(keys)
+        eager = together(keys)
+        single = single(keys)
+        if partitionable:  # one draw (per distribution) for all the layers
+            assert str(jax.make_jaxpr(together)(keys)).count("random_bits[") == 2
     assert jax.tree_util.tree_structure(batched) == jax.tree_util.tree_structure(expected)
     for got in (batched, eager, single):
         for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):

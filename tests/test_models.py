@@ -1,12 +1,20 @@
-"""Whole-model manual backprop vs jax.grad, shapes, vmap, and bad input."""
+"""Whole-model manual backprop vs jax.grad and finite differences (jaxnets.gradcheck), shapes,
+one-draw init, vmap, and bad input."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradcheck import assert_same_structure, rel_error
+from jaxnets import gradcheck
 from jaxnets import models as M
+from jaxnets.gradcheck import rel_error
+
+
+def assert_same_structure(a, b):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        assert x.shape == y.shape, (x.shape, y.shape)
 
 
 def data(seed, shape, classes, dtype):
@@ -69,6 +77,20 @@ def test_convnet_manual_matches_autodiff_float64(preact):
     model = M.ConvNet(input_shape=(7, 5, 3), plan=SMALL_VGG, classes=3, preact=preact)
     with jax.enable_x64(True):
         assert compare_paths(model, 3, jnp.float64, l2=0.01) < 1e-6
+
+
+@pytest.mark.parametrize("conv_impl", ["winograd", "xla"])
+def test_convnet_gradcheck(conv_impl):
+    # The whole hand-written gradient vs jax.vjp and finite differences, every parameter
+    # leaf, with Winograd convolutions (16 channels at 4x4) and the phased pool where the
+    # CPU impl takes them, XLA's elsewhere.
+    model = M.ConvNet(input_shape=(8, 8, 3), plan=(16, "M", 16), classes=3, preact=True, conv_impl=conv_impl)
+    params, state = model.init(jax.random.PRNGKey(0))
+    x, y = data(3, (2, 8, 8, 3), 3, jnp.float32)
+    report = gradcheck.check_model(model, params, state, x, y, coords=4, l2=0.01)
+    assert report.ok, report
+    assert len(report.rows) == len(jax.tree_util.tree_leaves(params))
+    assert {row.name for row in report.rows} >= {"params['blocks'][1]['conv']['w']", "params['head']['b']"}
 
 
 @pytest.mark.parametrize("preact", [False, True])

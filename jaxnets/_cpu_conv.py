@@ -1,0 +1,218 @@
+"""CPU kernels behind :mod:`jaxnets.conv`: Winograd F(2x2, 3x3) and the phased max pool.
+
+Nothing here is part of the course material: these are faster ways, on XLA:CPU, to compute
+what the plain formulas in :mod:`jaxnets.conv` define. :func:`jaxnets.conv._conv_method`
+and :func:`jaxnets.conv._pool_form` (the one place that chooses) send a layer here only
+for the CPU implementations (``impl="winograd"``/``"gemm"``, or ``"auto"`` on a CPU
+backend) and only for the geometries in :func:`winograd_applies` / :func:`phased_pool_applies`.
+
+Both kernels see a pad-1 image of even height and width as the array
+(B, H/2+1, 2, W/2+1, 2, C) (:func:`phase_view`): padded row 2t+r is [t, r], so the
+overlapping windows of a 3x3 kernel or pool with 2x2 output tiles / stride 2 are
+unit-stride slices (:func:`tile_halves`) instead of strided ones.
+
+* Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, 2015): each 2x2 output tile from
+  a 4x4 input tile with 16 products instead of 36, so the three GEMMs of a training step do
+  2.25x fewer FLOPs; the tile transforms are additions. Measured on a 2-core CPU at batch
+  128 it halves the time of forward and backward from 16x16x64 to 4x4x512; with 3 input
+  channels or a 2x2 image (one tile) it is slower than im2col, hence the limits. Rounding
+  differs from the direct sum by a few float32 ulps of the output's scale.
+* The phased 3x3/2/1 max pool: the 9 windows as unit-stride slices of the phased view, and
+  the first maximal position of each output stored by the forward (:func:`stored`) for the
+  backward. Same numbers as the strided pool, bit for bit; in the course ConvNet's manual
+  step 8-15% faster (same-process A/B).
+"""
+
+import jax.numpy as jnp
+from jax import lax
+
+# ------------------------------------------------------------------------ phased view
+
+
+def phase_view(x, value):
+    """``x`` (B, H, W, C), even H and W, padded by 1 with ``value`` and seen as
+    (B, H/2+1, 2, W/2+1, 2, C): padded row 2t+r is [t, r]."""
+    b, h, w, c = x.shape
+    cfg = ((0, 0, 0), (1, 1, 0), (1, 1, 0), (0, 0, 0))
+    return lax.pad(x, jnp.asarray(value, x.dtype), cfg).reshape(b, h // 2 + 1, 2, w // 2 + 1, 2, c)
+
+
+def unphase_view(z, x_shape):
+    """Adjoint of :func:`phase_view`: the (B, H/2+1, 2, W/2+1, 2, C) array as the padded
+    image, its border cropped."""
+    b, h, w, c = x_shape
+    return z.reshape(b, h + 2, w + 2, c)[:, 1 : 1 + h, 1 : 1 + w, :]
+
+
+def tile_halves(z, axis):
+    """The four tile rows along ``axis`` of a (.., n+1, 2, ..) phased array: [t,0], [t,1], [t+1,0], [t+1,1]."""
+    n = z.shape[axis] - 1
+    take = lambda lo, phase: lax.index_in_dim(lax.slice_in_dim(z, lo, lo + n, axis=axis), phase, axis + 1, False)
+    return take(0, 0), take(0, 1), take(1, 0), take(1, 1)
+
+
+def untile_halves(d0, d1, d2, d3, axis):
+    """Adjoint of :func:`tile_halves`: overlap-add the four tile rows back to (.., n+1, 2, ..).
+    ``d3=None`` stands for zeros (a max pool's windows use only the first three)."""
+    cfg = lambda lo, hi: [(0, 0, 0)] * axis + [(lo, hi, 0)] + [(0, 0, 0)] * (d0.ndim - axis - 1)
+    zero = jnp.zeros((), d0.dtype)
+    phase0 = lax.pad(d0, zero, cfg(0, 1)) + lax.pad(d2, zero, cfg(1, 0))
+    phase1 = lax.pad(d1, zero, cfg(0, 1))
+    if d3 is not None:
+        phase1 = phase1 + lax.pad(d3, zero, cfg(1, 0))
+    return jnp.stack([phase0, phase1], axis + 1)
+
+
+# --------------------------------------------------------------------------- winograd
+# F(2x2, 3x3): for a 4x4 input tile d and a 3x3 kernel g, the 2x2 output tile is
+# Y = A^T [(G g G^T) * (B^T d B)] A with the matrices below (points 0, 1, -1, inf). Tile t
+# of a pad-1 image covers padded rows 2t..2t+3, i.e. the phased rows [t, 0], [t, 1],
+# [t+1, 0], [t+1, 1], so the transforms are fused elementwise ops on unit-stride slices.
+
+WINOGRAD_MIN_CHANNELS = 16
+_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def winograd_applies(w_shape, x_shape, s_hw, pads):
+    """3x3, stride 1, pad 1, even H and W >= 4, at least :data:`WINOGRAD_MIN_CHANNELS` inputs."""
+    h, w = x_shape[1:3]
+    return (tuple(w_shape[:2]) == (3, 3) and s_hw == (1, 1) and pads == ((1, 1), (1, 1))
+            and h % 2 == 0 and w % 2 == 0 and min(h, w) >= 4 and w_shape[2] >= WINOGRAD_MIN_CHANNELS)
+
+
+def _bt(d0, d1, d2, d3):
+    """``B^T d`` along one tile axis: the rows of ``B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]``."""
+    return [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+
+
+def _b(e0, e1, e2, e3):
+    """``B e``, the adjoint of :func:`_bt`."""
+    return [e0, e1 - e2 + e3, e1 + e2 - e0, -e3]
+
+
+def _at(m0, m1, m2, m3):
+    """``A^T m`` along one tile axis: ``A^T = [[1,1,1,0],[0,1,-1,-1]]``."""
+    return [m0 + m1 + m2, m1 - m2 - m3]
+
+
+def _a(e0, e1):
+    """``A e``, the adjoint of :func:`_at`."""
+    return [e0, e0 + e1, e0 - e1, -e1]
+
+
+def _winograd_input(x):
+    """``V = B^T d B`` of every tile: 16 matrices (B*H/2*W/2, C), entry (a, b) at 4a+b."""
+    rows = _bt(*tile_halves(phase_view(x, 0), 1))  # each (b, h/2, w/2+1, 2, c)
+    return [v.reshape(-1, x.shape[3]) for r in rows for v in _bt(*tile_halves(r, 2))]
+
+
+def _winograd_input_backward(dv, x_shape):
+    """Adjoint of :func:`_winograd_input`: ``dd = B dV B^T`` per tile, overlap-added, cropped."""
+    b, h, w, c = x_shape
+    dv = [v.reshape(b, h // 2, w // 2, c) for v in dv]
+    drows = [untile_halves(*_b(*dv[4 * a : 4 * a + 4]), axis=2) for a in range(4)]
+    return unphase_view(untile_halves(*_b(*drows), axis=1), x_shape)
+
+
+def _winograd_filter(w):
+    """``U = G g G^T`` of a (3, 3, cin, cout) kernel: 16 matrices (cin, cout), entry (a, b) at 4a+b."""
+    g = jnp.asarray(_G, w.dtype)
+    u = jnp.einsum("ai,ijco,bj->abco", g, w, g)
+    return [u[a, b] for a in range(4) for b in range(4)]
+
+
+def _winograd_filter_backward(du):
+    """Adjoint of :func:`_winograd_filter`: ``dg = G^T dU G``."""
+    g = jnp.asarray(_G, du[0].dtype)
+    du = jnp.stack(du).reshape(4, 4, *du[0].shape)
+    return jnp.einsum("ai,abco,bj->ijco", g, du, g)
+
+
+def _winograd_output(m, x_shape):
+    """``Y = A^T M A`` of every tile, the 2x2 tiles interleaved back to (B, H, W, cout)."""
+    b, h, w, _ = x_shape
+    m = [e.reshape(b, h // 2, w // 2, -1) for e in m]
+    cols = [_at(*m[4 * a : 4 * a + 4]) for a in range(4)]  # cols[a][q]
+    y = [_at(*(cols[a][q] for a in range(4))) for q in range(2)]  # y[q][p]
+    return jnp.stack([jnp.stack([y[0][p], y[1][p]], 3) for p in range(2)], 2).reshape(b, h, w, -1)
+
+
+def _winograd_output_backward(dy):
+    """Adjoint of :func:`_winograd_output`: ``dM = A dY A^T`` per tile, 16 matrices (tiles, cout)."""
+    b, h, w, cout = dy.shape
+    dy = dy.reshape(b, h // 2, 2, w // 2, 2, cout)
+    t = [_a(dy[:, :, p, :, 0], dy[:, :, p, :, 1]) for p in range(2)]  # t[p][b]
+    dm = [_a(t[0][e], t[1][e]) for e in range(4)]  # dm[b][a]
+    return [dm[e][a].reshape(-1, cout) for a in range(4) for e in range(4)]
+
+
+def winograd_conv(x, w):
+    """The pad-1, stride-1 3x3 convolution of ``x`` with ``w`` (no bias), by F(2x2, 3x3)."""
+    # 16 separate GEMMs rather than one batched dot_general: XLA:CPU runs them faster and
+    # no stacked (16, tiles, C) copy is made.
+    v, u = _winograd_input(x), _winograd_filter(w)
+    return _winograd_output([jnp.dot(vi, ui) for vi, ui in zip(v, u)], x.shape)
+
+
+def winograd_conv_backward(x, w, dy):
+    """``(dw, dx)`` of :func:`winograd_conv`, the adjoint of each linear stage: ``dM = A dy A^T``;
+    ``dU = V^T dM`` and ``dW = G^T dU G``; ``dV = dM U^T`` and ``dx`` = the tiles
+    ``B dV B^T`` overlap-added back into the padded image, cropped."""
+    v, u = _winograd_input(x), _winograd_filter(w)
+    dm = _winograd_output_backward(dy)
+    dw = _winograd_filter_backward([jnp.dot(vi.T, dmi) for vi, dmi in zip(v, dm)])
+    dx = _winograd_input_backward([jnp.dot(dmi, ui.T) for dmi, ui in zip(dm, u)], x.shape)
+    return dw, dx
+
+
+# ------------------------------------------------------------------ phased max pool
+
+
+def phased_pool_applies(x_shape, k_hw, s_hw, pads):
+    """The 3x3, stride-2, pad-1 pool of an image of even height and width.
+
+    The strided backward recomputes the max and the select chains inside XLA:CPU's fusion
+    for each of the 9 (interior-padded) window terms; the phased one routes by the stored
+    positions instead.
+    """
+    h, w = x_shape[1:3]
+    return k_hw == (3, 3) and s_hw == (2, 2) and pads == ((1, 1), (1, 1)) and h % 2 == 0 and w % 2 == 0
+
+
+def phased_windows(x):
+    """The 9 windows of the -inf-padded (B, H, W, C) image, row-major, each (B, H/2, W/2, C):
+    window rows of output p are padded rows 2p, 2p+1, 2p+2, i.e. the first three of
+    :func:`tile_halves` of :func:`phase_view`."""
+    return [col for row in tile_halves(phase_view(x, -jnp.inf), 1)[:3] for col in tile_halves(row, 2)[:3]]
+
+
+def first_positions(hits):
+    """The first ``k`` with ``hits[k]`` true, as int8 (``len(hits)`` where none is), stored
+    for the backward (see :func:`stored`)."""
+    first = jnp.full(hits[0].shape, len(hits), jnp.int8)
+    for n in reversed(range(len(hits))):
+        first = jnp.where(hits[n], jnp.int8(n), first)
+    return stored(first)
+
+
+def phased_max_pool_backward(first, dy, x_shape):
+    """``dx``: each output's ``dy`` to window position ``first``, the 9 windows overlap-added
+    back (the adjoint of :func:`phased_windows`), cropped."""
+    zero = jnp.zeros((), dy.dtype)
+    dwindows = [jnp.where(first == k, dy, zero) for k in range(9)]
+    drows = [untile_halves(*dwindows[3 * i : 3 * i + 3], None, axis=2) for i in range(3)]
+    return unphase_view(untile_halves(*drows, None, axis=1), x_shape)
+
+
+def stored(a):
+    """``a``, computed where it is made and stored rather than recomputed by each consumer.
+
+    XLA:CPU fuses cheap elementwise producers into their consumers (it drops
+    ``optimization_barrier``), so the max pool's 9 window positions were recomputed, chain
+    and all, for each of the backward's 9 terms. A conditional is a fusion boundary XLA
+    keeps; both branches return ``a`` (``a + 0`` in one, which keeps XLA from removing a
+    conditional with identical branches), so the predicate does not matter.
+    """
+    if a.size == 0:
+        return a
+    return lax.cond(a.reshape(-1)[0] < 0, lambda v: v + 0, lambda v: v, a)
