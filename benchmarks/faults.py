@@ -56,25 +56,27 @@ def write_idx(path, array):
         f.write(header + array.tobytes())
 
 
-def write_mnist(folder, *, n_train=600, n_test=200, test_shape=(28, 28), labels=None, seed=0):
-    """Four MNIST-format files in ``folder``: noise images where class k is a bright band at
-    rows 2k..2k+2, so a tiny MLP learns it in one epoch. ``labels=(train, test)`` fixes every
-    label of a split to one class instead (nothing to learn: a run ends at chance)."""
+def digits(n, shape=(28, 28), *, label=None, seed=0):
+    """``(images (n, *shape) uint8, labels (n,))``: noise where class k is a bright band at
+    rows 2k..2k+2, so a tiny MLP learns it in one epoch; ``label`` gives every image that
+    class instead (nothing to learn)."""
+    rng = np.random.default_rng(seed)
+    y = np.full(n, label) if label is not None else rng.integers(0, 10, n)
+    x = rng.integers(0, 60, (n, *shape)).astype(np.uint8)
+    for i, k in enumerate(y):
+        x[i, 2 * k:2 * k + 3] = 250
+    return x, y.astype(np.int32)
+
+
+def write_mnist(folder, *, n_train=600, n_test=200, test_shape=(28, 28), labels=(None, None)):
+    """Four MNIST-format files of :func:`digits` in ``folder``; ``labels=(train, test)`` fixes
+    each split's label (e.g. ``(0, 1)``: a run ends at chance on the test split)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-
-    def split(n, shape, fixed):
-        y = np.full(n, fixed) if fixed is not None else rng.integers(0, 10, n)
-        x = rng.integers(0, 60, (n, *shape)).astype(np.uint8)
-        for i, k in enumerate(y):
-            x[i, 2 * k:2 * k + 3] = 250
-        return x, y
-
-    x, y = split(n_train, (28, 28), labels[0] if labels else None)
+    x, y = digits(n_train, label=labels[0], seed=0)
     write_idx(folder / "train-images-idx3-ubyte.gz", x)
     write_idx(folder / "train-labels-idx1-ubyte.gz", y)
-    x, y = split(n_test, test_shape, labels[1] if labels else None)
+    x, y = digits(n_test, test_shape, label=labels[1], seed=1)
     write_idx(folder / "t10k-images-idx3-ubyte.gz", x)
     write_idx(folder / "t10k-labels-idx1-ubyte.gz", y)
     return folder
@@ -100,11 +102,23 @@ def _install_hook(spec):
       (comma-separated run file names; every write goes through ``runs.write_atomic``),
       send SIG to this process (``KILL``: between that write and the next);
     * ``fill:FILE:N`` -- just before the N-th write of FILE, fill the disk it is on;
-    * ``fill-curves`` -- fill the disk just before ``curves.png`` is drawn.
+    * ``fill-curves`` -- fill the disk just before ``curves.png`` is drawn;
+    * ``wait:PATH`` -- before loading the data (the run's lock is held by then), wait until
+      PATH exists (a second process can be started against a held run).
     """
-    from jaxnets import runs
+    from jaxnets import data, runs
 
     kind, *rest = spec.split(":")
+    if kind == "wait":
+        load, go = data.load_dataset, spec.partition(":")[2]
+
+        def load_dataset(*args, **kwargs):
+            while not os.path.exists(go):
+                time.sleep(0.05)
+            return load(*args, **kwargs)
+
+        data.load_dataset = load_dataset
+        return
     if kind == "fill-curves":
         plot = runs.plot_curves
 

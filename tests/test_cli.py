@@ -1,0 +1,260 @@
+"""The command line's promises of issue 16, end to end on a tiny synthetic MNIST (IDX files
+written here): every bad flag is one error line naming it (exit 2), a resume continues the
+saved run and refuses other settings, a diverged run exits 3, SIGTERM is Ctrl-C (130), a
+SIGKILL between an epoch's metrics and its checkpoint loses nothing, and two processes never
+write one run. In-process ``cli.main`` where an exit code and stderr suffice; child processes
+only for kills and concurrency (through the hooks of ``benchmarks/faults.py``)."""
+
+import hashlib
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks/ (fault hooks, tiny IDX data) is not an installed package
+from benchmarks.faults import write_mnist  # noqa: E402
+from jaxnets import cli  # noqa: E402
+
+FAULTS = ROOT / "benchmarks" / "faults.py"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_mnist(tmp_path_factory.mktemp("data") / "mnist", n_train=600, n_test=200)
+
+
+def flags(data_dir, *extra):
+    """A tiny MLP run: 10 steps per epoch of batch 50 (600 images, 100 held out)."""
+    return ["--data-dir", str(data_dir), "--data-source", "files", "--hidden-units", "16", "--val-size", "100",
+            "--batch-size", "50", "--dropout", "0", "--no-progress", "--compile-cache", "off", *map(str, extra)]
+
+
+def error_line(capsys):
+    """The one ``error:`` line on stderr (an argparse usage line may precede it)."""
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip() and not l.startswith("usage:")]
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in err, err
+    return lines[0]
+
+
+def exit_code(argv):
+    """``cli.main(argv)``'s exit status, whether returned or raised by argparse."""
+    try:
+        return cli.main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+
+
+def snapshot(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(directory).iterdir())}
+
+
+def strict(path):
+    """A run file's JSON, refusing the NaN/Infinity that strict JSON readers refuse."""
+    def reject(name):
+        raise ValueError(f"{path}: bare {name}")
+    return json.loads(Path(path).read_text(), parse_constant=reject)
+
+
+def epochs(run):
+    return [json.loads(line)["epoch"] for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished(data_dir, tmp_path_factory):
+    """A completed 2-epoch run (never modified: tests that change it work on a copy)."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert cli.main(flags(data_dir, "--epochs", 2, "--out", run)) == 0
+    return run
+
+
+# ---------------------------------------------------------------- defect 4: flag ranges
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"), (["--lr", "0"], "--lr"),
+    (["--weight-decay", "-1"], "--weight-decay"), (["--momentum", "-5"], "--momentum"),
+    (["--label-smoothing", "2"], "--label-smoothing"), (["--warmup-epochs", "-3"], "--warmup-epochs"),
+    (["--warmup-epochs", "1e30"], "--warmup-epochs"), (["--max-steps", "-5"], "--max-steps"),
+    (["--train-subset", "-100"], "--train-subset"), (["--seed", "4294967296"], "--seed"),
+    (["--seed", "-1"], "--seed"), (["--epochs", "0"], "--epochs"), (["--dropout", "1"], "--dropout"),
+])
+def test_out_of_range_flag_is_one_line_naming_it(args, named, capsys, tmp_path):
+    # Before any data is read: the data dir does not exist, and no run directory appears.
+    assert exit_code([*args, "--data-dir", tmp_path / "none", "--out", tmp_path / "run"]) == 2
+    assert named in error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_multi_process_settings_are_checked_before_jax_distributed(capsys, monkeypatch):
+    assert exit_code(["--coordinator-address", "localhost", "--num-processes", "1", "--process-id", "0"]) == 2
+    assert "--coordinator-address 'localhost': expected HOST:PORT" in error_line(capsys)
+    assert exit_code(["--coordinator-address", "localhost:1234", "--num-processes", "2", "--process-id", "5"]) == 2
+    assert "--process-id must be in 0..1" in error_line(capsys)
+    monkeypatch.setenv("JAXNETS_NUM_PROCESSES", "abc")
+    assert exit_code(["--help"]) == 0
+    capsys.readouterr()
+    assert exit_code(["--dry-run"]) == 2
+    assert "JAXNETS_NUM_PROCESSES" in error_line(capsys)
+
+
+@pytest.mark.parametrize("where", ["file", "under-file"])
+def test_out_that_cannot_be_a_directory_is_refused_before_the_data(where, capsys, tmp_path):
+    (tmp_path / "f").write_text("x")
+    out = tmp_path / "f" if where == "file" else tmp_path / "f" / "run"
+    assert exit_code(["--data-dir", tmp_path / "none", "--out", out]) == 2
+    assert f"--out {out}" in error_line(capsys)
+
+
+def test_sigterm_is_handled_as_ctrl_c():
+    # What a scheduler's preemption sends: the run stops as on Ctrl-C, with exit 130. (Our
+    # own handler around it fails the test, instead of ending pytest, if the CLI sets none.)
+    def unhandled(signum, frame):
+        raise AssertionError("SIGTERM reached the default handler")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        assert cli._exit_code(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(5))) == 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_sweep_of_a_billion_seeds_is_refused_at_once(capsys):
+    # Under a 1 GiB allowance of new memory: expanding the range first (as it once did) fails
+    # here with a MemoryError instead of exhausting the machine.
+    vm_data = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmData:"))
+    previous = resource.getrlimit(resource.RLIMIT_DATA)
+    resource.setrlimit(resource.RLIMIT_DATA, (vm_data + 2**30, previous[1]))
+    t0 = time.time()
+    try:
+        code = exit_code(["--sweep", "seed=0..1000000000", "--dry-run"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, previous)
+    assert code == 2 and "at most 10000" in error_line(capsys) and time.time() - t0 < 5
+
+
+# --------------------------------------------------------------------- defect 1: resume
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--lr", "0.1"], "--lr 0.1 differs from the run's saved 0.001"),
+    (["--seed", "3"], "--seed 3 differs from the run's saved 0"),
+    (["--activation", "tanh"], "--activation 'tanh' differs from the run's saved 'relu'"),
+    (["--weight-decay", "0.01"], "--weight-decay 0.01 differs from the run's saved 0.0"),
+    (["--optimizer", "sgd"], "--optimizer 'sgd' differs from the run's saved 'adam'"),
+])
+def test_resume_refuses_other_settings_naming_both_values(finished, args, says, capsys):
+    before = snapshot(finished)
+    assert exit_code(["--resume", finished, *args]) == 2
+    assert says in error_line(capsys)
+    assert snapshot(finished) == before
+
+
+def test_resume_of_a_finished_run_leaves_it_untouched(finished, capsys):
+    before = snapshot(finished)
+    assert exit_code(["--resume", finished]) == 0
+    assert "finished already (2 epochs); left untouched" in capsys.readouterr().out
+    assert snapshot(finished) == before
+
+
+def test_resume_with_another_out_is_refused(finished, tmp_path, capsys):
+    assert exit_code(["--resume", finished, "--out", tmp_path / "other"]) == 2
+    assert "--out" in error_line(capsys) and not (tmp_path / "other").exists()
+
+
+def test_resume_alone_keeps_epochs_and_data_dir_and_extends_on_request(finished, data_dir, tmp_path, monkeypatch,
+                                                                       capsys):
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(finished), str(run)], check=True)
+    monkeypatch.chdir(tmp_path)  # not where the data is: the saved --data-dir must be used
+    assert exit_code(["--resume", run, "--epochs", 3]) == 0
+    assert "resume: --epochs 2 -> 3" in capsys.readouterr().out
+    assert epochs(run) == [1, 2, 3] and strict(run / "summary.json")["epochs"] == 3
+    saved = strict(run / "config.json")
+    assert saved["config"]["epochs"] == 3 and saved["config"]["data_dir"] == str(data_dir)
+    assert saved["resumes"][-1]["changes"] == {"epochs": [2, 3]}
+    assert saved["resumes"][-1]["command"][-2:] == ["--epochs", "3"]
+
+
+def test_damaged_checkpoint_is_refused_and_the_run_left_as_it_was(finished, tmp_path, capsys):
+    # Defect 6: 50 flipped bytes used to load silently.
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(finished), str(run)], check=True)
+    data = bytearray((run / "checkpoint.msgpack").read_bytes())
+    for i in range(len(data) // 3, len(data) // 3 + 50):
+        data[i] ^= 0xFF
+    (run / "checkpoint.msgpack").write_bytes(bytes(data))
+    before = snapshot(run)
+    assert exit_code(["--resume", run, "--epochs", 3]) == 2
+    assert "checkpoint.msgpack: damaged checkpoint" in error_line(capsys)
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("text", ["{}", "[1, 2]", '{"config": {'])
+def test_damaged_config_json_is_refused_naming_it(finished, tmp_path, text, capsys):
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(finished), str(run)], check=True)
+    (run / "config.json").write_text(text)
+    assert exit_code(["--resume", run]) == 2
+    assert f"{run / 'config.json'}" in error_line(capsys)
+
+
+# ------------------------------------------------------------------- defect 7: exit 3
+
+
+def test_diverged_run_exits_3(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert exit_code(flags(data_dir, "--optimizer", "sgd", "--lr", "1e4", "--epochs", 2, "--out", run)) == 3
+    assert strict(run / "summary.json")["status"].startswith("diverged: non-finite loss at step")
+
+
+# ------------------------------------------------- child processes: kills and locks
+
+
+def child(args, hook=None, **kwargs):
+    """``train.py ARGS`` in a child process, with a fault hook of benchmarks/faults.py."""
+    command = [sys.executable, str(FAULTS), "--child", hook, "--"] if hook else [sys.executable, str(ROOT / "train.py")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([*command, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, **kwargs)
+
+
+def test_sigkill_between_metrics_and_checkpoint_loses_no_epoch(data_dir, tmp_path):
+    # Defect 2: killed right after the first of epoch 2's two files is written (whichever the
+    # trainer writes first). The resume must end with every epoch's metrics exactly once.
+    run = tmp_path / "run"
+    killed = child(flags(data_dir, "--epochs", 3, "--out", run), hook="signal:metrics.jsonl,checkpoint.msgpack:3:KILL")
+    assert killed.wait(timeout=120) == -signal.SIGKILL, killed.stderr.read()
+    resumed = child(["--resume", run])
+    out, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    assert "resuming" in out and "after epoch 1" in out
+    assert epochs(run) == [1, 2, 3]
+    summary = strict(run / "summary.json")
+    assert summary["status"] == "completed" and summary["epochs"] == 3 and summary["steps"] == 30
+
+
+def test_two_processes_never_write_one_run(data_dir, tmp_path):
+    # The first holds the run (its lock taken) until the second has tried and been refused.
+    run, go = tmp_path / "run", tmp_path / "go"
+    first = child(flags(data_dir, "--epochs", 1, "--out", run), hook=f"wait:{go}")
+    for _ in range(600):
+        if (run / ".lock").exists() or first.poll() is not None:
+            break
+        time.sleep(0.05)
+    second = child(flags(data_dir, "--epochs", 1, "--out", run))
+    out, err = second.communicate(timeout=120)
+    go.write_text("")
+    assert first.wait(timeout=120) == 0, first.stderr.read()
+    assert second.returncode == 2 and "Traceback" not in err
+    assert [l for l in err.splitlines() if l.strip()] == [
+        f"error: {run}: another process is writing this run (PID {first.pid} on {os.uname().nodename}); "
+        f"wait for it or stop it"]
+    assert epochs(run) == [1] and not (run / ".lock").exists()
