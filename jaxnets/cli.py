@@ -188,6 +188,8 @@ def _command(argv):
 def _exit_code(run, *, diverged_exit=EXIT_DIVERGED):
     """Run; a data/config/run error is one line on stderr (exit 2), a divergence
     ``diverged_exit``, an interrupt (Ctrl-C or SIGTERM) exit 130."""
+    import jax
+
     from jaxnets import data as D
     from jaxnets import training
 
@@ -196,6 +198,13 @@ def _exit_code(run, *, diverged_exit=EXIT_DIVERGED):
         result = run()
     except (D.DataError, training.TrainingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        # The memory estimate is rough: a run it let through can still not fit.
+        print(f"error: out of memory ({str(e).splitlines()[0][:200]}); use a smaller --batch-size or "
+              f"--eval-batch-size, or a smaller model", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

@@ -105,6 +105,8 @@ def train(config: TrainConfig | None = None, *, dataset: D.Dataset | None = None
                 return finished
         if dataset is None:
             dataset = D.load_dataset(config.dataset, config.data_dir, source=config.data_source)
+        from jaxnets.sweep import check_memory  # here: sweep imports this module
+        check_memory(config, dataset.image_shape, dataset.num_classes)  # refused before init, not an OOM traceback
         return train_group([config], [run_dir], dataset=dataset, resume=resume is not None, log=log,
                            on_epoch_end=on_epoch_end, t_start=t_start, command=command)[0]
 
@@ -130,6 +132,7 @@ def _resumed_config(run_dir: Path, config, changes, command, log):
     if status.startswith("diverged"):
         raise TrainingError(f"--resume {run_dir}: the run {status}; a resume would repeat the same steps. "
                             f"Start a new run (e.g. with a lower --lr)")
+    runs.check_run_files(run_dir)  # a damaged checkpoint or metrics file: refused before config.json is touched
     for name, (old, new) in changed.items():
         log(f"resume: {flag(name)} {old} -> {new}")
     info["config"] = dataclasses.asdict(config)
@@ -343,6 +346,8 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             records = run.record_epoch(epoch, val, seconds, done, batch, say)
             if writer:
                 _write_epoch(records, loop, members, run_dirs, means, stds, on_epoch_end)
+            else:
+                run.last_good = [epoch + 1 if m in records else e for m, e in enumerate(run.last_good)]
             if size > 1:
                 best = int(np.nanargmax(np.where(run.alive, val[1], -np.inf))) if run.alive.any() else 0
                 log(f"epoch {epoch + 1}: {run.alive.sum()}/{size} members training; best val acc "
@@ -351,6 +356,9 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     except KeyboardInterrupt:
         run.interrupted = True
         run.status[run.alive] = "interrupted"
+        # An interrupt between an epoch's metrics and its checkpoint: the summary and metrics
+        # end where the checkpoint does, as a resume will continue from there.
+        run.metrics = [[r for r in ms if r["epoch"] <= good] for ms, good in zip(run.metrics, run.last_good)]
         where = f"continue with --resume {run_dirs[0]}" if size == 1 else "the group's runs are incomplete"
         kept = (f"checkpoint of epoch {max(run.last_good)} kept" if max(run.last_good) else
                 "no epoch finished, so --resume starts it from the first epoch")
@@ -453,7 +461,6 @@ class _GroupState:
                 say(m, f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, acc "
                        f"{_percent(record['train_accuracy'])} | val loss {record['val_loss']:.4f}, acc "
                        f"{_percent(record['val_accuracy'])} | {seconds:.1f}s, {record['images_per_second']:.0f} img/s")
-            self.last_good[m] = epoch + 1
             records[m] = record
         return records
 
@@ -591,8 +598,11 @@ def _write_epoch(records, loop, members, run_dirs, means, stds, on_epoch_end):
         if k not in host:
             host[k] = jax.device_get(loop.carries[k][:3])
         p_m, s_m, o_m = take_member(host[k], j)
-        runs.write_metrics(run_dirs[m], loop.run.metrics[m])
-        save_checkpoint(run_dirs[m], p_m, s_m, o_m, loop.host_keys[m], record["epoch"], mean=means[m], std=stds[m])
+        with runs.deferred_interrupts():  # a Ctrl-C here lands after both files and last_good
+            runs.write_metrics(run_dirs[m], loop.run.metrics[m])
+            save_checkpoint(run_dirs[m], p_m, s_m, o_m, loop.host_keys[m], record["epoch"], mean=means[m],
+                            std=stds[m])
+            loop.run.last_good[m] = record["epoch"]
         if on_epoch_end is not None:
             on_epoch_end(record, jax.tree_util.tree_map(jnp.asarray, p_m), jax.tree_util.tree_map(jnp.asarray, s_m))
 
