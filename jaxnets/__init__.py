@@ -18,8 +18,9 @@ try:
 except _metadata.PackageNotFoundError:  # run from a checkout that was not pip-installed
     __version__ = "0+unknown"
 
-from jaxnets import config, conv, cost, data, layers, models, optim, parallel, runs, steps, sweep, training  # noqa: E402
+from jaxnets import (config, conv, cost, data, gradcheck, layers, models, optim, parallel, runs, steps,  # noqa: E402
+                     sweep, training)
 from jaxnets.runs import load_run  # noqa: E402
 
-__all__ = ["__version__", "config", "conv", "cost", "data", "layers", "load_run", "models", "optim", "parallel", "runs",
+__all__ = ["__version__", "config", "conv", "cost", "data", "gradcheck", "layers", "load_run", "models", "optim", "parallel", "runs",
            "steps", "sweep", "training"]

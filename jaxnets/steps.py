@@ -39,7 +39,8 @@ def build_model(config: TrainConfig, image_shape, classes, bn_axis_name=None, ba
         )
     plan = tuple(config.conv_plan) or M.VGG_COURSE
     return M.ConvNet(input_shape=tuple(image_shape), plan=plan, classes=classes,
-                     preact=config.model == "preact_convnet", init_scheme=config.init, bn_axis_name=bn_axis_name)
+                     preact=config.model == "preact_convnet", init_scheme=config.init, bn_axis_name=bn_axis_name,
+                     conv_impl=config.conv_impl)
 
 
 def stack_members(trees):
