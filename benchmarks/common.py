@@ -1,6 +1,7 @@
 """Timing and output helpers shared by the benchmark scripts."""
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -59,8 +60,34 @@ def child_output(module, function, *args, env=None):
     return out.strip().splitlines()[-1]
 
 
+#: /proc/cpuinfo flags that decide which kernels a CPU can run fast: the vector widths (AVX2,
+#: AVX-512), FMA, and the bf16/int8 matrix instructions (AVX-512 BF16/VNNI, AMX) that would
+#: make low-precision training worth trying.
+CPU_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_info(cpuinfo="/proc/cpuinfo"):
+    """``{"model", "cores", "flags"}``: the CPU's model name, the cores this process may use,
+    and which of :data:`CPU_FLAGS` the first processor's ``flags`` line lists (the cloud VM
+    this project runs on changes host between sessions, and with it these)."""
+    from jaxnets.runs import cpu_model
+
+    try:
+        line = next((ln for ln in Path(cpuinfo).read_text().splitlines() if ln.startswith("flags")), "")
+        present = set(line.split(":", 1)[1].split()) if ":" in line else set()
+        flags = [f for f in CPU_FLAGS if f in present]
+    except OSError:
+        flags = None  # not Linux: unknown rather than "none"
+    return {"model": cpu_model(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count(), "flags": flags}
+
+
 def write_json(path, data):
-    """Write ``data`` as indented JSON to ``path`` (creating its folder) and say so."""
+    """Write ``data`` as indented JSON to ``path`` (creating its folder) and say so. Every
+    benchmark writes through here, so each results file records the CPU it ran on
+    (:func:`cpu_info`, key ``"cpu"``) unless it set that key itself."""
+    data = {**data, "cpu": data.get("cpu") or cpu_info()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))

@@ -10,21 +10,33 @@ each in turn, so the machine's slow spells hit them alike), of:
 
 1. ``gemm``: the best fp32 GEMM rate (2048^3 matmul) in jax and in torch: our "limit";
 2. ``mlp``: one train step of 3072-512-512-10 (ReLU, batch 200, Adam): jaxnets autodiff,
-   jaxnets manual backprop, PyTorch eager, Flax linen + Optax;
-3. ``convnet``: one train step of the course mini-VGG with BN (batch 128, Adam): same four,
+   jaxnets manual backprop, the PyTorch variants of :data:`TORCH_VARIANTS` (eager,
+   channels-last for the ConvNet, ``torch.compile`` where it runs), Flax linen + Optax;
+3. ``convnet``: one train step of the course mini-VGG with BN (batch 128, Adam): the same,
    plus jaxnets on XLA's native convolution (the GPU/TPU path) to show why CPU uses GEMMs;
 4. ``epoch``: a full training epoch of each model on CIFAR-10-sized data (45,000 images,
-   data handling included): jaxnets' trainer vs an idiomatic PyTorch loop over in-memory
-   tensors; jaxnets also in two fresh processes sharing a compilation cache (the first
-   compiles, the second loads the programs, as ``train.py``'s ``--compile-cache`` does);
+   data handling included): jaxnets' trainer vs idiomatic PyTorch loops over in-memory
+   tensors (eager, and the fastest variant of the step measurement); jaxnets also in two
+   fresh processes sharing a compilation cache (the first compiles, the second loads the
+   programs, as ``train.py``'s ``--compile-cache`` does);
 5. ``compile``: time to the first finished step of each jaxnets model.
+
+Rates count the work actually done (:func:`jaxnets.cost.train_flops`: forward, weight
+gradients, input gradients of all layers but the first). jaxnets' ConvNet multiplies less
+than that on CPU (Winograd, :func:`multiply_flops`): its "GFLOP/s done" counts Winograd's
+multiplies and its "effective" rate the direct convolution's FLOPs. Every speed ratio is
+against the fastest PyTorch variant of the same run.
 
 jaxnets steps are timed as the trainer runs them: ``--chunk`` steps per compiled call
 (gather, normalise, gradient, Optax update on device-resident uint8 data), divided by
-the number of steps. PyTorch needs ``pip install torch==2.13.0`` (the ``bench`` extra).
+the number of steps. PyTorch needs ``pip install torch==2.13.0`` (the ``bench`` extra);
+``torch.compile`` needs a C++ compiler (whether it ran, or why not, is in the JSON).
+
+Regenerate the docs table from a results file with ``--update-docs results/bench_cpu.json``.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -37,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.common import child_output, interleaved_median_seconds, median_seconds, write_json
+from benchmarks.common import child_output, cpu_info, interleaved_median_seconds, median_seconds, write_json
 from jaxnets.config import TrainConfig
 from jaxnets.steps import make_train_chunk, prepare_data
 from jaxnets import conv as C
@@ -114,6 +126,19 @@ def first_step_seconds(first_call, steps, per_step):
 
 # ---------------------------------------------------------------------- torch steps
 
+#: The PyTorch variants timed, label -> (channels_last, torch.compile, fused Adam). Every
+#: ratio is taken against the fastest of those measured in the same run ("best PyTorch").
+#: ``Adam(fused=True)`` is PyTorch's single-kernel CPU Adam; the default (``fused=None``,
+#: ``foreach=None``) runs a Python loop over the parameters on CPU, kept as a reference row.
+TORCH_VARIANTS = {
+    "torch": (False, False, True),
+    "torch_default_adam": (False, False, False),
+    "torch_channels_last": (True, False, True),
+    "torch_compile": (False, True, True),
+}
+#: Variants that mean nothing for a model: an MLP has no image layout to change.
+TORCH_SKIP = {"mlp": {"torch_channels_last"}, "convnet": set()}
+
 
 def torch_models(torch, kind):
     nn = torch.nn
@@ -130,16 +155,28 @@ def torch_models(torch, kind):
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin, 10))
 
 
-def torch_step_runner(torch, kind, batch, channels_last=False):
-    """``step()``: one PyTorch eager train step (same model and optimizer)."""
+def torch_training(torch, kind, variant):
+    """``(model, optimizer, to_input)`` of a PyTorch variant (see :data:`TORCH_VARIANTS`):
+    ``model`` compiled with ``torch.compile`` (forward and backward; the optimizer step
+    stays eager) or not, ``to_input(x)`` putting an NCHW batch in the variant's layout."""
+    channels_last, compiled, fused = TORCH_VARIANTS[variant]
     torch.manual_seed(0)
     model = torch_models(torch, kind)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, 3, 32, 32)
-    y = torch.randint(0, 10, (batch,))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused or None)
+    if compiled:
+        model = torch.compile(model)
+    to_input = (lambda x: x.contiguous(memory_format=torch.channels_last)) if channels_last else (lambda x: x)
+    return model, opt, to_input
+
+
+def torch_step_runner(torch, kind, batch, variant):
+    """``(step, first)``: ``step()`` is one PyTorch train step of ``variant`` (same model and
+    optimizer as jaxnets'); ``first`` the wall time of its first call (torch.compile compiles there)."""
+    model, opt, to_input = torch_training(torch, kind, variant)
+    x = to_input(torch.randn(batch, 3, 32, 32))
+    y = torch.randint(0, 10, (batch,))
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def step():
@@ -148,7 +185,27 @@ def torch_step_runner(torch, kind, batch, channels_last=False):
         loss.backward()
         opt.step()
 
-    return step
+    t0 = time.perf_counter()
+    step()
+    return step, time.perf_counter() - t0
+
+
+def torch_compile_status(torch):
+    """``{"ran", "error", "compiler"}``: whether ``torch.compile`` (Inductor, which builds C++
+    kernels) trains a tiny model here; ``error`` says why not. Checked once, up front, so a
+    failure is recorded rather than ending the run."""
+    import shutil
+    import subprocess
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    compiler = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[0] if cxx else None
+    try:
+        model = torch.compile(torch.nn.Linear(4, 2))
+        model(torch.randn(3, 4)).sum().backward()
+    except Exception as e:  # noqa: BLE001 -- any failure means "does not run here"; its text is the record
+        return {"ran": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500],
+                "compiler": compiler}
+    return {"ran": True, "error": None, "compiler": compiler}
 
 
 # ----------------------------------------------------------------------- flax steps
@@ -235,17 +292,17 @@ def _epoch_in_child(kind, n_images, cache_dir):
         print(jaxnets_epoch_seconds(kind, dataset, tmp))
 
 
-def torch_epoch_seconds(torch, kind, dataset):
-    """An idiomatic PyTorch epoch: normalise the uint8 set once, shuffle, slice batches."""
+def torch_epoch_seconds(torch, kind, dataset, variant="torch"):
+    """An idiomatic PyTorch epoch of ``variant`` (:data:`TORCH_VARIANTS`): normalise the uint8
+    set once, shuffle, slice batches, then predict the test set. A compiled variant
+    compiles inside the timing (as jaxnets' epoch does)."""
     t0 = time.perf_counter()
     n_images = len(dataset.train_labels)
     x = torch.from_numpy(dataset.train_images).permute(0, 3, 1, 2).float().div_(255)
     mean, std = x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True)
     x = (x - mean) / std
     y = torch.from_numpy(dataset.train_labels).long()
-    torch.manual_seed(0)
-    model = torch_models(torch, kind)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model, opt, to_input = torch_training(torch, kind, variant)
     loss_fn = torch.nn.CrossEntropyLoss()
     batch = 200 if kind == "mlp" else 128
     model.train()
@@ -253,14 +310,68 @@ def torch_epoch_seconds(torch, kind, dataset):
     for i in range(n_images // batch):
         idx = perm[i * batch:(i + 1) * batch]
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x[idx]), y[idx])
+        loss = loss_fn(model(to_input(x[idx])), y[idx])
         loss.backward()
         opt.step()
     model.eval()
     with torch.no_grad():
         tx = torch.from_numpy(dataset.test_images).permute(0, 3, 1, 2).float().div_(255)
-        model((tx - mean) / std).argmax(1)
+        model(to_input((tx - mean) / std)).argmax(1)
     return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def conv_shapes(model):
+    """``[(layer, x_shape, w_shape, pads)]``: each conv/linear layer of a ConvNet, as
+    :func:`jaxnets.cost.layers` lists it, with the (1, H, W, Cin) input and (k, k, Cin, Cout)
+    kernel it sees ('SAME' padding at stride 1). Walks the plan the way ``cost.layers``
+    does and checks every layer's multiply-adds against it."""
+    h, w, cin = model.input_shape
+    shapes = []
+    for item in model.plan:
+        if item == "M":
+            h, w = cost._pooled(h), cost._pooled(w)
+            continue
+        if model.preact and cin != item:
+            shapes.append(((1, h, w, cin), (1, 1, cin, item), ((0, 0), (0, 0))))
+            cin = item
+        shapes.append(((1, h, w, cin), (3, 3, cin, item), ((1, 1), (1, 1))))
+        cin = item
+    layers = cost.layers(model)
+    assert len(layers) == len(shapes) + 1, f"conv_shapes: {len(shapes)} convs, jaxnets.cost lists {len(layers) - 1}"
+    for layer, (x_shape, w_shape, _) in zip(layers, shapes):
+        macs = x_shape[1] * x_shape[2] * int(np.prod(w_shape))
+        assert layer.macs == macs, f"conv_shapes disagrees with jaxnets.cost at {layer.name}: {macs} vs {layer.macs}"
+    return [(layer, *shape) for layer, shape in zip(layers, shapes)] + [(layers[-1], None, None, None)]
+
+
+#: Multiplications of Winograd F(2x2, 3x3) per direct-convolution multiplication: a 2x2
+#: output tile from a 4x4 input tile takes 16 products per (input, output) channel pair,
+#: the direct sum 4 outputs x 9 = 36.
+WINOGRAD_SHARE = 16 / 36
+
+
+def multiply_flops(model):
+    """FLOPs one example's training step multiplies on ``model.conv_impl`` (Winograd or not)
+    and which layers use Winograd: ``(flops, [layer names])``.
+
+    Per layer, as in :func:`jaxnets.cost.train_flops`: ``2 * macs`` forward, ``2 * macs``
+    weight gradient, ``2 * macs`` input gradient except the first layer. A conv that
+    ``jaxnets.conv`` computes by Winograd (its own rule, ``conv._conv_method``: 3x3, stride 1,
+    pad 1, even H and W >= 4, >= 16 input channels, CPU implementations) does all three
+    products in the Winograd domain, each :data:`WINOGRAD_SHARE` of the direct multiplies.
+    The tile transforms are additions and are not counted. Without Winograd layers this is
+    ``cost.train_flops(model)``."""
+    total, winograd = 0, []
+    for i, (layer, x_shape, w_shape, pads) in enumerate(conv_shapes(model)):
+        flops = (6 if i else 4) * layer.macs
+        if w_shape is not None and C._conv_method("conv2d", model.conv_impl, w_shape, x_shape, (1, 1), pads) == "winograd":
+            flops *= WINOGRAD_SHARE
+            winograd.append(layer.name)
+        total += flops
+    return round(total), winograd
 
 
 # ------------------------------------------------------------------------------ main
@@ -272,8 +383,36 @@ def machine_info(torch):
     info["torch_threads"] = torch.get_num_threads() if torch is not None else None
     info["platform"] = platform.platform()
     info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-    info["conv_impl"] = C.get_conv_impl()
+    info["conv_impl"] = C.resolve_impl("auto")
     return info
+
+
+def step_rows(kind, row, limit):
+    """Adds each contender's images/s, GFLOP/s, share of the GEMM limit and speed against the
+    best PyTorch variant to ``row`` (which holds the ``LABEL_s`` step times).
+
+    ``LABEL_gflops`` is the work done per second: ``multiply_flops_per_step`` for the
+    contenders in ``winograd_contenders`` (jaxnets on its CPU convolutions), else
+    ``flops_per_step``; those contenders also get ``LABEL_effective_gflops``, the
+    direct-convolution FLOPs per second (``flops_per_step / time``), labelled "effective"
+    because Winograd did not do that many. ``LABEL_fraction_of_limit`` divides the work
+    done by the GEMM limit. ``LABEL_speedup_vs_best_torch`` is the best PyTorch variant's
+    time over this one's (> 1: faster than PyTorch's best)."""
+    labels = [k[:-2] for k in row if k.endswith("_s") and not k.endswith("_first_call_s")]
+    torch_labels = [k for k in labels if k in TORCH_VARIANTS]
+    if torch_labels:
+        row["best_torch"] = min(torch_labels, key=lambda k: row[f"{k}_s"])
+    for label in labels:
+        seconds = row[f"{label}_s"]
+        done = row["multiply_flops_per_step"] if label in row.get("winograd_contenders", ()) else row["flops_per_step"]
+        row[f"{label}_images_per_s"] = row["batch"] / seconds
+        row[f"{label}_gflops"] = done / seconds / 1e9
+        if done != row["flops_per_step"]:
+            row[f"{label}_effective_gflops"] = row["flops_per_step"] / seconds / 1e9
+        if limit:
+            row[f"{label}_fraction_of_limit"] = row[f"{label}_gflops"] / limit
+        if torch_labels:
+            row[f"{label}_speedup_vs_best_torch"] = row[f"{row['best_torch']}_s"] / seconds
 
 
 def main(argv=None):
@@ -289,13 +428,33 @@ def main(argv=None):
     parser.add_argument("--convnet-epoch-images", type=int, default=45000,
                         help="training images in the ConvNet full-epoch test (an epoch takes ~20 min per "
                              "library on a 2-core CPU)")
+    parser.add_argument("--no-torch-compile", action="store_true",
+                        help="skip the torch.compile variant (it compiles C++ kernels for minutes on 2 cores)")
     parser.add_argument("--out", default=str(RESULTS), help="where to write the JSON")
-    parser.add_argument("--markdown", metavar="JSON", help="print the README table of a results file and exit")
+    parser.add_argument("--markdown", metavar="JSON", help="print the docs/performance.md table of a results file "
+                                                           "and exit")
+    parser.add_argument("--update-docs", metavar="JSON",
+                        help="replace the table in docs/performance.md with the one of this results file and exit")
     args = parser.parse_args(argv)
-    if args.markdown:
-        print(markdown(json.loads(Path(args.markdown).read_text())))
+    for flag, value in (("--repeats", args.repeats), ("--short-repeats", args.short_repeats), ("--chunk", args.chunk),
+                        ("--epoch-images", args.epoch_images), ("--convnet-epoch-images", args.convnet_epoch_images)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    if args.markdown or args.update_docs:
+        path = Path(args.markdown or args.update_docs)
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            parser.error(f"cannot read the results file {path}: {e}")
+        if args.update_docs:
+            update_docs(results)
+        else:
+            print(markdown(results))
         return
     parts = set(args.only.split(","))
+    unknown = parts - {"gemm", "mlp", "convnet", "epoch", "compile"}
+    if unknown:
+        parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; choose from gemm,mlp,convnet,epoch,compile")
     try:
         import torch
     except ImportError:
@@ -303,7 +462,16 @@ def main(argv=None):
         print("torch not installed (pip install torch==2.13.0): PyTorch columns are skipped")
 
     results = {"command": "python -m benchmarks.cpu " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "machine": machine_info(torch)}
+               "machine": machine_info(torch), "cpu": cpu_info()}
+    variants = list(TORCH_VARIANTS) if torch is not None else []
+    if torch is not None:
+        if args.no_torch_compile:
+            results["torch_compile"] = {"ran": False, "error": "skipped (--no-torch-compile)"}
+        else:
+            results["torch_compile"] = torch_compile_status(torch)
+            print(f"torch.compile: {results['torch_compile']}")
+        if not results["torch_compile"]["ran"]:
+            variants.remove("torch_compile")
     if "gemm" in parts:
         results["gemm"] = bench_gemm(args.short_repeats, torch)
         print(f"GEMM 2048^3: {results['gemm']}")
@@ -314,8 +482,12 @@ def main(argv=None):
     for kind, (model, batch) in specs.items():
         if kind not in parts and "compile" not in parts:
             continue
-        flops = cost.train_flops(model) * batch  # the work a step does (jaxnets.cost)
-        row = {"batch": batch, "flops_per_step": flops}
+        # The work a step does (jaxnets.cost), and what jaxnets' CPU convolutions multiply.
+        row = {"batch": batch, "flops_per_step": cost.train_flops(model) * batch}
+        if kind == "convnet":
+            per_example, winograd_layers = multiply_flops(model)
+            row.update(multiply_flops_per_step=per_example * batch, winograd_layers=winograd_layers,
+                       winograd_contenders=["jaxnets_autodiff", "jaxnets_manual"] if winograd_layers else [])
         steps = args.chunk if kind == "mlp" else max(2, args.chunk // 5)
         repeats = args.short_repeats if kind == "mlp" else args.repeats
         # Every contender as a callable of one timed call and the steps it runs; timed in
@@ -329,10 +501,17 @@ def main(argv=None):
             # The same number of steps per timed call for everyone (only a call's first step
             # finds the caches cold after another library's call).
             repeat = lambda step: (lambda: [step() for _ in range(steps)], steps)
-            if torch is not None:
-                contenders["torch"] = repeat(torch_step_runner(torch, kind, batch))
-                if kind == "convnet":
-                    contenders["torch_channels_last"] = repeat(torch_step_runner(torch, kind, batch, True))
+            for variant in variants:
+                if variant in TORCH_SKIP[kind]:
+                    continue
+                try:
+                    step, row[f"{variant}_first_call_s"] = torch_step_runner(torch, kind, batch, variant)
+                except Exception as e:  # noqa: BLE001 -- torch.compile failing on this model: record and go on
+                    if not TORCH_VARIANTS[variant][1]:
+                        raise
+                    results["torch_compile"].setdefault("failed_on", {})[kind] = f"{type(e).__name__}: {e}"[:500]
+                    continue
+                contenders[variant] = repeat(step)
             if kind == "mlp":
                 contenders["flax"] = repeat(flax_step_runner(kind, batch))
             seconds = interleaved_median_seconds({k: f for k, (f, _) in contenders.items()}, repeats, warmup=2)
@@ -348,21 +527,11 @@ def main(argv=None):
             # The same step on lax.conv_general_dilated, what the GPU/TPU path uses (and Flax's
             # ConvNet): GEMM formulations (Winograd, im2col) are the CPU default because of this
             # comparison. They run at a few images/s: one timed step after the compiling one.
-            previous = C.set_conv_impl("xla")
-            try:
-                row["jaxnets_xla_conv_s"], _ = jaxnets_step_time(model, batch, "autodiff", 1, 1)
-            finally:
-                C.set_conv_impl(previous)
+            row["jaxnets_xla_conv_s"], _ = jaxnets_step_time(dataclasses.replace(model, conv_impl="xla"), batch,
+                                                             "autodiff", 1, 1)
             row["flax_s"] = median_seconds(flax_step_runner(kind, batch), 1, warmup=1)
         if kind in parts:
-            for name in [k for k in row if k.endswith("_s") and not k.endswith("first_call_s")]:
-                label = name[:-2]
-                row[f"{label}_images_per_s"] = batch / row[name]
-                row[f"{label}_gflops"] = flops / row[name] / 1e9
-                if limit:
-                    row[f"{label}_fraction_of_limit"] = row[f"{label}_gflops"] / limit
-                if "torch_s" in row:
-                    row[f"{label}_speedup_vs_torch"] = row["torch_s"] / row[name]
+            step_rows(kind, row, limit)
         results[kind] = row
         print(f"{kind}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
 
@@ -379,37 +548,98 @@ def main(argv=None):
                 entry["jaxnets_fresh_process_s"] = jaxnets_epoch_seconds_fresh_process(kind, n_images, cache)
                 entry["jaxnets_cached_compile_s"] = jaxnets_epoch_seconds_fresh_process(kind, n_images, cache)
                 if torch is not None:
-                    entry["torch_s"] = torch_epoch_seconds(torch, kind, dataset)
-                    entry["jaxnets_over_torch"] = entry["jaxnets_s"] / entry["torch_s"]
-                    entry["jaxnets_cached_compile_over_torch"] = entry["jaxnets_cached_compile_s"] / entry["torch_s"]
+                    # Eager NCHW, and the variant with the fastest step in this run if that is another.
+                    timed = ["torch"] + [v for v in [results.get(kind, {}).get("best_torch")] if v and v != "torch"]
+                    for variant in timed:
+                        entry[f"{variant}_s"] = torch_epoch_seconds(torch, kind, dataset, variant)
+                    entry["best_torch"] = min(timed, key=lambda v: entry[f"{v}_s"])
+                    best = entry[f"{entry['best_torch']}_s"]
+                    entry["jaxnets_over_best_torch"] = entry["jaxnets_s"] / best
+                    entry["jaxnets_cached_compile_over_best_torch"] = entry["jaxnets_cached_compile_s"] / best
                 epochs[kind] = entry
                 print(f"epoch {kind}: {entry}")
         results["epoch"] = epochs
 
-    print_table(results)
+    print("\n" + markdown(results))
     write_json(args.out, results)
 
 
-def print_table(results):
-    print(f"\n{'benchmark':32s} {'images/s':>10s} {'GFLOP/s':>9s} {'vs torch':>9s} {'of limit':>9s}")
-    for kind in ("mlp", "convnet"):
-        row = results.get(kind, {})
-        for label in ("jaxnets_autodiff", "jaxnets_manual", "jaxnets_xla_conv", "torch", "torch_channels_last", "flax"):
-            if f"{label}_images_per_s" in row:
-                print(f"{kind + ' ' + label:32s} {row[f'{label}_images_per_s']:10.1f} {row[f'{label}_gflops']:9.1f} "
-                      f"{row.get(f'{label}_speedup_vs_torch', float('nan')):9.2f} "
-                      f"{row.get(f'{label}_fraction_of_limit', float('nan')):9.2f}")
-    for kind, entry in results.get("epoch", {}).items():
-        print(f"epoch {kind}: jaxnets {entry['jaxnets_s']:.1f}s (compiled programs cached: "
-              f"{entry.get('jaxnets_cached_compile_s', float('nan')):.1f}s), torch {entry.get('torch_s', float('nan')):.1f}s")
-    for kind in ("mlp", "convnet"):
-        if kind in results:
-            print(f"first call {kind}: autodiff {results[kind]['jaxnets_autodiff_first_call_s']:.1f}s, "
-                  f"manual {results[kind]['jaxnets_manual_first_call_s']:.1f}s")
+#: Contenders of the step rows, in table order.
+STEP_LABELS = ("jaxnets_autodiff", "jaxnets_manual", "jaxnets_xla_conv", *TORCH_VARIANTS, "flax")
+#: How the table names them.
+LABEL_TEXT = {"jaxnets_autodiff": "jaxnets autodiff", "jaxnets_manual": "jaxnets manual",
+              "jaxnets_xla_conv": "jaxnets on XLA's convolution", "torch": "PyTorch eager",
+              "torch_default_adam": "PyTorch eager, default (for-loop) Adam",
+              "torch_channels_last": "PyTorch eager, channels-last", "torch_compile": "PyTorch torch.compile",
+              "flax": "Flax"}
+TABLE_BEGIN, TABLE_END = "<!-- bench_cpu table: begin -->", "<!-- bench_cpu table: end -->"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
 
 
 def markdown(results):
-    """The README's Performance table, from a results file."""
+    """The docs/performance.md table of a results file: per step contender images/s, the
+    GFLOP/s of the work done (Winograd's multiplies for jaxnets' ConvNet), the effective
+    rate (direct-convolution FLOPs / time) where that differs, speed against the best
+    PyTorch variant of the run, share of the GEMM limit; epochs; compile times; machine."""
+    if "cpu" not in results:
+        return _markdown_before_issue19(results)
+
+    def f(value, spec):
+        return "" if value is None else format(value, spec)
+
+    lines = ["| benchmark | images/s | GFLOP/s done | effective GFLOP/s | vs best PyTorch | of GEMM limit |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for kind in ("mlp", "convnet"):
+        row = results.get(kind, {})
+        for label in STEP_LABELS:
+            if f"{label}_images_per_s" not in row:
+                continue
+            name = LABEL_TEXT[label] + (" (best PyTorch)" if row.get("best_torch") == label else "")
+            lines.append(f"| {kind} step, {name} | {row[f'{label}_images_per_s']:.0f} | {row[f'{label}_gflops']:.0f} | "
+                         f"{f(row.get(f'{label}_effective_gflops'), '.0f')} | "
+                         f"{f(row.get(f'{label}_speedup_vs_best_torch'), '.2f')}x | "
+                         f"{f(row.get(f'{label}_fraction_of_limit'), '.0%')} |")
+    epochs = results.get("epoch", {})
+    if epochs:
+        lines += ["", "| epoch, wall s | images | jaxnets | jaxnets, new process | jaxnets, new process, programs "
+                  "cached | PyTorch eager | best PyTorch | jaxnets / best PyTorch | cached / best PyTorch |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for kind, entry in epochs.items():
+            best = entry.get("best_torch")
+            lines.append(f"| {kind} | {entry['images']} | {entry['jaxnets_s']:.1f} | {entry['jaxnets_fresh_process_s']:.1f} | "
+                         f"{entry['jaxnets_cached_compile_s']:.1f} | {f(entry.get('torch_s'), '.1f')} | "
+                         + (f"{entry[f'{best}_s']:.1f} ({LABEL_TEXT[best]}) | " if best else " | ")
+                         + f"{f(entry.get('jaxnets_over_best_torch'), '.2f')} | "
+                         f"{f(entry.get('jaxnets_cached_compile_over_best_torch'), '.2f')} |")
+    firsts = [(kind, results[kind]) for kind in ("mlp", "convnet") if "jaxnets_autodiff_first_call_s" in results.get(kind, {})]
+    if firsts:
+        lines += ["", "| first step (compile included), s | jaxnets autodiff | jaxnets manual | PyTorch torch.compile |",
+                  "| --- | --- | --- | --- |"]
+        for kind, row in firsts:
+            lines.append(f"| {kind} | {row['jaxnets_autodiff_first_call_s']:.1f} | {row['jaxnets_manual_first_call_s']:.1f} | "
+                         f"{f(row.get('torch_compile_first_call_s'), '.1f')} |")
+    gemm, machine, cpu = results.get("gemm", {}), results.get("machine", {}), results.get("cpu", {})
+    compiled = results.get("torch_compile", {})
+    compile_text = ("torch.compile ran" if compiled.get("ran") else
+                    f"torch.compile did not run ({compiled.get('error')})" if compiled else "torch.compile not tried")
+    failed = compiled.get("failed_on", {})
+    if failed:
+        compile_text += "; failed on " + ", ".join(f"{k} ({v})" for k, v in failed.items())
+    winograd = results.get("convnet", {}).get("winograd_layers")
+    lines.append("")
+    lines.append((f"GEMM limit (2048^3 fp32): jax {f(gemm.get('jax_gflops'), '.0f')} GFLOP/s, torch "
+                  f"{f(gemm.get('torch_gflops'), '.0f')} GFLOP/s. " if gemm else "GEMM limit not measured. ")
+                 + (f"Winograd layers: {', '.join(winograd)} ({WINOGRAD_SHARE * 36:.0f}/36 of their multiplies). "
+                    if winograd else "")
+                 + f"{compile_text}. Machine: {cpu.get('model')}, {cpu.get('cores')} cores, flags "
+                 f"{' '.join(cpu.get('flags') or []) or 'unknown'}; jax {machine.get('jax')}, torch {machine.get('torch')}. "
+                 f"Command: `{results.get('command')}`.")
+    return "\n".join(lines)
+
+
+def _markdown_before_issue19(results):
+    """The table as written for results files older than issue 19's counts (no "cpu" key):
+    the committed file until the benchmark is rerun. Remove with that rerun."""
     lines = ["| benchmark | images/s | GFLOP/s | vs PyTorch | of GEMM limit |", "| --- | --- | --- | --- | --- |"]
     for kind in ("mlp", "convnet"):
         row = results.get(kind, {})
@@ -438,6 +668,18 @@ def markdown(results):
                  f"{machine.get('cores')} cores; jax {machine.get('jax')}, torch {machine.get('torch')}. "
                  f"Command: `{results.get('command')}`.")
     return "\n".join(lines)
+
+
+def update_docs(results, page=DOCS):
+    """Replace the table between the ``bench_cpu table`` markers of ``page`` with
+    :func:`markdown` of ``results`` (``tests/test_readme.py`` checks they agree)."""
+    text = page.read_text()
+    if TABLE_BEGIN not in text or TABLE_END not in text:
+        sys.exit(f"{page}: no {TABLE_BEGIN} ... {TABLE_END} block to replace")
+    head, rest = text.split(TABLE_BEGIN, 1)
+    tail = rest.split(TABLE_END, 1)[1]
+    page.write_text(f"{head}{TABLE_BEGIN}\n{markdown(results)}\n{TABLE_END}{tail}")
+    print(f"updated the table in {page}")
 
 
 if __name__ == "__main__":
