@@ -1,0 +1,300 @@
+"""Run directories (issue 16): the run files' integrity (atomic writes on a full disk, strict
+JSON, checksummed checkpoints, validated config.json, the lock), the loop's promises about
+them (an epoch-1 interrupt restarts cleanly, data refused before training, null not NaN, a
+warning at chance, the memory estimate), sweep directories (lock, a refused sweep leaves
+nothing that blocks it) and a trained run loaded back in a fresh process."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks/ (the synthetic digits) is not an installed package
+from benchmarks.faults import digits  # noqa: E402
+from jaxnets import data as D  # noqa: E402
+from jaxnets import runs  # noqa: E402
+from jaxnets import sweep as S  # noqa: E402
+from jaxnets import training as T  # noqa: E402
+from jaxnets.config import TrainConfig  # noqa: E402
+from jaxnets.runs import TrainingError  # noqa: E402
+
+
+def dataset(*, test_shape=(28, 28), n_test=200, labels=(None, None)):
+    """600 training and ``n_test`` test images of :func:`benchmarks.faults.digits` (learnable
+    in one epoch; ``labels`` fixes each split's class)."""
+    (x, y), (tx, ty) = digits(600, label=labels[0], seed=0), digits(n_test, test_shape, label=labels[1], seed=1)
+    return D.Dataset("mnist", x[..., None], y, tx[..., None], ty, 10, "synthetic")
+
+
+def config(out, **settings):
+    """A tiny MLP: 10 steps of 50 per epoch (100 images held out)."""
+    base = dict(out=str(out), progress=False, hidden_units=(16,), dropout=0.0, val_size=100, batch_size=50, epochs=2)
+    return TrainConfig(**{**base, **settings})
+
+
+def strict(path):
+    """JSON as strict readers take it: a bare NaN or Infinity is an error."""
+    def reject(name):
+        raise ValueError(f"{path}: bare {name}")
+    return json.loads(Path(path).read_text(), parse_constant=reject)
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    # The runs here compile the same tiny programs again (a new jit per train); JAX's
+    # persistent cache turns the repeats into disk reads. Restored afterwards for the other
+    # test modules. (The same fixture as test_sweep.py's; see /work/requests/06.)
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in names}
+    compilation_cache.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax-cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A completed 2-epoch run of :func:`config` on :func:`dataset` (never modified)."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    T.train(config(run), dataset=dataset(), log=quiet)
+    return run
+
+
+def full_disk(monkeypatch):
+    """Every fsync fails as on a full disk (what write_atomic meets after its data is buffered)."""
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+# ------------------------------------------------------------------------ run files
+
+
+def test_full_disk_keeps_the_old_file_and_leaves_no_tmp(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.msgpack"
+    path.write_bytes(b"the last good one")
+    full_disk(monkeypatch)
+    with pytest.raises(TrainingError, match=r"checkpoint\.msgpack: cannot write \(No space left on device\); "
+                                            r"the previous version is kept"):
+        runs.write_atomic(path, b"new" * 1000)
+    assert path.read_bytes() == b"the last good one" and os.listdir(tmp_path) == ["checkpoint.msgpack"]
+
+
+def test_curves_on_a_full_disk_are_one_error_naming_the_file(tmp_path, monkeypatch):
+    metrics = [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.1, "train_accuracy": 0.5, "val_accuracy": 0.4}]
+    full_disk(monkeypatch)
+    with pytest.raises(TrainingError, match=r"curves\.png: cannot write"):
+        runs.plot_curves(metrics, tmp_path / "curves.png")
+    assert os.listdir(tmp_path) == []
+
+
+def test_run_files_are_strict_json():
+    assert runs.json_text({"a": float("nan"), "b": [float("inf"), 1.5], "c": (2,)}, indent=None) == \
+        '{"a": null, "b": [null, 1.5], "c": [2]}'
+
+
+@pytest.mark.parametrize("text, says", [
+    ("{oops", r"summary\.json: not valid JSON"),
+    ("[1, 2]", r"summary\.json: expected a JSON object, got list"),
+])
+def test_invalid_run_json_names_the_file(tmp_path, text, says):
+    (tmp_path / "summary.json").write_text(text)
+    with pytest.raises(TrainingError, match=says):
+        runs.read_summary(tmp_path)
+
+
+@pytest.mark.parametrize("settings, says", [
+    ({}, None),  # every setting at its default: valid
+    ({"lr": -1.0}, r"config\.json: --lr must be in \(0, inf\), got -1\.0"),
+    ({"learning_rate": 0.1}, r"config\.json: unknown settings learning_rate"),
+    ({"epochs": "three"}, r"config\.json: --epochs must be an integer"),
+])
+def test_config_json_settings_are_validated_naming_the_file(tmp_path, settings, says):
+    (tmp_path / "config.json").write_text(json.dumps({"config": settings}))
+    if says is None:
+        assert runs.read_config(tmp_path)["config"] == {}
+    else:
+        with pytest.raises(TrainingError, match=says):
+            runs.read_config(tmp_path)
+
+
+def test_damaged_checkpoints_are_refused(tmp_path):
+    params = {"w": np.arange(1000, dtype=np.float32)}
+    runs.save_checkpoint(tmp_path, params, {}, {}, jax.random.key(0), 3)
+    assert runs.checkpoint_epoch(tmp_path) == 3
+    good = (tmp_path / runs.CHECKPOINT).read_bytes()
+    np.testing.assert_array_equal(runs.read_checkpoint(tmp_path)["params"]["w"], params["w"])
+    flipped = bytearray(good)
+    for i in range(len(good) // 2, len(good) // 2 + 50):  # inside the parameters' bytes
+        flipped[i] ^= 0xFF
+    for damaged, says in ((bytes(flipped), "SHA-256 mismatch"), (good[:len(good) // 2], "cannot read it"),
+                          (b"", "cannot read it")):
+        (tmp_path / runs.CHECKPOINT).write_bytes(damaged)
+        with pytest.raises(TrainingError, match=f"checkpoint.msgpack: damaged checkpoint.*{says}"):
+            runs.read_checkpoint(tmp_path)
+
+
+def test_lock_refuses_a_live_owner_and_takes_over_a_dead_ones(tmp_path):
+    lock = tmp_path / runs.LOCK
+    with runs.RunLock(tmp_path):
+        assert lock.read_text() == f"{os.getpid()} {os.uname().nodename}\n"  # there with its owner at once
+        with pytest.raises(TrainingError, match=rf"another process is writing this run \(PID {os.getpid()} on "):
+            runs.RunLock(tmp_path).__enter__()
+    assert os.listdir(tmp_path) == []  # released, and no temporary owner file left
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for stale in (f"{dead.pid} {os.uname().nodename}\n", "", "garbage"):
+        lock.write_text(stale)
+        with runs.RunLock(tmp_path):
+            assert lock.read_text().startswith(f"{os.getpid()} ")
+    lock.write_text(f"{os.getpid()} another-host\n")  # another machine's process: cannot tell, so kept
+    with pytest.raises(TrainingError, match="another process"):
+        runs.RunLock(tmp_path).__enter__()
+
+
+def test_deferred_interrupts_finish_the_block_first():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with runs.deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("metrics")
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.append("checkpoint")
+    assert done == ["metrics", "checkpoint"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ----------------------------------------------------------------- the loop's promises
+
+
+def test_interrupt_in_epoch_1_restarts_cleanly(finished, tmp_path, monkeypatch):
+    # Defect 3: stopped before the first checkpoint, the run used to be a dead end (nothing
+    # to resume, and a rerun refused for the files it had written).
+    save = T.save_checkpoint
+
+    def interrupted_at_first(*args, **kwargs):
+        monkeypatch.setattr(T, "save_checkpoint", save)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "save_checkpoint", interrupted_at_first)
+    run, lines = tmp_path / "run", []
+    with pytest.raises(KeyboardInterrupt):
+        T.train(config(run), dataset=dataset(), log=lines.append)
+    assert "no epoch finished, so --resume starts it from the first epoch" in lines[-1]
+    summary = strict(run / "summary.json")
+    assert summary["status"] == "interrupted" and summary["epochs"] == 0 and runs.read_metrics(run) == []
+    resumed = T.train(resume=run, dataset=dataset(), log=lines.append)
+    assert "no epoch had finished, starting from the first" in "\n".join(lines)
+    assert [m["epoch"] for m in runs.read_metrics(run)] == [1, 2]
+    assert resumed["test_loss"] == strict(finished / "summary.json")["test_loss"]  # as if never stopped
+
+
+@pytest.mark.parametrize("test_shape, n_test, says", [
+    ((28, 28), 0, "the test split is empty"),
+    ((27, 27), 200, r"test images of shape \(27, 27, 1\) differ from the training images' \(28, 28, 1\)"),
+])
+def test_test_split_is_checked_before_training(tmp_path, test_shape, n_test, says):
+    # Defect 5: found only after a whole training run (or ending with accuracy NaN, exit 0).
+    with pytest.raises(D.DataError, match=says):
+        T.train(config(tmp_path / "run"), dataset=dataset(test_shape=test_shape, n_test=n_test), log=quiet)
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_no_validation_split_writes_null_not_nan(tmp_path):
+    run = tmp_path / "run"
+    T.train(config(run, val_size=0, epochs=1), dataset=dataset(), log=quiet)
+    summary, metrics = strict(run / "summary.json"), runs.read_metrics(run)
+    assert summary["best_val_accuracy"] is None and summary["final_val_accuracy"] is None
+    assert metrics[0]["val_loss"] is None and metrics[0]["val_accuracy"] is None
+    assert "NaN" not in (run / "metrics.jsonl").read_text() and summary["test_accuracy"] > 0.5
+
+
+def test_run_at_chance_gets_a_warning(tmp_path):
+    # Defect 7: every training label 0, every test label 1 -- test accuracy 0, nothing learned.
+    run, lines = tmp_path / "run", []
+    summary = T.train(config(run), dataset=dataset(labels=(0, 1)), log=lines.append)
+    assert summary["status"] == "completed" and summary["test_accuracy"] == 0.0
+    assert "at chance for 10 classes" in strict(run / "summary.json")["warning"]
+    assert any(line.startswith("warning: test accuracy 0.00% is at chance") for line in lines)
+
+
+def test_memory_estimate_refuses_what_cannot_fit(tmp_path):
+    huge = config(tmp_path / "run", hidden_units=(60000, 60000))
+    # Adam: parameters x (1 + 2 slots + gradient + update + previous) float32.
+    n_params = 784 * 60000 + 60000 + 60000 * 60000 + 60000 + 60000 * 10 + 10
+    assert S.memory_parts(huge, (28, 28, 1), 10)["state"] == 4 * n_params * 6
+    assert f"{4 * n_params * 6 / 2**30:.1f}" == "81.5"
+    with pytest.raises(ValueError, match=r"parameters and optimizer state 81\.5 GiB.*more than the 1\.0 GiB available: "
+                                         r"use a smaller model"):
+        S.check_memory(huge, (28, 28, 1), 10, available=2**30)
+    wide_batch = config(tmp_path / "run", batch_size=10**7)
+    with pytest.raises(ValueError, match=r"use a smaller --batch-size \(now 10000000\)"):
+        S.check_memory(wide_batch, (28, 28, 1), 10, available=2**30)
+    assert S.check_memory(config(tmp_path / "run"), (28, 28, 1), 10, available=2**30) < 2**30
+    with pytest.raises(ValueError, match="more than the .* GiB available"):  # a single run, before init
+        T.train(huge, dataset=dataset(), log=quiet)
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- sweeps
+
+
+def test_a_sweep_is_run_by_one_process_at_a_time(tmp_path):
+    out, base, axes = tmp_path / "sweep", config(tmp_path / "sweep"), {"seed": [0, 1]}
+    out.mkdir()
+    S._write_plan(out, base, axes, ["000-seed=0", "001-seed=1"], [[0, 1]])
+    (out / runs.LOCK).write_text(f"{os.getpid()} {os.uname().nodename}\n")
+    with pytest.raises(TrainingError, match="another process is writing this run"):
+        S.sweep(base, axes, out=out, resume=True, dataset=dataset(), log=quiet, progress=False)
+
+
+def test_a_sweep_refused_on_its_data_leaves_nothing_that_blocks_it(tmp_path):
+    out, axes = tmp_path / "sweep", {"seed": [0, 1]}
+    too_big = config(out, batch_size=1000)  # larger than the 500 training images: refused after the plan
+    with pytest.raises(ValueError, match="batch_size 1000 exceeds"):
+        S.sweep(too_big, axes, out=out, dataset=dataset(), log=quiet, progress=False)
+    assert list(out.iterdir()) == []
+    # A resume of the directory starts the sweep (and here meets the same refusal, not "no plan").
+    with pytest.raises(ValueError, match="batch_size 1000 exceeds"):
+        S.sweep(too_big, axes, out=out, resume=True, dataset=dataset(), log=quiet, progress=False)
+    with pytest.raises(ValueError, match="--devices 2: a sweep trains each member on one device"):
+        S.sweep(config(tmp_path / "other", devices=2), axes, dataset=dataset(), log=quiet, progress=False)
+    assert not (tmp_path / "other").exists()
+
+
+# ------------------------------------------------------------------------- load_run
+
+
+def test_a_run_loads_back_in_a_fresh_process(finished, tmp_path):
+    test = dataset()
+    np.savez(tmp_path / "test.npz", images=test.test_images, labels=test.test_labels)
+    code = ("import sys, json, numpy as np, jaxnets; run = jaxnets.load_run(sys.argv[1]); d = np.load(sys.argv[2]); "
+            "p = run.predict(d['images']); r = run.evaluate(images=d['images'], labels=d['labels']); "
+            "print(json.dumps(dict(r, sums=[float(p.sum(1).min()), float(p.sum(1).max())], "
+            "argmax_accuracy=float((p.argmax(1) == d['labels']).mean()), epoch=run.epoch)))")
+    child = subprocess.run([sys.executable, "-c", code, str(finished), str(tmp_path / "test.npz")],
+                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert child.returncode == 0, child.stderr
+    got, summary = json.loads(child.stdout.splitlines()[-1]), strict(finished / "summary.json")
+    assert got["epoch"] == 2 and got["examples"] == 200
+    assert got["accuracy"] == got["argmax_accuracy"] == summary["test_accuracy"]
+    assert got["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
+    assert got["sums"] == pytest.approx([1.0, 1.0], abs=1e-5)
