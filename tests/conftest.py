@@ -95,3 +95,25 @@ def cifar10_dir(tmp_path_factory) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return root
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """JAX's persistent compile cache in a temporary directory for one test module
+    (``pytestmark = pytest.mark.usefixtures("compile_cache")``): modules that train many
+    small runs compile the same few programs again (a new jit per train_group), and the
+    cache turns the repeats into disk reads. Restored afterwards for the other modules."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in names}
+    compilation_cache.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax-cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()

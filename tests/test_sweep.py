@@ -5,7 +5,6 @@ import json
 
 import jax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from jaxnets.config import TrainConfig
 from jaxnets.runs import TrainingError
@@ -18,22 +17,7 @@ OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "checkp
 quiet = dict(log=lambda *_: None, progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    # Every chunk of a sweep, and every single run a member is compared with, compiles the
-    # same few small programs again (a new jit per train_group); JAX's persistent cache
-    # turns the repeats into disk reads. Restored afterwards for the other test modules.
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {k: getattr(jax.config, k) for k in names}
-    compilation_cache.reset_cache()
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax-cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
+pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 @pytest.fixture(scope="module")
