@@ -780,6 +780,30 @@ _disk_case("curves", "fill-curves", r"curves\.png.*(space|cannot write)", epoch_
 _disk_case("config", "fill:config.json:1", r"config\.json.*(space|cannot write)", epoch_kept=None)
 
 
+@case("disk-full-in-a-resumed-run", says=r"checkpoint\.msgpack.*(space|cannot write)", needs="mount")
+def _(ctx):
+    # The summary.json of the interrupted start must not outlive a resume that got further.
+    mnt = ctx.dir / "disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    try:
+        run = mnt / "run"
+        failed = ctx.interrupted(*ctx.base("--epochs", "3", "--out", run))
+        if failed:
+            return failed
+        res = ctx.train(["--resume", run], hook="fill:checkpoint.msgpack:2")  # epoch 2 saved, epoch 3 not
+        (run / "filler").unlink(missing_ok=True)
+        problems = leftovers(run) + ([] if saved_epoch(run) == "2" else [f"checkpoint epoch {saved_epoch(run)}"])
+        if (run / "summary.json").exists():
+            summary = strict_json(run / "summary.json")
+            if summary.get("epochs") != 2 or summary.get("status") == "completed":
+                problems.append(f"summary.json says {summary.get('status')!r} after {summary.get('epochs')} epochs; "
+                                f"the checkpoint is of epoch 2")
+        return res, problems
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
 # Sweeps.
 @case("sweep-huge-range-dry-run", says=r"at most", timeout=30)
 def _(ctx):

@@ -506,7 +506,8 @@ def _axes_text(axes):
 def _finished(run_dir: Path):
     """A member's summary if it finished (completed or diverged), else None."""
     summary = read_summary(run_dir)
-    return summary if summary is not None and summary.get("status") != "interrupted" else None
+    status = str((summary or {}).get("status", ""))
+    return summary if status == "completed" or status.startswith("diverged") else None  # not interrupted/failed
 
 
 def _resume_mode(dirs, log):
