@@ -149,6 +149,10 @@ MUTATIONS = [
       "unbiased = var",
       "tests/test_layers.py::test_batch_norm_statistics_and_running_update",
       DEF + "test_training_steps_follow_the_definition"),
+    m("layers", "kaiming_std_of_lecun", "jaxnets/layers.py",
+      '"kaiming": math.sqrt(2.0 / fan_in)',
+      '"kaiming": math.sqrt(1.0 / fan_in)',
+      "tests/test_layers.py::test_init_scales"),
     m("layers", "dropout_not_rescaled", "jaxnets/layers.py",
       "scale = jnp.where(keep, 1.0 / (1.0 - rate), 0.0).astype(x.dtype)",
       "scale = jnp.where(keep, 1.0, 0.0).astype(x.dtype)",
@@ -170,10 +174,26 @@ MUTATIONS = [
       "valid = jnp.arange(batches * batch_size) < n",
       "valid = jnp.arange(batches * batch_size) < batches * batch_size",
       DEF + "test_evaluation_uses_the_running_batch_norm_statistics"),
+    m("steps", "train_accuracy_from_eval_mode_logits", "jaxnets/steps.py",
+      "logits, _ = model.apply(params, state, x, train=True, key=dropout_key, **extra)",
+      "logits, _ = model.apply(params, state, x, train=False, key=dropout_key, **extra)",
+      DEF + "test_training_steps_follow_the_definition"),
+    m("steps", "validation_scored_on_training_rows", "jaxnets/training.py",
+      'self.evaluate_fn(params, state, self.images, self.labels, x["val_idx"], x["means"], x["stds"])',
+      'self.evaluate_fn(params, state, self.images, self.labels, x["train_idx"], x["means"], x["stds"])',
+      DEF + "test_mnist_run_clears_its_threshold_and_reports_its_own_figures"),
+    m("steps", "test_set_not_normalised", "jaxnets/training.py",
+      'self.evaluate_fn(params, state, *self.test_set, None, x["means"], x["stds"])',
+      'self.evaluate_fn(params, state, *self.test_set, None, x["means"] * 0, x["stds"] * 0 + 1)',
+      DEF + "test_mnist_run_clears_its_threshold_and_reports_its_own_figures"),
+    m("steps", "max_steps_run_one_epoch_short", "jaxnets/training.py",
+      "epochs = math.ceil(total_steps / steps_per_epoch)",
+      "epochs = total_steps // steps_per_epoch - 1",
+      OPT + "test_cosine_with_max_steps_decays_over_the_max_steps"),
     m("steps", "labels_not_permuted_with_images", "jaxnets/steps.py",
       "x, y = images[idx], labels[idx]",
       "x, y = images[idx], labels[i * batch + jnp.arange(batch)]",
-      DEF + "test_mlp_on_real_mnist_clears_its_threshold_by_a_wide_margin"),
+      DEF + "test_mnist_run_clears_its_threshold_and_reports_its_own_figures"),
     # -------------------------------------------------------------------- models
     m("models", "preact_skip_dropped", "jaxnets/models.py",
       "                x = x + h\n",
@@ -222,8 +242,8 @@ MUTATIONS = [
       '    restored["key"] = jax.random.wrap_key_data(jnp.asarray(restored["key"]))\n',
       "tests/test_training.py::test_resume_after_interrupt_matches_uninterrupted_run"),
     m("resume", "checkpoint_labelled_an_epoch_early", "jaxnets/training.py",
-      'loop.host_keys[m], record["epoch"], mean=means[m], std=stds[m])',
-      'loop.host_keys[m], record["epoch"] - 1, mean=means[m], std=stds[m])',
+      'loop.host_keys[m], record["epoch"], mean=means[m],',
+      'loop.host_keys[m], record["epoch"] - 1, mean=means[m],',
       "tests/test_training.py::test_resume_after_interrupt_matches_uninterrupted_run"),
     # -------------------------------------------------------------------- sweeps
     m("sweeps", "members_share_the_first_members_hyperparameters", "jaxnets/training.py",
@@ -246,6 +266,14 @@ MUTATIONS = [
     m("parallel", "gradients_summed_over_devices", "jaxnets/steps.py",
       "grads, loss, new_state = jax.lax.pmean((grads, loss, new_state), axis_name)",
       "grads, loss, new_state = jax.lax.psum((grads, loss, new_state), axis_name)",
+      "tests/test_parallel.py::test_data_parallel_step_equals_single_device"),
+    m("parallel", "every_device_same_crop_rows", "jaxnets/steps.py",
+      "jax.lax.dynamic_slice_in_dim(a, jax.lax.axis_index(axis_name) * b, b)",
+      "jax.lax.dynamic_slice_in_dim(a, 0 * b, b)",
+      "tests/test_parallel.py::test_data_parallel_dropout_and_augmentation_equal_single_device"),
+    m("parallel", "sync_bn_variance_per_device", "jaxnets/layers.py",
+      "            var = jax.lax.pmean(var, axis_name)\n",
+      "",
       "tests/test_parallel.py::test_data_parallel_step_equals_single_device"),
     m("parallel", "every_device_same_dropout_rows", "jaxnets/layers.py",
       "offset = jax.lax.axis_index(axis_name).astype(jnp.uint32) * jnp.uint32(math.prod(x.shape) % 2**32)",
@@ -318,7 +346,7 @@ def run_tests(where: Path, tests, timeout):
 
 
 def failed_tests(output):
-    return re.findall(r"^FAILED (\S+)", output, re.M)
+    return re.findall(r"^FAILED (.+?)(?: - .*)?$", output, re.M)
 
 
 def main(argv=None):

@@ -213,6 +213,8 @@ SCHEDULE_CASES = {
     "cosine+half-epoch-warmup": (dict(schedule="cosine", warmup_epochs=0.5), warm(STEP, 5, cosine(STEP, 5, T_STEPS))),
     "step": (dict(schedule="step"), step_decay(STEP, T_STEPS)),
     "step+warmup": (dict(schedule="step", warmup_epochs=1), warm(STEP, 10, step_decay(STEP, T_STEPS))),
+    # A warm-up past the first boundary: the decays still sit at 50% and 75% of the run.
+    "step+long-warmup": (dict(schedule="step", warmup_epochs=6), warm(STEP, 60, step_decay(STEP, T_STEPS))),
     "onecycle": (dict(schedule="onecycle"), onecycle(STEP, T_STEPS)),
 }
 
