@@ -10,6 +10,7 @@ a thin shell over :func:`train`; :mod:`jaxnets.sweep` calls :func:`train_group`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -87,20 +88,21 @@ def train(config: TrainConfig | None = None, *, dataset: D.Dataset | None = None
     run is a :func:`train_group` of one member.
     """
     t_start = time.time()
+    writer = parallel.is_writer()  # in a multi-process run, process 0 alone writes the run directory
     if resume is None:
         if config is None:
             raise ValueError("train: give a config, or resume=DIR")
         config = config.validate()
         run_dir = Path(config.out) if config.out else default_run_dir(config)
-        runs.prepare_run_dir(run_dir, new=True)
     else:
         run_dir = Path(resume)
         if not run_dir.is_dir():
             raise TrainingError(f"--resume {run_dir}: no such run directory")
-        runs.prepare_run_dir(run_dir, new=False)
-    with runs.RunLock(run_dir):
+    if writer:
+        runs.prepare_run_dir(run_dir, new=resume is None)
+    with runs.RunLock(run_dir) if writer else contextlib.nullcontext():
         if resume is not None:
-            config, finished = _resumed_config(run_dir, config, changes, command, log)
+            config, finished = _resumed_config(run_dir, config, changes, command, log, writer)
             if finished is not None:
                 return finished
         if dataset is None:
@@ -111,7 +113,7 @@ def train(config: TrainConfig | None = None, *, dataset: D.Dataset | None = None
                            on_epoch_end=on_epoch_end, t_start=t_start, command=command)[0]
 
 
-def _resumed_config(run_dir: Path, config, changes, command, log):
+def _resumed_config(run_dir: Path, config, changes, command, log, writer=True):
     """``(config, None)`` of a run to continue, its resume recorded in config.json, or
     ``(None, summary)`` of a finished run left as it is."""
     info = runs.read_config(run_dir)
@@ -135,9 +137,10 @@ def _resumed_config(run_dir: Path, config, changes, command, log):
     runs.check_run_files(run_dir)  # a damaged checkpoint or metrics file: refused before config.json is touched
     for name, (old, new) in changed.items():
         log(f"resume: {flag(name)} {old} -> {new}")
-    info["config"] = dataclasses.asdict(config)
-    info.setdefault("resumes", []).append({**runs.provenance(command), "changes": changed})
-    runs.write_json(run_dir / "config.json", info)
+    if writer:
+        info["config"] = dataclasses.asdict(config)
+        info.setdefault("resumes", []).append({**runs.provenance(command), "changes": changed})
+        runs.write_json(run_dir / "config.json", info)
     return config, None
 
 
