@@ -272,8 +272,8 @@ MUTATIONS = [
       "jax.lax.dynamic_slice_in_dim(a, 0 * b, b)",
       "tests/test_parallel.py::test_data_parallel_dropout_and_augmentation_equal_single_device"),
     m("parallel", "sync_bn_variance_per_device", "jaxnets/layers.py",
-      "            var = jax.lax.pmean(var, axis_name)\n",
-      "",
+      "var = jax.lax.pmean(var, axis_name)",
+      "var = var",
       "tests/test_parallel.py::test_data_parallel_step_equals_single_device"),
     m("parallel", "every_device_same_dropout_rows", "jaxnets/layers.py",
       "offset = jax.lax.axis_index(axis_name).astype(jnp.uint32) * jnp.uint32(math.prod(x.shape) % 2**32)",
@@ -324,17 +324,25 @@ def write_copy(files, where: Path):
 
 
 def stale_reason(files, mutation):
-    """Why the mutation cannot be applied (None if it can): its file or exact text is gone."""
+    """Why the mutation cannot be applied (None if it can): its file or exact text is gone, or
+    the mutated file would not even compile (a syntax error is no semantic bug)."""
     if mutation.file not in files:
         return f"{mutation.file} does not exist"
-    count = files[mutation.file].decode().count(mutation.old)
+    source = files[mutation.file].decode()
+    count = source.count(mutation.old)
     if count != 1:
         return f"old text found {count} times in {mutation.file} (expected exactly once)"
+    if mutation.file.endswith(".py"):
+        try:
+            compile(source.replace(mutation.old, mutation.new), mutation.file, "exec")
+        except SyntaxError as e:
+            return f"the mutated {mutation.file} does not compile ({e.msg}, line {e.lineno})"
     return None
 
 
 def run_tests(where: Path, tests, timeout):
-    env = {**os.environ, "PYTHONPATH": str(where), "PYTHONDONTWRITEBYTECODE": "1"}
+    # COLUMNS: pytest cuts the short summary's messages at the terminal width.
+    env = {**os.environ, "PYTHONPATH": str(where), "PYTHONDONTWRITEBYTECODE": "1", "COLUMNS": "250"}
     env.setdefault("JAXNETS_SHARED_DATA", str(ROOT.parent / "shared" / "data"))
     cmd = [sys.executable, "-c", RUNNER, "-x", "-q", "-p", "no:cacheprovider", "--no-header", *tests]
     t0 = time.time()
@@ -346,7 +354,9 @@ def run_tests(where: Path, tests, timeout):
 
 
 def failed_tests(output):
-    return re.findall(r"^FAILED (.+?)(?: - .*)?$", output, re.M)
+    """The failing tests of pytest's short summary, each with the start of its message (so a
+    reader can tell an assertion about the numbers from a crash)."""
+    return [line[len("FAILED "):][:160] for line in output.splitlines() if line.startswith("FAILED ")]
 
 
 def main(argv=None):
