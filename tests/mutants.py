@@ -131,6 +131,10 @@ MUTATIONS = [
       "optimizer = build_optimizer(base, total_steps,",
       "optimizer = build_optimizer(base, steps_per_epoch * base.epochs,",
       OPT + "test_cosine_with_max_steps_decays_over_the_max_steps"),
+    m("schedules", "warmup_counted_from_total_steps_over_epochs", "jaxnets/training.py",
+      "optimizer = build_optimizer(base, total_steps, steps_per_epoch=steps_per_epoch,",
+      "optimizer = build_optimizer(base, total_steps,",
+      OPT + "test_warmup_with_max_steps_lasts_warmup_epochs_of_steps"),
     # -------------------------------------------------------------------- layers
     m("layers", "selu_scale_one", "jaxnets/layers.py",
       "SELU_SCALE = 1.0507009873554805",
