@@ -31,6 +31,9 @@ def lr_schedule(config: TrainConfig, total_steps: int, *, steps_per_epoch: int |
     ``total_steps / epochs`` (right when ``max_steps`` does not cut the run short).
     """
     if steps_per_epoch is None:
+        if config.warmup_epochs and config.max_steps:
+            raise ValueError("lr_schedule: a warm-up with max_steps needs steps_per_epoch (max_steps cuts the run "
+                             "short, so total_steps / epochs is not an epoch)")
         steps_per_epoch = total_steps / max(config.epochs, 1)
     warmup = min(warmup_steps(config, steps_per_epoch), total_steps)
     if config.schedule == "constant":
