@@ -3,7 +3,7 @@
 
 import sys
 
-from jaxnets.cli import main
+from jaxnets.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -181,6 +181,20 @@ def main(argv=None):
     return _exit_code(lambda: training.train(config, command=_command(argv)))
 
 
+def run():
+    """The console entry (``train.py``, ``jaxnets-train``): :func:`main`, ending the process
+    at once after an interrupt. A Ctrl-C or SIGTERM that lands inside XLA's compilation can
+    leave native state that crashes the interpreter's teardown (SIGSEGV: exit -11 instead of
+    130, seen with jax 0.10.2 on CPU); the run's files are written and its lock released by
+    then, so the teardown is skipped."""
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 def _command(argv):
     return [os.path.basename(sys.argv[0]) or "jaxnets-train", *(sys.argv[1:] if argv is None else argv)]
 

@@ -359,13 +359,15 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     except KeyboardInterrupt:
         run.interrupted = True
         run.status[run.alive] = "interrupted"
-        # An interrupt between an epoch's metrics and its checkpoint: the summary and metrics
-        # end where the checkpoint does, as a resume will continue from there.
-        run.metrics = [[r for r in ms if r["epoch"] <= good] for ms, good in zip(run.metrics, run.last_good)]
+        run.cut_to_checkpoints()
         where = f"continue with --resume {run_dirs[0]}" if size == 1 else "the group's runs are incomplete"
         kept = (f"checkpoint of epoch {max(run.last_good)} kept" if max(run.last_good) else
                 "no epoch finished, so --resume starts it from the first epoch")
         log(f"\ninterrupted: {kept} in {run_dirs[0] if size == 1 else 'each run dir'}; {where}")
+    except TrainingError as error:  # a run file could not be written (a full disk): stop as on Ctrl-C
+        run.failure = error
+        run.status[run.alive] = f"failed: {error}"
+        run.cut_to_checkpoints()
     try:
         return _finish(run, loop, configs, run_dirs, dataset.num_classes, resume, writer, mesh, t_start, log)
     finally:
@@ -440,10 +442,16 @@ class _GroupState:
         self.interrupted = False
         self.alive = None
         self.last_good = None
+        self.failure = None
 
     def begin(self):
         self.alive = ~self.frozen
         self.last_good = [e if f else self.start_epoch for e, f in zip(self.member_epochs, self.frozen)]
+
+    def cut_to_checkpoints(self):
+        """Each member's metrics end where its checkpoint does (a stop between an epoch's
+        metrics and its checkpoint), as a resume will continue from there."""
+        self.metrics = [[r for r in ms if r["epoch"] <= good] for ms, good in zip(self.metrics, self.last_good)]
 
     def record_epoch(self, epoch, val, seconds, done, batch, say):
         """Each live member's epoch record (appended to its metrics): ``{m: record}``."""
@@ -645,12 +653,20 @@ def _finish(run, loop, configs, run_dirs, classes, resume, writer, mesh, t_start
         summary["run_dir"] = str(run_dir)
         if mesh is not None:
             summary.update(devices=mesh.size, processes=jax.process_count())
-        if writer:
+        if writer and run.failure is not None:
+            try:  # the failed write removed its .tmp, so these small files usually fit again
+                runs.write_metrics(run_dir, metrics)
+                runs.write_json(run_dir / "summary.json", summary)
+            except TrainingError:  # still full: at least no summary claims more than the checkpoint
+                (run_dir / "summary.json").unlink(missing_ok=True)
+        elif writer:
             runs.write_metrics(run_dir, metrics)
             runs.write_json(run_dir / "summary.json", summary)
             if metrics:
                 runs.plot_curves(metrics, run_dir / "curves.png", title=f"{c.model} on {c.dataset}")
         summaries.append(summary)
+    if run.failure is not None:
+        raise run.failure
     if run.interrupted:
         raise KeyboardInterrupt
     return summaries

@@ -197,7 +197,6 @@ def test_interrupt_in_epoch_1_restarts_cleanly(finished, tmp_path, monkeypatch):
     assert resumed["test_loss"] == strict(finished / "summary.json")["test_loss"]  # as if never stopped
 
 
-@pytest.mark.xfail(reason="needs /work/requests/08 in training.py (remove this marker with it)", strict=True)
 def test_a_write_failing_in_a_resumed_run_leaves_files_that_agree(tmp_path, monkeypatch):
     # A full disk at epoch 3's checkpoint of a run resumed after epoch 1: the error comes out,
     # and the summary and metrics end at the checkpoint (epoch 2), not at the first start's 1.
