@@ -172,11 +172,10 @@ def coverage(command: str) -> str | None:
 
 
 def _cli_main():
-    """``main(argv)`` of the command line, through train.py (a shim over jaxnets.cli)."""
-    spec = importlib.util.spec_from_file_location("jaxnets_train_script", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    """``main(argv)`` of the command line (train.py and jaxnets-train run jaxnets.cli)."""
+    from jaxnets import cli
+
+    return cli.main
 
 
 # --------------------------------------------------------------------------- commands
@@ -211,9 +210,9 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_console_script_is_declared():
-    # The console script is added with issue 17's CLI work: jaxnets-train runs jaxnets.cli:main.
+    # The console script is added with issue 17's CLI work: jaxnets-train runs jaxnets.cli:run (main, then an immediate exit after an interrupt).
     scripts = _pyproject()["project"].get("scripts", {})
-    assert scripts.get("jaxnets-train") == "jaxnets.cli:main", scripts
+    assert scripts.get("jaxnets-train") == "jaxnets.cli:run", scripts
 
 
 TRAIN_COMMANDS = [(page, c, args) for page, c in all_commands() for args in train_invocations(c)]
@@ -224,7 +223,7 @@ TRAIN_COMMANDS = [(page, c, args) for page, c in all_commands() for args in trai
 def test_train_command_parses_and_validates(page, command, args, monkeypatch, tmp_path, capsys):
     """The command's flags exist and its settings validate: ``--dry-run`` prints the config
     (or a sweep's plan) and exits 0 without loading data. jaxnets-train is the same
-    jaxnets.cli:main (checked above)."""
+    jaxnets.cli:run (checked above)."""
     monkeypatch.chdir(tmp_path)  # relative --out paths land here, not in the checkout
     monkeypatch.setenv("JAXNETS_COMPILE_CACHE", "off")
     monkeypatch.setenv("JAXNETS_DATA_DIR", str(tmp_path / "data"))
@@ -427,3 +426,16 @@ def test_results_table_figures_come_from_the_run_files():
         data, accuracy = _figure(name)
         assert cells[0] == data, (name, cells[0], data)
         assert cells[3] == accuracy, f"{name}: README says {cells[3]!r}, the run files give {accuracy!r}"
+
+
+def test_gradcheck_example_runs(capsys):
+    """The README's check of a layer written by hand passes, and the same check fails a
+    wrong backward (the example would catch a bug)."""
+    block = _python_block("gradcheck.check(")
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["report"].ok
+    assert "softplus" not in capsys.readouterr().err
+    wrong = namespace["gradcheck"].check(namespace["softplus"], lambda cache, dy: dy * (1 + 0 * cache),
+                                         namespace["np"].random.default_rng(0).normal(size=(4, 5)))
+    assert not wrong.ok
