@@ -22,7 +22,7 @@ from benchmarks.common import write_json
 from jaxnets.config import TrainConfig
 from jaxnets import data as D
 from jaxnets import sweep as S
-from jaxnets import runs, training as T
+from jaxnets import placement, runs, training as T
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,8 +78,8 @@ def main(argv=None):
         "axes": axes, "single_wall_seconds": round(single_wall, 2), "sweep_wall_seconds": round(sweep_wall, 2),
         "speedup": round(single_wall / sweep_wall, 3),
         "max_test_accuracy_difference_points": max(c["difference_points"] for c in per_config),
-        "sweep_members": ("one vmapped program" if len(T.member_blocks(len(members))) == 1 else
-                          f"each through its single run's programs, {T.CONCURRENT_BLOCKS} at a time"),
+        "sweep_members": ("one vmapped program" if len(placement.member_blocks(len(members))) == 1 else
+                          f"each through its single run's programs, {placement.CONCURRENT_BLOCKS} at a time"),
         "load_average_1_5_15_min": {"before": [round(v, 2) for v in load_before],
                                     "after": [round(v, 2) for v in os.getloadavg()]},
         "per_config": per_config, "machine": runs.environment_info(),

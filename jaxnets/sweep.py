@@ -43,7 +43,7 @@ import jax
 import numpy as np
 
 from jaxnets import data as D
-from jaxnets import cost
+from jaxnets import cost, placement
 from jaxnets import training as T
 from jaxnets.config import FIELDS, TrainConfig, parse_setting
 from jaxnets.runs import (LOCK, RUN_FILES, RunLock, TrainingError, at_chance, checkpoint_epoch, read_json,
@@ -273,8 +273,8 @@ def describe(configs, chunks, axes, *, image_shape, classes, n_pool, budget=None
         rows.append((group, len(chunk), mib, steps, " ".join(f"{k}={format_value(v)}" for k, v in fixed.items())))
     total = sum(works) or 1
     budget_text = f"; memory budget {budget / 2**30:.2f} GiB per chunk" if budget else ""
-    how = ("vmapped chunk(s) (one compile each)" if len(T.member_blocks(2, vmap=vmap)) == 1 else
-           f"chunk(s) (members through their single run's programs, {T.CONCURRENT_BLOCKS} at a time)")
+    how = ("vmapped chunk(s) (one compile each)" if len(placement.member_blocks(2, vmap=vmap)) == 1 else
+           f"chunk(s) (members through their single run's programs, {placement.CONCURRENT_BLOCKS} at a time)")
     lines.append(f"{len(configs)} configurations over {', '.join(axes) or 'nothing'}: {len(groups)} group(s), "
                  f"{len(chunks)} {how}{budget_text}; {examples:,} training examples over all members")
     lines.append(f"{'chunk':>5} {'group':>5} {'members':>7} {'MiB/member':>10} {'steps':>6} {'work':>6}  fixed values")
@@ -440,7 +440,7 @@ def _sweep(base, axes, members, configs, names, out, chunks, *, dataset, budget,
         raise
     bar.close()
     rows = table(members, summaries, names, classes)
-    trained = ("vmapped per chunk" if len(T.member_blocks(2, vmap=vmap)) == 1 else
+    trained = ("vmapped per chunk" if len(placement.member_blocks(2, vmap=vmap)) == 1 else
                "each member through its single run's programs")
     write_table(out, rows, axes, base, wall=time.time() - t_start, groups=[len(c) for c in chunks], resumed=resume,
                 members_trained=trained)

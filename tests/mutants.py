@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -77,7 +76,7 @@ MUTATIONS = [
       "jax.random.fold_in(epoch_key, i)",
       "epoch_key",
       DEF + "test_every_step_draws_new_masks_and_crops_and_a_key_repeats_them"),
-    m("keys", "same_key_every_epoch", "jaxnets/training.py",
+    m("keys", "same_key_every_epoch", "jaxnets/placement.py",
       "perm_key, epoch_key = jax.random.split(jax.random.fold_in(run_key, epoch))",
       "perm_key, epoch_key = jax.random.split(run_key)",
       DEF + "test_each_epoch_draws_new_masks_and_crops"),
@@ -182,11 +181,11 @@ MUTATIONS = [
       "logits, _ = model.apply(params, state, x, train=True, key=dropout_key, **extra)",
       "logits, _ = model.apply(params, state, x, train=False, key=dropout_key, **extra)",
       DEF + "test_training_steps_follow_the_definition"),
-    m("steps", "validation_scored_on_training_rows", "jaxnets/training.py",
+    m("steps", "validation_scored_on_training_rows", "jaxnets/placement.py",
       'self.evaluate_fn(params, state, self.images, self.labels, x["val_idx"], x["means"], x["stds"])',
       'self.evaluate_fn(params, state, self.images, self.labels, x["train_idx"], x["means"], x["stds"])',
       DEF + "test_mnist_run_clears_its_threshold_and_reports_its_own_figures"),
-    m("steps", "test_set_not_normalised", "jaxnets/training.py",
+    m("steps", "test_set_not_normalised", "jaxnets/placement.py",
       'self.evaluate_fn(params, state, *self.test_set, None, x["means"], x["stds"])',
       'self.evaluate_fn(params, state, *self.test_set, None, x["means"] * 0, x["stds"] * 0 + 1)',
       DEF + "test_mnist_run_clears_its_threshold_and_reports_its_own_figures"),
@@ -258,7 +257,7 @@ MUTATIONS = [
       "zip(*(splits[c.seed] for c in configs))",
       "zip(*(splits[configs[0].seed] for c in configs))",
       "tests/test_sweep.py::test_each_member_reproduces_its_single_run[default]"),
-    m("sweeps", "cpu_members_vmapped_by_default", "jaxnets/training.py",
+    m("sweeps", "cpu_members_vmapped_by_default", "jaxnets/placement.py",
       'vmap = jax.default_backend() != "cpu"',
       "vmap = True",
       "tests/test_sweep.py::test_each_member_reproduces_its_single_run[default]"),

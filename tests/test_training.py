@@ -15,7 +15,7 @@ from jaxnets.config import TrainConfig
 from jaxnets.runs import TrainingError
 from jaxnets import cli
 from jaxnets import data as D
-from jaxnets import steps
+from jaxnets import placement, steps
 from jaxnets import training as T
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,8 +157,8 @@ def test_epoch_order_compiled_without_optimisations_is_bit_identical():
     # The trainer compiles the epoch order with INTEGER_PROGRAM_OPTIONS: the same order and
     # key as jax.random's default compile.
     keys, idx = jax.random.split(jax.random.key(7), 2), np.stack([np.arange(1000), np.arange(1000, 2000)]).astype(np.int32)
-    epoch_inputs = jax.vmap(T._epoch_inputs, in_axes=(0, 0, None))
-    fast = jax.jit(epoch_inputs, compiler_options=T.INTEGER_PROGRAM_OPTIONS)(keys, idx, 3)
+    epoch_inputs = jax.vmap(placement.epoch_inputs, in_axes=(0, 0, None))
+    fast = jax.jit(epoch_inputs, compiler_options=placement.INTEGER_PROGRAM_OPTIONS)(keys, idx, 3)
     default = jax.jit(epoch_inputs)(keys, idx, 3)
     perm_key, epoch_key = jax.random.split(jax.random.fold_in(keys[1], 3))
     assert np.array_equal(fast[0], default[0]) and np.array_equal(fast[0][1], idx[1][jax.random.permutation(perm_key, 1000)])
