@@ -146,9 +146,9 @@ def _install_hook(spec):
 def _child(spec, args):
     sys.argv = ["train.py", *args]
     _install_hook(spec)
-    from jaxnets.cli import main
+    from jaxnets.cli import run  # the entry train.py calls
 
-    return main(args)
+    return run()
 
 
 # ------------------------------------------------------------------------ the harness
