@@ -477,9 +477,9 @@ def _(ctx):
 REFUSED_ON_RESUME = {
     "lr": (["--lr", "0.1"], r"--lr 0\.1 .*0\.001"),
     "seed": (["--seed", "3"], r"--seed 3 .*\b0\b"),
-    "activation": (["--activation", "tanh"], r"--activation 'tanh'.*'relu'"),
-    "weight-decay-added": (["--weight-decay", "0.01"], r"--weight-decay 0\.01 .*0\.0"),
-    "optimizer": (["--optimizer", "sgd"], r"--optimizer 'sgd'.*'adam'"),
+    "activation": (["--activation", "tanh"], r"--activation '?tanh'? differs .*'?relu'?"),
+    "weight-decay-added": (["--weight-decay", "0.01"], r"--weight-decay 0\.01 differs .*saved 0\b"),
+    "optimizer": (["--optimizer", "sgd"], r"--optimizer '?sgd'? differs .*'?adam'?"),
     "batch-size": (["--batch-size", "25"], r"--batch-size 25 .*50"),
     "val-size": (["--val-size", "50"], r"--val-size 50 .*100"),
     "hidden-units": (["--hidden-units", "64"], r"--hidden-units 64 .*32"),
