@@ -80,20 +80,12 @@ def build_parser():
 
 
 def _describe(values):
-    return ", ".join(f"{C.flag(k)[2:]}={_text(v)}" for k, v in values.items()).replace("%", "%%")
-
-
-def _text(value):
-    """A setting's value as it is written on the command line."""
-    if isinstance(value, tuple):
-        return "x".join(map(str, value)) or "none" if all(isinstance(v, int) for v in value) else \
-            ",".join(map(str, value))
-    return str(value).lower() if isinstance(value, bool) else str(value)
+    return ", ".join(f"{C.flag(k)[2:]}={C.format_setting(v)}" for k, v in values.items()).replace("%", "%%")
 
 
 def _add_setting(group, field):
     flag, help_text, default = C.flag(field.name), field.metadata["help"], field.default
-    shown = "" if default is None else f" (default: {_text(default) if default != () else 'none'})"
+    shown = "" if default is None else f" (default: {C.format_setting(default) if default != () else 'none'})"
     if field.name == "conv_plan":
         shown = ""  # its help says what the default is
     if isinstance(default, bool):

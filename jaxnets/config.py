@@ -293,7 +293,7 @@ def resume_config(saved: dict, given: dict, *, where: str) -> tuple[TrainConfig,
         if value == old:
             continue
         if name not in RESUME_CHANGES:
-            raise ValueError(f"{where}: {flag(name)} {_show(value)} differs from the run's saved {_show(old)}; "
+            raise ValueError(f"{where}: {flag(name)} {format_setting(value)} differs from the run's saved {format_setting(old)}; "
                              f"a resumed run keeps its settings (it may change "
                              f"{', '.join(flag(k) for k in RESUME_CHANGES)}): drop the flag, or start a new run")
         if name == "epochs" and value < old:
@@ -306,7 +306,13 @@ def resume_config(saved: dict, given: dict, *, where: str) -> tuple[TrainConfig,
     return config, changes
 
 
-def _show(value):
+def format_setting(value) -> str:
+    """A setting's value as text, the inverse of :func:`parse_setting`: hidden sizes
+    ``300x100`` (``none``), a conv plan ``32,M,64``, floats in their shortest form."""
     if isinstance(value, tuple):
-        return "x".join(map(str, value)) or "none"
-    return repr(value) if isinstance(value, str) else str(value)
+        if all(isinstance(v, int) for v in value):
+            return "x".join(map(str, value)) or "none"
+        return ",".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)

@@ -45,7 +45,7 @@ import numpy as np
 from jaxnets import data as D
 from jaxnets import cost, placement
 from jaxnets import training as T
-from jaxnets.config import FIELDS, TrainConfig, parse_setting
+from jaxnets.config import FIELDS, TrainConfig, format_setting, parse_setting
 from jaxnets.runs import (LOCK, RUN_FILES, RunLock, TrainingError, at_chance, checkpoint_epoch, read_json,
                           read_metrics, read_summary, write_json)
 from jaxnets.steps import build_model
@@ -131,16 +131,8 @@ def expand(base: TrainConfig, axes):
     return members
 
 
-def format_value(value):
-    if isinstance(value, tuple):
-        return "x".join(map(str, value)) or "none"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
 def format_values(swept):
-    return "_".join(f"{k}={format_value(v)}" for k, v in swept.items()) or "base"
+    return "_".join(f"{k}={format_setting(v)}" for k, v in swept.items()) or "base"
 
 
 # ------------------------------------------------------------------- grouping, memory
@@ -270,7 +262,7 @@ def describe(configs, chunks, axes, *, image_shape, classes, n_pool, budget=None
         examples += len(chunk) * steps * c.batch_size
         works.append(len(chunk) * steps * c.batch_size * member_cost(c, image_shape, classes))
         mib = member_bytes(c, image_shape, classes, c.val_size) / 2**20
-        rows.append((group, len(chunk), mib, steps, " ".join(f"{k}={format_value(v)}" for k, v in fixed.items())))
+        rows.append((group, len(chunk), mib, steps, " ".join(f"{k}={format_setting(v)}" for k, v in fixed.items())))
     total = sum(works) or 1
     budget_text = f"; memory budget {budget / 2**30:.2f} GiB per chunk" if budget else ""
     how = ("vmapped chunk(s) (one compile each)" if len(placement.member_blocks(2, vmap=vmap)) == 1 else
@@ -468,7 +460,7 @@ def _plan_settings(base: TrainConfig, axes, names):
     what is trained (not where it is written or read from), the axes and the member names."""
     settings = {k: v for k, v in dataclasses.asdict(base).items()
                 if k not in ("out", "progress", "data_dir", "data_source", "devices")}
-    payload = {"base": settings, "axes": {k: [format_value(v) for v in vs] for k, vs in axes.items()},
+    payload = {"base": settings, "axes": {k: [format_setting(v) for v in vs] for k, vs in axes.items()},
                "names": names}
     return json.loads(json.dumps(payload, default=str))
 
@@ -549,7 +541,7 @@ def table(members, summaries, names, classes):
             flag = summary["status"]
         elif at_chance(summary["best_val_accuracy"], classes):
             flag = "chance"
-        rows.append({"name": name, **{k: format_value(v) for k, v in swept.items()},
+        rows.append({"name": name, **{k: format_setting(v) for k, v in swept.items()},
                      "best_val_accuracy": summary["best_val_accuracy"],
                      "test_accuracy": summary.get("test_accuracy"), "test_loss": summary.get("test_loss"),
                      "flag": flag, "status": summary["status"], "epochs": summary["epochs"],
@@ -576,7 +568,7 @@ def write_table(out: Path, rows, axes, base, *, wall, groups, resumed=False, mem
         writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    payload = {"base": dataclasses.asdict(base), "axes": {k: [format_value(v) for v in vs] for k, vs in axes.items()},
+    payload = {"base": dataclasses.asdict(base), "axes": {k: [format_setting(v) for v in vs] for k, vs in axes.items()},
                "wall_seconds": round(wall, 2), "resumed": resumed, "groups": groups, "members_trained": members_trained,
                "rows": [{k: v for k, v in r.items() if k != "_values"} for r in rows]}
     write_json(out / "sweep.json", payload)
@@ -613,7 +605,7 @@ def plot_sweep(out: Path, rows, axes):
         if numeric and min(values) > 0 and max(values) / min(values) >= 20:
             ax.set_xscale("log")
         if not numeric:
-            ax.set_xticks(xs, [format_value(v) for v in values])
+            ax.set_xticks(xs, [format_setting(v) for v in values])
         ax.set(xlabel=name, ylabel="best validation accuracy (%)", title=f"validation accuracy vs {name}")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -628,7 +620,7 @@ def _plot_seed_bands(plt, out, rows, others, top=10):
     """Validation accuracy per epoch, mean +- std across seeds, for the ``top`` best settings."""
     by_setting = {}
     for r in rows:
-        by_setting.setdefault(tuple(format_value(r["_values"][k]) for k in others), []).append(r)
+        by_setting.setdefault(tuple(format_setting(r["_values"][k]) for k in others), []).append(r)
     curves = []
     for setting, members in by_setting.items():
         runs = [[m["val_accuracy"] for m in read_metrics(r["run_dir"])] for r in members]

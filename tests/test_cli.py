@@ -146,9 +146,9 @@ def test_sweep_of_a_billion_seeds_is_refused_at_once(capsys):
 @pytest.mark.parametrize("args, says", [
     (["--lr", "0.1"], "--lr 0.1 differs from the run's saved 0.001"),
     (["--seed", "3"], "--seed 3 differs from the run's saved 0"),
-    (["--activation", "tanh"], "--activation 'tanh' differs from the run's saved 'relu'"),
-    (["--weight-decay", "0.01"], "--weight-decay 0.01 differs from the run's saved 0.0"),
-    (["--optimizer", "sgd"], "--optimizer 'sgd' differs from the run's saved 'adam'"),
+    (["--activation", "tanh"], "--activation tanh differs from the run's saved relu"),
+    (["--weight-decay", "0.01"], "--weight-decay 0.01 differs from the run's saved 0"),
+    (["--optimizer", "sgd"], "--optimizer sgd differs from the run's saved adam"),
 ])
 def test_resume_refuses_other_settings_naming_both_values(finished, args, says, capsys):
     before = snapshot(finished)
