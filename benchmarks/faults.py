@@ -106,7 +106,7 @@ def _install_hook(spec):
     * ``wait:PATH`` -- before loading the data (the run's lock is held by then), wait until
       PATH exists (a second process can be started against a held run).
     """
-    from jaxnets import data, runs
+    from jaxnets import data, plots, runs
 
     kind, *rest = spec.split(":")
     if kind == "wait":
@@ -120,13 +120,13 @@ def _install_hook(spec):
         data.load_dataset = load_dataset
         return
     if kind == "fill-curves":
-        plot = runs.plot_curves
+        plot = plots.plot_curves
 
         def plot_curves(metrics, path, *args, **kwargs):
             _fill(Path(path).parent)
             return plot(metrics, path, *args, **kwargs)
 
-        runs.plot_curves = plot_curves
+        plots.plot_curves = plot_curves
         return
     names, n = set(rest[0].split(",")), int(rest[1])
     write, count = runs.write_atomic, [0]

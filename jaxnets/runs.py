@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import platform
@@ -369,32 +368,6 @@ def cpu_model():
     except OSError:
         pass
     return platform.processor()
-
-
-def plot_curves(metrics, path: Path, title=""):
-    """Loss and accuracy per epoch, train vs validation, side by side (like the course reports)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [m["epoch"] for m in metrics]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for split, style in (("train", "-o"), ("val", "-s")):
-        ax_loss.plot(epochs, [m[f"{split}_loss"] for m in metrics], style, label=split, markersize=3)
-        ax_acc.plot(epochs, [100 * m[f"{split}_accuracy"] for m in metrics], style, label=split, markersize=3)
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=110)
-    plt.close(fig)
-    write_atomic(path, image.getvalue())  # a full disk: one error line, the old file kept
 
 
 #: Image shape and classes of each dataset, for runs whose config.json predates recording them.

@@ -40,14 +40,13 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from jaxnets import data as D
-from jaxnets import cost, placement
+from jaxnets import cost, placement, plots
 from jaxnets import training as T
 from jaxnets.config import FIELDS, TrainConfig, format_setting, parse_setting
 from jaxnets.runs import (LOCK, RUN_FILES, RunLock, TrainingError, at_chance, checkpoint_epoch, read_json,
-                          read_metrics, read_summary, write_json)
+                          read_summary, write_json)
 from jaxnets.steps import build_model
 
 #: Settings a sweep may not vary (they name where things go, not what is trained).
@@ -436,7 +435,7 @@ def _sweep(base, axes, members, configs, names, out, chunks, *, dataset, budget,
                "each member through its single run's programs")
     write_table(out, rows, axes, base, wall=time.time() - t_start, groups=[len(c) for c in chunks], resumed=resume,
                 members_trained=trained)
-    plot_sweep(out, rows, axes)
+    plots.plot_sweep(out, rows, axes)
     log(f"sweep done in {time.time() - t_start:.0f}s; best: {rows[0]['name']} "
         f"(val {rows[0]['best_val_accuracy']}, test {rows[0].get('test_accuracy')}); table {out / 'sweep.csv'}")
     return rows
@@ -572,73 +571,3 @@ def write_table(out: Path, rows, axes, base, *, wall, groups, resumed=False, mem
                "wall_seconds": round(wall, 2), "resumed": resumed, "groups": groups, "members_trained": members_trained,
                "rows": [{k: v for k, v in r.items() if k != "_values"} for r in rows]}
     write_json(out / "sweep.json", payload)
-
-
-def _plot_axes():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_sweep(out: Path, rows, axes):
-    """``sweep_<setting>.png`` per swept setting (not the seed) and ``seed_bands.png``."""
-    plt = _plot_axes()
-    ok = [r for r in rows if r["flag"] != "diverged" and r["best_val_accuracy"] is not None]
-    for name, values in axes.items():
-        if name == "seed" or not ok:
-            continue
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        xs = list(values) if numeric else list(range(len(values)))
-        fig, ax = plt.subplots(figsize=(6, 4))
-        means, stds = [], []
-        for v, x in zip(values, xs):
-            accs = [100 * r["best_val_accuracy"] for r in ok if r["_values"][name] == v]
-            ax.scatter([x] * len(accs), accs, s=10, alpha=0.4, color="gray")
-            means.append(np.mean(accs) if accs else np.nan)
-            stds.append(np.std(accs) if accs else np.nan)
-        means, stds = np.array(means), np.array(stds)
-        ax.plot(xs, means, "-o", label="mean over the other settings")
-        ax.fill_between(xs, means - stds, means + stds, alpha=0.25, label="+- std")
-        if numeric and min(values) > 0 and max(values) / min(values) >= 20:
-            ax.set_xscale("log")
-        if not numeric:
-            ax.set_xticks(xs, [format_setting(v) for v in values])
-        ax.set(xlabel=name, ylabel="best validation accuracy (%)", title=f"validation accuracy vs {name}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / f"sweep_{name}.png", dpi=110)
-        plt.close(fig)
-    if "seed" in axes and len(axes["seed"]) > 1:
-        _plot_seed_bands(plt, out, ok, [k for k in axes if k != "seed"])
-
-
-def _plot_seed_bands(plt, out, rows, others, top=10):
-    """Validation accuracy per epoch, mean +- std across seeds, for the ``top`` best settings."""
-    by_setting = {}
-    for r in rows:
-        by_setting.setdefault(tuple(format_setting(r["_values"][k]) for k in others), []).append(r)
-    curves = []
-    for setting, members in by_setting.items():
-        runs = [[m["val_accuracy"] for m in read_metrics(r["run_dir"])] for r in members]
-        length = min(map(len, runs))
-        if length:
-            acc = 100 * np.array([run[:length] for run in runs])
-            curves.append((acc[:, -1].mean(), setting, acc))
-    curves.sort(key=lambda c: -c[0])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for _, setting, acc in curves[:top]:
-        epochs = np.arange(1, acc.shape[1] + 1)
-        label = ", ".join(f"{k}={v}" for k, v in zip(others, setting)) or "all"
-        line, = ax.plot(epochs, acc.mean(0), label=f"{label} (n={len(acc)})")
-        ax.fill_between(epochs, acc.mean(0) - acc.std(0), acc.mean(0) + acc.std(0), alpha=0.2,
-                        color=line.get_color())
-    ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="mean +- std across seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "seed_bands.png", dpi=110)
-    plt.close(fig)

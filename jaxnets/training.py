@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnets import data as D
-from jaxnets import parallel, runs
+from jaxnets import parallel, plots, runs
 from jaxnets.config import TrainConfig, flag, resume_config
 from jaxnets.optim import HPARAMS, build_optimizer, hparams_of, with_hparams
 from jaxnets.runs import TrainingError, default_run_dir, environment_info, load_checkpoint, save_checkpoint
@@ -536,7 +536,7 @@ def _finish(run, loop, configs, run_dirs, classes, resume, writer, mesh, t_start
             runs.write_metrics(run_dir, metrics)
             runs.write_json(run_dir / "summary.json", summary)
             if metrics:
-                runs.plot_curves(metrics, run_dir / "curves.png", title=f"{c.model} on {c.dataset}")
+                plots.plot_curves(metrics, run_dir / "curves.png", title=f"{c.model} on {c.dataset}")
         summaries.append(summary)
     if run.failure is not None:
         raise run.failure

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ (the synthetic digits) is not an installed package
 from benchmarks.faults import digits  # noqa: E402
 from jaxnets import data as D  # noqa: E402
-from jaxnets import runs  # noqa: E402
+from jaxnets import plots, runs  # noqa: E402
 from jaxnets import sweep as S  # noqa: E402
 from jaxnets import training as T  # noqa: E402
 from jaxnets.config import TrainConfig  # noqa: E402
@@ -92,7 +92,7 @@ def test_curves_on_a_full_disk_are_one_error_naming_the_file(tmp_path, monkeypat
     metrics = [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.1, "train_accuracy": 0.5, "val_accuracy": 0.4}]
     full_disk(monkeypatch)
     with pytest.raises(TrainingError, match=r"curves\.png: cannot write"):
-        runs.plot_curves(metrics, tmp_path / "curves.png")
+        plots.plot_curves(metrics, tmp_path / "curves.png")
     assert os.listdir(tmp_path) == []
 
 
