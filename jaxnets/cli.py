@@ -59,8 +59,9 @@ def build_parser():
                              "'--'; integer ranges A..B; e.g. --sweep lr=1e-2,1e-3 --sweep seed=0..2 "
                              "--sweep hidden-units=100,300x100")
     sweeps.add_argument("--memory-budget", metavar="BYTES",
-                        help="estimated memory per chunk of members, e.g. 4G (default: 25%% of free memory)")
-    sweeps.add_argument("--max-members", type=int, metavar="N", help="at most N configurations per chunk")
+                        help="estimated memory per wave of members (a group too big for it trains in waves), e.g. 4G "
+                             "(default: 25%% of free memory)")
+    sweeps.add_argument("--max-members", type=int, metavar="N", help="at most N configurations per wave")
     perf = groups["performance"]
     from jaxnets.training import DEFAULT_COMPILE_CACHE
     perf.add_argument("--compile-cache", metavar="DIR",

@@ -1,24 +1,26 @@
-"""Sweeps: many configurations trained at once, vmapped in one compiled program per shape group.
+"""Sweeps: a grid of configurations, trained group by group, one directory per member.
 
-A sweep is a base :class:`~jaxnets.training.TrainConfig` and axes ``{setting: [values]}``;
+A sweep is a base :class:`~jaxnets.config.TrainConfig` and axes ``{setting: [values]}``;
 every combination of the values (their Cartesian product) is one member. Members that
 agree in every setting that fixes shapes or the program (:func:`~jaxnets.training.group_key`:
 hidden sizes, depth, batch size, batch norm, activation, optimizer, epochs/max_steps, ...)
-form a group and train together in one ``jax.vmap``-ed, jitted program: their learning
-rate, weight decay, momentum, dropout rate and label smoothing are per-member arrays, and
-their seed gives each its own split, init, data order and dropout masks. Groups too big for
-the memory budget are split into chunks. Groups run one after another.
+form a group. On GPU/TPU a group trains in one ``jax.vmap``-ed, jitted program (learning
+rate, weight decay, momentum, dropout rate and label smoothing are per-member arrays); on
+CPU each member runs through its single run's programs, two at a time
+(:class:`~jaxnets.placement.MemberBlocks`). Each member's seed gives it its own split,
+init, data order and dropout masks. Groups too big for the memory budget are split into
+waves. Groups and waves run one after another.
 
 Each member writes exactly the files of a single run (``train_group`` is also what
 ``train`` runs). The sweep directory gets ``sweep_plan.json`` (the settings, the members
-and their chunks, written before training), ``sweep.csv``/``sweep.json`` (every member,
+and their waves, written before training), ``sweep.csv``/``sweep.json`` (every member,
 best first), ``sweep_<setting>.png`` (validation accuracy vs each swept value, mean +- std
 across the other settings) and, when seeds are swept, ``seed_bands.png`` (validation
 curves, mean +- std across seeds).
 
 An interrupted sweep continues with ``resume=True`` (``--resume DIR``): it reruns its saved
-plan, skipping chunks whose members all finished, continuing partly trained chunks from
-their epoch checkpoints (the whole chunk, so its program and rounding are unchanged) and
+plan, skipping waves whose members all finished, continuing partly trained waves from
+their epoch checkpoints (the whole wave, so its program and rounding are unchanged) and
 training the rest; the table equals an uninterrupted sweep's.
 
     from jaxnets import sweep as S
@@ -212,7 +214,7 @@ def available_memory():
 
 
 def memory_budget():
-    """Default budget for one chunk of a sweep: 25% of :func:`available_memory`."""
+    """Default budget for one wave of a sweep: 25% of :func:`available_memory`."""
     return int(0.25 * available_memory())
 
 
@@ -231,44 +233,44 @@ def parse_bytes(text: str) -> int:
 
 def plan(configs, *, image_shape, classes, n_val=0, budget=None, max_members=None):
     """Indices of ``configs`` grouped by :func:`~jaxnets.training.group_key`, each group split
-    into chunks that fit ``budget`` bytes (and ``max_members``), in first-seen order."""
+    into waves that fit ``budget`` bytes (and ``max_members``), in first-seen order."""
     groups = {}
     for i, c in enumerate(configs):
         groups.setdefault(T.group_key(c), []).append(i)
     budget = memory_budget() if budget is None else budget
-    chunks = []
+    waves = []
     for members in groups.values():
         per_member = member_bytes(configs[members[0]], image_shape, classes, n_val)
         cap = max(1, int(budget // per_member))
         if max_members:
             cap = min(cap, max_members)
         pieces = math.ceil(len(members) / cap)
-        size = math.ceil(len(members) / pieces)  # even chunks: one compile per distinct size
-        chunks.extend(members[i:i + size] for i in range(0, len(members), size))
-    return chunks
+        size = math.ceil(len(members) / pieces)  # even waves: one compile per distinct size
+        waves.extend(members[i:i + size] for i in range(0, len(members), size))
+    return waves
 
 
-def describe(configs, chunks, axes, *, image_shape, classes, n_pool, budget=None, vmap=None):
-    """The plan as text: one line per chunk (its group's fixed swept values, members,
+def describe(configs, waves, axes, *, image_shape, classes, n_pool, budget=None, vmap=None):
+    """The plan as text: one line per wave (its group's fixed swept values, members,
     estimated memory per member, steps, share of the total work) and a header with totals
-    that says how a chunk's members train (``vmap`` as in :func:`sweep`)."""
+    that says how a wave's members train (``vmap`` as in :func:`sweep`)."""
     lines, works, rows, groups, examples = [], [], [], {}, 0
-    for chunk in chunks:
-        c = configs[chunk[0]]
+    for wave in waves:
+        c = configs[wave[0]]
         group = groups.setdefault(T.group_key(c), len(groups))
-        fixed = {k: getattr(c, k) for k in axes if all(getattr(configs[i], k) == getattr(c, k) for i in chunk)}
+        fixed = {k: getattr(c, k) for k in axes if all(getattr(configs[i], k) == getattr(c, k) for i in wave)}
         steps = member_steps(c, n_pool)[1]
-        examples += len(chunk) * steps * c.batch_size
-        works.append(len(chunk) * steps * c.batch_size * member_cost(c, image_shape, classes))
+        examples += len(wave) * steps * c.batch_size
+        works.append(len(wave) * steps * c.batch_size * member_cost(c, image_shape, classes))
         mib = member_bytes(c, image_shape, classes, c.val_size) / 2**20
-        rows.append((group, len(chunk), mib, steps, " ".join(f"{k}={format_setting(v)}" for k, v in fixed.items())))
+        rows.append((group, len(wave), mib, steps, " ".join(f"{k}={format_setting(v)}" for k, v in fixed.items())))
     total = sum(works) or 1
-    budget_text = f"; memory budget {budget / 2**30:.2f} GiB per chunk" if budget else ""
-    how = ("vmapped chunk(s) (one compile each)" if len(placement.member_blocks(2, vmap=vmap)) == 1 else
-           f"chunk(s) (members through their single run's programs, {placement.CONCURRENT_BLOCKS} at a time)")
+    budget_text = f"; memory budget {budget / 2**30:.2f} GiB per wave" if budget else ""
+    how = ("vmapped wave(s) (one compile each)" if len(placement.member_blocks(2, vmap=vmap)) == 1 else
+           f"wave(s) (members through their single run's programs, {placement.CONCURRENT_BLOCKS} at a time)")
     lines.append(f"{len(configs)} configurations over {', '.join(axes) or 'nothing'}: {len(groups)} group(s), "
-                 f"{len(chunks)} {how}{budget_text}; {examples:,} training examples over all members")
-    lines.append(f"{'chunk':>5} {'group':>5} {'members':>7} {'MiB/member':>10} {'steps':>6} {'work':>6}  fixed values")
+                 f"{len(waves)} {how}{budget_text}; {examples:,} training examples over all members")
+    lines.append(f"{'wave':>5} {'group':>5} {'members':>7} {'MiB/member':>10} {'steps':>6} {'work':>6}  fixed values")
     for k, ((group, n, mib, steps, fixed), work) in enumerate(zip(rows, works)):
         lines.append(f"{k + 1:>5} {group + 1:>5} {n:>7} {mib:>10.1f} {steps:>6} {100 * work / total:>5.1f}%  {fixed}")
     return "\n".join(lines)
@@ -283,9 +285,9 @@ def dry_run(base: TrainConfig, axes, *, budget=None, max_members=None, dataset: 
     else:
         image_shape, classes, n_pool = DATASET_SHAPES[base.dataset]
     budget = memory_budget() if budget is None else budget
-    chunks = plan(configs, image_shape=image_shape, classes=classes, n_val=base.val_size, budget=budget,
+    waves = plan(configs, image_shape=image_shape, classes=classes, n_val=base.val_size, budget=budget,
                   max_members=max_members)
-    return describe(configs, chunks, axes, image_shape=image_shape, classes=classes, n_pool=n_pool, budget=budget,
+    return describe(configs, waves, axes, image_shape=image_shape, classes=classes, n_pool=n_pool, budget=budget,
                     vmap=vmap)
 
 
@@ -298,11 +300,11 @@ def sweep(base: TrainConfig, axes, *, out=None, dataset: D.Dataset | None = None
 
     ``out`` (default ``base.out``, else ``runs/sweep-<model>-<dataset>-<time>``) gets one
     directory per member plus the table and plots; a directory that holds files is never
-    written into without ``resume``. ``budget`` (bytes) caps each chunk's estimated
+    written into without ``resume``. ``budget`` (bytes) caps each wave's estimated
     memory (default :func:`memory_budget`); ``max_members`` caps its size. ``resume``
     continues the interrupted sweep in ``out``, which must have been started with the same
     ``base`` and ``axes`` (its saved plan is reused, whatever ``budget`` says now).
-    ``vmap`` says how a chunk's members train (see :func:`~jaxnets.training.train_group`):
+    ``vmap`` says how a wave's members train (see :func:`~jaxnets.training.train_group`):
     by default vmapped, except on CPU, where they run one after another, each bit-for-bit
     its single run.
     """
@@ -324,7 +326,7 @@ def sweep(base: TrainConfig, axes, *, out=None, dataset: D.Dataset | None = None
         log(f"{out} holds no sweep yet (it stopped before writing its plan): starting it")
         resume = False
     if resume:
-        chunks = _saved_plan(out, base, axes, names)
+        waves = _saved_plan(out, base, axes, names)
     elif out.exists() and any(not p.name.startswith(LOCK) for p in out.iterdir()):
         raise TrainingError(f"sweep directory {out} already holds files; continue it with --resume {out} "
                               f"or choose another --out")
@@ -334,13 +336,13 @@ def sweep(base: TrainConfig, axes, *, out=None, dataset: D.Dataset | None = None
         raise TrainingError(f"--out {out}: cannot create the directory ({e.strerror})") from None
     with RunLock(out):  # one process at a time runs (or resumes) a sweep
         if resume:
-            chunks = _saved_plan(out, base, axes, names)  # again: the plan as it is now we hold the lock
-        return _sweep(base, axes, members, configs, names, out, chunks if resume else None, dataset=dataset,
+            waves = _saved_plan(out, base, axes, names)  # again: the plan as it is now we hold the lock
+        return _sweep(base, axes, members, configs, names, out, waves if resume else None, dataset=dataset,
                       budget=budget, max_members=max_members, log=log, progress=progress, resume=resume, vmap=vmap,
                       t_start=t_start)
 
 
-def _sweep(base, axes, members, configs, names, out, chunks, *, dataset, budget, max_members, log, progress, resume,
+def _sweep(base, axes, members, configs, names, out, waves, *, dataset, budget, max_members, log, progress, resume,
            vmap, t_start):
     """:func:`sweep` once its directory is checked and locked."""
     if dataset is None:
@@ -348,78 +350,78 @@ def _sweep(base, axes, members, configs, names, out, chunks, *, dataset, budget,
     image_shape, classes = dataset.image_shape, dataset.num_classes
     if not resume:
         budget = memory_budget() if budget is None else budget
-        chunks = plan(configs, image_shape=image_shape, classes=classes, n_val=base.val_size, budget=budget,
+        waves = plan(configs, image_shape=image_shape, classes=classes, n_val=base.val_size, budget=budget,
                       max_members=max_members)
-    for chunk in chunks:  # each member alone must fit (a chunk is at least one member, whatever the budget)
-        check_memory(configs[chunk[0]], image_shape, classes)
+    for wave in waves:  # each member alone must fit (a wave is at least one member, whatever the budget)
+        check_memory(configs[wave[0]], image_shape, classes)
     for c, name in zip(configs, names):
         c.out, c.progress = str(out / name), False
 
-    # Work (member-steps x batch x cost per example) per chunk: what the progress bar and the
-    # ETA count, so a chunk of 3000-step, 300-wide members weighs what it costs.
+    # Work (member-steps x batch x cost per example) per wave: what the progress bar and the
+    # ETA count, so a wave of 3000-step, 300-wide members weighs what it costs.
     n_pool = len(dataset.train_labels)
     steps = [member_steps(c, n_pool) for c in configs]
     step_work = [c.batch_size * member_cost(c, image_shape, classes) for c in configs]
-    works = [sum(steps[i][1] * step_work[i] for i in chunk) for chunk in chunks]
-    finished = [[_finished(Path(configs[i].out)) for i in chunk] for chunk in chunks]
+    works = [sum(steps[i][1] * step_work[i] for i in wave) for wave in waves]
+    finished = [[_finished(Path(configs[i].out)) for i in wave] for wave in waves]
     done = [all(s is not None for s in f) for f in finished]
 
     enabled = base.progress if progress is None else progress
     bar = _sweep_bar(sum(works), sum(w for w, d in zip(works, done) if d), enabled)
     if enabled and log is print:  # printed lines would tear the bar
         log = lambda text="", **_: bar.write(str(text), file=sys.stdout)
-    log(describe(configs, chunks, axes, image_shape=image_shape, classes=classes, n_pool=n_pool,
+    log(describe(configs, waves, axes, image_shape=image_shape, classes=classes, n_pool=n_pool,
                  budget=None if resume else budget))
     log(("resuming" if resume else "writing") + f" {out}"
-        + (f": {sum(done)} of {len(chunks)} chunks finished already" if resume else ""))
+        + (f": {sum(done)} of {len(waves)} waves finished already" if resume else ""))
     if not resume:
-        _write_plan(out, base, axes, names, chunks)
+        _write_plan(out, base, axes, names, waves)
 
     summaries = [None] * len(configs)
     t_work, work_done, configs_done = None, 0.0, 0
     try:
-        for g, chunk in enumerate(chunks):
+        for g, wave in enumerate(waves):
             if done[g]:
-                for i, summary in zip(chunk, finished[g]):
+                for i, summary in zip(wave, finished[g]):
                     summaries[i] = dict(summary, group=g, group_seconds=summary["wall_seconds"])
-                configs_done += len(chunk)
+                configs_done += len(wave)
                 continue
             t_work = t_work or time.time()
-            dirs = [Path(configs[i].out) for i in chunk]
-            bar.set_postfix_str(f"chunk {g + 1}/{len(chunks)}, {configs_done}/{len(configs)} configs done")
+            dirs = [Path(configs[i].out) for i in wave]
+            bar.set_postfix_str(f"wave {g + 1}/{len(waves)}, {configs_done}/{len(configs)} configs done")
             how, epoch = _resume_mode(dirs, log) if resume else ("new", 0)
             if how == "rerun":
                 _clear(dirs)
             target = bar.n + works[g]
 
-            def advance(record, *_, g=g, chunk=chunk):
-                # One call per member and epoch; every member of a chunk shares the step counts.
-                c = configs[chunk[0]]
+            def advance(record, *_, g=g, wave=wave):
+                # One call per member and epoch; every member of a wave shares the step counts.
+                c = configs[wave[0]]
                 per_epoch, total = member_steps(c, n_pool)
                 before = min((record["epoch"] - 1) * per_epoch, total)
-                bar.update((record["steps"] - before) * step_work[chunk[0]])
+                bar.update((record["steps"] - before) * step_work[wave[0]])
 
             if how == "continue":  # the epochs already trained count as done
-                bar.update(works[g] * min(1.0, epoch * steps[chunk[0]][0] / steps[chunk[0]][1]))
+                bar.update(works[g] * min(1.0, epoch * steps[wave[0]][0] / steps[wave[0]][1]))
             t0 = time.time()
-            results = T.train_group([configs[i] for i in chunk], dirs, dataset=dataset, log=log,
-                                    names=[names[i] for i in chunk], resume=how == "continue", on_epoch_end=advance,
+            results = T.train_group([configs[i] for i in wave], dirs, dataset=dataset, log=log,
+                                    names=[names[i] for i in wave], resume=how == "continue", on_epoch_end=advance,
                                     vmap=vmap,
                                     extra_config=[{"sweep": {"values": members[i][1], "group": g,
-                                                             "group_size": len(chunk)}} for i in chunk])
-            for i, summary in zip(chunk, results):
+                                                             "group_size": len(wave)}} for i in wave])
+            for i, summary in zip(wave, results):
                 summaries[i] = dict(summary, group=g, group_seconds=summary["wall_seconds"])
             bar.update(target - bar.n)
-            configs_done += len(chunk)
-            bar.set_postfix_str(f"chunk {g + 1}/{len(chunks)}, {configs_done}/{len(configs)} configs done")
+            configs_done += len(wave)
+            bar.set_postfix_str(f"wave {g + 1}/{len(waves)}, {configs_done}/{len(configs)} configs done")
             work_done += works[g]
             left = sum(w for w, d in zip(works[g + 1:], done[g + 1:]) if not d)
             eta = left * (time.time() - t_work) / work_done
-            log(f"chunk {g + 1}/{len(chunks)} done in {time.time() - t0:.0f}s; "
+            log(f"wave {g + 1}/{len(waves)} done in {time.time() - t0:.0f}s; "
                 f"{configs_done}/{len(configs)} configurations done, about {_duration(eta)} left")
     except KeyboardInterrupt:
         bar.close()
-        log(f"sweep interrupted; finished and partly trained chunks are kept: continue it with the same "
+        log(f"sweep interrupted; finished and partly trained waves are kept: continue it with the same "
             f"settings and --resume {out}")
         raise
     except Exception:
@@ -431,9 +433,9 @@ def _sweep(base, axes, members, configs, names, out, chunks, *, dataset, budget,
         raise
     bar.close()
     rows = table(members, summaries, names, classes)
-    trained = ("vmapped per chunk" if len(placement.member_blocks(2, vmap=vmap)) == 1 else
+    trained = ("vmapped per wave" if len(placement.member_blocks(2, vmap=vmap)) == 1 else
                "each member through its single run's programs")
-    write_table(out, rows, axes, base, wall=time.time() - t_start, groups=[len(c) for c in chunks], resumed=resume,
+    write_table(out, rows, axes, base, wall=time.time() - t_start, groups=[len(c) for c in waves], resumed=resume,
                 members_trained=trained)
     plots.plot_sweep(out, rows, axes)
     log(f"sweep done in {time.time() - t_start:.0f}s; best: {rows[0]['name']} "
@@ -442,7 +444,7 @@ def _sweep(base, axes, members, configs, names, out, chunks, *, dataset, budget,
 
 
 def _sweep_bar(total, initial, enabled):
-    """One bar for the whole sweep, in units of work, so its rate and ETA weigh each chunk by cost."""
+    """One bar for the whole sweep, in units of work, so its rate and ETA weigh each wave by cost."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="sweep", disable=not enabled, dynamic_ncols=True,
@@ -464,30 +466,33 @@ def _plan_settings(base: TrainConfig, axes, names):
     return json.loads(json.dumps(payload, default=str))
 
 
-def _write_plan(out: Path, base, axes, names, chunks):
-    payload = dict(_plan_settings(base, axes, names), chunks=chunks)
+def _write_plan(out: Path, base, axes, names, waves):
+    payload = dict(_plan_settings(base, axes, names), waves=waves)
     write_json(out / PLAN_FILE, payload)
 
 
 def _saved_plan(out: Path, base, axes, names):
-    """The chunks saved in ``out``'s plan, after checking it was started with these settings."""
+    """The waves saved in ``out``'s plan, after checking it was started with these settings."""
     path = out / PLAN_FILE
     if not path.exists():
         raise TrainingError(f"--resume {out}: no {PLAN_FILE} there, not a sweep directory")
     saved = read_json(path)
-    if not all(k in saved for k in ("axes", "base", "names", "chunks")):
-        raise TrainingError(f"{path}: not a sweep plan (missing axes, base, names or chunks)")
+    saved.setdefault("waves", saved.pop("chunks", None))  # plans written before the rename
+    if not all(saved.get(k) is not None for k in ("axes", "base", "names", "waves")):
+        raise TrainingError(f"{path}: not a sweep plan (missing axes, base, names or waves)")
     now = _plan_settings(base, axes, names)
     if saved["axes"] != now["axes"]:
         raise TrainingError(f"--resume {out}: that sweep swept {_axes_text(saved['axes'])}, "
                               f"not {_axes_text(now['axes'])}")
     for k in sorted(set(saved["base"]) | set(now["base"])):
+        if k not in saved["base"] and now["base"][k] == FIELDS[k].default:
+            continue  # a setting added since that sweep started, at its default
         if saved["base"].get(k) != now["base"].get(k):
             raise TrainingError(f"--resume {out}: that sweep was started with {k}={saved['base'].get(k)!r}, "
                                   f"not {now['base'].get(k)!r}")
     if saved["names"] != names:
         raise TrainingError(f"--resume {out}: its members differ from these settings'")
-    return saved["chunks"]
+    return saved["waves"]
 
 
 def _axes_text(axes):
@@ -502,7 +507,7 @@ def _finished(run_dir: Path):
 
 
 def _resume_mode(dirs, log):
-    """How to go on with an unfinished chunk, and from which epoch: ``("continue", epoch)``
+    """How to go on with an unfinished wave, and from which epoch: ``("continue", epoch)``
     from its checkpoints when every member still training has one, all of the same epoch;
     else ``("rerun", 0)`` from scratch (nothing trained yet, or a crash left the members at
     different epochs)."""
@@ -510,18 +515,18 @@ def _resume_mode(dirs, log):
     for d in dirs:
         summary = read_summary(d)
         if summary is not None and str(summary.get("status", "")).startswith("diverged"):
-            continue  # stays stopped in the continued chunk
+            continue  # stays stopped in the continued wave
         epochs.add(checkpoint_epoch(d))
     if len(epochs) == 1 and None not in epochs:
         return "continue", epochs.pop()
     if epochs - {None}:
         log(f"members {dirs[0].name}... stopped at different epochs ({sorted(epochs, key=str)}); "
-            f"rerunning their chunk from the start")
+            f"rerunning their wave from the start")
     return "rerun", 0
 
 
 def _clear(dirs):
-    """Remove what an unfinished run wrote, so its chunk reruns from scratch."""
+    """Remove what an unfinished run wrote, so its wave reruns from scratch."""
     for d in dirs:
         if d.exists():
             for f in d.iterdir():

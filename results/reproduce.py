@@ -135,7 +135,7 @@ EXPERIMENTS = {
     ),
     "cifar10_convnet_preact_seeds": (
         "the same pre-activation residual run over seeds 0, 1, 2 (one sweep command; its memory plan put "
-        "one member per chunk, so they trained one after another)",
+        "one member per wave, so they trained one after another)",
         "90% goal (course 75-79%, best report 81.1%)",
         [*_PREACT, "--sweep", "seed=0,1,2"],
     ),

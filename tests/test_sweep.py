@@ -122,7 +122,7 @@ def test_divergent_member_is_marked_and_the_others_are_unaffected(mnist_small, t
     assert (out / "sweep_lr.png").stat().st_size > 0
 
 
-def test_groups_by_shape_and_chunks_to_the_memory_budget(tmp_path):
+def test_groups_by_shape_and_waves_to_the_memory_budget(tmp_path):
     cfg = base(tmp_path)
     members = S.expand(cfg, S.parse_sweep(["hidden-units=16,32x16", "batch-size=32,64", "lr=1e-3,1e-2",
                                            "seed=0..2"], cfg))
@@ -135,10 +135,10 @@ def test_groups_by_shape_and_chunks_to_the_memory_budget(tmp_path):
     # Dropout on/off changes the program: separate groups; weight decay 0 joins the others.
     mixed = [c for c, _ in S.expand(cfg, {"dropout": [0.0, 0.3, 0.5], "weight_decay": [0.0, 1e-4]})]
     assert sorted(map(len, S.plan(mixed, image_shape=(28, 28, 1), classes=10))) == [2, 4]
-    # A budget for ~2.5 members splits a group of 6 into 3 even chunks; max_members caps it too.
+    # A budget for ~2.5 members splits a group of 6 into 3 even waves; max_members caps it too.
     per_member = S.member_bytes(configs[0], (28, 28, 1), 10)
-    chunks = S.plan(configs[:6], image_shape=(28, 28, 1), classes=10, budget=2.5 * per_member)
-    assert [len(c) for c in chunks] == [2, 2, 2]
+    waves = S.plan(configs[:6], image_shape=(28, 28, 1), classes=10, budget=2.5 * per_member)
+    assert [len(c) for c in waves] == [2, 2, 2]
     assert [len(c) for c in S.plan(configs[:6], image_shape=(28, 28, 1), classes=10, max_members=4)] == [3, 3]
     assert S.parse_bytes("4G") == 4 * 2**30 and S.parse_bytes("1e6") == 10**6
 
@@ -179,7 +179,7 @@ def test_cli_sweep_runs_and_writes_the_table(mnist_dir, tmp_path, capsys):
     table = list(csv.DictReader(open(out / "sweep.csv")))
     assert len(table) == 2 and {r["lr"] for r in table} == {"0.01", "0.001"}
     assert float(table[0]["best_val_accuracy"]) >= float(table[1]["best_val_accuracy"])
-    assert {r["group"] for r in table} == {"0", "1"}  # --max-members 1: two chunks
+    assert {r["group"] for r in table} == {"0", "1"}  # --max-members 1: two waves
     for r in table:
         assert (out / r["name"] / "summary.json").exists()
 
@@ -205,9 +205,9 @@ SAME = ("name", "seed", "lr", "best_val_accuracy", "test_accuracy", "test_loss",
 
 
 def test_interrupted_sweep_resumes_to_the_uninterrupted_table(mnist_small, tmp_path):
-    # Three chunks of two (lr 1e4 diverges in its first epoch, lr 0.05 trains). The run is
-    # stopped after epoch 2 of chunk 2: chunk 1 finished, chunk 2 has epoch-2 checkpoints
-    # (and a diverged member without one), chunk 3 never started.
+    # Three waves of two (lr 1e4 diverges in its first epoch, lr 0.05 trains). The run is
+    # stopped after epoch 2 of wave 2: wave 1 finished, wave 2 has epoch-2 checkpoints
+    # (and a diverged member without one), wave 3 never started.
     cfg = base(tmp_path, optimizer="sgd", schedule="constant", dropout=0.0, hidden_units=(16,), batch_size=100,
                epochs=3, chunk_steps=15)
     axes = {"seed": [0, 1, 2], "lr": [1e4, 0.05]}
@@ -224,7 +224,7 @@ def test_interrupted_sweep_resumes_to_the_uninterrupted_table(mnist_small, tmp_p
 
     log = _interrupt_at("never", 1)
     rows = S.sweep(cfg, axes, out=out, dataset=mnist_small, log=log, progress=False, resume=True)
-    assert any("1 of 3 chunks finished already" in line for line in log.lines)
+    assert any("1 of 3 waves finished already" in line for line in log.lines)
     assert any("resuming 1 members after epoch 2 (1 diverged before, kept stopped)" in line for line in log.lines)
     assert (out / "000-seed=0_lr=10000" / "summary.json").read_text() == finished  # not retrained
     assert [{k: r[k] for k in SAME} for r in rows] == [{k: r[k] for k in SAME} for r in whole]
