@@ -35,6 +35,18 @@ import numpy as np
 _requests = contextvars.ContextVar("jaxnets_init_requests", default=None)
 
 
+def normal(key, shape, dtype):
+    """``jax.random.normal(key, shape, dtype)``, drawn flat and reshaped: the same numbers
+    (the threefry counter of an entry is its row-major index), and XLA:CPU compiles the flat
+    draw ~4x faster (0.3 s against 1.2 s for a few small layers)."""
+    return jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape)
+
+
+def uniform(key, shape, dtype, minval, maxval):
+    """``jax.random.uniform(key, shape, dtype, minval, maxval)``, drawn flat (see :func:`normal`)."""
+    return jax.random.uniform(key, (math.prod(shape),), dtype, minval, maxval).reshape(shape)
+
+
 def drawn_together(init):
     """Decorate a function returning a pytree of parameters (a model's ``init``): every
     :func:`jaxnets.layers.init_weights` inside it is drawn in one batched draw."""

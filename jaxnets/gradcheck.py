@@ -162,14 +162,17 @@ def check_grad(f, f_grad, primals, *, names=None, dy=None, seed=0, coords=12, h=
         if dy.shape != out.shape:
             raise ValueError(f"gradcheck: dy has shape {tuple(dy.shape)}, the forward's output {tuple(out.shape)}")
 
-        @jax.jit
-        def both(primals, dy):
-            y, vjp_fn = jax.vjp(f, *primals)
-            return vjp_fn(dy), tuple(f_grad(*primals, dy)), jnp.sum(jnp.abs(y * dy))
+        index, fd_where = _fd_entries(primals, coords, seed)
 
-        expected, got, magnitude = both(primals, dy)
+        @jax.jit  # one compilation for everything: it dominates the time of a small check
+        def run(primals, dy, index):
+            y, vjp_fn = jax.vjp(f, *primals)
+            fd = _finite_differences(f, primals, dy, index, h)
+            return vjp_fn(dy), tuple(f_grad(*primals, dy)), jnp.sum(jnp.abs(y * dy)), fd
+
+        expected, got, magnitude, fd = run(primals, dy, index)
         _check_structure(expected, got, names)
-        fd, fd_where = _finite_differences(f, primals, dy, coords, h, seed)
+        fd = np.asarray(fd)
 
     fd_floor = max(1e-8, 10 * np.finfo(np.float64).eps * float(magnitude) / h / fd_tol)
     rows = []
@@ -195,11 +198,9 @@ def _check_structure(expected, got, names):
                                  f"the input's leaf {tuple(a.shape)}")
 
 
-def _finite_differences(f, primals, dy, coords, h, seed):
-    """Central differences of ``sum(f(*primals) * dy)`` at ``coords`` random entries of each
-    leaf, all in one compiled ``lax.map``. Returns the values and, per leaf, (offset into
-    the values, entries of the leaf)."""
-    flat, unravel = ravel_pytree(primals)
+def _fd_entries(primals, coords, seed):
+    """``coords`` random entries of each leaf of ``primals``: their indices into the
+    flattened primals, and per leaf (offset of its entries among them, entries in the leaf)."""
     rng = np.random.default_rng(seed)
     where, index, start, offset = [], [], 0, 0
     for leaf in jax.tree_util.tree_leaves(primals):
@@ -207,15 +208,19 @@ def _finite_differences(f, primals, dy, coords, h, seed):
         where.append((offset, picks))
         index.append(start + picks)
         start, offset = start + leaf.size, offset + len(picks)
-    index = jnp.asarray(np.concatenate(index) if index else np.zeros(0, int))
+    return np.concatenate(index) if index else np.zeros(0, int), where
+
+
+def _finite_differences(f, primals, dy, index, h):
+    """Central differences of ``sum(f(*primals) * dy)`` in the flattened primals' entries ``index``."""
     if index.size == 0:
-        return np.zeros(0), where
+        return jnp.zeros(0)
+    flat, unravel = ravel_pytree(primals)
     objective = lambda v: jnp.sum(f(*unravel(v)) * dy)
     one = lambda i: (objective(flat.at[i].add(h)) - objective(flat.at[i].add(-h))) / (2 * h)
     # Perturbed copies of all the inputs at once, up to ~4M numbers.
-    batch = int(max(1, min(index.size, 4_000_000 // max(flat.size, 1))))
-    values = jax.jit(lambda idx: jax.lax.map(one, idx, batch_size=batch))(index)
-    return np.asarray(values), where
+    batch = max(1, 4_000_000 // max(flat.size, 1))
+    return jax.vmap(one)(index) if batch >= index.size else jax.lax.map(one, index, batch_size=batch)
 
 
 def check(forward, backward, x, params=None, *, dy=None, seed=0, coords=12, h=1e-5, tol=TOL, fd_tol=FD_TOL,

@@ -55,15 +55,16 @@ def init_weights(key, shape, fan_in, *, scheme="kaiming", bias=True, dtype=jnp.f
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
 def _draw_weights(key, shape, uniform, scale, bias, dtype):
     """With ``wkey, bkey = split(key)``: ``w = scale * normal(wkey, shape)`` and ``b = 0``,
-    or (``uniform``) ``w ~ U(-scale, scale)`` from ``wkey`` and ``b`` likewise from ``bkey``."""
+    or (``uniform``) ``w ~ U(-scale, scale)`` from ``wkey`` and ``b`` likewise from ``bkey``
+    (``jax.random.normal``/``uniform``'s numbers, see :func:`jaxnets._init_fast.normal`)."""
     # Jitted: XLA folds scale * sqrt(2) (inside jax.random.normal) into one constant, which
     # a model's one-draw init (jaxnets._init_fast) reproduces bit for bit.
     wkey, bkey = jax.random.split(key)
     if uniform:
-        w = jax.random.uniform(wkey, shape, dtype, -scale, scale)
-        b = jax.random.uniform(bkey, shape[-1:], dtype, -scale, scale)
+        w = _init_fast.uniform(wkey, shape, dtype, -scale, scale)
+        b = _init_fast.uniform(bkey, shape[-1:], dtype, -scale, scale)
     else:
-        w = scale * jax.random.normal(wkey, shape, dtype)
+        w = scale * _init_fast.normal(wkey, shape, dtype)
         b = jnp.zeros(shape[-1:], dtype)
     return {"w": w, "b": b} if bias else {"w": w}
 
