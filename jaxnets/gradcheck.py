@@ -36,11 +36,11 @@ Each by the relative error of the leaf (:func:`rel_error`)::
 normalised by the leaf's scale rather than entry by entry, so entries that are zero up to
 rounding (sums that cancel) do not dominate; ``floor`` (1e-8) keeps a gradient that is zero
 in exact arithmetic (a bias in front of batch norm) from comparing noise with noise. For
-finite differences the floor is ``noise / fd_tol``, ``noise = 10 eps sum|y * dy| / h`` (their
-rounding error, ``eps`` of float64): a difference below that noise never fails. A correct backward gives ~1e-15
-against ``jax.vjp`` and ~1e-10 against finite differences (their truncation error,
-``h = 1e-5``); a wrong one gives ~1. Near a kink (ReLU at 0, a tie in a max) finite
-differences are wrong instead: use inputs away from kinks.
+finite differences the floor is ``noise / fd_tol`` with ``noise = 10 eps sum|y * dy| / h``
+(their rounding error, ``eps`` of float64): a difference below that noise never fails. A
+correct backward gives ~1e-15 against ``jax.vjp`` and ~1e-10 against finite differences
+(their truncation error, ``h = 1e-5``); a wrong one gives ~1. Near a kink (ReLU at 0, a tie
+in a max) finite differences are wrong instead: use inputs away from kinks.
 
 Everything runs in float64: the inputs are converted (a float32 model is checked as its
 float64 twin) inside ``jax.enable_x64``, so the caller need not enable it; a forward that
@@ -55,6 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+
+from jaxnets import models as M
 
 #: Default tolerances: against ``jax.vjp`` and against finite differences.
 TOL = 1e-6
@@ -268,8 +270,6 @@ def check_model(model, params, state, x, labels, *, seed=0, coords=6, h=1e-5, to
     model's float32 params, state and ``x`` are checked as float64; batch norm in training
     mode needs a batch with more than one value per channel.
     """
-    from jaxnets import models as M  # the models import the layers this module checks
-
     with jax.enable_x64(True):
         state = _to_float64(state, "the state")
         x = _to_float64(x, "x")
