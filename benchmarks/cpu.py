@@ -358,7 +358,7 @@ def multiply_flops(model):
 
     Per layer, as in :func:`jaxnets.cost.train_flops`: ``2 * macs`` forward, ``2 * macs``
     weight gradient, ``2 * macs`` input gradient except the first layer. A conv that
-    ``jaxnets.conv`` computes by Winograd (its own rule, ``conv._conv_method``: 3x3, stride 1,
+    ``jaxnets.conv`` computes by Winograd (its own rule, ``conv.conv_method``: 3x3, stride 1,
     pad 1, even H and W >= 4, >= 16 input channels, CPU implementations) does all three
     products in the Winograd domain, each :data:`WINOGRAD_SHARE` of the direct multiplies.
     The tile transforms are additions and are not counted. Without Winograd layers this is
@@ -366,7 +366,7 @@ def multiply_flops(model):
     total, winograd = 0, []
     for i, (layer, x_shape, w_shape, pads) in enumerate(conv_shapes(model)):
         flops = (6 if i else 4) * layer.macs
-        if w_shape is not None and C._conv_method("conv2d", model.conv_impl, w_shape, x_shape, (1, 1), pads) == "winograd":
+        if w_shape is not None and C.conv_method("conv2d", model.conv_impl, w_shape, x_shape, (1, 1), pads) == "winograd":
             flops *= WINOGRAD_SHARE
             winograd.append(layer.name)
         total += flops

@@ -1,7 +1,7 @@
 """CPU kernels behind :mod:`jaxnets.conv`: Winograd F(2x2, 3x3) and the phased max pool.
 
 Nothing here is part of the course material: these are faster ways, on XLA:CPU, to compute
-what the plain formulas in :mod:`jaxnets.conv` define. :func:`jaxnets.conv._conv_method`
+what the plain formulas in :mod:`jaxnets.conv` define. :func:`jaxnets.conv.conv_method`
 and :func:`jaxnets.conv._pool_form` (the one place that chooses) send a layer here only
 for the CPU implementations (``impl="winograd"``/``"gemm"``, or ``"auto"`` on a CPU
 backend) and only for the geometries in :func:`winograd_applies` / :func:`phased_pool_applies`.

@@ -111,6 +111,9 @@ class TrainConfig:
             _check(f, getattr(self, f.name))
         if self.conv_plan and self.model == "mlp":
             raise ValueError("--conv-plan is a ConvNet setting; it has no effect with --model mlp")
+        if self.model == "mlp" and self.batch_norm and self.batch_size == 1:
+            raise ValueError("--batch-size 1 with --batch-norm: batch norm needs more than one example per batch "
+                             "to normalise over in training")
         if self.warmup_epochs and self.schedule == "onecycle":
             raise ValueError("--warmup-epochs does not apply to --schedule onecycle (it has its own warm-up); "
                              "drop one of them")

@@ -74,7 +74,7 @@ def resolve_impl(impl, *, layer="resolve_impl"):
     return impl
 
 
-def _conv_method(layer, impl, w_shape, x_shape, s_hw, pads):
+def conv_method(layer, impl, w_shape, x_shape, s_hw, pads):
     """What computes this convolution: ``"winograd"`` where F(2x2, 3x3) applies, else
     ``"gemm"``, for the CPU implementations; ``"xla"`` for ``"xla"``."""
     impl = resolve_impl(impl, layer=layer)
@@ -297,7 +297,7 @@ def conv2d(params, x, *, stride=1, padding="SAME", impl="auto"):
     """
     k_hw, s_hw, pads, out_hw = _conv_geometry("conv2d", params, x, stride, padding)
     w = params["w"]
-    method = _conv_method("conv2d", impl, w.shape, x.shape, s_hw, pads)
+    method = conv_method("conv2d", impl, w.shape, x.shape, s_hw, pads)
     if method == "winograd":
         y = _cpu_conv.winograd_conv(x, w)
     elif method == "gemm":
@@ -335,7 +335,7 @@ def conv2d_backward(params, cache, dy, *, stride=1, padding="SAME", impl="auto")
     x = cache.x
     k_hw, s_hw, pads, out_hw = _conv_geometry("conv2d_backward", params, x, stride, padding)
     w = params["w"]
-    method = _conv_method("conv2d_backward", impl, w.shape, x.shape, s_hw, pads)
+    method = conv_method("conv2d_backward", impl, w.shape, x.shape, s_hw, pads)
     if method != cache.method:
         raise ValueError(
             f"conv2d_backward: impl={impl!r} computes this convolution by {method!r}, but the forward "

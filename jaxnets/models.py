@@ -392,21 +392,3 @@ def value_and_grad(model, params, state, x, labels, *, grad="autodiff", **kwargs
     """Dispatch to the gradient path named ``grad`` (``"autodiff"`` or ``"manual"``)."""
     check_choice("value_and_grad", "gradient path", grad, tuple(GRADIENT_PATHS))
     return GRADIENT_PATHS[grad](model, params, state, x, labels, **kwargs)
-
-
-def flops_per_example(model):
-    """Multiply-adds x 2 of one forward pass (convs and linears only)."""
-    if isinstance(model, MLP):
-        return 2 * model.num_weights()
-    h, w, cin = model.input_shape
-    total = 0
-    for item in model.plan:
-        if item == "M":
-            h, w = _pooled(h), _pooled(w)
-            continue
-        if model.preact:
-            total += 2 * h * w * (9 * item * item + (cin * item if cin != item else 0))
-        else:
-            total += 2 * h * w * 9 * cin * item
-        cin = item
-    return total + 2 * h * w * cin * model.classes

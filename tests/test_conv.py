@@ -144,7 +144,7 @@ def test_conv2d_shapes_and_jit():
     assert shape(padding=((0, 0), (2, 2)), stride=(1, 2)) == (2, 7, 7, 8)
     # The cache (x and the method, static) passes through jit: forward and backward jitted apart.
     y, cache = jax.jit(C.conv2d)(params, x)
-    assert isinstance(cache, C.ConvCache) and cache.method == C._conv_method("t", "auto", (3, 3, 3, 8), x.shape,
+    assert isinstance(cache, C.ConvCache) and cache.method == C.conv_method("t", "auto", (3, 3, 3, 8), x.shape,
                                                                              (1, 1), ((1, 1), (1, 1)))
     dp, dx = jax.jit(C.conv2d_backward)(params, cache, y)
     assert dp["w"].shape == (3, 3, 3, 8) and dp["b"].shape == (8,) and dx.shape == x.shape
@@ -219,7 +219,7 @@ def test_convnet_conv_impl_reaches_every_conv_and_pool():
     for impl, native in (("xla", True), ("gemm", False), ("winograd", False)):
         model = dataclasses.replace(net, conv_impl=impl)
         _, _, (caches, _) = jax.eval_shape(lambda p, s: model.forward(p, s, x, train=True), params, state)
-        assert [c["conv"].method for c in caches if "conv" in c] == [C._conv_method(
+        assert [c["conv"].method for c in caches if "conv" in c] == [C.conv_method(
             "t", impl, (3, 3, 16, 16), (2, s, s, 16), (1, 1), ((1, 1), (1, 1))) for s in (8, 4)]
         assert caches[1]["pool"].form == ("output" if native else "first_max")
         step = lambda p: M.manual_value_and_grad(model, p, state, x, y)

@@ -194,11 +194,3 @@ def test_bad_input_errors():
         net.apply(params, state, jnp.zeros((2, 32, 32)), train=False)
     with pytest.raises(ValueError, match="gradient path"):
         M.value_and_grad(mlp, None, None, None, None, grad="numeric")
-
-
-def test_flops_per_example():
-    assert M.flops_per_example(M.MLP(input_size=3072, hidden=(512, 512))) == 2 * (3072 * 512 + 512 * 512 + 5120)
-    # The course ConvNet: conv FLOPs of 32x32x3 -> ... -> 1x1x512, plus the head.
-    expected = 2 * (32 * 32 * 9 * 3 * 64 + 16 * 16 * 9 * 64 * 128 + 8 * 8 * 9 * (128 * 256 + 256 * 256)
-                    + 4 * 4 * 9 * (256 * 512 + 512 * 512) + 2 * 2 * 9 * 2 * 512 * 512 + 512 * 10)
-    assert M.flops_per_example(M.ConvNet()) == expected
