@@ -590,9 +590,6 @@ def markdown(results):
     GFLOP/s of the work done (Winograd's multiplies for jaxnets' ConvNet), the effective
     rate (direct-convolution FLOPs / time) where that differs, speed against the best
     PyTorch variant of the run, share of the GEMM limit; epochs; compile times; machine."""
-    if "cpu" not in results:
-        return _markdown_before_issue19(results)
-
     def f(value, spec):
         return "" if value is None else format(value, spec)
 
@@ -642,39 +639,6 @@ def markdown(results):
                     if winograd else "")
                  + f"{compile_text}. Machine: {cpu.get('model')}, {cpu.get('cores')} cores, flags "
                  f"{' '.join(cpu.get('flags') or []) or 'unknown'}; jax {machine.get('jax')}, torch {machine.get('torch')}. "
-                 f"Command: `{results.get('command')}`.")
-    return "\n".join(lines)
-
-
-def _markdown_before_issue19(results):
-    """The table as written for results files older than issue 19's counts (no "cpu" key):
-    the committed file until the benchmark is rerun. Remove with that rerun."""
-    lines = ["| benchmark | images/s | GFLOP/s | vs PyTorch | of GEMM limit |", "| --- | --- | --- | --- | --- |"]
-    for kind in ("mlp", "convnet"):
-        row = results.get(kind, {})
-        for label in ("jaxnets_autodiff", "jaxnets_manual", "jaxnets_xla_conv", "torch", "torch_channels_last", "flax"):
-            if f"{label}_images_per_s" in row:
-                lines.append(f"| {kind} step, {label.replace('_', ' ')} | {row[f'{label}_images_per_s']:.0f} | "
-                             f"{row[f'{label}_gflops']:.0f} | {row.get(f'{label}_speedup_vs_torch', float('nan')):.2f}x | "
-                             f"{row.get(f'{label}_fraction_of_limit', float('nan')):.0%} |")
-    for kind, entry in results.get("epoch", {}).items():
-        lines.append(f"| {kind} epoch of {entry['images']} images, wall s | jaxnets {entry['jaxnets_s']:.1f} | "
-                     f"torch {entry.get('torch_s', float('nan')):.1f} | {entry.get('jaxnets_over_torch', float('nan')):.2f}x time | |")
-        if "jaxnets_cached_compile_s" in entry:
-            lines.append(f"| {kind} epoch, new process with its compiled programs cached, wall s | "
-                         f"jaxnets {entry['jaxnets_cached_compile_s']:.1f} (first process "
-                         f"{entry['jaxnets_fresh_process_s']:.1f}) | torch {entry.get('torch_s', float('nan')):.1f} | "
-                         f"{entry.get('jaxnets_cached_compile_over_torch', float('nan')):.2f}x time | |")
-    for kind in ("mlp", "convnet"):
-        if kind in results:
-            lines.append(f"| {kind} first step (compile), s | autodiff {results[kind]['jaxnets_autodiff_first_call_s']:.1f} | "
-                         f"manual {results[kind]['jaxnets_manual_first_call_s']:.1f} | | |")
-    gemm = results.get("gemm", {})
-    machine = results.get("machine", {})
-    lines.append("")
-    lines.append(f"GEMM limit (2048^3 fp32): jax {gemm.get('jax_gflops', float('nan')):.0f} GFLOP/s, torch "
-                 f"{gemm.get('torch_gflops', float('nan')):.0f} GFLOP/s. Machine: {machine.get('cpu')}, "
-                 f"{machine.get('cores')} cores; jax {machine.get('jax')}, torch {machine.get('torch')}. "
                  f"Command: `{results.get('command')}`.")
     return "\n".join(lines)
 

@@ -123,7 +123,8 @@ def main():
     names = {args.data_dir: "DIR", str(run_dir): "RUN_DIR", str(cache): "CACHE_DIR"}
     jaxnets["command"] = " ".join(names.get(a, a) for a in jax_cmd[1:])
     jaxnets["warm_equals_cold"] = jaxnets["warm"]["test_accuracy"] == jaxnets["cold"]["test_accuracy"]
-    result = {"command": "python -m benchmarks.mnist_vs_torch " + " ".join(sys.argv[1:]), "jaxnets": jaxnets,
+    command = " ".join(["python -m benchmarks.mnist_vs_torch", *(names.get(a, a) for a in sys.argv[1:])])
+    result = {"command": command, "jaxnets": jaxnets,
               "torch": {"wall_seconds": round(torch_s, 1), "test_accuracy": torch_acc},
               "torch_over_jaxnets_cold": round(torch_s / jaxnets["cold"]["wall_seconds"], 2),
               "torch_over_jaxnets_warm": round(torch_s / jaxnets["warm"]["wall_seconds"], 2),
