@@ -32,3 +32,27 @@ def test_preact_blocks_count_their_projection():
     expected = 64 * 3 * 16 + 64 * 9 * 16 * 16 * 2 + 16 * 16 * 32 + 16 * 9 * 32 * 32 + 16 * 32 * 10
     assert cost.forward_macs(net) == expected
     assert [layer.name[:4] for layer in cost.layers(net)] == ["proj", "conv", "conv", "proj", "conv", "head"]
+
+
+def test_benchmark_counts_winograd_multiplies_per_layer():
+    """benchmarks.cpu's multiply count for the course ConvNet on the CPU kernels, by hand:
+    conv 1 (3 input channels) and the two 2x2 convs are direct, the five others Winograd
+    (16 of the 36 multiplies of each 2x2 output tile), the first layer has no input gradient."""
+    from benchmarks.cpu import multiply_flops
+
+    macs = lambda s, cin, cout: s * s * 9 * cin * cout
+    winograd = [macs(16, 64, 128), macs(8, 128, 256), macs(8, 256, 256), macs(4, 256, 512), macs(4, 512, 512)]
+    direct = [macs(2, 512, 512)] * 2 + [512 * 10]
+    expected = 4 * macs(32, 3, 64) + 6 * sum(direct) + 6 * sum(winograd) * 16 // 36
+    flops, names = multiply_flops(M.ConvNet(conv_impl="winograd"))
+    assert flops == expected == 472_676_352 and len(names) == 5
+    assert multiply_flops(M.ConvNet(conv_impl="xla"))[0] == cost.train_flops(M.ConvNet())
+
+
+def test_benchmark_records_the_cpu_flags(tmp_path):
+    from benchmarks.common import cpu_info
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16\n")
+    info = cpu_info(fake)
+    assert {"avx2", "avx512f", "avx512_bf16"} <= set(info["flags"]) and "amx_tile" not in info["flags"]
