@@ -296,7 +296,8 @@ def resume_config(saved: dict, given: dict, *, where: str) -> tuple[TrainConfig,
         if value == old:
             continue
         if name not in RESUME_CHANGES:
-            raise ValueError(f"{where}: {flag(name)} {format_setting(value)} differs from the run's saved {format_setting(old)}; "
+            raise ValueError(f"{where}: {flag(name)} {format_setting(value)} differs from the run's saved "
+                             f"{format_setting(old)}; "
                              f"a resumed run keeps its settings (it may change "
                              f"{', '.join(flag(k) for k in RESUME_CHANGES)}): drop the flag, or start a new run")
         if name == "epochs" and value < old:

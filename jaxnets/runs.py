@@ -479,6 +479,7 @@ def load_run(run_dir) -> Run:
         if tuple(a.shape) != np.shape(b):
             raise TrainingError(f"{path}: shapes do not match the model in config.json ({np.shape(b)} vs {a.shape})")
     as_jax = lambda tree: jax.tree_util.tree_map(jnp.asarray, tree)
-    return Run(run_dir=run_dir, config=config, model=model, image_shape=shape, params=as_jax(params), state=as_jax(state),
+    return Run(run_dir=run_dir, config=config, model=model, image_shape=shape, params=as_jax(params),
+               state=as_jax(state),
                mean=np.asarray(norm["mean"], np.float32), std=np.asarray(norm["std"], np.float32),
                epoch=int(raw["epoch"]), summary=read_summary(run_dir))

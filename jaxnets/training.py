@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxnets import data as D
 from jaxnets import parallel, plots, runs
-from jaxnets.config import TrainConfig, flag, resume_config
+from jaxnets.config import TrainConfig, flag, format_setting, resume_config
 from jaxnets.optim import HPARAMS, build_optimizer, hparams_of, with_hparams
 from jaxnets.runs import TrainingError, default_run_dir, environment_info, load_checkpoint, save_checkpoint
 from jaxnets.placement import INTEGER_PROGRAM_OPTIONS, DeviceMesh, MemberBlocks, OneDevice
@@ -211,15 +211,17 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
         f"{steps_per_epoch} steps per epoch, {_plural(epochs, 'epoch')} ({total_steps} steps); "
         f"{place.describe(size, run_dirs[0])}")
     carries = [(*c, members.part(run.frozen, k)) for k, c in enumerate(carries)]
-    loop = _EpochLoop(place, members, carries, run, base, steps_per_epoch, total_steps, say)
-    loop.host_keys = jax.random.wrap_key_data(key_data)
+    run.begin()
+    loop = _EpochLoop(place, members, carries, run, base, steps_per_epoch, total_steps, say,
+                      host_keys=jax.random.wrap_key_data(key_data))
     try:
         for epoch in range(run.start_epoch, epochs):
-            seconds, done = loop.run_epoch(epoch, epochs)
+            seconds, done, train = loop.run_epoch(epoch, epochs)
             if not run.alive.any():
                 break
             val = loop.evaluate("val", run.alive) if n_val else (np.full(size, np.nan),) * 2
-            records = run.record_epoch(epoch, val, seconds, done, batch, say)
+            records = run.record_epoch(epoch, train, val, seconds, images=done * batch,
+                                       steps=epoch * steps_per_epoch + done, say=say)
             if writer:
                 _write_epoch(records, loop, members, run_dirs, means, stds, on_epoch_end)
             else:
@@ -272,10 +274,7 @@ def _check_shapes(dataset: D.Dataset, pool_x):
 
 def _describe(model):
     """One readable line for a model (its settings without the internal axis names)."""
-    fields = {k: v for k, v in vars(model).items() if not k.endswith("axis_name")} if hasattr(model, "__dict__") \
-        else {}
-    text = ", ".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, tuple) and all(isinstance(i, int) for i in v) else v}"
-                     for k, v in fields.items())
+    text = ", ".join(f"{k}={format_setting(v)}" for k, v in vars(model).items() if not k.endswith("axis_name"))
     return f"{type(model).__name__}({text})"
 
 
@@ -326,19 +325,20 @@ class _GroupState:
         metrics and its checkpoint), as a resume will continue from there."""
         self.metrics = [[r for r in ms if r["epoch"] <= good] for ms, good in zip(self.metrics, self.last_good)]
 
-    def record_epoch(self, epoch, val, seconds, done, batch, say):
-        """Each live member's epoch record (appended to its metrics): ``{m: record}``."""
-        val_loss, val_acc = val
-        epoch_loss, epoch_correct = self.epoch_loss, self.epoch_correct
+    def record_epoch(self, epoch, train, val, seconds, images, steps, say):
+        """Each live member's epoch record (appended to its metrics): ``{m: record}``.
+        ``train``/``val``: per-member (step losses, correct counts) / (loss, accuracy);
+        ``images`` trained this epoch per member; ``steps`` in all by its end."""
+        (epoch_loss, epoch_correct), (val_loss, val_acc) = train, val
         records = {}
         for m in np.flatnonzero(self.alive):
             record = {
                 "epoch": epoch + 1,
                 "train_loss": float(epoch_loss[m].mean()),
-                "train_accuracy": float(epoch_correct[m].sum() / (done * batch)),
+                "train_accuracy": float(epoch_correct[m].sum() / images),
                 "val_loss": float(val_loss[m]), "val_accuracy": float(val_acc[m]),
-                "seconds": round(seconds, 3), "images_per_second": round(done * batch / seconds, 1),
-                "steps": self.steps_per_epoch * epoch + done,
+                "seconds": round(seconds, 3), "images_per_second": round(images / seconds, 1),
+                "steps": steps,
             }
             self.metrics[m].append(record)
             if self.size == 1:
@@ -406,17 +406,16 @@ def _write_run_configs(configs, run_dirs, dataset, model, n_train, n_val, extra_
 class _EpochLoop:
     """Runs the chunks of an epoch over the member blocks, watching for divergence."""
 
-    def __init__(self, place, members, carries, run, config, steps_per_epoch, total_steps, say):
+    def __init__(self, place, members, carries, run, config, steps_per_epoch, total_steps, say, *, host_keys):
         self.place, self.members, self.carries, self.run, self.config = place, members, carries, run, config
         self.steps_per_epoch, self.total_steps, self.say = steps_per_epoch, total_steps, say
+        self.host_keys = host_keys  # each member's run key, saved with its checkpoints
         # One chunk program per run: the steps per call are an argument, at most chunk_length.
         self.chunk_length = min(config.chunk_steps, steps_per_epoch, total_steps)
-        run.steps_per_epoch = steps_per_epoch
-        run.begin()
 
     def run_epoch(self, epoch, epochs):
-        """Train one epoch; returns ``(seconds, steps done)`` and leaves the epoch's per-member
-        losses and correct counts on ``run``."""
+        """Train one epoch; returns ``(seconds, steps done, (losses, correct counts))``, the
+        last two per member and step (None when every member had stopped)."""
         run, members, place, batch = self.run, self.members, self.place, self.config.batch_size
         epoch_steps = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
         losses, corrects, done, t0 = [], [], 0, time.time()
@@ -448,9 +447,8 @@ class _EpochLoop:
                 bar.set_postfix(loss=f"{chunk_loss[run.alive].mean():.4f}",
                                 img_s=f"{done * batch * run.alive.sum() / (time.time() - t0):.0f}")
         bar.close()
-        if losses:
-            run.epoch_loss, run.epoch_correct = np.concatenate(losses, axis=1), np.concatenate(corrects, axis=1)
-        return time.time() - t0, done
+        train = (np.concatenate(losses, axis=1), np.concatenate(corrects, axis=1)) if losses else None
+        return time.time() - t0, done, train
 
     def _check_finite(self, chunk_loss, epoch, done):
         run = self.run
