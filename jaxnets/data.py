@@ -52,6 +52,7 @@ import pickle
 import tarfile
 import warnings
 import zlib
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,17 @@ DATA_DIR_ENV = "JAXNETS_DATA_DIR"
 
 #: Where :func:`load_dataset` takes the data from (see the module docstring).
 SOURCES = ("auto", "files", "tfds")
-_NUM_CLASSES = {"mnist": 10, "cifar10": 10}
+
+class Shape(NamedTuple):
+    """What a dataset is, before loading it: image shape, classes, training images."""
+
+    image_shape: tuple
+    classes: int
+    train_examples: int
+
+
+#: Each dataset's :class:`Shape`, for planning a sweep or rebuilding a model without the data.
+SHAPES = {"mnist": Shape((28, 28, 1), 10, 60000), "cifar10": Shape((32, 32, 3), 10, 50000)}
 
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -564,8 +575,8 @@ def _load_tfds(name: str, data_dir) -> Dataset:
             raise DataError(f"{where}: {images.shape[0]} images but labels of shape "
                             f"{labels.shape}; expected equal counts")
         out[f"{split}_images"] = np.ascontiguousarray(images)
-        out[f"{split}_labels"] = _checked_labels(labels, _NUM_CLASSES[name], where)
-    return Dataset(name=name, num_classes=_NUM_CLASSES[name],
+        out[f"{split}_labels"] = _checked_labels(labels, SHAPES[name].classes, where)
+    return Dataset(name=name, num_classes=SHAPES[name].classes,
                    source=f"tfds:{data_dir if data_dir is not None else 'default'}", **out)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 from flax import serialization
 
+from jaxnets import data as D
 from jaxnets.config import TrainConfig, from_dict
 
 #: The files a run writes.
@@ -370,10 +371,6 @@ def cpu_model():
     return platform.processor()
 
 
-#: Image shape and classes of each dataset, for runs whose config.json predates recording them.
-DATASET_SHAPES = {"mnist": ((28, 28, 1), 10), "cifar10": ((32, 32, 3), 10)}
-
-
 @dataclasses.dataclass
 class Run:
     """A trained run loaded back (:func:`load_run`): its model, parameters, batch-norm state,
@@ -410,7 +407,6 @@ class Run:
 
         if images is None:
             if dataset is None:
-                from jaxnets import data as D
                 dataset = D.load_dataset(self.config.dataset, self.config.data_dir, source=self.config.data_source)
             images, labels = dataset.test_images, dataset.test_labels
         x = self._images(images)
@@ -462,7 +458,7 @@ def load_run(run_dir) -> Run:
         config = from_dict(info["config"], where=str(run_dir / "config.json"))
     except ValueError as e:
         raise TrainingError(str(e)) from None
-    shape, classes = DATASET_SHAPES[config.dataset]
+    shape, classes, _ = D.SHAPES[config.dataset]  # for runs whose config.json predates recording them
     shape, classes = tuple(info.get("image_shape", shape)), int(info.get("classes", classes))
     model = build_model(config, shape, classes)
     raw = read_checkpoint(run_dir)

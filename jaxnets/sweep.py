@@ -58,8 +58,6 @@ MAX_MEMBERS = 10_000
 SWEEPABLE = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_SWEEPABLE)
 #: The sweep's own record of what it trains and how, read back by ``resume``.
 PLAN_FILE = "sweep_plan.json"
-#: Image shape, classes and training images of each dataset, for planning without loading it.
-DATASET_SHAPES = {"mnist": ((28, 28, 1), 10, 60000), "cifar10": ((32, 32, 3), 10, 50000)}
 
 
 # ------------------------------------------------------------------------- parsing
@@ -283,7 +281,7 @@ def dry_run(base: TrainConfig, axes, *, budget=None, max_members=None, dataset: 
     if dataset is not None:
         image_shape, classes, n_pool = dataset.image_shape, dataset.num_classes, len(dataset.train_labels)
     else:
-        image_shape, classes, n_pool = DATASET_SHAPES[base.dataset]
+        image_shape, classes, n_pool = D.SHAPES[base.dataset]
     budget = memory_budget() if budget is None else budget
     waves = plan(configs, image_shape=image_shape, classes=classes, n_val=base.val_size, budget=budget,
                   max_members=max_members)
