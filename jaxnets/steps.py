@@ -28,19 +28,11 @@ from jaxnets.optim import hparams_of
 
 
 def build_model(config: TrainConfig, image_shape, classes, bn_axis_name=None, batch_axis_name=None):
-    """The model of ``config``; ``bn_axis_name`` syncs batch norm over that mesh axis, and
-    ``batch_axis_name`` (data parallel: the axis the batch is split over) draws an MLP's
-    dropout masks at each example's position in the whole batch."""
-    if config.model == "mlp":
-        return M.MLP(
-            input_size=int(np.prod(image_shape)), hidden=tuple(config.hidden_units), classes=classes,
-            activation=config.activation, batch_norm=config.batch_norm, dropout=config.dropout,
-            init_scheme=config.init, bn_axis_name=bn_axis_name, batch_axis_name=batch_axis_name,
-        )
-    plan = tuple(config.conv_plan) or M.VGG_COURSE
-    return M.ConvNet(input_shape=tuple(image_shape), plan=plan, classes=classes,
-                     preact=config.model == "preact_convnet", init_scheme=config.init, bn_axis_name=bn_axis_name,
-                     conv_impl=config.conv_impl)
+    """The model of ``config`` (:func:`jaxnets.models.build`, from the family registry);
+    ``bn_axis_name`` syncs batch norm over that mesh axis, and ``batch_axis_name`` (data
+    parallel: the axis the batch is split over) draws dropout masks at each example's
+    position in the whole batch."""
+    return M.build(config, image_shape, classes, bn_axis_name=bn_axis_name, batch_axis_name=batch_axis_name)
 
 
 def stack_members(trees):
@@ -154,7 +146,7 @@ def make_step(model, optimizer, config: TrainConfig, axis_name=None):
     the single-device step on the same global batch.
     """
     value_and_grad = M.GRADIENT_PATHS[config.grad]
-    dropout_on = config.model == "mlp" and config.dropout > 0
+    dropout_on = model.has_dropout
     if axis_name is not None and dropout_on and getattr(model, "batch_axis_name", None) != axis_name:
         # Same key on every device: without it every device would repeat one slice's masks.
         raise ValueError(f"data-parallel dropout needs the model built with batch_axis_name={axis_name!r}")
