@@ -13,8 +13,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
-#: Architectures, optimizers, schedules and input normalisations a run can name.
-MODELS = ("mlp", "convnet", "preact_convnet")
+from jaxnets.models import FAMILIES
+
+#: Architectures (the family registry, jaxnets.models.FAMILIES), optimizers, schedules and
+#: input normalisations a run can name.
+MODELS = tuple(FAMILIES)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "adagrad", "rmsprop")
 SCHEDULES = ("constant", "cosine", "onecycle", "step")
 NORMALIZATIONS = ("channel", "mean_image")
@@ -53,8 +56,7 @@ class TrainConfig:
                "(digits are not mirror-symmetric, so MNIST gets crops only)", "data")
     # model
     model: str = _setting(
-        "mlp", "mlp, convnet (the course mini-VGG) or preact_convnet (its pre-activation residual variant)",
-        "model", choices=MODELS)
+        "mlp", "; ".join(f"{f.name}: {f.help}" for f in FAMILIES.values()), "model", choices=MODELS)
     hidden_units: tuple = _setting(
         (1024, 1024), "MLP hidden sizes, e.g. 300x100 for two layers, none for logistic regression", "model")
     conv_plan: tuple = _setting(
