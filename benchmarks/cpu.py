@@ -57,6 +57,7 @@ from jaxnets import conv as C
 from jaxnets import data as D
 from jaxnets import models as M
 from jaxnets import cost, optim, runs
+from jaxnets import network as nn
 from jaxnets import training as T
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "bench_cpu.json"
@@ -322,30 +323,6 @@ def torch_epoch_seconds(torch, kind, dataset, variant="torch"):
 # ----------------------------------------------------------------------------- FLOPs
 
 
-def conv_shapes(model):
-    """``[(layer, x_shape, w_shape, pads)]``: each conv/linear layer of a ConvNet, as
-    :func:`jaxnets.cost.layers` lists it, with the (1, H, W, Cin) input and (k, k, Cin, Cout)
-    kernel it sees ('SAME' padding at stride 1). Walks the plan the way ``cost.layers``
-    does and checks every layer's multiply-adds against it."""
-    h, w, cin = model.input_shape
-    shapes = []
-    for item in model.plan:
-        if item == "M":
-            h, w = cost._pooled(h), cost._pooled(w)
-            continue
-        if model.preact and cin != item:
-            shapes.append(((1, h, w, cin), (1, 1, cin, item), ((0, 0), (0, 0))))
-            cin = item
-        shapes.append(((1, h, w, cin), (3, 3, cin, item), ((1, 1), (1, 1))))
-        cin = item
-    layers = cost.layers(model)
-    assert len(layers) == len(shapes) + 1, f"conv_shapes: {len(shapes)} convs, jaxnets.cost lists {len(layers) - 1}"
-    for layer, (x_shape, w_shape, _) in zip(layers, shapes):
-        macs = x_shape[1] * x_shape[2] * int(np.prod(w_shape))
-        assert layer.macs == macs, f"conv_shapes disagrees with jaxnets.cost at {layer.name}: {macs} vs {layer.macs}"
-    return [(layer, *shape) for layer, shape in zip(layers, shapes)] + [(layers[-1], None, None, None)]
-
-
 #: Multiplications of Winograd F(2x2, 3x3) per direct-convolution multiplication: a 2x2
 #: output tile from a 4x4 input tile takes 16 products per (input, output) channel pair,
 #: the direct sum 4 outputs x 9 = 36.
@@ -364,11 +341,12 @@ def multiply_flops(model):
     The tile transforms are additions and are not counted. Without Winograd layers this is
     ``cost.train_flops(model)``."""
     total, winograd = 0, []
-    for i, (layer, x_shape, w_shape, pads) in enumerate(conv_shapes(model)):
-        flops = (6 if i else 4) * layer.macs
-        if w_shape is not None and C.conv_method("conv2d", model.conv_impl, w_shape, x_shape, (1, 1), pads) == "winograd":
+    rows = [row for row in model.cost_rows() if row.macs]
+    for i, row in enumerate(rows):
+        flops = (6 if i else 4) * row.macs
+        if isinstance(row.layer, nn.Conv) and row.layer.method(row.in_shape) == "winograd":
             flops *= WINOGRAD_SHARE
-            winograd.append(layer.name)
+            winograd.append(row.path)
         total += flops
     return round(total), winograd
 

@@ -57,6 +57,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jaxnets import models as M
+from jaxnets import network as nn
 
 #: Default tolerances: against ``jax.vjp`` and against finite differences.
 TOL = 1e-6
@@ -281,3 +282,29 @@ def check_model(model, params, state, x, labels, *, seed=0, coords=6, h=1e-5, to
 
         return check_grad(f, f_grad, (params,), names=("params",), dy=1.0, seed=seed, coords=coords, h=h,
                           tol=tol, fd_tol=fd_tol)
+
+
+def check_layer(layer, x, *, params=None, state=None, train=True, key=None, seed=0, coords=12, h=1e-5, tol=TOL,
+                fd_tol=FD_TOL):
+    """Check a :mod:`jaxnets.network` layer or composition: its ``backward`` (parameter and
+    input gradients) against ``jax.vjp`` and finite differences of its ``forward`` at ``x``;
+    returns a :class:`Report`.
+
+    ``params``/``state`` default to ``layer.init`` from ``PRNGKey(seed)`` for inputs of
+    ``x``'s per-example shape; ``train`` and ``key`` (for dropout) make the call's
+    :class:`~jaxnets.network.Context`. Other arguments: see :func:`check_grad`.
+    """
+    if params is None:
+        keys = iter(jax.random.split(jax.random.PRNGKey(seed), max(layer.weight_keys(), 1)))
+        params, init_state, _ = layer.init(keys, tuple(x.shape[1:]), jnp.float32)
+        state = init_state if state is None else state
+    state = {} if state is None else state
+    ctx = nn.Context(train, key)
+    kw = dict(seed=seed, coords=coords, h=h, tol=tol, fd_tol=fd_tol)
+    with jax.enable_x64(True):
+        state = _to_float64(state, "the state")
+        if not jax.tree_util.tree_leaves(params):
+            return check(lambda x: layer.forward(params, state, x, ctx)[:2],
+                         lambda cache, dy: layer.backward(params, cache, dy, ctx)[1], x, **kw)
+        return check(lambda p, x: layer.forward(p, state, x, ctx)[:2],
+                     lambda p, cache, dy: layer.backward(p, cache, dy, ctx), x, params, **kw)

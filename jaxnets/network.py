@@ -110,6 +110,10 @@ class Layer:
         """Multiply-adds per example (0 for layers that do no products)."""
         return 0
 
+    def kept_floats(self, in_shape, out_shape):
+        """Values per example this layer's output adds to memory (default: the whole output)."""
+        return math.prod(out_shape)
+
     def cost_rows(self, in_shape, path=""):
         """:class:`CostRow` of every leaf layer, in forward order; returns ``(rows, out_shape)``."""
         out_shape = self.output_shape(in_shape)
@@ -190,6 +194,13 @@ class Conv(Layer):
         x = jax.ShapeDtypeStruct((1, *in_shape), jnp.float32)
         w = {"w": jax.ShapeDtypeStruct((self.kernel, self.kernel, in_shape[-1], self.features), jnp.float32)}
         return tuple(jax.eval_shape(lambda w, x: conv_ops.conv2d(w, x, **self.geometry)[0], w, x).shape[1:])
+
+    def method(self, in_shape):
+        """What computes this convolution on inputs of ``in_shape`` (``conv.conv_method``:
+        ``"winograd"``, ``"gemm"`` or ``"xla"``), as recorded in its cache."""
+        x = jax.ShapeDtypeStruct((1, *in_shape), jnp.float32)
+        w = {"w": jax.ShapeDtypeStruct((self.kernel, self.kernel, in_shape[-1], self.features), jnp.float32)}
+        return jax.eval_shape(lambda w, x: conv_ops.conv2d(w, x, **self.geometry)[1], w, x).method
 
     def forward(self, params, state, x, ctx):
         y, cache = conv_ops.conv2d(params, x, **self.geometry)
@@ -340,6 +351,9 @@ class Flatten(Layer):
 
     def output_shape(self, in_shape):
         return (math.prod(in_shape),)
+
+    def kept_floats(self, in_shape, out_shape):
+        return 0  # a reshape: the same values
 
     def forward(self, params, state, x, ctx):
         y, cache = conv_ops.flatten(x)

@@ -64,6 +64,10 @@ HPARAMS = ("lr", "weight_decay", "momentum", "dropout", "label_smoothing")
 OPTIMIZER_HPARAMS = {"lr": "peak_lr", "weight_decay": "weight_decay", "momentum": "momentum"}
 
 
+#: Per-parameter buffers each optimizer keeps (momentum, second moments): the memory estimate's count.
+MOMENT_SLOTS = {"sgd": 0, "momentum": 1, "nesterov": 1, "adagrad": 1, "rmsprop": 1, "adam": 2, "adamw": 2}
+
+
 def hparams_of(config: TrainConfig):
     """The member's numeric hyperparameters as float32 arrays (see :data:`HPARAMS`)."""
     return {k: jnp.asarray(getattr(config, k), jnp.float32) for k in HPARAMS}

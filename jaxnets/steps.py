@@ -24,7 +24,7 @@ from jaxnets import data as D
 from jaxnets import models as M
 from jaxnets import parallel
 from jaxnets.config import TrainConfig
-from jaxnets.optim import hparams_of
+from jaxnets.optim import MOMENT_SLOTS, hparams_of
 
 
 def build_model(config: TrainConfig, image_shape, classes, bn_axis_name=None, batch_axis_name=None):
@@ -33,6 +33,13 @@ def build_model(config: TrainConfig, image_shape, classes, bn_axis_name=None, ba
     parallel: the axis the batch is split over) draws dropout masks at each example's
     position in the whole batch."""
     return M.build(config, image_shape, classes, bn_axis_name=bn_axis_name, batch_axis_name=batch_axis_name)
+
+
+def memory_settings(config: TrainConfig, n_val=None) -> dict:
+    """What :func:`jaxnets.cost.memory_parts` needs of a run besides its model (``n_val``:
+    the validation images it gathers, default ``config.val_size``)."""
+    return dict(batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+                optimizer_slots=MOMENT_SLOTS[config.optimizer], n_val=config.val_size if n_val is None else n_val)
 
 
 def stack_members(trees):

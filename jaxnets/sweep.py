@@ -49,7 +49,7 @@ from jaxnets import training as T
 from jaxnets.config import FIELDS, TrainConfig, format_setting, parse_setting
 from jaxnets.runs import (LOCK, RUN_FILES, RunLock, TrainingError, at_chance, checkpoint_epoch, read_json,
                           read_summary, write_json)
-from jaxnets.steps import build_model
+from jaxnets.steps import build_model, memory_settings
 
 #: Settings a sweep may not vary (they name where things go, not what is trained).
 NOT_SWEEPABLE = ("out", "data_dir", "data_source", "progress", "dataset")
@@ -139,43 +139,9 @@ def format_values(swept):
 
 def member_bytes(config: TrainConfig, image_shape, classes, n_val=0):
     """A rough upper estimate of one member's memory while training (float32): the sum of
-    :func:`memory_parts`."""
-    return sum(memory_parts(config, image_shape, classes, n_val).values())
-
-
-def memory_parts(config: TrainConfig, image_shape, classes, n_val=0) -> dict:
-    """The bytes of one member's memory while training, by what holds them (float32):
-
-    ``state`` = 4 x parameters and state x (1 + optimizer slots + gradients + update + the
-    kept previous copy); ``activations`` = 4 x 2 x activation floats per example
-    (:func:`jaxnets.cost.activation_floats`, forward and gradient) x (``batch_size`` +
-    ``eval_batch_size``); ``validation`` = the member's gathered validation images (uint8).
-    """
+    :func:`jaxnets.cost.memory_parts`."""
     model = build_model(config, image_shape, classes)
-    params, state = jax.eval_shape(model.init, jax.random.key(0))
-    n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves((params, state)))
-    slots = {"sgd": 0, "momentum": 1, "nesterov": 1, "adagrad": 1, "rmsprop": 1}.get(config.optimizer, 2)
-    activations = 4 * 2 * cost.activation_floats(model, image_shape) * (config.batch_size + config.eval_batch_size)
-    return {"state": 4 * n_params * (4 + slots), "activations": activations,
-            "validation": n_val * math.prod(image_shape)}
-
-
-def check_memory(config: TrainConfig, image_shape, classes, *, n_val=None, available=None):
-    """Refuse, before any training, a run whose :func:`member_bytes` estimate exceeds the
-    ``available`` bytes (default :func:`available_memory`): a ValueError saying how much it
-    needs and what to make smaller (the batch sizes when activations dominate, else the model)."""
-    parts = memory_parts(config, image_shape, classes, config.val_size if n_val is None else n_val)
-    need, available = sum(parts.values()), available_memory() if available is None else available
-    if need <= available:
-        return need
-    gib = lambda b: f"{b / 2**30:.1f} GiB"
-    if parts["activations"] >= parts["state"]:
-        advice = (f"use a smaller --batch-size (now {config.batch_size}) or --eval-batch-size "
-                  f"(now {config.eval_batch_size})")
-    else:
-        advice = "use a smaller model (--hidden-units, --conv-plan); a smaller --batch-size will not be enough"
-    raise ValueError(f"the run needs about {gib(need)} (parameters and optimizer state {gib(parts['state'])}, "
-                     f"activations {gib(parts['activations'])}), more than the {gib(available)} available: {advice}")
+    return sum(cost.memory_parts(model, **memory_settings(config, n_val)).values())
 
 
 def member_cost(config: TrainConfig, image_shape, classes):
@@ -193,27 +159,9 @@ def member_steps(config: TrainConfig, n_pool):
     return per_epoch, min(total, config.max_steps) if config.max_steps else total
 
 
-def available_memory():
-    """Bytes a run can use: the free memory of the first device (GPU/TPU), else the
-    available RAM (CPU: ``MemAvailable``, else the physical memory)."""
-    try:
-        stats = jax.devices()[0].memory_stats()
-        if stats and "bytes_limit" in stats:
-            return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-    except Exception:  # CPU backends have no memory_stats
-        pass
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
-
 def memory_budget():
-    """Default budget for one wave of a sweep: 25% of :func:`available_memory`."""
-    return int(0.25 * available_memory())
+    """Default budget for one wave of a sweep: 25% of :func:`jaxnets.cost.available_memory`."""
+    return int(0.25 * cost.available_memory())
 
 
 def parse_bytes(text: str) -> int:
@@ -351,7 +299,8 @@ def _sweep(base, axes, members, configs, names, out, waves, *, dataset, budget, 
         waves = plan(configs, image_shape=image_shape, classes=classes, n_val=base.val_size, budget=budget,
                       max_members=max_members)
     for wave in waves:  # each member alone must fit (a wave is at least one member, whatever the budget)
-        check_memory(configs[wave[0]], image_shape, classes)
+        c = configs[wave[0]]
+        cost.check_memory(build_model(c, image_shape, classes), **memory_settings(c))
     for c, name in zip(configs, names):
         c.out, c.progress = str(out / name), False
 

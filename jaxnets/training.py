@@ -23,12 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnets import data as D
-from jaxnets import parallel, plots, runs
+from jaxnets import cost, parallel, plots, runs
 from jaxnets.config import TrainConfig, flag, format_setting, resume_config
 from jaxnets.optim import HPARAMS, build_optimizer, hparams_of, with_hparams
 from jaxnets.runs import TrainingError, default_run_dir, environment_info, load_checkpoint, save_checkpoint
 from jaxnets.placement import INTEGER_PROGRAM_OPTIONS, DeviceMesh, MemberBlocks, OneDevice
-from jaxnets.steps import build_model, member_split, stack_members, take_member, training_pool
+from jaxnets.steps import build_model, member_split, memory_settings, stack_members, take_member, training_pool
 
 
 #: Where ``train.py`` keeps compiled programs unless told otherwise (``--compile-cache``).
@@ -106,8 +106,8 @@ def train(config: TrainConfig | None = None, *, dataset: D.Dataset | None = None
                 return finished
         if dataset is None:
             dataset = D.load_dataset(config.dataset, config.data_dir, source=config.data_source)
-        from jaxnets.sweep import check_memory  # here: sweep imports this module
-        check_memory(config, dataset.image_shape, dataset.num_classes)  # refused before init, not an OOM traceback
+        model = build_model(config, dataset.image_shape, dataset.num_classes)
+        cost.check_memory(model, **memory_settings(config))  # refused before init, not an OOM traceback
         return train_group([config], [run_dir], dataset=dataset, resume=resume is not None, log=log,
                            on_epoch_end=on_epoch_end, t_start=t_start, command=command)[0]
 

@@ -1,7 +1,10 @@
 """The cost model against layer-by-layer counts written out by hand."""
 
+import math
+
 from jaxnets import cost
 from jaxnets import models as M
+from jaxnets import network as nn
 
 
 def test_mlp_counts():
@@ -12,7 +15,10 @@ def test_mlp_counts():
     # benchmark's batch of 200 that is 1.579 GFLOP, not the 2.208 of "3 forwards".
     assert cost.train_flops(mlp) == 6 * macs - 2 * 3072 * 512
     assert round(200 * cost.train_flops(mlp) / 1e9, 3) == 1.579
-    assert cost.activation_floats(mlp, (32, 32, 3)) == 3072 + 4 * 1024 + 10
+    # The image; linear and relu outputs of both blocks, the logits; the largest gradient (512).
+    assert cost.activation_floats(mlp) == 3072 + 2 * 2 * 512 + 10 + 512
+    with_bn = M.MLP(input_size=3072, hidden=(512, 512), batch_norm=True, dropout=0.1)
+    assert cost.activation_floats(with_bn) == 3072 + 2 * 4 * 512 + 10 + 512  # + bn and dropout outputs
 
 
 def test_course_convnet_counts():
@@ -23,7 +29,12 @@ def test_course_convnet_counts():
     assert cost.forward_macs(net) == expected
     assert cost.train_flops(net) == 6 * expected - 2 * 32 * 32 * 9 * 3 * 64
     convs = [(32, 64), (16, 128), (8, 256), (8, 256), (4, 512), (4, 512), (2, 512), (2, 512)]
-    assert cost.activation_floats(net, (32, 32, 3)) == 3072 + sum(4 * s * s * c for s, c in convs)
+    pools = [(16, 64), (8, 128), (4, 256), (2, 512), (1, 512)]
+    # conv, bn and relu outputs of every block, each pool's output, the logits, and the
+    # gradient of the largest output (the first block's 32x32x64).
+    kept = sum(3 * s * s * c for s, c in convs) + sum(s * s * c for s, c in pools) + 10
+    assert cost.activation_floats(net) == 3072 + kept + 32 * 32 * 64
+    assert [layer.name for layer in cost.layers(net)][:2] == ["blocks.0.conv", "blocks.1.conv"]  # pools take no entry
 
 
 def test_preact_blocks_count_their_projection():
@@ -31,7 +42,20 @@ def test_preact_blocks_count_their_projection():
     # proj 3->16 (1x1), conv 16->16, conv 16->16, M to 4x4, proj 16->32, conv 32->32, head 4*4*32 -> 10.
     expected = 64 * 3 * 16 + 64 * 9 * 16 * 16 * 2 + 16 * 16 * 32 + 16 * 9 * 32 * 32 + 16 * 32 * 10
     assert cost.forward_macs(net) == expected
-    assert [layer.name[:4] for layer in cost.layers(net)] == ["proj", "conv", "conv", "proj", "conv", "head"]
+    # Paths are the params tree's: the pool (blocks.2) has no params and takes no entry.
+    assert [layer.name for layer in cost.layers(net)] == [
+        "blocks.0.proj", "blocks.0.conv", "blocks.1.conv", "blocks.2.proj", "blocks.2.conv", "head"]
+
+
+def test_a_composition_of_my_own_is_counted_from_its_layers():
+    block = nn.serial(("conv", nn.Conv(8, 5, stride=2, bias=False)), ("bn", nn.BatchNorm()), nn.relu())
+    net = nn.Composed(nn.serial(("stem", block), nn.AvgPool(2, 2, 0), nn.Flatten(), ("fc", nn.Linear(3))),
+                      input_shape=(10, 10, 2))
+    # 5x5/2 pad 2 on 10x10 -> 5x5x8; avg 2/2 -> 2x2x8; flatten 32 -> 3.
+    assert [(l.name, l.macs, l.outputs) for l in cost.layers(net)] == [
+        ("stem.conv", 5 * 5 * 25 * 2 * 8, 200), ("fc", 32 * 3, 3)]
+    assert cost.activation_floats(net) == 200 + 3 * 200 + 32 + 3 + 200
+    assert math.prod(net.input_shape) == 200
 
 
 def test_benchmark_counts_winograd_multiplies_per_layer():

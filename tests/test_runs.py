@@ -20,11 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ (the synthetic digits) is not an installed package
 from benchmarks.faults import digits  # noqa: E402
 from jaxnets import data as D  # noqa: E402
-from jaxnets import plots, runs  # noqa: E402
+from jaxnets import cost, plots, runs  # noqa: E402
 from jaxnets import sweep as S  # noqa: E402
 from jaxnets import training as T  # noqa: E402
 from jaxnets.config import TrainConfig  # noqa: E402
 from jaxnets.runs import TrainingError  # noqa: E402
+from jaxnets.steps import build_model, memory_settings  # noqa: E402
 
 
 def dataset(*, test_shape=(28, 28), n_test=200, labels=(None, None)):
@@ -258,15 +259,17 @@ def test_memory_estimate_refuses_what_cannot_fit(tmp_path):
     huge = config(tmp_path / "run", hidden_units=(60000, 60000))
     # Adam: parameters x (1 + 2 slots + gradient + update + previous) float32.
     n_params = 784 * 60000 + 60000 + 60000 * 60000 + 60000 + 60000 * 10 + 10
-    assert S.memory_parts(huge, (28, 28, 1), 10)["state"] == 4 * n_params * 6
+    model = lambda c: build_model(c, (28, 28, 1), 10)
+    assert cost.memory_parts(model(huge), **memory_settings(huge))["state"] == 4 * n_params * 6
     assert f"{4 * n_params * 6 / 2**30:.1f}" == "81.5"
     with pytest.raises(ValueError, match=r"parameters and optimizer state 81\.5 GiB.*more than the 1\.0 GiB available: "
                                          r"use a smaller model"):
-        S.check_memory(huge, (28, 28, 1), 10, available=2**30)
+        cost.check_memory(model(huge), **memory_settings(huge), available=2**30)
     wide_batch = config(tmp_path / "run", batch_size=10**7)
     with pytest.raises(ValueError, match=r"use a smaller --batch-size \(now 10000000\)"):
-        S.check_memory(wide_batch, (28, 28, 1), 10, available=2**30)
-    assert S.check_memory(config(tmp_path / "run"), (28, 28, 1), 10, available=2**30) < 2**30
+        cost.check_memory(model(wide_batch), **memory_settings(wide_batch), available=2**30)
+    small = config(tmp_path / "run")
+    assert cost.check_memory(model(small), **memory_settings(small), available=2**30) < 2**30
     with pytest.raises(ValueError, match="more than the .* GiB available"):  # a single run, before init
         T.train(huge, dataset=dataset(), log=quiet)
     assert list((tmp_path / "run").iterdir()) == []
