@@ -220,19 +220,22 @@ def make_train_chunk(model, optimizer, config: TrainConfig):
 
     ``carry = (params, state, opt_state)``, ``data`` a :class:`DeviceData`; step ``i`` of
     the epoch uses the examples ``perm[i*B:(i+1)*B]`` of ``data.train_x`` and the key
-    ``fold_in(epoch_key, i)``. ``n`` is static here (one program per chunk length). The
-    member function of :func:`make_group_chunk`, for one configuration without a member
-    axis (handy for benchmarks and research code).
+    ``fold_in(epoch_key, i)``. A one-member call of :func:`make_group_chunk`, the program
+    the trainer runs (handy for benchmarks and research code): one compiled program per
+    chunk length ``n``.
     """
-    member_chunk = _member_chunk(make_step(model, optimizer, config), config.batch_size)
+    group = make_group_chunk(model, optimizer, config)
+    hp = hparams_of(config)
 
     def chunk(carry, data, perm, epoch_key, start, n):
-        (params, state, opt_state, _), out = member_chunk(
-            (*carry, jnp.zeros((), bool)), data.train_x, data.train_y, perm, epoch_key, data.mean, data.std,
-            hparams_of(config), start, n, n, mask=False)
-        return (params, state, opt_state), out
+        one = lambda tree: jax.tree_util.tree_map(lambda a: a[None], tree)
+        members = one((*carry, jnp.zeros((), bool)))
+        members, (losses, correct) = group(members, data.train_x, data.train_y, one(perm), one(epoch_key),
+                                           one(data.mean), one(data.std), one(hp), start, n, n)
+        params, state, opt_state, _ = take_member(members, 0)
+        return (params, state, opt_state), (losses[0], correct[0])
 
-    return jax.jit(chunk, static_argnames="n", donate_argnums=0)
+    return chunk
 
 
 def make_group_chunk(model, optimizer, config: TrainConfig):

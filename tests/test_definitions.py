@@ -206,8 +206,8 @@ def test_each_layer_draws_its_own_dropout_mask():
     # Two hidden layers of one width: with one key shared by both, their masks would be equal.
     model = M.MLP(input_size=8, hidden=(32, 32), dropout=0.5)
     params, state = model.init(jax.random.key(0))
-    _, _, (caches, _) = model.forward(params, state, jnp.ones((16, 8)), train=True, key=jax.random.key(1))
-    first, second = (np.asarray(c["dropout"]) != 0 for c in caches)
+    _, _, (_, blocks, _) = model.forward(params, state, jnp.ones((16, 8)), train=True, key=jax.random.key(1))
+    first, second = (np.asarray(block[-1]) != 0 for block in blocks)  # each block's last layer: dropout
     assert 0.3 < first.mean() < 0.7 and 0.3 < second.mean() < 0.7
     assert np.mean(first == second) < 0.7  # independent masks agree on ~half the units
 
