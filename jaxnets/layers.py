@@ -233,8 +233,31 @@ def _targets(layer, logits, labels, label_smoothing):
     return targets
 
 
+def cross_entropy(probs, labels, *, label_smoothing=0.0):
+    """Mean over the batch of -sum_c t_c log p_c, on probabilities ``probs`` (B, C): the
+    course's CrossEntropyModule, meant to follow :func:`softmax` as its own layer.
+
+    Targets as in :func:`softmax_cross_entropy`. Cache: (p, targets). Not the trainer's
+    loss: ``log p`` of a softmax that underflowed to 0 is -inf (a logit 104 below the
+    largest, in float32), and the two backward passes in sequence divide by p and then
+    multiply by it again; the fused :func:`softmax_cross_entropy` on logits computes
+    log-softmax directly (finite for any logits) and its backward is ``p - t`` in one step.
+    """
+    targets = _targets("cross_entropy", probs, labels, label_smoothing)
+    return -jnp.sum(targets * jnp.log(probs)) / probs.shape[0], (probs, targets)
+
+
+def cross_entropy_backward(cache, dloss=1.0):
+    """dp = -dloss * t / (B p). Composed with :func:`softmax_backward` it gives
+    softmax_cross_entropy_backward's (p - t) / B, since sum_c t_c = 1."""
+    probs, targets = cache
+    return -dloss * targets / (probs * probs.shape[0])
+
+
 def softmax_cross_entropy(logits, labels, *, label_smoothing=0.0):
-    """Mean over the batch of -sum_c t_c log softmax(logits)_c.
+    """Mean over the batch of -sum_c t_c log softmax(logits)_c: the softmax and the
+    cross-entropy fused, the loss every model trains with (see :func:`cross_entropy` for
+    why it is the default rather than the two separate layers).
 
     ``labels`` are integer class indices (B,) or target distributions (B, C) (one-hot or
     soft). With ``label_smoothing`` e, targets become (1 - e) t + e / C. Computed from

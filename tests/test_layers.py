@@ -75,6 +75,28 @@ def test_softmax_cross_entropy(batch, label_form, smoothing):
     )
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_cross_entropy_on_probabilities_and_softmax_as_two_layers(smoothing):
+    """The course's split: CrossEntropy on the probabilities of a separate Softmax layer is
+    gradchecked on its own, and composed equals the fused loss and its gradient."""
+    probs = jax.nn.softmax(normal(12, (4, 5)))
+    labels = jnp.array([0, 4, 2, 2])
+    check(lambda p: L.cross_entropy(p, labels, label_smoothing=smoothing)[0],
+          lambda p, dl: (L.cross_entropy_backward(L.cross_entropy(p, labels, label_smoothing=smoothing)[1], dl),),
+          (probs,))
+    logits = normal(13, (4, 5), 2.0)
+    p, softmax_cache = L.softmax(logits)
+    loss, ce_cache = L.cross_entropy(p, labels, label_smoothing=smoothing)
+    dlogits = L.softmax_backward(softmax_cache, L.cross_entropy_backward(ce_cache))
+    fused, fused_cache = L.softmax_cross_entropy(logits, labels, label_smoothing=smoothing)
+    np.testing.assert_allclose(loss, fused, rtol=1e-12)
+    np.testing.assert_allclose(dlogits, L.softmax_cross_entropy_backward(fused_cache), rtol=1e-9, atol=1e-15)
+    # Where the split breaks and the fused loss does not: a probability that underflowed.
+    far = jnp.array([[0.0, -200.0]], jnp.float32)
+    assert not np.isfinite(L.cross_entropy(L.softmax(far)[0], jnp.array([1]))[0])
+    assert np.isfinite(L.softmax_cross_entropy(far, jnp.array([1]))[0])
+
+
 def test_cross_entropy_matches_formula_and_forms_agree():
     logits = normal(7, (5, 4))
     labels = jnp.array([0, 3, 1, 1, 2])

@@ -308,10 +308,19 @@ def _python_block(containing: str) -> str:
 
 
 def test_research_example_runs(capsys):
-    exec(compile(_python_block("manual_value_and_grad"), "README.md", "exec"), {})
+    exec(compile(_python_block("autodiff_value_and_grad"), "README.md", "exec"), {})
     out = capsys.readouterr().out
     worst = float(re.search(r"max \|manual - autodiff\| = (\S+)", out).group(1))
     assert worst < 1e-5
+
+
+def test_own_network_example_runs(capsys):
+    """The README's composed network with a layer of the user's own trains one manual step
+    and passes check_model, as printed."""
+    namespace = {}
+    exec(compile(_python_block("nn.Composed"), "README.md", "exec"), namespace)
+    assert "gradcheck ok: True" in capsys.readouterr().out and namespace["report"].ok
+    assert set(namespace["params"]) == {"stem", "res", "fc"} and set(namespace["params"]["res"]) == {"bn", "conv"}
 
 
 def test_load_run_example_runs(mnist_dir, monkeypatch, tmp_path, capsys):
