@@ -3,13 +3,17 @@ refactor of the models changed no number.
 
     python -m benchmarks.model_arrays save /tmp/before.npz     # on the old code
     python -m benchmarks.model_arrays compare /tmp/before.npz  # on the new code
+    python -m benchmarks.model_arrays programs /tmp/before.json   # old code: the step programs' optimized HLO
+    python -m benchmarks.model_arrays programs /tmp/before.json --compare  # new code: the same programs?
 
 For each model: the init (params and state), the train- and eval-mode logits and new state,
 and both gradient paths' loss, new state and gradients, each jitted as the trainer runs them.
 ``compare`` prints the number of arrays compared and every array that differs (exit 1).
 """
 
+import os
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +55,56 @@ def arrays(name, model, shape):
     return out
 
 
+PROGRAM_CASES = {"mlp": (M.MLP(input_size=3072, hidden=(512, 512), dropout=0.2), (200, 32, 32, 3)),
+                 "convnet": (M.ConvNet(), (128, 32, 32, 3))}
+
+
+def programs():
+    """The optimized XLA program of each gradient path on the benchmark models (course
+    ConvNet at batch 128, MLP at 200), metadata (source lines) stripped: the same text is
+    the same computation, and so the same speed, whatever the Python that traced it."""
+    import hashlib
+    import re
+
+    out = {}
+    for name, (model, shape) in PROGRAM_CASES.items():
+        params, state = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+        x = jax.ShapeDtypeStruct(shape, jnp.float32)
+        y = jax.ShapeDtypeStruct(shape[:1], jnp.int32)
+        key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+        for path, fn in M.GRADIENT_PATHS.items():
+            step = jax.jit(lambda p, s, x, y, k: fn(model, p, s, x, y, key=k, label_smoothing=0.1))
+            text = step.lower(params, state, x, y, key).compile().as_text()
+            text = re.sub(r", metadata=\{[^}]*\}", "", text)
+            # The tables of source files, functions and stack frames that metadata pointed into.
+            text = re.sub(r"\n(FileNames|FunctionNames|FileLocations|StackFrames)\n(.+\n)*", "\n", text)
+            text = re.sub(r"^HloModule \S+", "HloModule", text, flags=re.M)
+            # Instruction names come from the Python functions that traced them: number them
+            # by first appearance, so the text compares the computation alone.
+            names = {}
+            text = re.sub(r"%[\w.-]+", lambda m: names.setdefault(m.group(0), f"%v{len(names)}"), text)
+            out[f"{name}/{path}"] = hashlib.sha256(text.encode()).hexdigest()
+            if os.environ.get("MODEL_ARRAYS_DUMP"):
+                Path(os.environ["MODEL_ARRAYS_DUMP"], f"{name}-{path}.hlo").write_text(text)
+    return out
+
+
 def main(argv):
+    if argv and argv[0] == "programs":
+        import json
+
+        got = programs()
+        if "--compare" not in argv:
+            with open(argv[1], "w") as f:
+                json.dump(got, f, indent=1)
+            print(f"saved {len(got)} program digests to {argv[1]}")
+            return 0
+        with open(argv[1]) as f:
+            want = json.load(f)
+        same = [k for k in want if got.get(k) == want[k]]
+        for k in want:
+            print(f"{k}: {'same program' if k in same else 'DIFFERENT program'}")
+        return 0 if len(same) == len(want) == len(got) else 1
     mode, path = argv
     got = {}
     for name, (model, shape) in CASES.items():
