@@ -60,14 +60,15 @@ def use_compile_cache(directory=DEFAULT_COMPILE_CACHE, *, min_compile_seconds=0.
 def group_key(config: TrainConfig):
     """What configs must share to train together as one vmapped program: every setting
     except the numeric :data:`HPARAMS` and the seed (and ``out``/``progress``), plus
-    whether dropout is on at all (it adds ops to the program). Weight decay 0 and non-zero
+    whether the model has dropout at all (it adds ops to the program; the model says). Weight decay 0 and non-zero
     share a group: the decay term is exact at 0 (see :func:`build_optimizer`)."""
     d = dataclasses.asdict(config)
     for k in HPARAMS + ("seed", "out", "progress"):
         d.pop(k)
     d["hidden_units"] = tuple(d["hidden_units"])
     d["conv_plan"] = tuple(d["conv_plan"])
-    d["dropout_on"] = config.model == "mlp" and config.dropout > 0
+    shape = D.SHAPES[config.dataset]
+    d["dropout_on"] = build_model(config, shape.image_shape, shape.classes).has_dropout
     return tuple(sorted(d.items()))
 
 
