@@ -314,6 +314,16 @@ def test_research_example_runs(capsys):
     assert worst < 1e-5
 
 
+def test_docs_list_every_registered_family():
+    from jaxnets.config import MODELS
+    from jaxnets.models import FAMILIES
+
+    table = (ROOT / "docs" / "training.md").read_text()
+    listed = set(re.findall(r"^\| `(\w+)` \|", table, flags=re.M))
+    assert set(FAMILIES) <= listed, f"docs/training.md's --model table lacks {sorted(set(FAMILIES) - listed)}"
+    assert MODELS == tuple(FAMILIES)
+
+
 def test_own_network_example_runs(capsys):
     """The README's composed network with a layer of the user's own trains one manual step
     and passes check_model, as printed."""
