@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import signal
 import sys
+import textwrap
 
 from jaxnets import config as C
 
@@ -31,21 +33,51 @@ exit codes: 0 done, 2 usage or data error, 3 diverged, 130 interrupted (resume w
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the epilog's line breaks; wraps help texts."""
+    """Keeps the epilog's line breaks; wraps help texts at spaces only, so a flag name such
+    as ``--batch-size`` is never split across two lines at its hyphen."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (exit 2), and which
+    suggests the nearest flag for a misspelt one."""
+
+    def parse_args(self, args=None, namespace=None):
+        args, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(_unknown_message(self, unknown))
+        return args
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _unknown_message(parser, unknown):
+    """'unrecognized arguments: --epcohs 3 (did you mean --epochs?)'."""
+    text = f"unrecognized arguments: {' '.join(unknown)}"
+    names = [o[2:] for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    for arg in unknown:
+        if arg.startswith("--"):  # compared without the '--' every flag shares
+            near = difflib.get_close_matches(arg[2:].split("=", 1)[0], names, n=1, cutoff=0.6)
+            if near:
+                return f"{text} (did you mean --{near[0]}?)"
+    return f"{text} (--help lists the options)"
 
 
 def build_parser():
     """The argument parser: run-level flags plus one flag per TrainConfig field, in groups."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "jaxnets-train",
         usage="%(prog)s [--model M] [--dataset D] [options]   (--help lists every option, in groups)",
         description="Train an MLP or ConvNet on MNIST or CIFAR-10 with jaxnets. Every default is shown once.",
-        formatter_class=_Formatter, epilog=EXAMPLES)
+        formatter_class=_Formatter, epilog=EXAMPLES, allow_abbrev=False)
     run = parser.add_argument_group("run and output")
     groups = {name: run if name == "run and output" else parser.add_argument_group(name) for name in C.GROUPS}
-    run.add_argument("--preset", choices=sorted(C.PRESETS),
-                     help="start from a named setup; flags given explicitly override it: "
-                          + "; ".join(f"{k}: {_describe(v)}" for k, v in C.PRESETS.items()))
+    run.add_argument("--preset", choices=sorted(C.PRESETS), metavar="NAME",
+                     help=f"start from a named setup: {', '.join(sorted(C.PRESETS))} (--preset NAME --dry-run "
+                          f"prints its settings); flags given explicitly override it")
     run.add_argument("--resume", metavar="DIR",
                      help="continue the run in DIR with its saved settings (flags may only extend --epochs or "
                           "change --data-dir/--data-source/--devices/--progress); with --sweep, the sweep in DIR")
@@ -81,15 +113,16 @@ def build_parser():
 
 
 def _describe(values):
-    return ", ".join(f"{C.flag(k)[2:]}={C.format_setting(v)}" for k, v in values.items()).replace("%", "%%")
+    return ", ".join(f"{C.flag(k)} {C.format_setting(v)}" for k, v in values.items())
 
 
 def _add_setting(group, field):
     flag, help_text, default = C.flag(field.name), field.metadata["help"], field.default
     shown = "" if default is None else f" (default: {C.format_setting(default) if default != () else 'none'})"
-    if field.name == "conv_plan":
-        shown = ""  # its help says what the default is
+    if "(default:" in help_text:
+        shown = ""  # the help says what the default means (--conv-plan, --sync-bn, --data-dir)
     if isinstance(default, bool):
+        shown = shown and f" (default: {flag if default else '--no-' + flag[2:]})"
         group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text + shown)
         return
     valid = C.choices(field.name)
@@ -103,11 +136,16 @@ _METAVARS = {"data_dir": "DIR", "out": "DIR", "hidden_units": "SIZES", "conv_pla
 
 def _parser_of(name):
     def parse(text):
-        if name == "hidden_units" and "," in text:  # the old syntax, still read
-            print(f"note: {C.flag(name)} {text}: write {text.replace(',', 'x')} (the comma form is deprecated; "
-                  "'x' is the one syntax, as in --sweep)", file=sys.stderr)
-            text = text.replace(",", "x")
         try:
+            if name == "hidden_units" and "," in text:  # the old syntax, still read
+                try:
+                    value = C.parse_setting(name, text.replace(",", "x"))
+                except ValueError:  # invalid in either form: the error quotes what was typed
+                    C.parse_setting(name, text)
+                    raise
+                print(f"note: {C.flag(name)} {text}: write {text.replace(',', 'x')} (the comma form is "
+                      "deprecated; 'x' is the one syntax, as in --sweep)", file=sys.stderr)
+                return value
             return C.parse_setting(name, text)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
@@ -115,7 +153,7 @@ def _parser_of(name):
     return parse
 
 
-def given_settings(args, parser=None):
+def given_settings(args):
     """The settings named on the command line (a preset's values, then explicit flags)."""
     values = dict(C.PRESETS[args.preset]) if args.preset else {}
     values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(C.TrainConfig)
@@ -166,6 +204,9 @@ def main(argv=None):
     if args.sweep:
         return _sweep(parser, args, config)
     if args.dry_run:
+        if args.preset:
+            print(f"preset {args.preset}: {_describe(C.PRESETS[args.preset])} (flags given explicitly override "
+                  f"it); the configuration:")
         print(json.dumps(dataclasses.asdict(config), indent=2, default=str))
         return EXIT_OK
     if args.resume:

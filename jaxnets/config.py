@@ -97,8 +97,8 @@ class TrainConfig:
     devices: int = _setting(
         0, "data parallel over this many devices (0: all local devices, or all devices of a multi-process run); "
            "the batch size is global and must divide evenly; sweeps use one device", "multi-device")
-    sync_bn: bool = _setting(False, "with --devices > 1: batch-norm statistics synchronised over all devices "
-                                    "(default: per device)", "multi-device")
+    sync_bn: bool = _setting(False, "with --devices > 1: synchronise batch-norm statistics over all devices "
+                                    "(default: --no-sync-bn, per device)", "multi-device")
     # performance
     conv_impl: str = _setting(
         "auto", "convolution kernels: auto (winograd/gemm on CPU, xla on GPU/TPU), winograd, gemm or xla",
@@ -122,10 +122,6 @@ class TrainConfig:
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"--warmup-epochs must be at most --epochs ({self.epochs}), got {self.warmup_epochs}")
         return self
-
-    def model_fields(self):
-        """The settings that fix the parameters' shapes."""
-        return {k: getattr(self, k) for k in ("model", "dataset", "hidden_units", "conv_plan", "batch_norm")}
 
 
 def flag(name: str) -> str:

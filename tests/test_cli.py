@@ -6,6 +6,7 @@ write one run. In-process ``cli.main`` where an exit code and stderr suffice; ch
 only for kills and concurrency (through the hooks of ``benchmarks/faults.py``)."""
 
 import hashlib
+import re
 import json
 import os
 import resource
@@ -37,7 +38,7 @@ def flags(data_dir, *extra):
 
 
 def error_line(capsys):
-    """The one ``error:`` line on stderr (an argparse usage line may precede it)."""
+    """The one ``error:`` line on stderr."""
     err = capsys.readouterr().err
     lines = [l for l in err.splitlines() if l.strip() and not l.startswith("usage:")]
     assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in err, err
@@ -258,3 +259,74 @@ def test_two_processes_never_write_one_run(data_dir, tmp_path):
         f"error: {run}: another process is writing this run (PID {first.pid} on {os.uname().nodename}); "
         f"wait for it or stop it"]
     assert epochs(run) == [1] and not (run / ".lock").exists()
+
+
+# ------------------------------------------- issue 27: the help page and usage errors
+
+
+def help_entries(monkeypatch, capsys, columns):
+    """``--help`` at a terminal width: ``{flag: its entry's text}`` and the raw lines."""
+    monkeypatch.setenv("COLUMNS", str(columns))
+    assert exit_code(["--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    entries, name = {}, None
+    for line in lines:
+        if line.startswith("  --"):
+            name = line.split()[0].rstrip(",")
+            entries[name] = [line]
+        elif name and line.startswith("    "):
+            entries[name].append(line)
+        else:
+            name = None
+    return entries, lines
+
+
+@pytest.mark.parametrize("columns", [70, 100, 160])
+def test_help_shows_each_default_once_and_keeps_flags_whole(columns, monkeypatch, capsys):
+    entries, lines = help_entries(monkeypatch, capsys, columns)
+    assert len(entries) > 40
+    for name, entry in entries.items():
+        assert " ".join(entry).count("(default:") <= 1, entry
+    assert "(default: --no-sync-bn, per device)" in " ".join(" ".join(entries["--sync-bn"]).split())
+    # No word broken at a hyphen at a line end (argparse's textwrap does that by default).
+    assert not [l for l in lines if re.search(r"\w-$", l)]
+    preset = " ".join(entries["--preset"])
+    assert len(entries["--preset"]) <= (3 if columns >= 100 else 4) and "course_mlp" in preset and "lr=" not in preset and "--lr" not in preset
+
+
+def test_preset_dry_run_prints_the_presets_settings(capsys):
+    assert exit_code(["--preset", "course_mlp", "--lr", "0.1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    first, rest = out.split("\n", 1)
+    assert first.startswith("preset course_mlp: --model mlp, --dataset cifar10, --hidden-units 100")
+    assert "--lr 0.002" in first  # the preset's own value ...
+    assert json.loads(rest)["lr"] == 0.1  # ... and the configuration with the flag over it
+
+
+def stderr_line(capsys):
+    """The one line a usage error prints on stderr (no usage line before it)."""
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and "error:" in lines[0], err
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--epoch", "3"], "unrecognized arguments: --epoch 3 (did you mean --epochs?)"),  # no prefix matching
+    (["--epcohs", "3"], "(did you mean --epochs?)"),
+    (["--batch_size", "3"], "(did you mean --batch-size?)"),
+    (["--bogus"], "unrecognized arguments: --bogus (--help lists the options)"),
+    (["--lr", "x"], "argument --lr: 'x' is not a number"),
+    (["--hidden-units", "512,abc"], "argument --hidden-units: '512,abc' is not a list of layer sizes"),
+    (["--preset", "nope"], "argument --preset: invalid choice: 'nope'"),
+])
+def test_usage_error_is_one_line_on_stderr(args, says, capsys):
+    assert exit_code([*args, "--dry-run"]) == 2
+    line = stderr_line(capsys)
+    assert says in line and "512xabc" not in line
+
+
+def test_old_comma_form_of_hidden_units_still_reads_with_a_note(capsys):
+    assert exit_code(["--hidden-units", "512,256", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["hidden_units"] == [512, 256] and "write 512x256" in out.err

@@ -460,6 +460,16 @@ def test_tfds_failure_becomes_data_error(monkeypatch):
     assert_one_line_error(e, "--data-dir", "ConnectionError", "train-images-idx3-ubyte.gz")
 
 
+def test_tfds_without_the_extra_names_it(monkeypatch):
+    """tensorflow-datasets is not a core dependency (issue 27): without it (import blocked
+    here), --data-source tfds is one line naming the extra."""
+    import sys
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # `import` raises ImportError
+    with pytest.raises(DataError) as e:
+        load_dataset("mnist", source="tfds")
+    assert_one_line_error(e, "tensorflow-datasets is not installed", "jaxnets[tfds]", "--data-source auto")
+
+
 @pytest.mark.skipif(HAS_TF, reason="TensorFlow is installed here")
 def test_tfds_without_tensorflow_is_a_data_error():
     """The real situation offline: tfds is installed, TensorFlow is not."""
