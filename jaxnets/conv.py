@@ -53,6 +53,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxnets import _cpu_conv
@@ -556,3 +557,148 @@ def flatten_backward(cache, dy):
             f"{tuple(x.shape)}"
         )
     return dy.reshape(x.shape)
+
+
+# ------------------------------------------------------------- depthwise convolution
+# (for EfficientNet-Lite / MobileNet blocks)
+#
+# A depthwise convolution does kh*kw multiplies per output value, against a dense one's
+# kh*kw*cin: it is memory-bound, and XLA:CPU's grouped convolution
+# (feature_group_count=C) runs it through a slow generic loop. Written as a sum of kh*kw
+# strided slices times a per-channel weight, XLA fuses the whole sum into one pass over
+# the input, and the backward likewise (see benchmarks/depthwise.py for the figures).
+
+
+def depthwise_conv2d_init(key, channels, kernel_size=3, *, scheme="kaiming", dtype=jnp.float32):
+    """Parameters ``{"w": (kh, kw, C)}`` of a depthwise convolution (no bias: it is always
+    followed by batch norm here). ``fan_in = kh*kw`` (each output sees one channel)."""
+    kh, kw = _pair("depthwise_conv2d_init", "kernel_size", kernel_size)
+    return init_weights(key, (kh, kw, channels), kh * kw, scheme=scheme, bias=False, dtype=dtype,
+                        layer="depthwise_conv2d_init")
+
+
+def _depthwise_geometry(layer, params, x, stride, padding):
+    w = params["w"]
+    check_ndim(layer, "kernel w", w, 3)
+    check_ndim(layer, "input", x, 4)
+    check_dim(layer, "input", x, 3, w.shape[2], "channels")
+    k_hw, s_hw = w.shape[:2], _check_stride(layer, stride)
+    in_hw = x.shape[1:3]
+    pads = _resolve_padding(layer, padding, in_hw, k_hw, s_hw)
+    out_hw = _out_size(layer, "kernel", in_hw, k_hw, s_hw, pads, x.shape)
+    return k_hw, s_hw, pads, out_hw
+
+
+def depthwise_conv2d(params, x, *, stride=1, padding="SAME"):
+    """``y[n,p,q,c] = sum_{i,j} xp[n, p*s+i, q*s+j, c] W[i,j,c]`` (one filter per channel,
+    PyTorch's ``groups=C`` convolution with its ``(C, 1, kh, kw)`` weight as ``W[i,j,c]``).
+
+    ``xp`` is ``x`` zero-padded by ``padding``: "SAME" is TensorFlow's (output ceil(n/s),
+    the odd pixel of padding at the bottom/right, e.g. (0, 1) for 3x3/2 on an even size),
+    "VALID", an int or ``((top, bottom), (left, right))``. Computed as the sum of the
+    ``kh*kw`` strided windows of ``xp``, each times its weight row. Cache: ``x``.
+    """
+    k_hw, s_hw, pads, out_hw = _depthwise_geometry("depthwise_conv2d", params, x, stride, padding)
+    w = params["w"]
+    y = None
+    for n, piece in enumerate(_slices(_pad(x, pads, 0), k_hw, s_hw, out_hw)):
+        term = piece * w[n // k_hw[1], n % k_hw[1]]
+        y = term if y is None else y + term
+    return y, x
+
+
+def depthwise_conv2d_backward(params, cache, dy, *, stride=1, padding="SAME"):
+    """Gradients of :func:`depthwise_conv2d` (same ``stride``/``padding``); ``(dparams, dx)``.
+
+    * ``dW[i,j,c] = sum_{n,p,q} xp[n, p*s+i, q*s+j, c] dy[n,p,q,c]`` (each window slice
+      times ``dy``, summed over batch and space);
+    * ``dxp[n,a,b,c] = sum_{i,j} dy[n, (a-i)/s, (b-j)/s, c] W[i,j,c]`` over the (i, j)
+      where ``(a-i)/s`` and ``(b-j)/s`` are whole output positions: a transposed
+      convolution, computed as the stride-1 correlation of ``d`` (``dy`` with ``s-1`` zeros
+      between its entries and ``k-1`` around them) with the flipped kernel,
+      ``dxp[a,b] = sum_{i,j} d[a+k-1-i, b+k-1-j] W[i,j]``; ``dx = crop(dxp)``.
+    """
+    x = cache
+    k_hw, s_hw, pads, out_hw = _depthwise_geometry("depthwise_conv2d_backward", params, x, stride, padding)
+    w = params["w"]
+    check_ndim("depthwise_conv2d_backward", "dy", dy, 4)
+    if dy.shape != (x.shape[0], *out_hw, x.shape[3]):
+        raise ValueError(f"depthwise_conv2d_backward: dy has shape {tuple(dy.shape)}, but the layer's output "
+                         f"has shape {(x.shape[0], *out_hw, x.shape[3])}")
+    (kh, kw), in_hw = k_hw, x.shape[1:3]
+    padded_hw = tuple(n + lo + hi for n, (lo, hi) in zip(in_hw, pads))
+    pieces = _slices(_pad(x, pads, 0), k_hw, s_hw, out_hw)
+    dw = jnp.stack([jnp.sum(piece * dy, axis=(0, 1, 2)) for piece in pieces]).reshape(w.shape)
+    # Rows/cols of xp beyond the last window get no gradient: pad d's far side by that many more.
+    extra = [hp - (o - 1) * s - k for hp, o, s, k in zip(padded_hw, out_hw, s_hw, k_hw)]
+    cfg = ((0, 0, 0), (kh - 1, kh - 1 + extra[0], s_hw[0] - 1), (kw - 1, kw - 1 + extra[1], s_hw[1] - 1), (0, 0, 0))
+    d = lax.pad(dy, jnp.zeros((), dy.dtype), cfg)
+    dxp = None
+    for i in range(kh):
+        for j in range(kw):
+            piece = lax.slice_in_dim(lax.slice_in_dim(d, kh - 1 - i, kh - 1 - i + padded_hw[0], axis=1),
+                                     kw - 1 - j, kw - 1 - j + padded_hw[1], axis=2)
+            term = piece * w[i, j]
+            dxp = term if dxp is None else dxp + term
+    return {"w": dw}, _crop(dxp, pads, in_hw)
+
+
+# ------------------------------------------------------------- global average pool
+
+
+def global_avg_pool(x):
+    """``y[n,c] = (1/(H W)) sum_{h,w} x[n,h,w,c]``: (B, H, W, C) -> (B, C). Cache: ``x`` (its shape)."""
+    check_ndim("global_avg_pool", "input", x, 4)
+    return jnp.mean(x, axis=(1, 2)), x
+
+
+def global_avg_pool_backward(cache, dy):
+    """``dx[n,h,w,c] = dy[n,c] / (H W)`` (every position an equal share)."""
+    x = cache
+    if dy.shape != (x.shape[0], x.shape[3]):
+        raise ValueError(f"global_avg_pool_backward: dy has shape {tuple(dy.shape)}, but the layer's output "
+                         f"has shape {(x.shape[0], x.shape[3])}")
+    scale = jnp.asarray(1.0 / (x.shape[1] * x.shape[2]), dy.dtype)
+    return jnp.broadcast_to((dy * scale)[:, None, None, :], x.shape)
+
+
+# ----------------------------------------------------------------- bilinear resize
+
+
+def resize_matrix(n_in, n_out):
+    """The (n_out, n_in) matrix ``A`` of 1-D linear interpolation with half-pixel centres
+    (``jax.image.resize(..., "bilinear")`` and PyTorch's ``align_corners=False`` when
+    upsampling): output ``o`` reads the input at ``(o + 0.5) n_in / n_out - 0.5``, clamped to
+    the edge, from its two neighbours. Built in numpy (a constant of the trace)."""
+    src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    lo = np.floor(src).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = src - lo
+    a = np.zeros((n_out, n_in))
+    np.add.at(a, (np.arange(n_out), lo), 1 - frac)
+    np.add.at(a, (np.arange(n_out), hi), frac)
+    return a
+
+
+def resize_bilinear(x, *, size):
+    """Bilinear resize of NHWC images to ``size`` (an int or (H', W')), separably:
+    ``y[n,:,:,c] = A_h x[n,:,:,c] A_w^T`` with :func:`resize_matrix`'s ``A_h`` (H', H) and
+    ``A_w`` (W', W). For upsampling (how CIFAR-10 reaches an ImageNet network), this equals
+    ``jax.image.resize(x, ..., "bilinear")``. Cache: ``x`` (its shape)."""
+    check_ndim("resize_bilinear", "input", x, 4)
+    oh, ow = _pair("resize_bilinear", "size", size)
+    ah = jnp.asarray(resize_matrix(x.shape[1], oh), x.dtype)
+    aw = jnp.asarray(resize_matrix(x.shape[2], ow), x.dtype)
+    return jnp.einsum("ph,nhwc,qw->npqc", ah, x, aw), x
+
+
+def resize_bilinear_backward(cache, dy, *, size):
+    """The adjoint of a linear map: ``dx[n,:,:,c] = A_h^T dy[n,:,:,c] A_w``."""
+    x = cache
+    oh, ow = _pair("resize_bilinear_backward", "size", size)
+    if dy.shape != (x.shape[0], oh, ow, x.shape[3]):
+        raise ValueError(f"resize_bilinear_backward: dy has shape {tuple(dy.shape)}, but the layer's output "
+                         f"has shape {(x.shape[0], oh, ow, x.shape[3])}")
+    ah = jnp.asarray(resize_matrix(x.shape[1], oh), dy.dtype)
+    aw = jnp.asarray(resize_matrix(x.shape[2], ow), dy.dtype)
+    return jnp.einsum("ph,npqc,qw->nhwc", ah, dy, aw)

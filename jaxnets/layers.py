@@ -164,8 +164,19 @@ def sigmoid_backward(cache, dy):
     return dy * cache * (1 - cache)
 
 
+def relu6(x):
+    """y = min(max(x, 0), 6) (MobileNet's and EfficientNet-Lite's unit). Cache: x."""
+    return jnp.clip(x, 0, 6), x
+
+
+def relu6_backward(cache, dy):
+    """dx = dy * [0 < x < 6] (zero on both flat parts; at the kinks, as PyTorch's ReLU6)."""
+    return jnp.where((cache > 0) & (cache < 6), dy, 0)
+
+
 ACTIVATIONS = {
     "relu": (relu, relu_backward),
+    "relu6": (relu6, relu6_backward),
     "leaky_relu": (leaky_relu, leaky_relu_backward),
     "elu": (elu, elu_backward),
     "selu": (selu, selu_backward),

