@@ -5,8 +5,9 @@
     run = jn.load_run("runs/mlp-mnist-...")         # a trained run, back in one line
     probs = run.predict(images)
 
-Modules: ``layers``, ``conv`` (layers and their hand-written backward passes), ``models``
-(MLP, ConvNet), ``cost`` (FLOPs and memory per example), ``gradcheck`` (check a backward against finite differences and jax.vjp),
+Modules: ``layers``, ``conv`` (layers and their hand-written backward passes), ``network``
+(layers as composable values, ``serial``, ``residual``), ``models`` (the families: MLP, ConvNet,
+ResNet, ...), ``checkpoints`` (PyTorch/safetensors state dicts), ``cost`` (FLOPs and memory per example), ``gradcheck`` (check a backward against finite differences and jax.vjp),
 ``data`` (MNIST/CIFAR-10), ``config``, ``optim``, ``steps``, ``training``, ``runs``,
 ``sweep``, ``parallel``; ``docs/design.md`` says what each owns.
 """
@@ -18,9 +19,10 @@ try:
 except _metadata.PackageNotFoundError:  # run from a checkout that was not pip-installed
     __version__ = "0+unknown"
 
-from jaxnets import (config, conv, cost, data, gradcheck, layers, models, optim, parallel, runs, steps,  # noqa: E402
+from jaxnets import (checkpoints, config, conv, cost, data, gradcheck, layers, models, network, optim, parallel, runs, steps,  # noqa: E402
                      sweep, training)
+from jaxnets.checkpoints import export_torchvision  # noqa: E402
 from jaxnets.runs import load_run  # noqa: E402
 
-__all__ = ["__version__", "config", "conv", "cost", "data", "gradcheck", "layers", "load_run", "models", "optim", "parallel", "runs",
+__all__ = ["__version__", "checkpoints", "config", "export_torchvision", "conv", "cost", "data", "gradcheck", "layers", "load_run", "models", "network", "optim", "parallel", "runs",
            "steps", "sweep", "training"]

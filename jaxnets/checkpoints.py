@@ -15,6 +15,7 @@ them, and refuses, in one line naming the file, what is not a state dict.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -63,10 +64,13 @@ def _read_torch(path):
     try:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        text = _first_line(e)
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise CheckpointError(f"checkpoint {path}: holds pickled Python objects, not a state dict (a whole "
-                                  f"model saved with torch.save(model)? save model.state_dict() instead)") from None
+        global_name = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if global_name:  # weights_only refused to unpickle a class: a pickled object, not tensors
+            raise CheckpointError(f"checkpoint {path}: holds pickled Python objects ({global_name.group(1)}), not a "
+                                  f"state dict (a whole model saved with torch.save(model)? save "
+                                  f"model.state_dict() instead)") from None
+        detail = re.search(r"WeightsUnpickler error: \s*(.+)", str(e))
+        text = detail.group(1).strip() if detail else _first_line(e)
         raise CheckpointError(f"checkpoint {path}: not a readable PyTorch file ({text})") from None
     if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
         loaded = loaded["state_dict"]  # a training checkpoint wrapping the weights
@@ -111,3 +115,148 @@ def write_state_dict(tensors: Mapping[str, np.ndarray], path) -> Path:
 def _first_line(error):
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
+
+
+# ------------------------------------------------------- torch-named compositions
+#
+# A composition named like its PyTorch twin (ResNet's conv1, layer2.0.downsample.0, fc) maps
+# leaf by leaf: the jaxnets path plus a suffix rule. The layouts differ only in convolution
+# kernels (OIHW -> HWIO) and linear weights ((out, in) -> (in, out)).
+
+#: jaxnets leaf name -> PyTorch tensor name, for params and for batch-norm state.
+TORCH_PARAM_NAMES = {"w": "weight", "b": "bias", "gamma": "weight", "beta": "bias"}
+TORCH_STATE_NAMES = {"mean": "running_mean", "var": "running_var"}
+#: PyTorch buffers with no jaxnets counterpart (BN's step counter): accepted when present,
+#: written as 0 on export so that ``load_state_dict(strict=True)`` finds them.
+TORCH_IGNORED = ("num_batches_tracked",)
+
+
+def _dotted(path):
+    import jax
+
+    return jax.tree_util.keystr(path, simple=True, separator=".")
+
+
+def _to_torch_layout(leaf_name, value):
+    value = np.asarray(value)
+    if leaf_name == "w" and value.ndim == 4:
+        return value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    if leaf_name == "w" and value.ndim == 2:
+        return value.T  # (in, out) -> (out, in)
+    return value
+
+
+def _from_torch_layout(leaf_name, value):
+    if leaf_name == "w" and value.ndim == 4:
+        return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    if leaf_name == "w" and value.ndim == 2:
+        return value.T
+    return value
+
+
+def _torch_names(tree, names):
+    """``{torch name: (jaxnets path, leaf name)}`` for every leaf of a params or state tree."""
+    import jax
+
+    out = {}
+    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dotted = _dotted(path)
+        prefix, _, leaf = dotted.rpartition(".")
+        out[f"{prefix}.{names[leaf]}" if prefix else names[leaf]] = (dotted, leaf)
+    return out
+
+
+def to_torch_state_dict(params, state) -> dict[str, np.ndarray]:
+    """A composition's params and batch-norm state as PyTorch names and layouts (with a
+    ``num_batches_tracked`` of 0 beside every batch norm's running statistics)."""
+    out = {}
+    for tree, names in ((params, TORCH_PARAM_NAMES), (state, TORCH_STATE_NAMES)):
+        for torch_name, (dotted, leaf) in _torch_names(tree, names).items():
+            out[torch_name] = np.ascontiguousarray(_to_torch_layout(leaf, _lookup(tree, dotted)))
+            if leaf == "mean":
+                out[torch_name.rsplit(".", 1)[0] + ".num_batches_tracked"] = np.zeros((), np.int64)
+    return out
+
+
+def _lookup(tree, dotted):
+    node = tree
+    for part in dotted.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def from_torch_state_dict(model, tensors, *, source="checkpoint", head="fc", key=None, log=None):
+    """``(params, state)`` of ``model`` (a :class:`jaxnets.network.Network` named like its
+    PyTorch twin) from a PyTorch-named state dict ``tensors`` (:func:`read_state_dict`).
+
+    Every tensor must be there with the shape the model expects; BN running statistics are
+    taken as stored; ``num_batches_tracked`` is optional. When only the ``head`` (the final
+    linear layer, ``fc``) differs in its class count, it is initialised fresh from ``key``
+    (the model's own init) and ``log`` is told. Anything else (an unknown, missing or
+    wrong-shaped tensor) is a :class:`CheckpointError` naming the first such tensor with
+    both shapes (in PyTorch's layout), from ``source`` (the file).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    shapes_params, shapes_state = jax.eval_shape(model.init, jax.random.key(0))
+    want = {}
+    for tree, names, kind in ((shapes_params, TORCH_PARAM_NAMES, "params"), (shapes_state, TORCH_STATE_NAMES, "state")):
+        for torch_name, (dotted, leaf) in _torch_names(tree, names).items():
+            shape = _to_torch_layout(leaf, np.empty(_lookup(tree, dotted).shape, np.uint8)).shape
+            want[torch_name] = (kind, dotted, leaf, shape)
+    what = type(model).__name__
+    for name in tensors:
+        if name not in want and name.rsplit(".", 1)[-1] not in TORCH_IGNORED:
+            raise CheckpointError(f"{source}: tensor {name!r} {tuple(np.shape(tensors[name]))} is not part of "
+                                  f"{what} (another architecture?)")
+    missing = [n for n in want if n not in tensors]
+    if missing:
+        n = missing[0]
+        raise CheckpointError(f"{source}: tensor {n!r} {want[n][3]} is missing ({len(missing)} missing in all)")
+    replace_head = False
+    for name, (kind, dotted, leaf, shape) in want.items():
+        got = tuple(np.shape(tensors[name]))
+        if got != tuple(shape):
+            if dotted.split(".")[0] == head and got[:1] != shape[:1]:
+                replace_head = True
+                continue
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {got}, {what} expects {tuple(shape)}")
+    fresh = model.init(jax.random.key(0) if key is None else key) if replace_head else None
+    trees = {"params": jax.tree_util.tree_map(lambda s: s, shapes_params),
+             "state": jax.tree_util.tree_map(lambda s: s, shapes_state)}
+    values = {}
+    for name, (kind, dotted, leaf, shape) in want.items():
+        if replace_head and dotted.split(".")[0] == head:
+            values[(kind, dotted)] = _lookup(fresh[0 if kind == "params" else 1], dotted)
+        else:
+            dtype = _lookup(trees[kind], dotted).dtype
+            values[(kind, dotted)] = jnp.asarray(_from_torch_layout(leaf, np.asarray(tensors[name])), dtype)
+    if replace_head and log is not None:
+        log(f"{source}: the head {head!r} has {np.shape(tensors[head + '.weight'])[0]} classes, the model "
+            f"{model.classes}: replaced by a fresh init")
+    out = []
+    for kind in ("params", "state"):
+        leaves = jax.tree_util.tree_flatten_with_path(trees[kind])
+        out.append(jax.tree_util.tree_unflatten(leaves[1], [values[(kind, _dotted(p))] for p, _ in leaves[0]]))
+    return tuple(out)
+
+
+def export_torchvision(run_or_params, path, state=None):
+    """Write a ResNet's weights as a torchvision state dict: ``run_or_params`` is a run
+    (:func:`jaxnets.load_run`, whose model must be a :class:`jaxnets.models.ResNet`) or its
+    ``params`` (with ``state``, the batch-norm statistics). ``.safetensors`` needs no torch;
+    ``.pth`` does. The file loads into ``torchvision.models.resnet18(num_classes=...)`` with
+    ``load_state_dict(strict=True)``. Returns the path."""
+    from jaxnets.models import ResNet
+
+    if hasattr(run_or_params, "params"):
+        if not isinstance(run_or_params.model, ResNet):
+            raise CheckpointError(f"export_torchvision: the run's model is a {type(run_or_params.model).__name__}, "
+                                  f"not a ResNet (--model resnet18/resnet34)")
+        params, state = run_or_params.params, run_or_params.state
+    else:
+        params = run_or_params
+        if state is None:
+            raise CheckpointError("export_torchvision: give the batch-norm statistics (state=...) with params")
+    return write_state_dict(to_torch_state_dict(params, state), path)

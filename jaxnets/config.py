@@ -62,6 +62,9 @@ class TrainConfig:
     conv_plan: tuple = _setting(
         (), "ConvNet layers: a width is conv3x3-BN-ReLU, M a 3x3/2 max pool, e.g. 32,32,M,64,64,M "
             "(default: the course's mini-VGG)", "model")
+    stem: str = _setting(
+        "imagenet", "ResNet stem: imagenet (7x7/2 conv, 3x3/2 max pool: torchvision's) or cifar (3x3/1 conv, "
+                    "no pool: for 32x32 images)", "model", choices=("imagenet", "cifar"))
     activation: str = _setting("relu", "MLP activation", "model")
     batch_norm: bool = _setting(False, "MLP: batch norm between each linear layer and its activation", "model")
     dropout: float = _setting(0.2, "MLP dropout rate after each hidden activation", "model")

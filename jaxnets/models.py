@@ -520,3 +520,98 @@ def _build_efficientnet_lite0(config, image_shape, classes, bn_axis_name=None, b
     return EfficientNetLite0(input_shape=tuple(image_shape), classes=classes,
                              image_size=int(getattr(config, "image_size", 0) or 0), init_scheme=config.init,
                              bn_axis_name=bn_axis_name, batch_axis_name=batch_axis_name)
+
+
+# ---------------------------------------------------------------------------- ResNet
+
+#: Basic blocks per stage of each ResNet depth, and the stages' widths.
+RESNET_DEPTHS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+RESNET_WIDTHS = (64, 128, 256, 512)
+RESNET_STEMS = ("imagenet", "cifar")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNet(Network):
+    """ResNet with basic blocks (He et al. 2016), laid out and named as torchvision's
+    ``resnet18``/``resnet34``: ``conv1``, ``bn1``, ``layer1``..``layer4`` of blocks
+    ``relu(x' + bn2(conv2(relu(bn1(conv1(x))))))`` where ``x'`` is ``x`` or, for the first
+    block of layers 2-4 (stride 2, width doubled), ``downsample`` = 1x1/2 conv + BN; then a
+    global average pool and the linear ``fc``. Every conv has explicit symmetric padding
+    ``k // 2`` (torchvision's; not XLA's "SAME", which pads a stride-2 conv of an even input
+    (0, 1)) and no bias. BN eps 1e-5, momentum 0.1.
+
+    ``stem="imagenet"``: conv1 7x7/2 pad 3, bn1, ReLU, 3x3/2 max pool pad 1 (torchvision's);
+    ``stem="cifar"``: conv1 3x3/1 pad 1, bn1, ReLU, no pool (for 32x32 images).
+    Params read ``layer2.0.conv1``, ``layer2.0.downsample.0``: the torchvision state dict's
+    names, so :func:`jaxnets.checkpoints.from_torch_state_dict` is a table of suffixes.
+    """
+
+    depths: tuple = RESNET_DEPTHS["resnet18"]
+    classes: int = 1000
+    stem: str = "imagenet"
+    input_shape: tuple = (224, 224, 3)
+    init_scheme: str = "kaiming"
+    bn_momentum: float = 0.1
+    bn_eps: float = 1e-5
+    dtype: str = "float32"
+    bn_axis_name: str | None = None  # see MLP.bn_axis_name
+    conv_impl: str = "auto"
+
+    def __post_init__(self):
+        object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
+        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+        check_choice("ResNet", "stem", self.stem, RESNET_STEMS)
+        check_choice("ResNet", "init scheme", self.init_scheme, INIT_SCHEMES)
+        if len(self.depths) != 4 or min(self.depths) < 1:
+            raise ValueError(f"ResNet: depths must be four positive block counts, got {self.depths}")
+        if len(self.input_shape) != 3:
+            raise ValueError(f"ResNet: input_shape must be (H, W, C), got {self.input_shape}")
+        smallest = 32 if self.stem == "imagenet" else 8
+        if min(self.input_shape[:2]) < smallest:
+            raise ValueError(f"ResNet: images of {self.input_shape[0]}x{self.input_shape[1]} are smaller than the "
+                             f"{self.stem} stem and its stride-2 stages take ({smallest}x{smallest} at least)")
+
+    def definition(self):
+        def conv(width, kernel, stride=1, scheme=self.init_scheme):
+            return nn.Conv(width, kernel, stride=stride, init_scheme=scheme, bias=False, impl=self.conv_impl)
+
+        def bn():
+            return nn.BatchNorm(self.bn_momentum, self.bn_eps, axis_name=self.bn_axis_name)
+
+        first = _first_layer_scheme(self.init_scheme)
+        if self.stem == "imagenet":
+            stem = [("conv1", conv(64, 7, 2, first)), ("bn1", bn()), nn.relu(), nn.MaxPool(3, 2, 1, impl=self.conv_impl)]
+        else:
+            stem = [("conv1", conv(64, 3, 1, first)), ("bn1", bn()), nn.relu()]
+        stages, cin = [], 64
+        for i, (depth, width) in enumerate(zip(self.depths, RESNET_WIDTHS)):
+            blocks = []
+            for j in range(depth):
+                stride = 2 if i > 0 and j == 0 else 1
+                branch = nn.serial(("conv1", conv(width, 3, stride)), ("bn1", bn()), nn.relu(),
+                                   ("conv2", conv(width, 3)), ("bn2", bn()))
+                project = stride != 1 or cin != width
+                shortcut = ("downsample", nn.serial(conv(width, 1, stride), bn())) if project else None
+                blocks.append(nn.serial(nn.residual(branch, shortcut), nn.relu(), keys="dict"))
+                cin = width
+            stages.append((f"layer{i + 1}", nn.serial(*blocks)))
+        return nn.serial(*stem, *stages, nn.GlobalAvgPool(), ("fc", nn.Linear(self.classes, self.init_scheme)))
+
+    def check_input(self, x):
+        check_ndim("ResNet", "input", x, 4)
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"ResNet: input images have shape {tuple(x.shape[1:])}, but the model was built for "
+                             f"{self.input_shape} (H, W, C)")
+        return x
+
+
+def _resnet_family(name):
+    def build(config, image_shape, classes, bn_axis_name=None, batch_axis_name=None):
+        return ResNet(depths=RESNET_DEPTHS[name], classes=classes, stem=config.stem, input_shape=tuple(image_shape),
+                      init_scheme=config.init, bn_axis_name=bn_axis_name, conv_impl=config.conv_impl)
+
+    return build
+
+
+family("resnet18", "ResNet-18, torchvision's layout and names (--stem imagenet or cifar)")(_resnet_family("resnet18"))
+family("resnet34", "ResNet-34, torchvision's layout and names (--stem imagenet or cifar)")(_resnet_family("resnet34"))

@@ -151,6 +151,9 @@ SMALL = {
     "mlp": (dict(hidden_units=(7, 5), batch_norm=True, dropout=0.3, activation="elu"), (4, 3, 1)),
     "convnet": (dict(conv_plan=(4, "M", 6, 6)), (6, 5, 3)),
     "preact_convnet": (dict(conv_plan=(4, 4, "M", 6)), (6, 6, 3)),
+    "resnet18": (dict(stem="imagenet"), (32, 32, 3)),
+    "resnet34": (dict(stem="cifar"), (8, 8, 3)),
+    "efficientnet_lite0": (dict(), (32, 32, 3)),
 }
 
 
