@@ -102,7 +102,7 @@ def write_state_dict(tensors: Mapping[str, np.ndarray], path) -> Path:
             except ImportError:
                 raise CheckpointError(f"checkpoint {path}: writing a PyTorch file needs PyTorch ({TORCH_EXTRA}); "
                                       f"write a .safetensors file instead") from None
-            torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, str(tmp))
+            torch.save({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, str(tmp))
         else:
             raise CheckpointError(f"checkpoint {path}: the name must end in .safetensors or .pth")
         os.replace(tmp, path)
