@@ -219,6 +219,10 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     if not writer:  # process 0 reports for all
         log = lambda *args, **kwargs: None
     say = (lambda m, text: log(text)) if size == 1 else (lambda m, text: log(f"[{names[m]}] {text}"))
+    # A divergence or an interrupt goes to stderr when the log is the console's print; a
+    # caller's own log gets it as any other line.
+    problem = (lambda text: print(text, file=sys.stderr)) if log is print else log
+    warn = (lambda m, text: problem(text)) if size == 1 else (lambda m, text: problem(f"[{names[m]}] {text}"))
 
     pool_x, pool_y = training_pool(dataset, base)
     _check_shapes(dataset, pool_x)
@@ -255,7 +259,7 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
         f"{place.describe(size, run_dirs[0])}")
     carries = [(*c, members.part(run.frozen, k)) for k, c in enumerate(carries)]
     run.begin()
-    loop = _EpochLoop(place, members, carries, run, base, steps_per_epoch, total_steps, say,
+    loop = _EpochLoop(place, members, carries, run, base, steps_per_epoch, total_steps, say, warn,
                       host_keys=jax.random.wrap_key_data(key_data), clock=clock)
     try:
         for epoch in range(run.start_epoch, epochs):
@@ -283,7 +287,7 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
         where = f"continue with --resume {run_dirs[0]}" if size == 1 else "the group's runs are incomplete"
         kept = (f"checkpoint of epoch {max(run.last_good)} kept" if max(run.last_good) else
                 "no epoch finished, so --resume starts it from the first epoch")
-        log(f"\ninterrupted: {kept} in {run_dirs[0] if size == 1 else 'each run dir'}; {where}")
+        problem(f"\ninterrupted: {kept} in {run_dirs[0] if size == 1 else 'each run dir'}; {where}")
     except TrainingError as error:  # a run file could not be written (a full disk): stop as on Ctrl-C
         run.failure = error
         run.status[run.alive] = f"failed: {error}"
@@ -461,11 +465,11 @@ def _write_run_configs(configs, run_dirs, dataset, model, n_train, n_val, extra_
 class _EpochLoop:
     """Runs the chunks of an epoch over the member blocks, watching for divergence."""
 
-    def __init__(self, place, members, carries, run, config, steps_per_epoch, total_steps, say, *, host_keys,
+    def __init__(self, place, members, carries, run, config, steps_per_epoch, total_steps, say, warn, *, host_keys,
                  clock):
         self.place, self.members, self.carries, self.run, self.config = place, members, carries, run, config
         self.clock = clock
-        self.steps_per_epoch, self.total_steps, self.say = steps_per_epoch, total_steps, say
+        self.steps_per_epoch, self.total_steps, self.say, self.warn = steps_per_epoch, total_steps, say, warn
         self.host_keys = host_keys  # each member's run key, saved with its checkpoints
         # One chunk program per run: the steps per call are an argument, at most chunk_length.
         self.chunk_length = min(config.chunk_steps, steps_per_epoch, total_steps)
@@ -517,9 +521,14 @@ class _EpochLoop:
                 bad = epoch * self.steps_per_epoch + done + int(np.argmin(finite)) + 1
                 run.status[m] = f"diverged: non-finite loss at step {bad} (epoch {epoch + 1})"
                 run.alive[m] = False
-                kept = (f"kept the checkpoint of epoch {run.last_good[m]}" if run.last_good[m] else
-                        "no epoch had finished")
-                self.say(m, f"stopped: {run.status[m]}; {kept} and the metrics so far")
+                kept = (f"the checkpoint and metrics of epoch {run.last_good[m]} are kept" if run.last_good[m] else
+                        "no epoch had finished, so there is no checkpoint")
+                hint = "try a lower --lr" + (", a warm-up (--warmup-epochs 1)" if not self.config.warmup_epochs and
+                                             self.config.schedule != "onecycle" else "")
+                if self.config.grad == "manual":  # a wrong hand-written backward can blow up too
+                    hint += ", or --grad autodiff to rule out the manual backward passes"
+                self.warn(m, f"stopped: the loss became non-finite at step {bad} (epoch {epoch + 1}), so the run "
+                             f"diverged; {kept}. To fix it, {hint}.")
 
     def evaluate(self, split, members_on):
         """(losses, accuracies) of every member, NaN where ``members_on`` is False for its whole block."""

@@ -212,8 +212,42 @@ def test_damaged_config_json_is_refused_naming_it(finished, tmp_path, text, caps
 
 def test_diverged_run_exits_3(data_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    assert exit_code(flags(data_dir, "--optimizer", "sgd", "--lr", "1e4", "--epochs", 2, "--out", run)) == 3
+    assert exit_code(flags(data_dir, "--optimizer", "sgd", "--lr", "1e4", "--epochs", 2, "--out", run,
+                           "--grad", "manual")) == 3
     assert strict(run / "summary.json")["status"].startswith("diverged: non-finite loss at step")
+    # Issue 27: a whole sentence with what to try, on stderr.
+    out, err = capsys.readouterr()
+    assert "stopped" not in out
+    assert re.search(r"^stopped: the loss became non-finite at step \d+ \(epoch 1\), so the run diverged; no epoch "
+                     r"had finished, so there is no checkpoint\. To fix it, try a lower --lr, a warm-up "
+                     r"\(--warmup-epochs 1\), or --grad autodiff to rule out the manual backward passes\.$", err, re.M), err
+
+
+def test_interrupt_message_is_on_stderr(data_dir, tmp_path, capsys):
+    from jaxnets import config as C, training
+
+    def interrupt(record, params, state):
+        raise KeyboardInterrupt
+
+    settings = C.TrainConfig(data_dir=str(data_dir), data_source="files", hidden_units=(16,), val_size=100,
+                             batch_size=50, dropout=0.0, progress=False, epochs=2, out=str(tmp_path / "run"))
+    with pytest.raises(KeyboardInterrupt):
+        training.train(settings, on_epoch_end=interrupt)
+    out, err = capsys.readouterr()
+    assert "interrupted" not in out
+    assert f"interrupted: checkpoint of epoch 1 kept in {tmp_path / 'run'}; continue with --resume" in err
+
+
+def test_out_refusal_suggests_resume_only_for_a_run(finished, tmp_path, capsys):
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("x")
+    assert exit_code(["--data-dir", tmp_path / "none", "--out", stray]) == 2
+    line = error_line(capsys)
+    assert "already holds files (not a run's)" in line and "--resume" not in line
+    assert exit_code(["--data-dir", tmp_path / "none", "--out", finished]) == 2
+    assert f"already holds files of a run; choose a new directory, or continue it with --resume {finished}" in \
+        error_line(capsys)
 
 
 # ------------------------------------------------- child processes: kills and locks
