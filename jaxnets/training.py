@@ -270,7 +270,8 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             train_seconds = max(seconds - sum(clock.since(before).values()), 1e-6)  # all of it training programs
             val = loop.evaluate("val", run.alive) if n_val else (np.full(size, np.nan),) * 2
             records = run.record_epoch(epoch, train, val, seconds, train_seconds, clock.since(before),
-                                       images=done * batch, steps=epoch * steps_per_epoch + done, say=say)
+                                       images=done * batch, steps=epoch * steps_per_epoch + done,
+                                       chunk=loop.chunk_length, say=say)
             if writer:
                 _write_epoch(records, loop, members, run_dirs, means, stds, on_epoch_end)
             else:
@@ -381,12 +382,14 @@ class _GroupState:
         metrics and its checkpoint), as a resume will continue from there."""
         self.metrics = [[r for r in ms if r["epoch"] <= good] for ms, good in zip(self.metrics, self.last_good)]
 
-    def record_epoch(self, epoch, train, val, seconds, train_seconds, compiled, images, steps, say):
+    def record_epoch(self, epoch, train, val, seconds, train_seconds, compiled, images, steps, chunk, say):
         """Each live member's epoch record (appended to its metrics): ``{m: record}``.
         ``train``/``val``: per-member (step losses, correct counts) / (loss, accuracy);
         ``seconds`` the epoch's training wall time, ``train_seconds`` that less compilation
         (images/s is on it), ``compiled`` ``{program: seconds}`` compiled this epoch;
-        ``images`` trained this epoch per member; ``steps`` in all by its end."""
+        ``images`` trained this epoch per member; ``steps`` in all by its end; ``chunk`` the
+        steps per compiled call (``chunk_losses``: ``[steps into the epoch, mean loss]`` per
+        call, for the curve of a short run)."""
         (epoch_loss, epoch_correct), (val_loss, val_acc) = train, val
         records = {}
         for m in np.flatnonzero(self.alive):
@@ -397,6 +400,8 @@ class _GroupState:
                 "val_loss": float(val_loss[m]), "val_accuracy": float(val_acc[m]),
                 "seconds": round(seconds, 3), "compile_seconds": compiled,
                 "images_per_second": round(images / train_seconds, 1), "steps": steps,
+                "chunk_losses": [[min(i + chunk, len(epoch_loss[m])), float(f"{epoch_loss[m][i:i + chunk].mean():.5g}")]
+                                 for i in range(0, len(epoch_loss[m]), chunk)],
             }
             self.metrics[m].append(record)
             if self.size == 1:
@@ -607,7 +612,8 @@ def _finish(run, loop, configs, run_dirs, classes, resume, writer, mesh, t_start
             runs.write_metrics(run_dir, metrics)
             runs.write_json(run_dir / "summary.json", summary)
             if metrics:
-                plots.plot_curves(metrics, run_dir / "curves.png", title=f"{c.model} on {c.dataset}")
+                plots.plot_curves(metrics, run_dir / "curves.png", title=f"{c.model} on {c.dataset}",
+                                  test_accuracy=summary.get("test_accuracy"))
         summaries.append(summary)
     if run.failure is not None:
         raise run.failure

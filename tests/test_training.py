@@ -51,7 +51,7 @@ def test_one_epoch_mlp_on_real_mnist(mnist, tmp_path):
         assert (run / name).stat().st_size > 0, name
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert list(metrics[0]) == ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-                                "seconds", "compile_seconds", "images_per_second", "steps"]
+                                "seconds", "compile_seconds", "images_per_second", "steps", "chunk_losses"]
     saved = json.loads((run / "config.json").read_text())
     assert saved["config"]["hidden_units"] == [256] and saved["environment"]["backend"] == "cpu"
 
