@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ (fault hooks, tiny IDX data) is not an installed package
 from benchmarks.faults import write_mnist  # noqa: E402
 from jaxnets import cli  # noqa: E402
+from conftest import scaled_timeout  # noqa: E402  (tests/ is on sys.path under pytest)
 
 FAULTS = ROOT / "benchmarks" / "faults.py"
 
@@ -267,9 +268,9 @@ def test_sigkill_between_metrics_and_checkpoint_loses_no_epoch(data_dir, tmp_pat
     # trainer writes first). The resume must end with every epoch's metrics exactly once.
     run = tmp_path / "run"
     killed = child(flags(data_dir, "--epochs", 3, "--out", run), hook="signal:metrics.jsonl,checkpoint.msgpack:3:KILL")
-    assert killed.wait(timeout=120) == -signal.SIGKILL, killed.stderr.read()
+    assert killed.wait(timeout=scaled_timeout(120)) == -signal.SIGKILL, killed.stderr.read()
     resumed = child(["--resume", run])
-    out, err = resumed.communicate(timeout=120)
+    out, err = resumed.communicate(timeout=scaled_timeout(120))
     assert resumed.returncode == 0, err
     assert "resuming" in out and "after epoch 1" in out
     assert epochs(run) == [1, 2, 3]
@@ -286,9 +287,9 @@ def test_two_processes_never_write_one_run(data_dir, tmp_path):
             break
         time.sleep(0.05)
     second = child(flags(data_dir, "--epochs", 1, "--out", run))
-    out, err = second.communicate(timeout=120)
+    out, err = second.communicate(timeout=scaled_timeout(120))
     go.write_text("")
-    assert first.wait(timeout=120) == 0, first.stderr.read()
+    assert first.wait(timeout=scaled_timeout(120)) == 0, first.stderr.read()
     assert second.returncode == 2 and "Traceback" not in err
     assert [l for l in err.splitlines() if l.strip()] == [
         f"error: {run}: another process is writing this run (PID {first.pid} on {os.uname().nodename}); "

@@ -17,6 +17,7 @@ from jaxnets import cli
 from jaxnets import data as D
 from jaxnets import placement, steps
 from jaxnets import training as T
+from conftest import scaled_timeout  # noqa: E402  (tests/ is on sys.path under pytest)
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "checkpoint.msgpack")
@@ -227,7 +228,7 @@ def test_cli_missing_data_file_is_one_line_exit_2(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "--dataset", "mnist", "--data-dir", str(data_dir),
          "--out", str(tmp_path / "run")],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        capture_output=True, text=True, cwd=tmp_path, timeout=scaled_timeout(120),
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -244,7 +245,7 @@ def test_cli_compile_cache_is_written_then_reused_with_identical_results(tmp_pat
             [sys.executable, str(ROOT / "train.py"), "--dataset", "mnist", "--data-dir", str(mnist_dir),
              "--train-subset", "600", "--val-size", "100", "--batch-size", "50", "--epochs", "1", "--no-progress",
              "--compile-cache", str(cache), "--out", str(tmp_path / name)],
-            capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_LOG_COMPILES": "1"},
+            capture_output=True, text=True, timeout=scaled_timeout(300), env={**os.environ, "JAX_LOG_COMPILES": "1"},
         )
         assert result.returncode == 0, result.stderr[-2000:]
         return json.loads((tmp_path / name / "summary.json").read_text()), result.stderr
