@@ -132,8 +132,8 @@ MIRRORS = {
 }
 
 _LABEL = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
-_HOME = {"mnist": "http://yann.lecun.com/exdb/mnist/",
-         "cifar10": "https://www.cs.toronto.edu/~kriz/cifar.html"}
+#: Where a person fetches the files by hand (MNIST's original page refuses downloads).
+_HOME = {"mnist": MIRRORS["mnist"][0], "cifar10": "https://www.cs.toronto.edu/~kriz/cifar.html"}
 
 
 # --------------------------------------------------------------------------- public API
@@ -164,7 +164,8 @@ def fetch(dataset: str, data_dir: str | os.PathLike | None = None, *, names=None
 
     Args:
         dataset: ``"mnist"`` or ``"cifar10"``.
-        data_dir: the data directory (see :func:`data_root`); created when missing.
+        data_dir: the data directory (see :func:`data_root`); created when missing, but
+            only under a parent that exists (the default one with its parents).
         names: the file names to fetch (default: all of the dataset's, :data:`FILES`).
         checksums: optional ``{file name: hex digest}`` replacing a file's built-in
             checksums: 32 hex digits is an MD5, 64 a SHA-256 (of the gunzipped content for
@@ -195,7 +196,12 @@ def fetch(dataset: str, data_dir: str | os.PathLike | None = None, *, names=None
                          f"{', '.join(sorted(set(checksums) - set(known)))}")
     expected = {n: _expected(known[n], checksums.get(n)) for n in wanted}
 
-    folder = data_root(data_dir) / dataset
+    root = data_root(data_dir)
+    folder = root / dataset
+    if not root.exists() and not root.parent.exists() and root != Path(DEFAULT_DATA_DIR).expanduser():
+        # A typo'd --data-dir would otherwise grow a tree of new directories and a download.
+        raise DataError(f"data directory {root} does not exist, nor does its parent {root.parent}: "
+                        f"create it (mkdir -p {root}) or pass an existing --data-dir DIR")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -534,9 +540,10 @@ def _host(url):
 
 
 def _size(n):
+    """Bytes in decimal units, as the docs and the progress bar give them: 28.9 kB, 9.9 MB."""
     if n is None:
         return "?"
-    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n} bytes"
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB" if n >= 1e3 else f"{n} bytes"
 
 
 class _NoBar:
@@ -553,7 +560,7 @@ def _progress(progress, url, dest, total, initial):
     if show:
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
+        return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1000,
                     desc=dest.name, file=sys.stderr, leave=False)
     if progress is None:
         more = f" (resuming at {_size(initial)})" if initial else ""

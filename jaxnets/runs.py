@@ -264,7 +264,10 @@ def prepare_run_dir(run_dir: Path, *, new: bool):
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise TrainingError(f"--out {run_dir}: the directory is not writable")
     if new and any(not p.name.startswith(LOCK) for p in run_dir.iterdir()):  # a lock (or its .tmp) is no file of a run
-        raise TrainingError(f"--out {run_dir} already holds files; choose a new directory or --resume it")
+        is_run = (run_dir / "config.json").is_file()  # what --resume reads first
+        raise TrainingError(f"--out {run_dir} already holds files" + (
+            f" of a run; choose a new directory, or continue it with --resume {run_dir}" if is_run else
+            " (not a run's); choose a new or empty directory"))
 
 
 class RunLock:

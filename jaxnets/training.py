@@ -54,6 +54,47 @@ def use_compile_cache(directory=DEFAULT_COMPILE_CACHE, *, min_compile_seconds=0.
     return path
 
 
+#: jax.monitoring's events of one compilation: tracing to a jaxpr, lowering to MLIR, and
+#: XLA's compile (or its load from the persistent cache).
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+_charged = []  # the (clock, program) compilations are charged to now; one entry while a clock times a call
+
+
+class CompileClock:
+    """Seconds spent compiling, per program, as jax.monitoring reports them: a compilation
+    inside ``with clock.program("chunk"):`` is charged to ``"chunk"`` (on whatever thread
+    it runs). Timing the first calls this way is exact and free; the epoch's img/s is
+    computed on its training time less these seconds."""
+
+    _listening = False
+
+    def __init__(self):
+        self.seconds = {}
+        if not CompileClock._listening:
+            jax.monitoring.register_event_duration_secs_listener(_charge)
+            CompileClock._listening = True
+
+    @contextlib.contextmanager
+    def program(self, name):
+        _charged.append((self, name))
+        try:
+            yield
+        finally:
+            _charged.remove((self, name))
+
+    def since(self, before):
+        """``{program: seconds}`` compiled since the copy ``before`` of :attr:`seconds` (rounded; none: {})."""
+        return {k: round(v - before.get(k, 0.0), 3) for k, v in self.seconds.items()
+                if v - before.get(k, 0.0) >= 0.0005}
+
+
+def _charge(event, duration, **kwargs):
+    if event in COMPILE_EVENTS and _charged:
+        clock, name = _charged[-1]
+        clock.seconds[name] = clock.seconds.get(name, 0.0) + duration
+
+
 # ---------------------------------------------------------------------------- train
 
 
@@ -179,6 +220,10 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     if not writer:  # process 0 reports for all
         log = lambda *args, **kwargs: None
     say = (lambda m, text: log(text)) if size == 1 else (lambda m, text: log(f"[{names[m]}] {text}"))
+    # A divergence or an interrupt goes to stderr when the log is the console's print; a
+    # caller's own log gets it as any other line.
+    problem = (lambda text: print(text, file=sys.stderr)) if log is print else log
+    warn = (lambda m, text: problem(text)) if size == 1 else (lambda m, text: problem(f"[{names[m]}] {text}"))
 
     pool_x, pool_y = training_pool(dataset, base)
     _check_shapes(dataset, pool_x)
@@ -196,7 +241,9 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     members = MemberBlocks(size, vmap=vmap if mesh is None else True,
                            put=jax.device_put if mesh is None else (lambda x: parallel.replicate(x, mesh)))
     hps = jax.tree_util.tree_map(np.asarray, stack_members([hparams_of(c) for c in configs]))
-    carries, key_data = _init_members(model, optimizer, members, configs, hps, mesh)
+    clock = CompileClock()
+    with clock.program("init"):
+        carries, key_data = _init_members(model, optimizer, members, configs, hps, mesh)
     run = _GroupState(size)
     if resume:
         carries, key_data = _restore(run, members, carries, key_data, run_dirs, log)
@@ -213,16 +260,19 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
         f"{place.describe(size, run_dirs[0])}")
     carries = [(*c, members.part(run.frozen, k)) for k, c in enumerate(carries)]
     run.begin()
-    loop = _EpochLoop(place, members, carries, run, base, steps_per_epoch, total_steps, say,
-                      host_keys=jax.random.wrap_key_data(key_data))
+    loop = _EpochLoop(place, members, carries, run, base, steps_per_epoch, total_steps, say, warn,
+                      host_keys=jax.random.wrap_key_data(key_data), clock=clock)
     try:
         for epoch in range(run.start_epoch, epochs):
+            before = dict(clock.seconds)
             seconds, done, train = loop.run_epoch(epoch, epochs)
             if not run.alive.any():
                 break
+            train_seconds = max(seconds - sum(clock.since(before).values()), 1e-6)  # all of it training programs
             val = loop.evaluate("val", run.alive) if n_val else (np.full(size, np.nan),) * 2
-            records = run.record_epoch(epoch, train, val, seconds, images=done * batch,
-                                       steps=epoch * steps_per_epoch + done, say=say)
+            records = run.record_epoch(epoch, train, val, seconds, train_seconds, clock.since(before),
+                                       images=done * batch, steps=epoch * steps_per_epoch + done,
+                                       chunk=loop.chunk_length, say=say)
             if writer:
                 _write_epoch(records, loop, members, run_dirs, means, stds, on_epoch_end)
             else:
@@ -230,8 +280,8 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             if size > 1:
                 best = int(np.nanargmax(np.where(run.alive, val[1], -np.inf))) if run.alive.any() else 0
                 log(f"epoch {epoch + 1}: {run.alive.sum()}/{size} members training; best val acc "
-                    f"{_percent(val[1][best])} ({names[best]}); {seconds:.1f}s, "
-                    f"{done * batch * run.alive.sum() / seconds:.0f} img/s in all")
+                    f"{_percent(val[1][best])} ({names[best]}); {_seconds(seconds, train_seconds)}, "
+                    f"{done * batch * run.alive.sum() / train_seconds:.0f} img/s in all")
     except KeyboardInterrupt:
         run.interrupted = True
         run.status[run.alive] = "interrupted"
@@ -239,13 +289,14 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
         where = f"continue with --resume {run_dirs[0]}" if size == 1 else "the group's runs are incomplete"
         kept = (f"checkpoint of epoch {max(run.last_good)} kept" if max(run.last_good) else
                 "no epoch finished, so --resume starts it from the first epoch")
-        log(f"\ninterrupted: {kept} in {run_dirs[0] if size == 1 else 'each run dir'}; {where}")
+        problem(f"\ninterrupted: {kept} in {run_dirs[0] if size == 1 else 'each run dir'}; {where}")
     except TrainingError as error:  # a run file could not be written (a full disk): stop as on Ctrl-C
         run.failure = error
         run.status[run.alive] = f"failed: {error}"
         run.cut_to_checkpoints()
     try:
-        return _finish(run, loop, configs, run_dirs, dataset.num_classes, resume, writer, mesh, t_start, log)
+        return _finish(run, loop, configs, run_dirs, dataset.num_classes, resume, writer, mesh, t_start, log,
+                       clock)
     finally:
         members.close()
 
@@ -277,6 +328,12 @@ def _describe(model):
     """One readable line for a model (its settings without the internal axis names)."""
     text = ", ".join(f"{k}={format_setting(v)}" for k, v in vars(model).items() if not k.endswith("axis_name"))
     return f"{type(model).__name__}({text})"
+
+
+def _seconds(seconds, train_seconds):
+    """'5.2s' or '5.2s (3.1s of it compiling)'."""
+    compiling = seconds - train_seconds
+    return f"{seconds:.1f}s" + (f" ({compiling:.1f}s of it compiling)" if compiling >= 0.05 else "")
 
 
 def _percent(x):
@@ -326,10 +383,14 @@ class _GroupState:
         metrics and its checkpoint), as a resume will continue from there."""
         self.metrics = [[r for r in ms if r["epoch"] <= good] for ms, good in zip(self.metrics, self.last_good)]
 
-    def record_epoch(self, epoch, train, val, seconds, images, steps, say):
+    def record_epoch(self, epoch, train, val, seconds, train_seconds, compiled, images, steps, chunk, say):
         """Each live member's epoch record (appended to its metrics): ``{m: record}``.
         ``train``/``val``: per-member (step losses, correct counts) / (loss, accuracy);
-        ``images`` trained this epoch per member; ``steps`` in all by its end."""
+        ``seconds`` the epoch's training wall time, ``train_seconds`` that less compilation
+        (images/s is on it), ``compiled`` ``{program: seconds}`` compiled this epoch;
+        ``images`` trained this epoch per member; ``steps`` in all by its end; ``chunk`` the
+        steps per compiled call (``chunk_losses``: ``[steps into the epoch, mean loss]`` per
+        call, for the curve of a short run)."""
         (epoch_loss, epoch_correct), (val_loss, val_acc) = train, val
         records = {}
         for m in np.flatnonzero(self.alive):
@@ -338,14 +399,17 @@ class _GroupState:
                 "train_loss": float(epoch_loss[m].mean()),
                 "train_accuracy": float(epoch_correct[m].sum() / images),
                 "val_loss": float(val_loss[m]), "val_accuracy": float(val_acc[m]),
-                "seconds": round(seconds, 3), "images_per_second": round(images / seconds, 1),
-                "steps": steps,
+                "seconds": round(seconds, 3), "compile_seconds": compiled,
+                "images_per_second": round(images / train_seconds, 1), "steps": steps,
+                "chunk_losses": [[min(i + chunk, len(epoch_loss[m])), float(f"{epoch_loss[m][i:i + chunk].mean():.5g}")]
+                                 for i in range(0, len(epoch_loss[m]), chunk)],
             }
             self.metrics[m].append(record)
             if self.size == 1:
                 say(m, f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, acc "
                        f"{_percent(record['train_accuracy'])} | val loss {record['val_loss']:.4f}, acc "
-                       f"{_percent(record['val_accuracy'])} | {seconds:.1f}s, {record['images_per_second']:.0f} img/s")
+                       f"{_percent(record['val_accuracy'])} | {_seconds(seconds, train_seconds)}, "
+                       f"{record['images_per_second']:.0f} img/s")
             records[m] = record
         return records
 
@@ -407,9 +471,11 @@ def _write_run_configs(configs, run_dirs, dataset, model, n_train, n_val, extra_
 class _EpochLoop:
     """Runs the chunks of an epoch over the member blocks, watching for divergence."""
 
-    def __init__(self, place, members, carries, run, config, steps_per_epoch, total_steps, say, *, host_keys):
+    def __init__(self, place, members, carries, run, config, steps_per_epoch, total_steps, say, warn, *, host_keys,
+                 clock):
         self.place, self.members, self.carries, self.run, self.config = place, members, carries, run, config
-        self.steps_per_epoch, self.total_steps, self.say = steps_per_epoch, total_steps, say
+        self.clock = clock
+        self.steps_per_epoch, self.total_steps, self.say, self.warn = steps_per_epoch, total_steps, say, warn
         self.host_keys = host_keys  # each member's run key, saved with its checkpoints
         # One chunk program per run: the steps per call are an argument, at most chunk_length.
         self.chunk_length = min(config.chunk_steps, steps_per_epoch, total_steps)
@@ -420,7 +486,8 @@ class _EpochLoop:
         run, members, place, batch = self.run, self.members, self.place, self.config.batch_size
         epoch_steps = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
         losses, corrects, done, t0 = [], [], 0, time.time()
-        epoch_batches = {k: place.epoch_data(epoch, k) for k in members.with_members(run.alive)}
+        with self.clock.program("epoch_order"):
+            epoch_batches = {k: place.epoch_data(epoch, k) for k in members.with_members(run.alive)}
         bar = _progress(epoch_steps, f"epoch {epoch + 1}/{epochs}", self.config.progress)
         while done < epoch_steps and run.alive.any():
             n = min(self.chunk_length, epoch_steps - done)
@@ -433,7 +500,8 @@ class _EpochLoop:
                                                    x["hps"], start, steps, length=self.chunk_length)
                 return jax.tree_util.tree_map(lambda a: a[:, :n], jax.device_get(out))
 
-            outs = members.run(run_block, members.with_members(run.alive), "chunk")
+            with self.clock.program("chunk"):
+                outs = members.run(run_block, members.with_members(run.alive), "chunk")
             # A stopped member alone in its block: NaN losses (float32, as the others').
             chunk_loss = members.gather({k: o[0] for k, o in outs.items()},
                                         lambda b: np.full((b.stop - b.start, n), np.nan, np.float32))
@@ -459,15 +527,22 @@ class _EpochLoop:
                 bad = epoch * self.steps_per_epoch + done + int(np.argmin(finite)) + 1
                 run.status[m] = f"diverged: non-finite loss at step {bad} (epoch {epoch + 1})"
                 run.alive[m] = False
-                kept = (f"kept the checkpoint of epoch {run.last_good[m]}" if run.last_good[m] else
-                        "no epoch had finished")
-                self.say(m, f"stopped: {run.status[m]}; {kept} and the metrics so far")
+                kept = (f"the checkpoint and metrics of epoch {run.last_good[m]} are kept" if run.last_good[m] else
+                        "no epoch had finished, so there is no checkpoint")
+                hint = "try a lower --lr" + (", a warm-up (--warmup-epochs 1)" if not self.config.warmup_epochs and
+                                             self.config.schedule != "onecycle" else "")
+                if self.config.grad == "manual":  # a wrong hand-written backward can blow up too
+                    hint += ", or --grad autodiff to rule out the manual backward passes"
+                self.warn(m, f"stopped: the loss became non-finite at step {bad} (epoch {epoch + 1}), so the run "
+                             f"diverged; {kept}. To fix it, {hint}.")
 
     def evaluate(self, split, members_on):
         """(losses, accuracies) of every member, NaN where ``members_on`` is False for its whole block."""
         members, place = self.members, self.place
-        got = members.run(lambda k: jax.device_get(place.evaluate(split, self.carries[k][0], self.carries[k][1], k)),
-                          members.with_members(members_on), split)
+        with self.clock.program(split):
+            got = members.run(lambda k: jax.device_get(place.evaluate(split, self.carries[k][0], self.carries[k][1],
+                                                                      k)),
+                              members.with_members(members_on), split)
         nan = lambda b: np.full(b.stop - b.start, np.nan)
         return tuple(members.gather({k: g[i] for k, g in got.items()}, nan) for i in (0, 1))
 
@@ -490,7 +565,7 @@ def _write_epoch(records, loop, members, run_dirs, means, stds, on_epoch_end):
             on_epoch_end(record, jax.tree_util.tree_map(jnp.asarray, p_m), jax.tree_util.tree_map(jnp.asarray, s_m))
 
 
-def _finish(run, loop, configs, run_dirs, classes, resume, writer, mesh, t_start, log):
+def _finish(run, loop, configs, run_dirs, classes, resume, writer, mesh, t_start, log, clock):
     """Test the completed members and write every member's summary, metrics and curves."""
     size = run.size
     completed = np.array([s == "completed" for s in run.status])
@@ -506,7 +581,7 @@ def _finish(run, loop, configs, run_dirs, classes, resume, writer, mesh, t_start
                    "final_val_accuracy": vals[-1] if vals else None,
                    "best_val_accuracy": vals[best] if best is not None else None,
                    "best_epoch": metrics[best]["epoch"] if best is not None else None,
-                   "wall_seconds": wall}
+                   "wall_seconds": wall, "compile_seconds": clock.since({})}
         if size > 1:
             summary["group_size"] = size  # wall_seconds is the whole group's
         if completed[m]:
@@ -522,6 +597,9 @@ def _finish(run, loop, configs, run_dirs, classes, resume, writer, mesh, t_start
         previous = runs.read_summary(run_dir) if resume else None
         if previous:
             summary["wall_seconds"] = round(summary["wall_seconds"] + float(previous.get("wall_seconds") or 0), 2)
+            old = previous.get("compile_seconds") or {}  # a resume compiles again: its seconds add up
+            summary["compile_seconds"] = {k: round(summary["compile_seconds"].get(k, 0) + old.get(k, 0), 3)
+                                          for k in {**old, **summary["compile_seconds"]}}
         summary["run_dir"] = str(run_dir)
         if mesh is not None:
             summary.update(devices=mesh.size, processes=jax.process_count())
@@ -535,7 +613,8 @@ def _finish(run, loop, configs, run_dirs, classes, resume, writer, mesh, t_start
             runs.write_metrics(run_dir, metrics)
             runs.write_json(run_dir / "summary.json", summary)
             if metrics:
-                plots.plot_curves(metrics, run_dir / "curves.png", title=f"{c.model} on {c.dataset}")
+                plots.plot_curves(metrics, run_dir / "curves.png", title=f"{c.model} on {c.dataset}",
+                                  test_accuracy=summary.get("test_accuracy"))
         summaries.append(summary)
     if run.failure is not None:
         raise run.failure

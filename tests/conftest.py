@@ -6,13 +6,19 @@ the repo. Tests that need it are skipped, with the reason, when it is absent.
 
 CIFAR-10 is shipped as JPEGs and has to be converted to the standard
 ``cifar-10-batches-py/`` layout by ``shared/tools/build_cifar10.py`` (about a minute). The
-``cifar10_dir`` fixture does that once per test session: into ``$JAXNETS_CIFAR10_DIR`` when
-set (a persistent cache: reused when already built, so later sessions skip the build),
-else into a temporary directory of the session.
+``cifar10_dir`` fixture does that once per test run: into ``$JAXNETS_CIFAR10_DIR`` when
+set (a persistent cache: reused when already built, so later sessions skip the build; ``.ci/run``
+builds it there before the tests), else into a temporary directory shared by the run's
+xdist workers. The build holds a file lock, so parallel workers build it once between them.
+
+Subprocess timeouts are there to fail a hung test, not a slow machine: tests wait
+``timeout=scaled_timeout(120)`` (``from conftest import scaled_timeout``), a quiet-machine
+bound scaled by the load.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -56,17 +62,31 @@ def mnist_dir(shared_data_dir) -> Path:
     return path
 
 
+def scaled_timeout(seconds: float) -> float:
+    """``seconds`` (a generous bound on a quiet 2-core machine) times the CPU load per core
+    when that is above 1 (a busy machine runs the same work proportionally slower), times
+    ``$JAXNETS_TEST_TIMEOUT_SCALE`` (default 1)."""
+    load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    return seconds * max(1.0, load) * float(os.environ.get("JAXNETS_TEST_TIMEOUT_SCALE") or 1)
+
+
 @pytest.fixture(scope="session")
 def cifar10_dir(tmp_path_factory) -> Path:
-    """Directory that contains ``cifar-10-batches-py/`` (built once per session, or cached).
+    """Directory that contains ``cifar-10-batches-py/`` (built once per test run, or cached).
 
     ``$JAXNETS_CIFAR10_DIR`` is used as a cache when set: if it already holds a complete
     build it is returned as is, otherwise the build is written there (atomically: into a
-    temporary sibling first, then renamed). Without it the build goes to a session temp dir.
+    temporary sibling first, then renamed). Without it the build goes to a temp dir of the
+    run, shared by its xdist workers. One process builds; the others wait on the lock and
+    reuse its build.
     """
     env = os.environ.get("JAXNETS_CIFAR10_DIR")
-    root = Path(env).expanduser().resolve() if env else None
-    if root is not None and _cifar10_built(root):
+    if env:
+        root = Path(env).expanduser().resolve()
+    else:  # the run's base temp dir: each xdist worker's basetemp is a folder inside it
+        base = tmp_path_factory.getbasetemp()
+        root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "cifar10-shared"
+    if _cifar10_built(root):
         return root
 
     shared = _shared_dir()
@@ -79,21 +99,24 @@ def cifar10_dir(tmp_path_factory) -> Path:
     except ImportError:
         pytest.skip("cannot build CIFAR-10: Pillow is not installed")
 
-    if root is None:
-        root = tmp_path_factory.mktemp("cifar10")
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
-    try:
-        proc = subprocess.run([sys.executable, str(tool), str(staging)],
-                              capture_output=True, text=True, timeout=900)
-        if proc.returncode != 0:
-            pytest.fail(f"build_cifar10.py failed ({proc.returncode}): {proc.stderr[-2000:]}")
-        target = root / "cifar-10-batches-py"
-        if target.exists():  # an incomplete earlier build
-            shutil.rmtree(target)
-        os.replace(staging / "cifar-10-batches-py", target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with open(root / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
+        if _cifar10_built(root):  # another worker built it while this one waited
+            return root
+        staging = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
+        try:
+            # About a minute on a quiet 2-core machine.
+            proc = subprocess.run([sys.executable, str(tool), str(staging)],
+                                  capture_output=True, text=True, timeout=scaled_timeout(600))
+            if proc.returncode != 0:
+                pytest.fail(f"build_cifar10.py failed ({proc.returncode}): {proc.stderr[-2000:]}")
+            target = root / "cifar-10-batches-py"
+            if target.exists():  # an incomplete earlier build
+                shutil.rmtree(target)
+            os.replace(staging / "cifar-10-batches-py", target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return root
 
 

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ (fault hooks, tiny IDX data) is not an installed package
 from benchmarks.faults import write_mnist  # noqa: E402
 from jaxnets import cli  # noqa: E402
+from conftest import scaled_timeout  # noqa: E402  (tests/ is on sys.path under pytest)
 
 FAULTS = ROOT / "benchmarks" / "faults.py"
 
@@ -212,8 +213,43 @@ def test_damaged_config_json_is_refused_naming_it(finished, tmp_path, text, caps
 
 def test_diverged_run_exits_3(data_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    assert exit_code(flags(data_dir, "--optimizer", "sgd", "--lr", "1e4", "--epochs", 2, "--out", run)) == 3
+    assert exit_code(flags(data_dir, "--optimizer", "sgd", "--lr", "1e4", "--epochs", 2, "--out", run,
+                           "--grad", "manual")) == 3
     assert strict(run / "summary.json")["status"].startswith("diverged: non-finite loss at step")
+    # Issue 27: a whole sentence with what to try, on stderr.
+    out, err = capsys.readouterr()
+    assert "stopped" not in out
+    assert re.search(r"^stopped: the loss became non-finite at step \d+ \(epoch 1\), so the run diverged; no epoch "
+                     r"had finished, so there is no checkpoint\. To fix it, try a lower --lr, a warm-up "
+                     r"\(--warmup-epochs 1\), or --grad autodiff to rule out the manual backward passes\.$",
+                     err, re.M), err
+
+
+def test_interrupt_message_is_on_stderr(data_dir, tmp_path, capsys):
+    from jaxnets import config as C, training
+
+    def interrupt(record, params, state):
+        raise KeyboardInterrupt
+
+    settings = C.TrainConfig(data_dir=str(data_dir), data_source="files", hidden_units=(16,), val_size=100,
+                             batch_size=50, dropout=0.0, progress=False, epochs=2, out=str(tmp_path / "run"))
+    with pytest.raises(KeyboardInterrupt):
+        training.train(settings, on_epoch_end=interrupt)
+    out, err = capsys.readouterr()
+    assert "interrupted" not in out
+    assert f"interrupted: checkpoint of epoch 1 kept in {tmp_path / 'run'}; continue with --resume" in err
+
+
+def test_out_refusal_suggests_resume_only_for_a_run(finished, tmp_path, capsys):
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("x")
+    assert exit_code(["--data-dir", tmp_path / "none", "--out", stray]) == 2
+    line = error_line(capsys)
+    assert "already holds files (not a run's)" in line and "--resume" not in line
+    assert exit_code(["--data-dir", tmp_path / "none", "--out", finished]) == 2
+    assert f"already holds files of a run; choose a new directory, or continue it with --resume {finished}" in \
+        error_line(capsys)
 
 
 # ------------------------------------------------- child processes: kills and locks
@@ -232,9 +268,9 @@ def test_sigkill_between_metrics_and_checkpoint_loses_no_epoch(data_dir, tmp_pat
     # trainer writes first). The resume must end with every epoch's metrics exactly once.
     run = tmp_path / "run"
     killed = child(flags(data_dir, "--epochs", 3, "--out", run), hook="signal:metrics.jsonl,checkpoint.msgpack:3:KILL")
-    assert killed.wait(timeout=120) == -signal.SIGKILL, killed.stderr.read()
+    assert killed.wait(timeout=scaled_timeout(120)) == -signal.SIGKILL, killed.stderr.read()
     resumed = child(["--resume", run])
-    out, err = resumed.communicate(timeout=120)
+    out, err = resumed.communicate(timeout=scaled_timeout(120))
     assert resumed.returncode == 0, err
     assert "resuming" in out and "after epoch 1" in out
     assert epochs(run) == [1, 2, 3]
@@ -251,9 +287,9 @@ def test_two_processes_never_write_one_run(data_dir, tmp_path):
             break
         time.sleep(0.05)
     second = child(flags(data_dir, "--epochs", 1, "--out", run))
-    out, err = second.communicate(timeout=120)
+    out, err = second.communicate(timeout=scaled_timeout(120))
     go.write_text("")
-    assert first.wait(timeout=120) == 0, first.stderr.read()
+    assert first.wait(timeout=scaled_timeout(120)) == 0, first.stderr.read()
     assert second.returncode == 2 and "Traceback" not in err
     assert [l for l in err.splitlines() if l.strip()] == [
         f"error: {run}: another process is writing this run (PID {first.pid} on {os.uname().nodename}); "
@@ -291,7 +327,8 @@ def test_help_shows_each_default_once_and_keeps_flags_whole(columns, monkeypatch
     # No word broken at a hyphen at a line end (argparse's textwrap does that by default).
     assert not [l for l in lines if re.search(r"\w-$", l)]
     preset = " ".join(entries["--preset"])
-    assert len(entries["--preset"]) <= (3 if columns >= 100 else 4) and "course_mlp" in preset and "lr=" not in preset and "--lr" not in preset
+    assert len(entries["--preset"]) <= (3 if columns >= 100 else 4) and "course_mlp" in preset
+    assert "lr=" not in preset and "--lr" not in preset  # names only: the settings are --dry-run's
 
 
 def test_preset_dry_run_prints_the_presets_settings(capsys):

@@ -324,6 +324,24 @@ def test_offline_is_one_line_naming_urls_and_files_quickly(offline, monkeypatch)
     assert_one_line_error(e, f"{mirror}/mnist/{first} (connection refused)",
                           f"{offline}/builtin/mnist/{first} (connection refused)",
                           DL.data_root() / "mnist", "--data-dir", DL.MIRROR_ENV, *MNIST_NAMES)
+    assert "yann.lecun.com" not in str(e.value)  # it refuses downloads (docs/data.md): no place to send anyone
+
+
+def test_data_dir_is_created_only_under_a_parent_that_exists(server, monkeypatch, tmp_path):
+    """A typo'd --data-dir grows no tree of directories (issue 27); one new level is fine."""
+    monkeypatch.setenv(DL.MIRROR_ENV, server.url)
+    with pytest.raises(DataError) as e:
+        D.load_dataset("mnist", tmp_path / "no" / "such" / "dir")
+    assert_one_line_error(e, f"data directory {tmp_path / 'no' / 'such' / 'dir'} does not exist, nor does its "
+                             f"parent", "mkdir -p", "--data-dir")
+    assert not (tmp_path / "no").exists() and server.requests == []
+    DL.fetch("mnist", tmp_path / "new", names=[MNIST_NAMES[1]], progress=False)
+    assert (tmp_path / "new" / "mnist" / MNIST_NAMES[1]).is_file()
+
+
+def test_sizes_are_in_one_unit_style():
+    assert [DL._size(n) for n in (None, 999, 28_881, 1_648_877, 170_498_071)] == [
+        "?", "999 bytes", "28.9 kB", "1.6 MB", "170.5 MB"]
 
 
 def test_unwritable_data_dir_is_a_clear_error(server, monkeypatch, tmp_path):

@@ -13,6 +13,7 @@ import pytest
 
 from jaxnets import gradcheck
 from jaxnets import layers as L
+from conftest import scaled_timeout  # noqa: E402  (tests/ is on sys.path under pytest)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "gelu_layer.py"
 
@@ -63,7 +64,7 @@ def test_refuses_what_it_cannot_check():
 
 
 def test_example_layer_script_runs_and_passes():
-    proc = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=scaled_timeout(300))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("gradcheck: ok") == 2
 

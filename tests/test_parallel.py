@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import scaled_timeout  # noqa: E402  (tests/ is on sys.path under pytest)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,7 +183,7 @@ def _env(devices):
 
 def _four_devices(script):
     proc = subprocess.run([sys.executable, "-c", script], env=_env(4), cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=scaled_timeout(300))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.split("RESULTS", 1)[1])
 
@@ -210,7 +211,7 @@ def test_data_parallel_dropout_and_augmentation_equal_single_device():
 def four_device_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     proc = subprocess.run([sys.executable, "-c", RUNS, str(out)], env=_env(4), cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=scaled_timeout(300))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.split("RESULTS", 1)[1])
 
@@ -227,7 +228,7 @@ def test_four_device_run_resumed_after_epoch_one_matches_uninterrupted(four_devi
     for key in ("test_loss", "test_accuracy", "best_val_accuracy"):
         assert resumed["summary"][key] == full["summary"][key], key
     assert _max_diff(resumed["params"], full["params"]) == 0.0
-    timing = ("seconds", "images_per_second")
+    timing = ("seconds", "compile_seconds", "images_per_second")
     strip = lambda metrics: [{k: v for k, v in r.items() if k not in timing} for r in metrics]
     assert strip(resumed["metrics"]) == strip(full["metrics"]) and len(full["metrics"]) == 2
 
@@ -265,14 +266,14 @@ def test_two_processes_train_together_like_one(mnist_dir, tmp_path):
                               env=_env(1), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     try:
-        outs = [p.communicate(timeout=240)[0] for p in procs]
+        outs = [p.communicate(timeout=scaled_timeout(240))[0] for p in procs]
     finally:
         for p in procs:
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     assert (tmp_path / "dp0" / "summary.json").exists() and not (tmp_path / "dp1").exists()
     one = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--out", str(tmp_path / "one")],
-                         env=_env(1), cwd=tmp_path, capture_output=True, text=True, timeout=240)
+                         env=_env(1), cwd=tmp_path, capture_output=True, text=True, timeout=scaled_timeout(240))
     assert one.returncode == 0, one.stderr[-2000:]
     dp, ref = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("dp0", "one"))
     assert dp["devices"] == 2 and dp["processes"] == 2 and dp["steps"] == ref["steps"] == 20

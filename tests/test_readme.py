@@ -29,6 +29,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from conftest import scaled_timeout  # noqa: E402  (tests/ is on sys.path under pytest)
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -240,7 +241,7 @@ def test_train_command_parses_and_validates(page, command, args, monkeypatch, tm
 
 def test_results_list_command_runs():
     proc = subprocess.run([sys.executable, "results/reproduce.py", "list"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+                          timeout=scaled_timeout(60))
     assert proc.returncode == 0, proc.stderr
     assert "grid243" in proc.stdout and "python train.py" in proc.stdout
 
@@ -265,7 +266,7 @@ def test_performance_table_is_the_generators_output():
     page = (ROOT / "docs" / "performance.md").read_text()
     table = page.split("<!-- bench_cpu table: begin -->", 1)[1].split("<!-- bench_cpu table: end -->", 1)[0]
     proc = subprocess.run([sys.executable, "-m", "benchmarks.cpu", "--markdown", "results/bench_cpu.json"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=scaled_timeout(120))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert table.strip() == proc.stdout.strip()
 

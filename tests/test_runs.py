@@ -26,6 +26,7 @@ from jaxnets import training as T  # noqa: E402
 from jaxnets.config import TrainConfig  # noqa: E402
 from jaxnets.runs import TrainingError  # noqa: E402
 from jaxnets.steps import build_model, memory_settings  # noqa: E402
+from conftest import scaled_timeout  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def dataset(*, test_shape=(28, 28), n_test=200, labels=(None, None)):
@@ -162,15 +163,28 @@ def test_lock_refuses_a_live_owner_and_takes_over_a_dead_ones(tmp_path):
 
 
 def test_deferred_interrupts_finish_the_block_first():
-    done = []
-    with pytest.raises(KeyboardInterrupt):
-        with runs.deferred_interrupts():
-            os.kill(os.getpid(), signal.SIGINT)
-            done.append("metrics")
-            os.kill(os.getpid(), signal.SIGTERM)
-            done.append("checkpoint")
-    assert done == ["metrics", "checkpoint"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # The handlers the block replaces and restores are set here: a pytest started as a
+    # script's background job (or under nohup) has SIGINT ignored, not Python's default.
+    def outside(signum, frame):
+        raise AssertionError("SIGTERM reached the handler outside the block")
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, outside)
+    try:
+        done = []
+        with pytest.raises(KeyboardInterrupt):
+            with runs.deferred_interrupts():
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("metrics")
+                os.kill(os.getpid(), signal.SIGTERM)
+                done.append("checkpoint")
+        assert done == ["metrics", "checkpoint"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is outside
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 # ----------------------------------------------------------------- the loop's promises
@@ -312,7 +326,7 @@ def test_a_run_loads_back_in_a_fresh_process(finished, tmp_path):
             "print(json.dumps(dict(r, sums=[float(p.sum(1).min()), float(p.sum(1).max())], "
             "argmax_accuracy=float((p.argmax(1) == d['labels']).mean()), epoch=run.epoch)))")
     child = subprocess.run([sys.executable, "-c", code, str(finished), str(tmp_path / "test.npz")],
-                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                           capture_output=True, text=True, timeout=scaled_timeout(120), env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert child.returncode == 0, child.stderr
     got, summary = json.loads(child.stdout.splitlines()[-1]), strict(finished / "summary.json")
     assert got["epoch"] == 2 and got["examples"] == 200
