@@ -388,16 +388,22 @@ class Run:
     summary: dict | None
 
     def predict(self, images, *, batch_size: int = 1000) -> np.ndarray:
-        """Class probabilities ``(N, classes)`` of ``images`` ``(N, H, W, C)``: uint8 pixels
-        0..255, or floats on the same scale divided by 255 (0..1), as the run was trained."""
+        """Class probabilities ``(N, classes)`` of ``images`` ``(N, H, W, C)``, N >= 1: uint8
+        pixels 0..255, or floating point in [0, 1] (the same pixels divided by 255), as the
+        run was trained. Anything else (another dtype, floats outside [0, 1] such as a
+        0..255 float image, NaN or infinities, an empty batch, one image without its batch
+        axis, another image shape) is refused with a one-line ValueError, never guessed."""
+        return self._probs(self._images(images), batch_size)
+
+    def _probs(self, x, batch_size):
+        """Probabilities of checked images ``x`` (uint8 or float32 on the 0..255 scale)."""
         from jaxnets.steps import normalize
 
-        x = self._images(images)
         probs = []
         for i in range(0, len(x), batch_size):
             logits, _ = self._apply(self.params, self.state, normalize(x[i:i + batch_size], self.mean, self.std))
             probs.append(np.asarray(jax.nn.softmax(logits, axis=-1)))
-        return np.concatenate(probs) if probs else np.zeros((0, self.num_classes), np.float32)
+        return np.concatenate(probs)
 
     def evaluate(self, dataset=None, *, images=None, labels=None, batch_size: int = 1000) -> dict:
         """Accuracy and mean cross-entropy on ``dataset``'s test split (a
@@ -414,8 +420,8 @@ class Run:
         if y.shape != (len(x),):
             raise ValueError(f"labels of shape {y.shape} do not match {len(x)} images")
         u8 = x if x.dtype == np.uint8 else None
-        if u8 is None:  # the evaluation program takes uint8 pixels; floats go through predict
-            probs = self.predict(x, batch_size=batch_size)
+        if u8 is None:  # the evaluation program takes uint8 pixels; floats go through predict's path
+            probs = self._probs(x, batch_size)
             picked = np.clip(probs[np.arange(len(y)), y], 1e-30, None)
             return {"accuracy": float(np.mean(probs.argmax(-1) == y)), "loss": float(-np.log(picked).mean()),
                     "examples": int(len(y))}
@@ -432,16 +438,34 @@ class Run:
         return self._jitted(params, state, x)
 
     def _images(self, images):
+        """``images`` checked against what :meth:`predict` accepts, on the programs' 0..255
+        scale (uint8 as given; floats in [0, 1] times 255 as float32); a one-line ValueError
+        saying what was given and what is expected otherwise. The value checks are one
+        min/max pass over floating inputs, nothing for uint8."""
         x = np.asarray(images)
         shape = tuple(self.image_shape)
+        expected = (f"expected images of shape (N, {', '.join(map(str, shape))}) with N >= 1, "
+                    f"as uint8 pixels 0..255 or floating point in [0, 1]")
+        given = f"images: given {x.dtype} of shape {x.shape}"
         if x.shape == shape:
-            x = x[None]
+            raise ValueError(f"{given}, one image without a batch axis (pass images[None]); {expected}")
         if x.ndim != 4 or x.shape[1:] != shape:
-            want = f"(N, {', '.join(map(str, shape))})"
-            raise ValueError(f"images of shape {x.shape}; this run takes {want}")
-        if x.dtype != np.uint8:
-            x = x.astype(np.float32) * 255.0  # the programs scale by 1/255, as for uint8 pixels
-        return x
+            raise ValueError(f"{given}; {expected}")
+        if len(x) == 0:
+            raise ValueError(f"{given}, an empty batch; {expected}")
+        if x.dtype == np.uint8:
+            return x
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"{given}, neither uint8 nor floating point; {expected} "
+                             f"(0..255 integers: convert with .astype(np.uint8))")
+        lo, hi = float(np.min(x)), float(np.max(x))
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            bad = int(np.count_nonzero(~np.isfinite(x)))
+            raise ValueError(f"{given}, holding {bad} NaN or infinite values; {expected}")
+        if lo < 0.0 or hi > 1.0:
+            hint = " (a 0..255 float image: divide it by 255)" if hi > 1.0 and hi <= 255.0 and lo >= 0.0 else ""
+            raise ValueError(f"{given}, values {lo:g}..{hi:g}{hint}; {expected}")
+        return x.astype(np.float32) * 255.0  # the programs scale by 1/255, as for uint8 pixels
 
 
 def load_run(run_dir) -> Run:

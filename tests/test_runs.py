@@ -319,3 +319,27 @@ def test_a_run_loads_back_in_a_fresh_process(finished, tmp_path):
     assert got["accuracy"] == got["argmax_accuracy"] == summary["test_accuracy"]
     assert got["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
     assert got["sums"] == pytest.approx([1.0, 1.0], abs=1e-5)
+
+
+def test_predict_accepts_uint8_and_unit_floats_and_refuses_the_rest(finished):
+    run, images = runs.load_run(finished), dataset().test_images[:5]
+    probs = run.predict(images)
+    np.testing.assert_allclose(run.predict(images / np.float32(255)), probs, atol=1e-5)
+    np.testing.assert_allclose(run.predict((images / 255.0).astype(np.float64)), probs, atol=1e-5)
+    for given, says in [
+        (images.astype(np.int64), r"given int64 of shape \(5, 28, 28, 1\), neither uint8 nor floating point"),
+        (images.astype(np.float32), r"given float32 .*values 0\.\.\d+ \(a 0\.\.255 float image: divide it by 255\)"),
+        (np.full(images.shape, -0.5, np.float32), r"values -0\.5\.\.-0\.5;"),
+        (np.where(images == 0, np.nan, images / 255.0), r"holding \d+ NaN or infinite values"),
+        (np.full(images.shape, np.inf, np.float32), r"holding 3920 NaN or infinite values"),
+        (images[:0], r"given uint8 of shape \(0, 28, 28, 1\), an empty batch"),
+        (images[0], r"given uint8 of shape \(28, 28, 1\), one image without a batch axis \(pass images\[None\]\)"),
+        (images[:, :27], r"given uint8 of shape \(5, 27, 28, 1\);"),
+        (images[..., 0], r"given uint8 of shape \(5, 28, 28\);"),
+    ]:
+        for call in (run.predict, lambda x: run.evaluate(images=x, labels=np.zeros(len(x)))):
+            with pytest.raises(ValueError, match=says) as e:
+                call(given)
+            assert "\n" not in str(e.value)
+            assert r"expected images of shape (N, 28, 28, 1) with N >= 1, as uint8 pixels 0..255 or floating " \
+                   "point in [0, 1]" in str(e.value)
