@@ -425,6 +425,23 @@ def _(ctx):
     return ctx.train(ctx.base("--out", run)), unchanged(run, before)
 
 
+@case("out-holds-a-users-lock", says=r"already holds files")
+def _(ctx):
+    run = ctx.dir / "run"
+    run.mkdir()
+    (run / ".lock").write_text("my notes, not a lock\n")
+    before = snapshot(run)
+    return ctx.train(ctx.base("--out", run)), unchanged(run, before)
+
+
+@case("resume-with-a-users-lock", says=r"\.lock: not a jaxnets lock")
+def _(ctx):
+    run = ctx.copy("done")
+    (run / ".lock").write_text("garbage")
+    before = snapshot(run)
+    return ctx.train(["--resume", run, "--epochs", "3"]), unchanged(run, before)
+
+
 # Data checked before training.
 @case("data-dir-missing", says=r"no-data")
 def _(ctx):

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -263,13 +264,38 @@ def prepare_run_dir(run_dir: Path, *, new: bool):
         raise TrainingError(f"--out {run_dir}: cannot create the directory ({e.strerror})") from None
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise TrainingError(f"--out {run_dir}: the directory is not writable")
-    if new and any(not p.name.startswith(LOCK) for p in run_dir.iterdir()):  # a lock (or its .tmp) is no file of a run
+    if new and files_besides_lock(run_dir):
         raise TrainingError(f"--out {run_dir} already holds files; choose a new directory or --resume it")
+
+
+#: A lock's owner record: ``jaxnets-lock PID HOST`` (``PID HOST`` in locks written before issue 26).
+_LOCK_RECORD = re.compile(r"(?:jaxnets-lock )?(\d+) (\S+)\n")
+_LOCK_OWN = re.compile(re.escape(LOCK) + r"\.\d+\.tmp")  # the owner record before it is linked as the lock
+
+
+def _lock_record(path: Path):
+    """``(pid, host)`` when ``path`` holds a lock's owner record, else None (another file)."""
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 300:
+            return None
+        match = _LOCK_RECORD.fullmatch(path.read_text(errors="replace"))
+    except OSError:
+        return None
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+def files_besides_lock(directory: Path) -> list:
+    """The entries of ``directory`` other than a lock of jaxnets' own (recognised by its
+    owner record, not by its name: a user's file named ``.lock`` counts as a file)."""
+    return [p for p in Path(directory).iterdir()
+            if not ((p.name == LOCK or _LOCK_OWN.fullmatch(p.name)) and _lock_record(p) is not None)]
 
 
 class RunLock:
     """``with RunLock(run_dir):`` one process at a time writes a run: ``run_dir/.lock`` holds
-    the owner's PID and host; a lock whose process is gone (same host) is taken over."""
+    the owner record ``jaxnets-lock PID HOST``; a lock whose process is gone (same host) is
+    taken over. A ``.lock`` that holds anything else is not jaxnets' and is never touched:
+    the run is refused, naming it."""
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK
@@ -278,18 +304,23 @@ class RunLock:
     def __enter__(self):
         # The owner line is written to a private file first and hard-linked to .lock, which
         # fails if .lock exists: the lock appears with its owner in it, so another process
-        # never sees an empty lock and takes it for a dead writer's.
+        # never sees an empty lock, and a lock without an owner record is no lock of ours.
         own = self.path.with_name(f"{LOCK}.{os.getpid()}.tmp")
         try:
-            own.write_text(f"{os.getpid()} {platform.node()}\n")
+            own.write_text(f"jaxnets-lock {os.getpid()} {platform.node()}\n")
             for _ in range(2):
                 try:
                     os.link(own, self.path)
                 except FileExistsError:
-                    if not self._stale():
+                    owner = _lock_record(self.path)
+                    if owner is None and self.path.exists():
+                        raise TrainingError(f"{self.path}: not a jaxnets lock (no owner record in it: a file of "
+                                            f"yours?); left untouched: move it away or choose another --out") from None
+                    if owner is not None and not self._stale(owner):
                         raise TrainingError(f"{self.path.parent}: another process is writing this run "
-                                            f"({self._owner_text()}); wait for it or stop it") from None
-                    self.path.unlink(missing_ok=True)
+                                            f"(PID {owner[0]} on {owner[1]}); wait for it or stop it") from None
+                    if owner is not None and _lock_record(self.path) == owner:  # still the dead owner's
+                        self.path.unlink(missing_ok=True)
                     continue
                 self.held = True
                 return self
@@ -304,19 +335,9 @@ class RunLock:
             self.path.unlink(missing_ok=True)
             self.held = False
 
-    def _owner_text(self):
-        try:
-            pid, host = self.path.read_text().split()
-            return f"PID {pid} on {host}"
-        except (OSError, ValueError):
-            return "unknown owner"
-
-    def _stale(self):
-        try:
-            pid, host = self.path.read_text().split()
-            pid = int(pid)
-        except (OSError, ValueError):
-            return True  # unreadable or half-written: its writer died while writing it
+    @staticmethod
+    def _stale(owner):
+        pid, host = owner
         if host != platform.node():
             return False  # another machine's process: cannot tell, so keep it
         try:

@@ -146,19 +146,37 @@ def test_damaged_checkpoints_are_refused(tmp_path):
 def test_lock_refuses_a_live_owner_and_takes_over_a_dead_ones(tmp_path):
     lock = tmp_path / runs.LOCK
     with runs.RunLock(tmp_path):
-        assert lock.read_text() == f"{os.getpid()} {os.uname().nodename}\n"  # there with its owner at once
+        assert lock.read_text() == f"jaxnets-lock {os.getpid()} {os.uname().nodename}\n"  # there with its owner at once
         with pytest.raises(TrainingError, match=rf"another process is writing this run \(PID {os.getpid()} on "):
             runs.RunLock(tmp_path).__enter__()
     assert os.listdir(tmp_path) == []  # released, and no temporary owner file left
     dead = subprocess.Popen(["true"])
     dead.wait()
-    for stale in (f"{dead.pid} {os.uname().nodename}\n", "", "garbage"):
-        lock.write_text(stale)
+    for stale in (f"{dead.pid} {os.uname().nodename}\n", f"jaxnets-lock {dead.pid} {os.uname().nodename}\n"):
+        lock.write_text(stale)  # a dead process's lock, in the record before issue 26 and now
         with runs.RunLock(tmp_path):
-            assert lock.read_text().startswith(f"{os.getpid()} ")
+            assert lock.read_text().startswith(f"jaxnets-lock {os.getpid()} ")
     lock.write_text(f"{os.getpid()} another-host\n")  # another machine's process: cannot tell, so kept
     with pytest.raises(TrainingError, match="another process"):
         runs.RunLock(tmp_path).__enter__()
+
+
+@pytest.mark.parametrize("mine", ["", "garbage", "my notes\n", "123 host extra\n"])
+def test_a_users_file_named_lock_is_never_taken_over(tmp_path, mine):
+    # Issue 26: a user's .lock in --out counted the directory as empty and the lock deleted it.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / runs.LOCK).write_text(mine)
+    for new in (True, False):
+        with pytest.raises(TrainingError, match=f"{run}.*already holds files" if new else
+                           rf"{run / runs.LOCK}: not a jaxnets lock \(no owner record in it"):
+            runs.prepare_run_dir(run, new=new)
+            runs.RunLock(run).__enter__()
+    with pytest.raises(TrainingError, match="already holds files"):
+        T.train(config(run), dataset=dataset(), log=quiet)
+    with pytest.raises(TrainingError, match="already holds files"):
+        S.sweep(config(run), {"seed": [0, 1]}, out=run, dataset=dataset(), log=quiet, progress=False)
+    assert [p.name for p in run.iterdir()] == [runs.LOCK] and (run / runs.LOCK).read_text() == mine
 
 
 def test_deferred_interrupts_finish_the_block_first():
