@@ -68,12 +68,15 @@ def digits(n, shape=(28, 28), *, label=None, seed=0):
     return x, y.astype(np.int32)
 
 
-def write_mnist(folder, *, n_train=600, n_test=200, test_shape=(28, 28), labels=(None, None)):
+def write_mnist(folder, *, n_train=600, n_test=200, test_shape=(28, 28), labels=(None, None), constant=False):
     """Four MNIST-format files of :func:`digits` in ``folder``; ``labels=(train, test)`` fixes
-    each split's label (e.g. ``(0, 1)``: a run ends at chance on the test split)."""
+    each split's label (e.g. ``(0, 1)``: a run ends at chance on the test split);
+    ``constant``: every training pixel 128 (std 0, nothing to normalise by)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     x, y = digits(n_train, label=labels[0], seed=0)
+    if constant:
+        x[:] = 128
     write_idx(folder / "train-images-idx3-ubyte.gz", x)
     write_idx(folder / "train-labels-idx1-ubyte.gz", y)
     x, y = digits(n_test, test_shape, label=labels[1], seed=1)
@@ -422,6 +425,23 @@ def _(ctx):
     return ctx.train(ctx.base("--out", run)), unchanged(run, before)
 
 
+@case("out-holds-a-users-lock", says=r"already holds files")
+def _(ctx):
+    run = ctx.dir / "run"
+    run.mkdir()
+    (run / ".lock").write_text("my notes, not a lock\n")
+    before = snapshot(run)
+    return ctx.train(ctx.base("--out", run)), unchanged(run, before)
+
+
+@case("resume-with-a-users-lock", says=r"\.lock: not a jaxnets lock")
+def _(ctx):
+    run = ctx.copy("done")
+    (run / ".lock").write_text("garbage")
+    before = snapshot(run)
+    return ctx.train(["--resume", run, "--epochs", "3"]), unchanged(run, before)
+
+
 # Data checked before training.
 @case("data-dir-missing", says=r"no-data")
 def _(ctx):
@@ -438,6 +458,13 @@ def _(ctx):
 @case("data-test-split-empty", says=r"empty")
 def _(ctx):
     res = ctx.train(ctx.base("--out", ctx.dir / "run", data=ctx.fixtures["data0"]))
+    return res, [f"trained first ({name})" for name in ("metrics.jsonl", "checkpoint.msgpack")
+                 if (ctx.dir / "run" / name).exists()]
+
+
+@case("data-constant-channel", says=r"channel 0 is constant")
+def _(ctx):
+    res = ctx.train(ctx.base("--out", ctx.dir / "run", data=ctx.fixtures["data-constant"]))
     return res, [f"trained first ({name})" for name in ("metrics.jsonl", "checkpoint.msgpack")
                  if (ctx.dir / "run" / name).exists()]
 
@@ -907,8 +934,9 @@ def _(ctx):
 def _fixtures(root: Path, work: Path, log):
     data = work / "data"
     fixtures = {"data": write_mnist(data / "mnist"), "data27": write_mnist(data / "mnist27", test_shape=(27, 27)),
-                "data0": write_mnist(data / "mnist0", n_test=0), "data-chance": write_mnist(data / "chance",
-                                                                                         labels=(0, 1))}
+                "data0": write_mnist(data / "mnist0", n_test=0),
+                "data-constant": write_mnist(data / "constant", constant=True),
+                "data-chance": write_mnist(data / "chance", labels=(0, 1))}
     ctx = Context(root, work, Case("_fixtures", None, 0, None, 300), {"data": fixtures["data"]})
     done = ctx.dir / "done"
     res = ctx.train(ctx.base("--epochs", "2", "--out", done))

@@ -57,6 +57,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import DATA_DIR_ENV, DataError, one_line as _one_line
+
 __all__ = [
     "DATASETS",
     "DataError",
@@ -69,9 +71,6 @@ __all__ = [
 
 #: Names accepted by :func:`load_dataset`.
 DATASETS = ("mnist", "cifar10")
-
-#: Environment variable consulted when ``data_dir`` is not given.
-DATA_DIR_ENV = "JAXNETS_DATA_DIR"
 
 #: Where :func:`load_dataset` takes the data from (see the module docstring).
 SOURCES = ("auto", "files", "tfds")
@@ -99,11 +98,6 @@ CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_BATCH = "test_batch"
 
 _IDX_UBYTE_MAGIC = {1: 0x00000801, 3: 0x00000803}  # ndim -> magic for unsigned-byte IDX
-
-
-class DataError(Exception):
-    """A dataset could not be loaded: missing, truncated, corrupt or inconsistent files,
-    or tensorflow-datasets could not provide it. The message is a single line."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -173,7 +167,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
 
     if source == "tfds":
         return _load_tfds(name, data_dir)
-    from . import download  # here, not at the top: download imports DataError from this module
+    from . import download  # here, not at the top: the downloader (urllib, ssl) is only needed for a download
 
     root = download.data_root(data_dir)
     if root.exists() and not root.is_dir():
@@ -614,7 +608,3 @@ def _checked_labels(labels: np.ndarray, num_classes: int, where) -> np.ndarray:
         )
     return labels.astype(np.int32)
 
-
-def _one_line(e: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -55,7 +55,7 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-from .data import DATA_DIR_ENV, DataError, _one_line
+from .errors import DATA_DIR_ENV, DataError, one_line as _one_line
 
 __all__ = [
     "BUDGET",

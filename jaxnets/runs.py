@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -263,16 +264,41 @@ def prepare_run_dir(run_dir: Path, *, new: bool):
         raise TrainingError(f"--out {run_dir}: cannot create the directory ({e.strerror})") from None
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise TrainingError(f"--out {run_dir}: the directory is not writable")
-    if new and any(not p.name.startswith(LOCK) for p in run_dir.iterdir()):  # a lock (or its .tmp) is no file of a run
+    if new and files_besides_lock(run_dir):
         is_run = (run_dir / "config.json").is_file()  # what --resume reads first
         raise TrainingError(f"--out {run_dir} already holds files" + (
             f" of a run; choose a new directory, or continue it with --resume {run_dir}" if is_run else
             " (not a run's); choose a new or empty directory"))
 
 
+#: A lock's owner record: ``jaxnets-lock PID HOST`` (``PID HOST`` in locks written before issue 26).
+_LOCK_RECORD = re.compile(r"(?:jaxnets-lock )?(\d+) (\S+)\n")
+_LOCK_OWN = re.compile(re.escape(LOCK) + r"\.\d+\.tmp")  # the owner record before it is linked as the lock
+
+
+def _lock_record(path: Path):
+    """``(pid, host)`` when ``path`` holds a lock's owner record, else None (another file)."""
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 300:
+            return None
+        match = _LOCK_RECORD.fullmatch(path.read_text(errors="replace"))
+    except OSError:
+        return None
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+def files_besides_lock(directory: Path) -> list:
+    """The entries of ``directory`` other than a lock of jaxnets' own (recognised by its
+    owner record, not by its name: a user's file named ``.lock`` counts as a file)."""
+    return [p for p in Path(directory).iterdir()
+            if not ((p.name == LOCK or _LOCK_OWN.fullmatch(p.name)) and _lock_record(p) is not None)]
+
+
 class RunLock:
     """``with RunLock(run_dir):`` one process at a time writes a run: ``run_dir/.lock`` holds
-    the owner's PID and host; a lock whose process is gone (same host) is taken over."""
+    the owner record ``jaxnets-lock PID HOST``; a lock whose process is gone (same host) is
+    taken over. A ``.lock`` that holds anything else is not jaxnets' and is never touched:
+    the run is refused, naming it."""
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK
@@ -281,18 +307,23 @@ class RunLock:
     def __enter__(self):
         # The owner line is written to a private file first and hard-linked to .lock, which
         # fails if .lock exists: the lock appears with its owner in it, so another process
-        # never sees an empty lock and takes it for a dead writer's.
+        # never sees an empty lock, and a lock without an owner record is no lock of ours.
         own = self.path.with_name(f"{LOCK}.{os.getpid()}.tmp")
         try:
-            own.write_text(f"{os.getpid()} {platform.node()}\n")
+            own.write_text(f"jaxnets-lock {os.getpid()} {platform.node()}\n")
             for _ in range(2):
                 try:
                     os.link(own, self.path)
                 except FileExistsError:
-                    if not self._stale():
+                    owner = _lock_record(self.path)
+                    if owner is None and self.path.exists():
+                        raise TrainingError(f"{self.path}: not a jaxnets lock (no owner record in it: a file of "
+                                            f"yours?); left untouched: move it away or choose another --out") from None
+                    if owner is not None and not self._stale(owner):
                         raise TrainingError(f"{self.path.parent}: another process is writing this run "
-                                            f"({self._owner_text()}); wait for it or stop it") from None
-                    self.path.unlink(missing_ok=True)
+                                            f"(PID {owner[0]} on {owner[1]}); wait for it or stop it") from None
+                    if owner is not None and _lock_record(self.path) == owner:  # still the dead owner's
+                        self.path.unlink(missing_ok=True)
                     continue
                 self.held = True
                 return self
@@ -307,19 +338,9 @@ class RunLock:
             self.path.unlink(missing_ok=True)
             self.held = False
 
-    def _owner_text(self):
-        try:
-            pid, host = self.path.read_text().split()
-            return f"PID {pid} on {host}"
-        except (OSError, ValueError):
-            return "unknown owner"
-
-    def _stale(self):
-        try:
-            pid, host = self.path.read_text().split()
-            pid = int(pid)
-        except (OSError, ValueError):
-            return True  # unreadable or half-written: its writer died while writing it
+    @staticmethod
+    def _stale(owner):
+        pid, host = owner
         if host != platform.node():
             return False  # another machine's process: cannot tell, so keep it
         try:
@@ -391,16 +412,22 @@ class Run:
     summary: dict | None
 
     def predict(self, images, *, batch_size: int = 1000) -> np.ndarray:
-        """Class probabilities ``(N, classes)`` of ``images`` ``(N, H, W, C)``: uint8 pixels
-        0..255, or floats on the same scale divided by 255 (0..1), as the run was trained."""
+        """Class probabilities ``(N, classes)`` of ``images`` ``(N, H, W, C)``, N >= 1: uint8
+        pixels 0..255, or floating point in [0, 1] (the same pixels divided by 255), as the
+        run was trained. Anything else (another dtype, floats outside [0, 1] such as a
+        0..255 float image, NaN or infinities, an empty batch, one image without its batch
+        axis, another image shape) is refused with a one-line ValueError, never guessed."""
+        return self._probs(self._images(images), batch_size)
+
+    def _probs(self, x, batch_size):
+        """Probabilities of checked images ``x`` (uint8 or float32 on the 0..255 scale)."""
         from jaxnets.steps import normalize
 
-        x = self._images(images)
         probs = []
         for i in range(0, len(x), batch_size):
             logits, _ = self._apply(self.params, self.state, normalize(x[i:i + batch_size], self.mean, self.std))
             probs.append(np.asarray(jax.nn.softmax(logits, axis=-1)))
-        return np.concatenate(probs) if probs else np.zeros((0, self.num_classes), np.float32)
+        return np.concatenate(probs)
 
     def evaluate(self, dataset=None, *, images=None, labels=None, batch_size: int = 1000) -> dict:
         """Accuracy and mean cross-entropy on ``dataset``'s test split (a
@@ -417,8 +444,8 @@ class Run:
         if y.shape != (len(x),):
             raise ValueError(f"labels of shape {y.shape} do not match {len(x)} images")
         u8 = x if x.dtype == np.uint8 else None
-        if u8 is None:  # the evaluation program takes uint8 pixels; floats go through predict
-            probs = self.predict(x, batch_size=batch_size)
+        if u8 is None:  # the evaluation program takes uint8 pixels; floats go through predict's path
+            probs = self._probs(x, batch_size)
             picked = np.clip(probs[np.arange(len(y)), y], 1e-30, None)
             return {"accuracy": float(np.mean(probs.argmax(-1) == y)), "loss": float(-np.log(picked).mean()),
                     "examples": int(len(y))}
@@ -435,16 +462,34 @@ class Run:
         return self._jitted(params, state, x)
 
     def _images(self, images):
+        """``images`` checked against what :meth:`predict` accepts, on the programs' 0..255
+        scale (uint8 as given; floats in [0, 1] times 255 as float32); a one-line ValueError
+        saying what was given and what is expected otherwise. The value checks are one
+        min/max pass over floating inputs, nothing for uint8."""
         x = np.asarray(images)
         shape = tuple(self.image_shape)
+        expected = (f"expected images of shape (N, {', '.join(map(str, shape))}) with N >= 1, "
+                    f"as uint8 pixels 0..255 or floating point in [0, 1]")
+        given = f"images: given {x.dtype} of shape {x.shape}"
         if x.shape == shape:
-            x = x[None]
+            raise ValueError(f"{given}, one image without a batch axis (pass images[None]); {expected}")
         if x.ndim != 4 or x.shape[1:] != shape:
-            want = f"(N, {', '.join(map(str, shape))})"
-            raise ValueError(f"images of shape {x.shape}; this run takes {want}")
-        if x.dtype != np.uint8:
-            x = x.astype(np.float32) * 255.0  # the programs scale by 1/255, as for uint8 pixels
-        return x
+            raise ValueError(f"{given}; {expected}")
+        if len(x) == 0:
+            raise ValueError(f"{given}, an empty batch; {expected}")
+        if x.dtype == np.uint8:
+            return x
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"{given}, neither uint8 nor floating point; {expected} "
+                             f"(0..255 integers: convert with .astype(np.uint8))")
+        lo, hi = float(np.min(x)), float(np.max(x))
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            bad = int(np.count_nonzero(~np.isfinite(x)))
+            raise ValueError(f"{given}, holding {bad} NaN or infinite values; {expected}")
+        if lo < 0.0 or hi > 1.0:
+            hint = " (a 0..255 float image: divide it by 255)" if hi > 1.0 and hi <= 255.0 and lo >= 0.0 else ""
+            raise ValueError(f"{given}, values {lo:g}..{hi:g}{hint}; {expected}")
+        return x.astype(np.float32) * 255.0  # the programs scale by 1/255, as for uint8 pixels
 
 
 def load_run(run_dir) -> Run:

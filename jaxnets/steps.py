@@ -78,7 +78,8 @@ def training_pool(dataset: D.Dataset, config: TrainConfig):
 
 def member_split(train_x, train_y, config: TrainConfig):
     """``(train_idx, val_idx, mean, std)``: the seeded validation split of the training pool
-    (indices into it) and the normalisation constants of its training part."""
+    (indices into it) and the normalisation constants of its training part; a DataError when
+    a channel of the training part is constant (std 0, nothing to normalise by)."""
     if config.val_size >= len(train_x):
         raise ValueError(f"val_size {config.val_size} leaves no training data ({len(train_x)} examples)")
     train_idx, _, val_idx, _ = D.split_validation(np.arange(len(train_x)), train_y, config.val_size, config.seed)
@@ -86,6 +87,12 @@ def member_split(train_x, train_y, config: TrainConfig):
         raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train_idx)} training examples")
     if config.normalize == "channel":
         mean, std = D.normalization_stats(train_x, exclude=val_idx)
+        flat = np.flatnonzero(~(std > 0))  # (x - mean) / 0: every loss NaN from step 1, not the lr's doing
+        if flat.size:
+            c = int(flat[0])
+            raise D.DataError(f"the training images' channel {c} is constant (every pixel {255 * mean[c]:g} of 255, "
+                              f"std 0): --normalize channel would divide by 0; these are not usable images "
+                              f"(check the data files)")
     else:  # the course's per-pixel mean image subtracted from raw 0..255 pixels, no scaling
         mean = (train_x[train_idx].astype(np.float64) / 255.0).mean(axis=0).astype(np.float32)
         std = np.full((), 1.0 / 255.0, np.float32)

@@ -47,8 +47,8 @@ from jaxnets import data as D
 from jaxnets import cost, placement, plots
 from jaxnets import training as T
 from jaxnets.config import FIELDS, TrainConfig, format_setting, parse_setting
-from jaxnets.runs import (LOCK, RUN_FILES, RunLock, TrainingError, at_chance, checkpoint_epoch, read_json,
-                          read_summary, write_json)
+from jaxnets.runs import (RUN_FILES, RunLock, TrainingError, at_chance, checkpoint_epoch, files_besides_lock,
+                          read_json, read_summary, write_json)
 from jaxnets.steps import build_model, memory_settings
 
 #: Settings a sweep may not vary (they name where things go, not what is trained).
@@ -268,12 +268,12 @@ def sweep(base: TrainConfig, axes, *, out=None, dataset: D.Dataset | None = None
                          f"(use --devices 1 or 0, in one process)")
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--out {out}: is a file, not a directory")
-    if resume and out.is_dir() and not any(not p.name.startswith(LOCK) for p in out.iterdir()):
+    if resume and out.is_dir() and not files_besides_lock(out):
         log(f"{out} holds no sweep yet (it stopped before writing its plan): starting it")
         resume = False
     if resume:
         waves = _saved_plan(out, base, axes, names)
-    elif out.exists() and any(not p.name.startswith(LOCK) for p in out.iterdir()):
+    elif out.exists() and files_besides_lock(out):
         raise TrainingError(f"sweep directory {out} already holds files; continue it with --resume {out} "
                               f"or choose another --out")
     try:

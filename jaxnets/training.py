@@ -270,6 +270,8 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
                 break
             train_seconds = max(seconds - sum(clock.since(before).values()), 1e-6)  # all of it training programs
             val = loop.evaluate("val", run.alive) if n_val else (np.full(size, np.nan),) * 2
+            if n_val:
+                run.stop_non_finite(val[0], f"validation loss (epoch {epoch + 1})", say)
             records = run.record_epoch(epoch, train, val, seconds, train_seconds, clock.since(before),
                                        images=done * batch, steps=epoch * steps_per_epoch + done,
                                        chunk=loop.chunk_length, say=say)
@@ -382,6 +384,16 @@ class _GroupState:
         """Each member's metrics end where its checkpoint does (a stop between an epoch's
         metrics and its checkpoint), as a resume will continue from there."""
         self.metrics = [[r for r in ms if r["epoch"] <= good] for ms, good in zip(self.metrics, self.last_good)]
+
+    def stop_non_finite(self, losses, what, say):
+        """Stop each live member whose ``losses[m]`` is NaN or infinite (status ``diverged:
+        non-finite WHAT``): a loss the run reports is finite, or the run diverged."""
+        for m in np.flatnonzero(self.alive):
+            if not np.isfinite(losses[m]):
+                self.status[m], self.alive[m] = f"diverged: non-finite {what}", False
+                kept = (f"the checkpoint of epoch {self.last_good[m]} is kept" if self.last_good[m] else
+                        "no epoch had finished, so no checkpoint is kept")
+                say(m, f"stopped: {self.status[m]}; {kept}")
 
     def record_epoch(self, epoch, train, val, seconds, train_seconds, compiled, images, steps, chunk, say):
         """Each live member's epoch record (appended to its metrics): ``{m: record}``.
@@ -571,6 +583,9 @@ def _finish(run, loop, configs, run_dirs, classes, resume, writer, mesh, t_start
     completed = np.array([s == "completed" for s in run.status])
     if completed.any():
         test_loss, test_acc = loop.evaluate("test", completed)
+        for m in np.flatnonzero(completed & ~np.isfinite(test_loss)):  # trained to the end, but tests to NaN
+            run.status[m] = "diverged: non-finite test loss (final epoch)"
+            log(f"stopped: {run.status[m]}" if size == 1 else f"[{run_dirs[m].name}] {run.status[m]}")
     summaries, wall = [], round(time.time() - t_start, 2)
     for m, (c, run_dir) in enumerate(zip(configs, run_dirs)):
         metrics = run.metrics[m]

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,6 +251,35 @@ def test_out_refusal_suggests_resume_only_for_a_run(finished, tmp_path, capsys):
     assert exit_code(["--data-dir", tmp_path / "none", "--out", finished]) == 2
     assert f"already holds files of a run; choose a new directory, or continue it with --resume {finished}" in \
         error_line(capsys)
+
+
+@pytest.mark.parametrize("split, says", [("test", "diverged: non-finite test loss (final epoch)"),
+                                         ("val", "diverged: non-finite validation loss (epoch 1)")])
+def test_a_non_finite_validation_or_test_loss_is_diverged_exit_3(data_dir, tmp_path, capsys, monkeypatch, split, says):
+    # Issue 26: the steps' losses finite, the final test loss NaN -- was "completed", exit 0.
+    from jaxnets import training
+
+    evaluate = training._EpochLoop.evaluate
+
+    def nan_on(self, which, members_on):
+        loss, acc = evaluate(self, which, members_on)
+        return (np.full_like(loss, np.nan), acc) if which == split else (loss, acc)
+    monkeypatch.setattr(training._EpochLoop, "evaluate", nan_on)
+    run = tmp_path / "run"
+    assert exit_code(flags(data_dir, "--epochs", 2, "--out", run)) == 3
+    summary = strict(run / "summary.json")
+    assert summary["status"] == says and summary.get("test_loss") is None
+    assert epochs(run) == ([1, 2] if split == "test" else [])  # a NaN validation loss stops before that epoch's files
+
+
+def test_a_constant_channel_is_refused_as_data_before_training(tmp_path, capsys):
+    # Issue 26: std 0 made every loss NaN and was reported as "diverged at step 1" (the lr blamed).
+    data = write_mnist(tmp_path / "mnist", n_train=600, n_test=200, constant=True)
+    run = tmp_path / "run"
+    assert exit_code(flags(data, "--out", run)) == 2
+    line = error_line(capsys)
+    assert "channel 0 is constant (every pixel 128 of 255, std 0)" in line and "--normalize channel" in line
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoint.msgpack").exists()
 
 
 # ------------------------------------------------- child processes: kills and locks

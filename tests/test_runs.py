@@ -147,19 +147,37 @@ def test_damaged_checkpoints_are_refused(tmp_path):
 def test_lock_refuses_a_live_owner_and_takes_over_a_dead_ones(tmp_path):
     lock = tmp_path / runs.LOCK
     with runs.RunLock(tmp_path):
-        assert lock.read_text() == f"{os.getpid()} {os.uname().nodename}\n"  # there with its owner at once
+        assert lock.read_text() == f"jaxnets-lock {os.getpid()} {os.uname().nodename}\n"  # there with its owner at once
         with pytest.raises(TrainingError, match=rf"another process is writing this run \(PID {os.getpid()} on "):
             runs.RunLock(tmp_path).__enter__()
     assert os.listdir(tmp_path) == []  # released, and no temporary owner file left
     dead = subprocess.Popen(["true"])
     dead.wait()
-    for stale in (f"{dead.pid} {os.uname().nodename}\n", "", "garbage"):
-        lock.write_text(stale)
+    for stale in (f"{dead.pid} {os.uname().nodename}\n", f"jaxnets-lock {dead.pid} {os.uname().nodename}\n"):
+        lock.write_text(stale)  # a dead process's lock, in the record before issue 26 and now
         with runs.RunLock(tmp_path):
-            assert lock.read_text().startswith(f"{os.getpid()} ")
+            assert lock.read_text().startswith(f"jaxnets-lock {os.getpid()} ")
     lock.write_text(f"{os.getpid()} another-host\n")  # another machine's process: cannot tell, so kept
     with pytest.raises(TrainingError, match="another process"):
         runs.RunLock(tmp_path).__enter__()
+
+
+@pytest.mark.parametrize("mine", ["", "garbage", "my notes\n", "123 host extra\n"])
+def test_a_users_file_named_lock_is_never_taken_over(tmp_path, mine):
+    # Issue 26: a user's .lock in --out counted the directory as empty and the lock deleted it.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / runs.LOCK).write_text(mine)
+    for new in (True, False):
+        with pytest.raises(TrainingError, match=f"{run}.*already holds files" if new else
+                           rf"{run / runs.LOCK}: not a jaxnets lock \(no owner record in it"):
+            runs.prepare_run_dir(run, new=new)
+            runs.RunLock(run).__enter__()
+    with pytest.raises(TrainingError, match="already holds files"):
+        T.train(config(run), dataset=dataset(), log=quiet)
+    with pytest.raises(TrainingError, match="already holds files"):
+        S.sweep(config(run), {"seed": [0, 1]}, out=run, dataset=dataset(), log=quiet, progress=False)
+    assert [p.name for p in run.iterdir()] == [runs.LOCK] and (run / runs.LOCK).read_text() == mine
 
 
 def test_deferred_interrupts_finish_the_block_first():
@@ -333,3 +351,27 @@ def test_a_run_loads_back_in_a_fresh_process(finished, tmp_path):
     assert got["accuracy"] == got["argmax_accuracy"] == summary["test_accuracy"]
     assert got["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
     assert got["sums"] == pytest.approx([1.0, 1.0], abs=1e-5)
+
+
+def test_predict_accepts_uint8_and_unit_floats_and_refuses_the_rest(finished):
+    run, images = runs.load_run(finished), dataset().test_images[:5]
+    probs = run.predict(images)
+    np.testing.assert_allclose(run.predict(images / np.float32(255)), probs, atol=1e-5)
+    np.testing.assert_allclose(run.predict((images / 255.0).astype(np.float64)), probs, atol=1e-5)
+    for given, says in [
+        (images.astype(np.int64), r"given int64 of shape \(5, 28, 28, 1\), neither uint8 nor floating point"),
+        (images.astype(np.float32), r"given float32 .*values 0\.\.\d+ \(a 0\.\.255 float image: divide it by 255\)"),
+        (np.full(images.shape, -0.5, np.float32), r"values -0\.5\.\.-0\.5;"),
+        (np.where(images == 0, np.nan, images / 255.0), r"holding \d+ NaN or infinite values"),
+        (np.full(images.shape, np.inf, np.float32), r"holding 3920 NaN or infinite values"),
+        (images[:0], r"given uint8 of shape \(0, 28, 28, 1\), an empty batch"),
+        (images[0], r"given uint8 of shape \(28, 28, 1\), one image without a batch axis \(pass images\[None\]\)"),
+        (images[:, :27], r"given uint8 of shape \(5, 27, 28, 1\);"),
+        (images[..., 0], r"given uint8 of shape \(5, 28, 28\);"),
+    ]:
+        for call in (run.predict, lambda x: run.evaluate(images=x, labels=np.zeros(len(x)))):
+            with pytest.raises(ValueError, match=says) as e:
+                call(given)
+            assert "\n" not in str(e.value)
+            assert r"expected images of shape (N, 28, 28, 1) with N >= 1, as uint8 pixels 0..255 or floating " \
+                   "point in [0, 1]" in str(e.value)
