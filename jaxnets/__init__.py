@@ -21,7 +21,7 @@ except _metadata.PackageNotFoundError:  # run from a checkout that was not pip-i
 
 from jaxnets import (checkpoints, config, conv, cost, data, gradcheck, layers, models, network, optim, parallel, runs, steps,  # noqa: E402
                      sweep, training)
-from jaxnets.checkpoints import export_torchvision  # noqa: E402
+from jaxnets.models import export_torchvision  # noqa: E402
 from jaxnets.runs import load_run  # noqa: E402
 
 __all__ = ["__version__", "checkpoints", "config", "export_torchvision", "conv", "cost", "data", "gradcheck", "layers", "load_run", "models", "network", "optim", "parallel", "runs",

@@ -241,22 +241,3 @@ def from_torch_state_dict(model, tensors, *, source="checkpoint", head="fc", key
         out.append(jax.tree_util.tree_unflatten(leaves[1], [values[(kind, _dotted(p))] for p, _ in leaves[0]]))
     return tuple(out)
 
-
-def export_torchvision(run_or_params, path, state=None):
-    """Write a ResNet's weights as a torchvision state dict: ``run_or_params`` is a run
-    (:func:`jaxnets.load_run`, whose model must be a :class:`jaxnets.models.ResNet`) or its
-    ``params`` (with ``state``, the batch-norm statistics). ``.safetensors`` needs no torch;
-    ``.pth`` does. The file loads into ``torchvision.models.resnet18(num_classes=...)`` with
-    ``load_state_dict(strict=True)``. Returns the path."""
-    from jaxnets.models import ResNet
-
-    if hasattr(run_or_params, "params"):
-        if not isinstance(run_or_params.model, ResNet):
-            raise CheckpointError(f"export_torchvision: the run's model is a {type(run_or_params.model).__name__}, "
-                                  f"not a ResNet (--model resnet18/resnet34)")
-        params, state = run_or_params.params, run_or_params.state
-    else:
-        params = run_or_params
-        if state is None:
-            raise CheckpointError("export_torchvision: give the batch-norm statistics (state=...) with params")
-    return write_state_dict(to_torch_state_dict(params, state), path)

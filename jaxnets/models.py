@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnets import checkpoints
 from jaxnets import conv as conv_ops
 from jaxnets import layers as layer_ops
 from jaxnets import network as nn
@@ -615,3 +616,21 @@ def _resnet_family(name):
 
 family("resnet18", "ResNet-18, torchvision's layout and names (--stem imagenet or cifar)")(_resnet_family("resnet18"))
 family("resnet34", "ResNet-34, torchvision's layout and names (--stem imagenet or cifar)")(_resnet_family("resnet34"))
+
+
+def export_torchvision(run_or_params, path, state=None):
+    """Write a ResNet's weights as a torchvision state dict: ``run_or_params`` is a run
+    (:func:`jaxnets.load_run`, whose model must be a :class:`ResNet`) or its
+    ``params`` (with ``state``, the batch-norm statistics). ``.safetensors`` needs no torch;
+    ``.pth`` does. The file loads into ``torchvision.models.resnet18(num_classes=...)`` with
+    ``load_state_dict(strict=True)``. Returns the path."""
+    if hasattr(run_or_params, "params"):
+        if not isinstance(run_or_params.model, ResNet):
+            raise checkpoints.CheckpointError(f"export_torchvision: the run's model is a {type(run_or_params.model).__name__}, "
+                                  f"not a ResNet (--model resnet18/resnet34)")
+        params, state = run_or_params.params, run_or_params.state
+    else:
+        params = run_or_params
+        if state is None:
+            raise checkpoints.CheckpointError("export_torchvision: give the batch-norm statistics (state=...) with params")
+    return checkpoints.write_state_dict(checkpoints.to_torch_state_dict(params, state), path)
