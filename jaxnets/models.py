@@ -323,6 +323,20 @@ def efficientnet_lite0_blocks():
     return tuple(blocks)
 
 
+def mbconv_block(kernel, stride, expansion, cin, cout, *, init_scheme="kaiming", bn_axis_name=None):
+    """EfficientNet-Lite's MBConv block (no squeeze-excite): [conv 1x1 (cin*e) -> BN -> ReLU6
+    when e > 1] -> depthwise kxk/s ("SAME") -> BN -> ReLU6 -> conv 1x1 (cout) -> BN, plus the
+    input when s = 1 and cin = cout (an identity :func:`~jaxnets.network.residual`).
+    Params ``{"expand_conv"?, "bn0"?, "depthwise_conv", "bn1", "project_conv", "bn2"}``."""
+    conv1x1 = lambda width: nn.Conv(width, 1, padding=0, init_scheme=init_scheme, bias=False)
+    bn = lambda: nn.BatchNorm(**EFFICIENTNET_BN, axis_name=bn_axis_name)
+    items = [("expand_conv", conv1x1(cin * expansion)), ("bn0", bn()), nn.relu6()] if expansion != 1 else []
+    items += [("depthwise_conv", nn.DepthwiseConv(kernel, stride, "SAME", init_scheme)), ("bn1", bn()),
+              nn.relu6(), ("project_conv", conv1x1(cout)), ("bn2", bn())]
+    branch = nn.serial(*items)
+    return nn.residual(branch) if stride == 1 and cin == cout else branch
+
+
 @dataclasses.dataclass(frozen=True)
 class EfficientNetLite0(Network):
     """EfficientNet-Lite0 (Tan & Le 2019, the "Lite" variant: ReLU6, no squeeze-excite,
@@ -368,13 +382,8 @@ class EfficientNetLite0(Network):
     def definition(self):
         conv1x1 = lambda width: nn.Conv(width, 1, padding=0, init_scheme=self.init_scheme, bias=False)
         bn = lambda: nn.BatchNorm(**EFFICIENTNET_BN, axis_name=self.bn_axis_name)
-        blocks = []
-        for k, s, e, cin, cout in efficientnet_lite0_blocks():
-            items = [("expand_conv", conv1x1(cin * e)), ("bn0", bn()), nn.relu6()] if e != 1 else []
-            items += [("depthwise_conv", nn.DepthwiseConv(k, s, "SAME", self.init_scheme)), ("bn1", bn()),
-                      nn.relu6(), ("project_conv", conv1x1(cout)), ("bn2", bn())]
-            branch = nn.serial(*items)
-            blocks.append(nn.residual(branch) if s == 1 and cin == cout else branch)
+        blocks = [mbconv_block(*block, init_scheme=self.init_scheme, bn_axis_name=self.bn_axis_name)
+                  for block in efficientnet_lite0_blocks()]
         resize = [nn.Resize(self.image_size)] if self.image_size else []
         stem = nn.Conv(32, 3, 2, "SAME", init_scheme=_first_layer_scheme(self.init_scheme), bias=False)
         return nn.serial(*resize, ("conv_stem", stem), ("bn0", bn()), nn.relu6(),

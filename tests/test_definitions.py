@@ -236,7 +236,7 @@ def floats(shape=(4, 8)):
     return hnp.arrays(np.float64, shape, elements=st.floats(-30, 30, allow_nan=False))
 
 
-JAX_NN = {"relu": jax.nn.relu, "leaky_relu": jax.nn.leaky_relu, "elu": jax.nn.elu, "selu": jax.nn.selu,
+JAX_NN = {"relu": jax.nn.relu, "relu6": jax.nn.relu6, "leaky_relu": jax.nn.leaky_relu, "elu": jax.nn.elu, "selu": jax.nn.selu,
           "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid}
 
 
