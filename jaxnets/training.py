@@ -268,7 +268,8 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             seconds, done, train = loop.run_epoch(epoch, epochs)
             if not run.alive.any():
                 break
-            train_seconds = max(seconds - sum(clock.since(before).values()), 1e-6)  # all of it training programs
+            # What compiled so far this epoch is the chunk and epoch order, inside ``seconds``.
+            train_seconds = max(seconds - sum(clock.since(before).values()), 1e-6)
             val = loop.evaluate("val", run.alive) if n_val else (np.full(size, np.nan),) * 2
             if n_val:
                 run.stop_non_finite(val[0], f"validation loss (epoch {epoch + 1})", say)
@@ -297,8 +298,7 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
         run.status[run.alive] = f"failed: {error}"
         run.cut_to_checkpoints()
     try:
-        return _finish(run, loop, configs, run_dirs, dataset.num_classes, resume, writer, mesh, t_start, log,
-                       clock)
+        return _finish(run, loop, configs, run_dirs, dataset.num_classes, resume, writer, mesh, t_start, log)
     finally:
         members.close()
 
@@ -413,7 +413,8 @@ class _GroupState:
                 "val_loss": float(val_loss[m]), "val_accuracy": float(val_acc[m]),
                 "seconds": round(seconds, 3), "compile_seconds": compiled,
                 "images_per_second": round(images / train_seconds, 1), "steps": steps,
-                "chunk_losses": [[min(i + chunk, len(epoch_loss[m])), float(f"{epoch_loss[m][i:i + chunk].mean():.5g}")]
+                "chunk_losses": [[min(i + chunk, len(epoch_loss[m])),
+                                  float(f"{epoch_loss[m][i:i + chunk].mean():.5g}")]
                                  for i in range(0, len(epoch_loss[m]), chunk)],
             }
             self.metrics[m].append(record)
@@ -577,7 +578,7 @@ def _write_epoch(records, loop, members, run_dirs, means, stds, on_epoch_end):
             on_epoch_end(record, jax.tree_util.tree_map(jnp.asarray, p_m), jax.tree_util.tree_map(jnp.asarray, s_m))
 
 
-def _finish(run, loop, configs, run_dirs, classes, resume, writer, mesh, t_start, log, clock):
+def _finish(run, loop, configs, run_dirs, classes, resume, writer, mesh, t_start, log):
     """Test the completed members and write every member's summary, metrics and curves."""
     size = run.size
     completed = np.array([s == "completed" for s in run.status])
@@ -596,7 +597,7 @@ def _finish(run, loop, configs, run_dirs, classes, resume, writer, mesh, t_start
                    "final_val_accuracy": vals[-1] if vals else None,
                    "best_val_accuracy": vals[best] if best is not None else None,
                    "best_epoch": metrics[best]["epoch"] if best is not None else None,
-                   "wall_seconds": wall, "compile_seconds": clock.since({})}
+                   "wall_seconds": wall, "compile_seconds": loop.clock.since({})}
         if size > 1:
             summary["group_size"] = size  # wall_seconds is the whole group's
         if completed[m]:
