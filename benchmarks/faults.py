@@ -442,6 +442,17 @@ def _(ctx):
     return ctx.train(["--resume", run, "--epochs", "3"]), unchanged(run, before)
 
 
+@case("resume-with-another-runs-checkpoint", says=r"checkpoint\.msgpack belongs to another run")
+def _(ctx):
+    run, other = ctx.copy("done"), ctx.copy("done", "other")
+    info = json.loads((other / "config.json").read_text())
+    info["run_id"] = "0" * 32  # another run's (same settings, same shapes)
+    (other / "config.json").write_text(json.dumps(info))
+    shutil.copy(run / "checkpoint.msgpack", other / "checkpoint.msgpack")
+    before = snapshot(other)
+    return ctx.train(["--resume", other, "--epochs", "3"]), unchanged(other, before)
+
+
 # Data checked before training.
 @case("data-dir-missing", says=r"no-data")
 def _(ctx):

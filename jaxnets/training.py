@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import jax
@@ -378,6 +379,8 @@ def _restore(run, members, carries, key_data, run_dirs, log):
                                  key=jax.random.wrap_key_data(key_data[m]), epoch=0))
         else:
             restored.append(load_checkpoint(run_dir, *like, jax.random.wrap_key_data(key_data[m])))
+            if restored[m]["note"]:
+                log(f"note: {restored[m]['note']}")
         run.member_epochs[m] = int(restored[m]["epoch"])
         run.metrics[m] = [r for r in runs.read_metrics(run_dir) if r["epoch"] <= run.member_epochs[m]]
     live = sorted({e for e, f in zip(run.member_epochs, run.frozen) if not f})
@@ -405,7 +408,7 @@ def _write_run_configs(configs, run_dirs, dataset, model, n_train, n_val, extra_
         runs.prepare_run_dir(run_dir, new=True)
     env, origin = environment_info(), runs.provenance(command)
     for m, (c, run_dir) in enumerate(zip(configs, run_dirs)):
-        info = {"config": dataclasses.asdict(c), "model": _describe(build_model(c, dataset.image_shape,
+        info = {"config": dataclasses.asdict(c), "run_id": uuid.uuid4().hex, "model": _describe(build_model(c, dataset.image_shape,
                                                                                dataset.num_classes)),
                 "image_shape": list(dataset.image_shape), "classes": int(dataset.num_classes),
                 "environment": env, "provenance": origin, "data_source": dataset.source,

@@ -5,8 +5,10 @@ warning at chance, the memory estimate), sweep directories (lock, a refused swee
 nothing that blocks it) and a trained run loaded back in a fresh process."""
 
 import errno
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -361,3 +363,47 @@ def test_predict_accepts_uint8_and_unit_floats_and_refuses_the_rest(finished):
             assert "\n" not in str(e.value)
             assert r"expected images of shape (N, 28, 28, 1) with N >= 1, as uint8 pixels 0..255 or floating " \
                    "point in [0, 1]" in str(e.value)
+
+
+def test_a_checkpoint_copied_in_from_another_run_is_refused(finished, tmp_path):
+    # Issue 26: a tanh run's checkpoint in a relu run's directory (same shapes) loaded silently.
+    tanh = tmp_path / "tanh"
+    T.train(config(tanh, activation="tanh", epochs=1), dataset=dataset(), log=quiet)
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    (run / runs.CHECKPOINT).write_bytes((tanh / runs.CHECKPOINT).read_bytes())
+    says = (rf"{run / runs.CHECKPOINT} belongs to another run \(run id [0-9a-f]+\) than {run / 'config.json'} "
+            rf"\(run id [0-9a-f]+\)")
+    with pytest.raises(TrainingError, match=says):
+        runs.load_run(run)
+    with pytest.raises(TrainingError, match=says):
+        T.train(resume=run, changes={"epochs": 3}, log=quiet)
+    assert (run / "config.json").read_bytes() == before["config.json"]  # refused before config.json was touched
+    # Without run ids (another config.json's copy): the settings that differ are named.
+    info = json.loads((run / "config.json").read_text())
+    del info["run_id"]
+    (run / "config.json").write_text(json.dumps(info))
+    with pytest.raises(TrainingError, match=rf"belongs to another run than {run / 'config.json'}: --activation tanh "
+                                            rf"in the checkpoint, relu in config.json"):
+        runs.load_run(run)
+
+
+def test_a_checkpoint_without_a_run_record_loads_with_a_note(finished, tmp_path):
+    # Checkpoints written before issue 26 (committed runs among them) still load, unchecked, saying so.
+    from flax import serialization
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    raw = runs.read_checkpoint(run)
+    raw.pop("run")
+    body = serialization.msgpack_serialize(raw)
+    (run / runs.CHECKPOINT).write_bytes(serialization.msgpack_serialize(
+        {"format": "jaxnets-checkpoint-1", "sha256": hashlib.sha256(body).hexdigest(), "body": body}))
+    with pytest.warns(UserWarning, match="written before checkpoints recorded their run; not checked"):
+        loaded = runs.load_run(run)
+    np.testing.assert_allclose(loaded.predict(dataset().test_images[:5]),
+                               runs.load_run(finished).predict(dataset().test_images[:5]), atol=1e-6)
+    lines = []
+    T.train(resume=run, changes={"epochs": 3}, dataset=dataset(), log=lines.append)
+    assert any(line.startswith("note: ") and "not checked against config.json" in line for line in lines)
+    assert "run" in runs.read_checkpoint(run)  # the resumed run's new checkpoint records its run
