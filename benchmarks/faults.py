@@ -357,6 +357,8 @@ FLAG_CASES = {
     "chunk-steps-0": (["--chunk-steps", "0"], "--chunk-steps"),
     "hidden-units-text": (["--hidden-units", "abc"], "--hidden-units"),
     "hidden-units-0": (["--hidden-units", "0"], "--hidden-units"),
+    "hidden-units-empty": (["--hidden-units", ""], "--hidden-units"),
+    "sweep-empty-item": (["--sweep", "hidden-units=100,"], "--sweep hidden-units=100,"),
     "devices-negative": (["--devices", "-1"], "--devices"),
     "optimizer-unknown": (["--optimizer", "lbfgs"], "--optimizer"),
     "conv-plan-with-mlp": (["--model", "mlp", "--conv-plan", "8,M"], "--conv-plan"),
@@ -483,6 +485,18 @@ def _(ctx):
 @case("data-batch-larger-than-train-split", says=r"batch")
 def _(ctx):
     return ctx.train(ctx.base("--batch-size", "1000", "--out", ctx.dir / "run")), []
+
+
+@case("data-train-subset-larger-than-the-data", says=r"--train-subset 1000 is more than the 600")
+def _(ctx):
+    return ctx.train(ctx.base("--train-subset", "1000", "--out", ctx.dir / "run")), []
+
+
+@case("sweep-later-member-invalid-on-the-data", says=r"sweep member 001-val_size=600")
+def _(ctx):
+    out = ctx.dir / "sweep"
+    res = ctx.train(ctx.base("--sweep", "val-size=100,600", "--epochs", "1", "--out", out))
+    return res, [f"trained first ({p.name})" for p in out.glob("*")] if out.exists() else []
 
 
 @case("data-val-size-takes-everything", says=r"val")

@@ -49,7 +49,7 @@ from jaxnets import training as T
 from jaxnets.config import FIELDS, TrainConfig, format_setting, parse_setting
 from jaxnets.runs import (RUN_FILES, RunLock, TrainingError, at_chance, checkpoint_epoch, files_besides_lock,
                           read_json, read_summary, write_json)
-from jaxnets.steps import build_model, memory_settings
+from jaxnets.steps import build_model, check_sizes, memory_settings
 
 #: Settings a sweep may not vary (they name where things go, not what is trained).
 NOT_SWEEPABLE = ("out", "data_dir", "data_source", "progress", "dataset")
@@ -67,6 +67,8 @@ def parse_values(name: str, text: str):
     """``a,b,c`` -> [a, b, c]; for integer settings ``A..B`` is the inclusive range."""
     values = []
     for item in text.split(","):
+        if not item.strip():
+            raise ValueError(f"an empty value in {text!r} (a trailing or doubled comma?)")
         if ".." in item and type(FIELDS[name].default) is int:
             lo, _, hi = item.partition("..")
             lo, hi = parse_setting(name, lo), parse_setting(name, hi)
@@ -303,6 +305,11 @@ def _sweep(base, axes, members, configs, names, out, waves, *, dataset, budget, 
         cost.check_memory(build_model(c, image_shape, classes), **memory_settings(c))
     for c, name in zip(configs, names):
         c.out, c.progress = str(out / name), False
+    for c, name in zip(configs, names):  # every member checked on the data before the first trains
+        try:
+            check_sizes(len(dataset.train_labels), c)
+        except ValueError as e:
+            raise ValueError(f"sweep member {name}: {e}") from None
 
     # Work (member-steps x batch x cost per example) per wave: what the progress bar and the
     # ETA count, so a wave of 3000-step, 300-wide members weighs what it costs.

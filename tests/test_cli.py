@@ -217,6 +217,19 @@ def test_diverged_run_exits_3(data_dir, tmp_path, capsys):
     assert strict(run / "summary.json")["status"].startswith("diverged: non-finite loss at step")
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--hidden-units", ""], "argument --hidden-units: empty: give layer sizes like 200 or 300x100, or none"),
+    (["--sweep", "hidden-units=100,"], "--sweep hidden-units=100,: an empty value in '100,' (a trailing or doubled "
+                                       "comma?)"),
+    (["--sweep", "lr=0.1,,0.01"], "--sweep lr=0.1,,0.01: an empty value"),
+])
+def test_an_empty_setting_is_refused_naming_the_flag(tmp_path, capsys, args, says):
+    # Issue 26: both trained a logistic regression (no hidden layer) without a word.
+    assert exit_code([*args, "--data-dir", tmp_path / "no-data", "--out", tmp_path / "run"]) == 2
+    assert says in error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("split, says", [("test", "diverged: non-finite test loss (final epoch)"),
                                          ("val", "diverged: non-finite validation loss (epoch 1)")])
 def test_a_non_finite_validation_or_test_loss_is_diverged_exit_3(data_dir, tmp_path, capsys, monkeypatch, split, says):

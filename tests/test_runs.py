@@ -407,3 +407,22 @@ def test_a_checkpoint_without_a_run_record_loads_with_a_note(finished, tmp_path)
     T.train(resume=run, changes={"epochs": 3}, dataset=dataset(), log=lines.append)
     assert any(line.startswith("note: ") and "not checked against config.json" in line for line in lines)
     assert "run" in runs.read_checkpoint(run)  # the resumed run's new checkpoint records its run
+
+
+def test_a_sweep_checks_every_member_on_the_data_before_the_first_trains(tmp_path):
+    # Issue 26: a later member's --val-size leaving no training images failed after the first trained.
+    out = tmp_path / "sweep"
+    with pytest.raises(ValueError, match=r"sweep member 001-val_size=600: val_size 600 leaves no training data "
+                                         r"\(600 examples\)"):
+        S.sweep(config(out), {"val_size": [100, 600]}, out=out, dataset=dataset(), log=quiet, progress=False)
+    assert list(out.iterdir()) == []  # nothing trained, no plan: the directory is no dead end
+    with pytest.raises(ValueError, match=r"--train-subset 1000 is more than the 600 training images there are"):
+        S.sweep(config(out), {"train_subset": [0, 1000]}, out=out, dataset=dataset(), log=quiet, progress=False)
+    assert list(out.iterdir()) == []
+
+
+def test_a_train_subset_larger_than_the_data_is_refused(tmp_path):
+    # Issue 26: trained on the 600 images there are while config.json recorded 1000.
+    with pytest.raises(ValueError, match=r"--train-subset 1000 is more than the 600 training images there are"):
+        T.train(config(tmp_path / "run", train_subset=1000), dataset=dataset(), log=quiet)
+    assert not (tmp_path / "run" / "config.json").exists()
