@@ -558,6 +558,24 @@ def _(ctx):
     return ctx.train(["--resume", run]), unchanged(run, before)
 
 
+@case("resume-finished-run-damaged-checkpoint", says=r"results are intact, but its weights are not.*damaged")
+def _(ctx):
+    run = ctx.copy("done")
+    data = bytearray((run / "checkpoint.msgpack").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (run / "checkpoint.msgpack").write_bytes(bytes(data))
+    before = snapshot(run)
+    return ctx.train(["--resume", run]), unchanged(run, before)
+
+
+@case("data-refused-leaves-no-directory", says=r"no-data")
+def _(ctx):
+    res = ctx.train(ctx.base("--out", ctx.dir / "run", data=ctx.dir / "no-data"))
+    default = ctx.train(ctx.base(data=ctx.dir / "no-data"))  # runs/<name>
+    left = [str(p) for p in [ctx.dir / "run", *(ctx.dir / "runs").glob("*")] if p.exists()]
+    return res, [f"left {p}" for p in left] + ([] if default.rc == 2 else [f"runs/<name>: exit {default.rc}"])
+
+
 @case("resume-with-other-out", says=r"--out")
 def _(ctx):
     run = ctx.copy("done")

@@ -333,6 +333,22 @@ def prepare_run_dir(run_dir: Path, *, new: bool):
         raise TrainingError(f"--out {run_dir} already holds files; choose a new directory or --resume it")
 
 
+@contextlib.contextmanager
+def removed_if_left_empty(directory: Path):
+    """``with removed_if_left_empty(DIR):`` a directory the block creates is removed again
+    when the block fails leaving it empty (a run refused on its data leaves nothing behind);
+    rmdir never removes a directory holding anything, so no file is ever deleted."""
+    directory = Path(directory)
+    created = not directory.exists()
+    try:
+        yield
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+
+
 #: A lock's owner record: ``jaxnets-lock PID HOST`` (``PID HOST`` in locks written before issue 26).
 _LOCK_RECORD = re.compile(r"(?:jaxnets-lock )?(\d+) (\S+)\n")
 _LOCK_OWN = re.compile(re.escape(LOCK) + r"\.\d+\.tmp")  # the owner record before it is linked as the lock

@@ -48,7 +48,7 @@ from jaxnets import cost, placement, plots
 from jaxnets import training as T
 from jaxnets.config import FIELDS, TrainConfig, format_setting, parse_setting
 from jaxnets.runs import (RUN_FILES, RunLock, TrainingError, at_chance, checkpoint_epoch, files_besides_lock,
-                          read_json, read_summary, write_json)
+                          read_json, read_summary, removed_if_left_empty, write_json)
 from jaxnets.steps import build_model, check_sizes, memory_settings
 
 #: Settings a sweep may not vary (they name where things go, not what is trained).
@@ -278,16 +278,17 @@ def sweep(base: TrainConfig, axes, *, out=None, dataset: D.Dataset | None = None
     elif out.exists() and files_besides_lock(out):
         raise TrainingError(f"sweep directory {out} already holds files; continue it with --resume {out} "
                               f"or choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TrainingError(f"--out {out}: cannot create the directory ({e.strerror})") from None
-    with RunLock(out):  # one process at a time runs (or resumes) a sweep
-        if resume:
-            waves = _saved_plan(out, base, axes, names)  # again: the plan as it is now we hold the lock
-        return _sweep(base, axes, members, configs, names, out, waves if resume else None, dataset=dataset,
-                      budget=budget, max_members=max_members, log=log, progress=progress, resume=resume, vmap=vmap,
-                      t_start=t_start)
+    with removed_if_left_empty(out):
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrainingError(f"--out {out}: cannot create the directory ({e.strerror})") from None
+        with RunLock(out):  # one process at a time runs (or resumes) a sweep
+            if resume:
+                waves = _saved_plan(out, base, axes, names)  # again: the plan as it is now we hold the lock
+            return _sweep(base, axes, members, configs, names, out, waves if resume else None, dataset=dataset,
+                          budget=budget, max_members=max_members, log=log, progress=progress, resume=resume,
+                          vmap=vmap, t_start=t_start)
 
 
 def _sweep(base, axes, members, configs, names, out, waves, *, dataset, budget, max_members, log, progress, resume,

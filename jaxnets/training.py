@@ -99,19 +99,20 @@ def train(config: TrainConfig | None = None, *, dataset: D.Dataset | None = None
         run_dir = Path(resume)
         if not run_dir.is_dir():
             raise TrainingError(f"--resume {run_dir}: no such run directory")
-    if writer:
-        runs.prepare_run_dir(run_dir, new=resume is None)
-    with runs.RunLock(run_dir) if writer else contextlib.nullcontext():
-        if resume is not None:
-            config, finished = _resumed_config(run_dir, config, changes, command, log, writer)
-            if finished is not None:
-                return finished
-        if dataset is None:
-            dataset = D.load_dataset(config.dataset, config.data_dir, source=config.data_source)
-        model = build_model(config, dataset.image_shape, dataset.num_classes)
-        cost.check_memory(model, **memory_settings(config))  # refused before init, not an OOM traceback
-        return train_group([config], [run_dir], dataset=dataset, resume=resume is not None, log=log,
-                           on_epoch_end=on_epoch_end, t_start=t_start, command=command)[0]
+    with runs.removed_if_left_empty(run_dir) if writer else contextlib.nullcontext():
+        if writer:
+            runs.prepare_run_dir(run_dir, new=resume is None)
+        with runs.RunLock(run_dir) if writer else contextlib.nullcontext():
+            if resume is not None:
+                config, finished = _resumed_config(run_dir, config, changes, command, log, writer)
+                if finished is not None:
+                    return finished
+            if dataset is None:
+                dataset = D.load_dataset(config.dataset, config.data_dir, source=config.data_source)
+            model = build_model(config, dataset.image_shape, dataset.num_classes)
+            cost.check_memory(model, **memory_settings(config))  # refused before init, not an OOM traceback
+            return train_group([config], [run_dir], dataset=dataset, resume=resume is not None, log=log,
+                               on_epoch_end=on_epoch_end, t_start=t_start, command=command)[0]
 
 
 def _resumed_config(run_dir: Path, config, changes, command, log, writer=True):
@@ -129,6 +130,11 @@ def _resumed_config(run_dir: Path, config, changes, command, log, writer=True):
     summary = runs.read_summary(run_dir) or {}
     status = str(summary.get("status", ""))
     if status == "completed" and "epochs" not in changed:
+        try:  # finished: its results stand, but say so when its weights do not
+            runs.read_checkpoint(run_dir)
+        except TrainingError as e:
+            raise TrainingError(f"--resume {run_dir}: the run finished and its results are intact, but its weights "
+                                f"are not: {e}") from None
         log(f"{run_dir} finished already ({_plural(summary.get('epochs', 0), 'epoch')}); left untouched "
             f"(--epochs N with more epochs extends it)")
         return None, summary

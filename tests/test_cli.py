@@ -10,6 +10,7 @@ import re
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -215,6 +216,32 @@ def test_diverged_run_exits_3(data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     assert exit_code(flags(data_dir, "--optimizer", "sgd", "--lr", "1e4", "--epochs", 2, "--out", run)) == 3
     assert strict(run / "summary.json")["status"].startswith("diverged: non-finite loss at step")
+
+
+def test_a_finished_run_with_a_damaged_checkpoint_says_so_on_resume(finished, tmp_path, capsys):
+    # Issue 26: was "finished already; left untouched", exit 0.
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    data = bytearray((run / "checkpoint.msgpack").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (run / "checkpoint.msgpack").write_bytes(bytes(data))
+    before = snapshot(run)
+    assert exit_code(["--resume", run]) == 2
+    line = error_line(capsys)
+    assert "the run finished and its results are intact, but its weights are not" in line
+    assert f"{run / 'checkpoint.msgpack'}: damaged checkpoint" in line and snapshot(run) == before
+
+
+def test_a_start_refused_on_its_data_leaves_no_directory(tmp_path, capsys, monkeypatch):
+    # Issue 26: a run refused on its data left an empty DIR/ (or runs/<name>/) behind.
+    bad = tmp_path / "bad"
+    write_mnist(bad)
+    (bad / "train-labels-idx1-ubyte.gz").write_bytes(b"not gzip")
+    monkeypatch.chdir(tmp_path)
+    for out in (["--out", tmp_path / "run"], []):
+        assert exit_code(flags(bad, *out)) == 2
+        assert "train-labels-idx1-ubyte.gz" in error_line(capsys)
+    assert not (tmp_path / "run").exists() and list((tmp_path / "runs").iterdir()) == []
 
 
 @pytest.mark.parametrize("args, says", [
