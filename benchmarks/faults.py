@@ -357,6 +357,8 @@ FLAG_CASES = {
     "chunk-steps-0": (["--chunk-steps", "0"], "--chunk-steps"),
     "hidden-units-text": (["--hidden-units", "abc"], "--hidden-units"),
     "hidden-units-0": (["--hidden-units", "0"], "--hidden-units"),
+    "hidden-units-empty": (["--hidden-units", ""], "--hidden-units"),
+    "sweep-empty-item": (["--sweep", "hidden-units=100,"], "--sweep hidden-units=100,"),
     "devices-negative": (["--devices", "-1"], "--devices"),
     "optimizer-unknown": (["--optimizer", "lbfgs"], "--optimizer"),
     "conv-plan-with-mlp": (["--model", "mlp", "--conv-plan", "8,M"], "--conv-plan"),
@@ -442,6 +444,17 @@ def _(ctx):
     return ctx.train(["--resume", run, "--epochs", "3"]), unchanged(run, before)
 
 
+@case("resume-with-another-runs-checkpoint", says=r"checkpoint\.msgpack belongs to another run")
+def _(ctx):
+    run, other = ctx.copy("done"), ctx.copy("done", "other")
+    info = json.loads((other / "config.json").read_text())
+    info["run_id"] = "0" * 32  # another run's (same settings, same shapes)
+    (other / "config.json").write_text(json.dumps(info))
+    shutil.copy(run / "checkpoint.msgpack", other / "checkpoint.msgpack")
+    before = snapshot(other)
+    return ctx.train(["--resume", other, "--epochs", "3"]), unchanged(other, before)
+
+
 # Data checked before training.
 @case("data-dir-missing", says=r"no-data")
 def _(ctx):
@@ -472,6 +485,18 @@ def _(ctx):
 @case("data-batch-larger-than-train-split", says=r"batch")
 def _(ctx):
     return ctx.train(ctx.base("--batch-size", "1000", "--out", ctx.dir / "run")), []
+
+
+@case("data-train-subset-larger-than-the-data", says=r"--train-subset 1000 is more than the 600")
+def _(ctx):
+    return ctx.train(ctx.base("--train-subset", "1000", "--out", ctx.dir / "run")), []
+
+
+@case("sweep-later-member-invalid-on-the-data", says=r"sweep member 001-val_size=600")
+def _(ctx):
+    out = ctx.dir / "sweep"
+    res = ctx.train(ctx.base("--sweep", "val-size=100,600", "--epochs", "1", "--out", out))
+    return res, [f"trained first ({p.name})" for p in out.glob("*")] if out.exists() else []
 
 
 @case("data-val-size-takes-everything", says=r"val")
@@ -531,6 +556,24 @@ def _(ctx):
     run = ctx.copy("done")
     before = snapshot(run)
     return ctx.train(["--resume", run]), unchanged(run, before)
+
+
+@case("resume-finished-run-damaged-checkpoint", says=r"results are intact, but its weights are not.*damaged")
+def _(ctx):
+    run = ctx.copy("done")
+    data = bytearray((run / "checkpoint.msgpack").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (run / "checkpoint.msgpack").write_bytes(bytes(data))
+    before = snapshot(run)
+    return ctx.train(["--resume", run]), unchanged(run, before)
+
+
+@case("data-refused-leaves-no-directory", says=r"no-data")
+def _(ctx):
+    res = ctx.train(ctx.base("--out", ctx.dir / "run", data=ctx.dir / "no-data"))
+    default = ctx.train(ctx.base(data=ctx.dir / "no-data"))  # runs/<name>
+    left = [str(p) for p in [ctx.dir / "run", *(ctx.dir / "runs").glob("*")] if p.exists()]
+    return res, [f"left {p}" for p in left] + ([] if default.rc == 2 else [f"runs/<name>: exit {default.rc}"])
 
 
 @case("resume-with-other-out", says=r"--out")

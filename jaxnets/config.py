@@ -208,7 +208,9 @@ def parse_setting(name: str, text: str):
     default = FIELDS[name].default
     text = text.strip()
     if name == "hidden_units":
-        if text.lower() in ("none", ""):
+        if not text:  # an empty --hidden-units '' is a slip, not a request for no hidden layer
+            raise ValueError("empty: give layer sizes like 200 or 300x100, or none for no hidden layer")
+        if text.lower() == "none":
             return ()
         try:
             return tuple(int(v) for v in text.lower().split("x"))

@@ -181,6 +181,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
             f"data directory {root} does not exist: pass --data-dir DIR (or set {DATA_DIR_ENV}) "
             f"with the standard {name} files, or use --data-source auto to download them"
         )
+    if root.is_dir():
+        download.check_cache(name, root)  # what jaxnets downloaded is checked on every read
     if name == "mnist":
         return _load_mnist(root)
     return _load_cifar10(root)

@@ -31,6 +31,10 @@ How a file is fetched:
   attempts no new one starts. Then one :class:`~jaxnets.data.DataError` line names every URL
   tried with its reason (DNS, no route, refused, timeout, HTTP status, checksum mismatch,
   disk full, unwritable directory) and what to do instead.
+* Checked on every read: each verified file's size and mtime are stamped in
+  ``.verified.json``; :func:`check_cache` (called by ``load_dataset``) re-hashes a file only
+  when either changed, and refuses one that no longer matches (naming it and what to
+  delete). Files jaxnets did not download (a ``--data-dir`` of the user's) are not checked.
 * A progress bar (tqdm) is shown when stderr is a terminal; otherwise one line per file.
 * Concurrent processes fetching into the same folder take turns (a lock file, ``.lock``).
 """
@@ -43,6 +47,7 @@ import errno
 import gzip
 import hashlib
 import http.client
+import json
 import os
 import socket
 import ssl
@@ -298,6 +303,7 @@ def _try_url(dataset, url, part, dest, remote, expected, attempts, progress):
         problem = _verify(part, remote, expected)
         if problem is None:
             os.replace(part, dest)
+            _stamp(dest, expected)
             return None
         _unlink(part)
         if resumed and not restarted:
@@ -415,6 +421,50 @@ def _verify(path, remote, expected):
         if got != want:
             return f"checksum mismatch ({algo.upper()}{what} {got}, expected {want})"
     return None
+
+
+#: In a dataset's download folder: ``{name: {size, mtime_ns, expected}}`` of each file
+#: downloaded and verified there, so a read re-verifies only a file that changed since.
+STAMP = ".verified.json"
+
+
+def _stamp(path: Path, expected):
+    """Record that ``path`` (just verified against ``expected``) is as downloaded."""
+    stamps = _stamps(path.parent)
+    st = path.stat()
+    stamps[path.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "expected": expected}
+    tmp = path.parent / (STAMP + ".tmp")
+    tmp.write_text(json.dumps(stamps, indent=1))
+    os.replace(tmp, path.parent / STAMP)
+
+
+def _stamps(folder: Path) -> dict:
+    try:
+        stamps = json.loads((Path(folder) / STAMP).read_text())
+        return stamps if isinstance(stamps, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def check_cache(dataset: str, root: Path):
+    """Verify, on read, the files jaxnets downloaded into ``root/dataset/``: a file whose size
+    and mtime are as stamped when it was verified passes at the cost of a stat; one that
+    changed is hashed again (and re-stamped when it still matches), else a one-line
+    DataError naming it and what to delete. Files jaxnets did not download are not checked."""
+    folder = Path(root) / dataset
+    known = {f.name: f for f in FILES.get(dataset, ())}
+    for name, stamp in _stamps(folder).items():
+        path = folder / name
+        if name not in known or not isinstance(stamp, dict) or not path.is_file():
+            continue
+        st = path.stat()
+        if (st.st_size, st.st_mtime_ns) == (stamp.get("size"), stamp.get("mtime_ns")):
+            continue
+        problem = _verify(path, known[name], stamp.get("expected") or _expected(known[name], None))
+        if problem is not None:
+            raise DataError(f"{path}: changed since it was downloaded and verified ({problem}); delete it "
+                            f"and it is downloaded again")
+        _stamp(path, stamp.get("expected") or _expected(known[name], None))
 
 
 def _expected(remote, override):

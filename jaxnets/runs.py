@@ -2,7 +2,9 @@
 
 A run directory holds ``config.json`` (the settings, the model, the environment and the
 provenance), ``metrics.jsonl`` (one line per epoch), ``checkpoint.msgpack`` (the last
-epoch's parameters, batch-norm state, optimizer state and key), ``summary.json`` (status
+epoch's parameters, batch-norm state, optimizer state and key, and the record of its run:
+config.json's model and data settings and seed and the run's id, checked on every load),
+``summary.json`` (status
 and final figures) and ``curves.png``. Every file is written atomically (a temporary file,
 fsync, rename), so an interrupted write never leaves a half file.
 """
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -30,7 +33,7 @@ import optax
 from flax import serialization
 
 from jaxnets import data as D
-from jaxnets.config import TrainConfig, from_dict
+from jaxnets.config import TrainConfig, flag, format_setting, from_dict
 
 #: The files a run writes.
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "checkpoint.msgpack")
@@ -182,12 +185,35 @@ def _checkpoint_target(params, state, opt_state, key, epoch=0):
     return {"params": params, "state": state, "opt_state": opt_state, "key": key, "epoch": epoch}
 
 
+#: The settings that make a checkpoint's weights what they are (config.json's model and data
+#: settings but where the data is read from, which a resume may change, and the seed): a
+#: checkpoint records them and is refused under a config.json that says otherwise.
+IDENTITY_SETTINGS = tuple(f.name for f in dataclasses.fields(TrainConfig)
+                          if f.metadata.get("group") in ("model", "data") and f.name not in ("data_dir", "data_source")
+                          ) + ("seed",)
+
+
+def run_identity(info: dict) -> dict:
+    """What ties a checkpoint to its run: config.json's :data:`IDENTITY_SETTINGS` (as stored
+    there), their SHA-256, and the run's id when config.json has one."""
+    settings = {k: info["config"][k] for k in IDENTITY_SETTINGS if k in info["config"]}
+    identity = {"settings": settings,
+                "settings_sha256": hashlib.sha256(json_text(settings, None).encode()).hexdigest()}
+    if info.get("run_id"):
+        identity["run_id"] = str(info["run_id"])
+    return identity
+
+
 def save_checkpoint(run_dir: Path, params, state, opt_state, key, epoch, *, mean=None, std=None):
     """Write the epoch checkpoint: the state bytes (flax msgpack) and their SHA-256, verified
-    on load. ``mean``/``std`` (the input normalisation) make the run loadable without its data."""
+    on load. ``mean``/``std`` (the input normalisation) make the run loadable without its data;
+    the run's identity (:func:`run_identity` of its config.json, when it has one) ties it to
+    the run: a checkpoint copied in from another run is refused on load."""
     payload = _checkpoint_target(params, state, opt_state, jax.random.key_data(key), epoch)
     if mean is not None:
         payload["normalization"] = {"mean": np.asarray(mean), "std": np.asarray(std)}
+    if (Path(run_dir) / "config.json").exists():
+        payload["run"] = json_text(run_identity(read_json(Path(run_dir) / "config.json")), None)
     body = serialization.to_bytes(jax.device_get(payload))
     wrapped = serialization.msgpack_serialize({"format": "jaxnets-checkpoint-1",
                                                "sha256": hashlib.sha256(body).hexdigest(), "body": body})
@@ -210,9 +236,44 @@ def read_checkpoint(run_dir: Path) -> dict:
     if hashlib.sha256(body).hexdigest() != outer.get("sha256"):
         raise TrainingError(f"{path}: damaged checkpoint (SHA-256 mismatch)")
     try:
-        return serialization.msgpack_restore(body)
+        raw = serialization.msgpack_restore(body)
     except Exception as e:
         raise TrainingError(f"{path}: damaged checkpoint, cannot read it ({type(e).__name__})") from None
+    _check_identity(Path(run_dir), raw)
+    return raw
+
+
+def _check_identity(run_dir: Path, raw: dict):
+    """Refuse a checkpoint whose recorded run (settings, run id) is not the one config.json
+    describes: one line naming both files and what differs. A checkpoint without a record
+    (written before issue 26) or a directory without config.json is not checked."""
+    path, config_path = run_dir / CHECKPOINT, run_dir / "config.json"
+    if "run" not in raw or not config_path.exists():
+        return
+    try:
+        theirs = json.loads(raw["run"])
+        recorded = theirs["settings"]
+    except (TypeError, ValueError, KeyError):
+        raise TrainingError(f"{path}: damaged checkpoint (its run record is not readable)") from None
+    ours = run_identity(read_json(config_path))
+    if theirs.get("run_id") and ours.get("run_id") and theirs["run_id"] != ours["run_id"]:
+        raise TrainingError(f"{path} belongs to another run (run id {theirs['run_id']}) than {config_path} "
+                            f"(run id {ours['run_id']}): copied in from elsewhere? Put back this run's checkpoint")
+    for name, value in recorded.items():
+        if name in ours["settings"] and json_text(ours["settings"][name], None) != json_text(value, None):
+            shown = lambda v: format_setting(tuple(v) if isinstance(v, list) else v)
+            raise TrainingError(f"{path} belongs to another run than {config_path}: {flag(name)} "
+                                f"{shown(value)} in the checkpoint, {shown(ours['settings'][name])} in config.json; "
+                                f"put back this run's checkpoint")
+
+
+#: Said when a checkpoint carries no run record (written before issue 26): loaded unchecked.
+UNTIED_NOTE = "{path}: written before checkpoints recorded their run; not checked against config.json"
+
+
+def checkpoint_note(run_dir: Path, raw: dict):
+    """:data:`UNTIED_NOTE` for a checkpoint without a run record, else None."""
+    return UNTIED_NOTE.format(path=Path(run_dir) / CHECKPOINT) if "run" not in raw else None
 
 
 def checkpoint_epoch(run_dir: Path):
@@ -221,10 +282,13 @@ def checkpoint_epoch(run_dir: Path):
 
 
 def load_checkpoint(run_dir: Path, params, state, opt_state, key):
-    """The checkpoint restored into the structure of ``params, state, opt_state, key``."""
+    """The checkpoint restored into the structure of ``params, state, opt_state, key``
+    (and ``note``: :func:`checkpoint_note`'s, for a checkpoint without a run record)."""
     path = Path(run_dir) / CHECKPOINT
     raw = read_checkpoint(run_dir)
+    note = checkpoint_note(run_dir, raw)
     raw.pop("normalization", None)
+    raw.pop("run", None)
     target = _checkpoint_target(params, state, opt_state, jax.random.key_data(key))
     try:
         restored = serialization.from_state_dict(target, raw)
@@ -235,6 +299,7 @@ def load_checkpoint(run_dir: Path, params, state, opt_state, key):
         if np.shape(a) != np.shape(b):
             raise TrainingError(f"{path}: checkpoint shapes do not match this model ({np.shape(b)} vs {np.shape(a)})")
     restored["key"] = jax.random.wrap_key_data(jnp.asarray(restored["key"]))
+    restored["note"] = note  # None, or checkpoint_note's: the checkpoint was not checked against config.json
     return restored
 
 
@@ -269,6 +334,22 @@ def prepare_run_dir(run_dir: Path, *, new: bool):
         raise TrainingError(f"--out {run_dir} already holds files" + (
             f" of a run; choose a new directory, or continue it with --resume {run_dir}" if is_run else
             " (not a run's); choose a new or empty directory"))
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(directory: Path):
+    """``with removed_if_left_empty(DIR):`` a directory the block creates is removed again
+    when the block fails leaving it empty (a run refused on its data leaves nothing behind);
+    rmdir never removes a directory holding anything, so no file is ever deleted."""
+    directory = Path(directory)
+    created = not directory.exists()
+    try:
+        yield
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
 
 
 #: A lock's owner record: ``jaxnets-lock PID HOST`` (``PID HOST`` in locks written before issue 26).
@@ -510,6 +591,9 @@ def load_run(run_dir) -> Run:
     shape, classes = tuple(info.get("image_shape", shape)), int(info.get("classes", classes))
     model = build_model(config, shape, classes)
     raw = read_checkpoint(run_dir)
+    note = checkpoint_note(run_dir, raw)
+    if note:
+        warnings.warn(note, stacklevel=2)
     like_params, like_state = jax.eval_shape(model.init, jax.random.key(0))
     path = run_dir / CHECKPOINT
     try:

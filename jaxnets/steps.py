@@ -12,6 +12,7 @@ touches it once per chunk. The loop that calls these programs is :mod:`jaxnets.t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -71,20 +72,31 @@ class DeviceData(NamedTuple):
 def training_pool(dataset: D.Dataset, config: TrainConfig):
     """The training images a run splits into train and validation (``train_subset`` applied)."""
     train_x, train_y = dataset.train_images, dataset.train_labels
-    if config.train_subset:
-        train_x, train_y = train_x[: config.train_subset], train_y[: config.train_subset]
-    return train_x, train_y
+    n_pool = check_sizes(len(train_x), config)
+    return train_x[:n_pool], train_y[:n_pool]
+
+
+def check_sizes(n_examples: int, config: TrainConfig) -> int:
+    """The training pool's size for ``config`` on ``n_examples`` training images, after
+    checking that its subset, validation split and batch fit them (ValueError naming the
+    setting): cheap, so a sweep checks every member before the first trains."""
+    if config.train_subset > n_examples:
+        raise ValueError(f"--train-subset {config.train_subset} is more than the {n_examples} training images "
+                         f"there are (0: all of them)")
+    n_pool = config.train_subset or n_examples
+    if config.val_size >= n_pool:
+        raise ValueError(f"val_size {config.val_size} leaves no training data ({n_pool} examples)")
+    if n_pool - config.val_size < config.batch_size:
+        raise ValueError(f"batch_size {config.batch_size} exceeds the {n_pool - config.val_size} training examples")
+    return n_pool
 
 
 def member_split(train_x, train_y, config: TrainConfig):
     """``(train_idx, val_idx, mean, std)``: the seeded validation split of the training pool
     (indices into it) and the normalisation constants of its training part; a DataError when
     a channel of the training part is constant (std 0, nothing to normalise by)."""
-    if config.val_size >= len(train_x):
-        raise ValueError(f"val_size {config.val_size} leaves no training data ({len(train_x)} examples)")
+    check_sizes(len(train_x), dataclasses.replace(config, train_subset=0))  # train_x is the pool already
     train_idx, _, val_idx, _ = D.split_validation(np.arange(len(train_x)), train_y, config.val_size, config.seed)
-    if len(train_idx) < config.batch_size:
-        raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train_idx)} training examples")
     if config.normalize == "channel":
         mean, std = D.normalization_stats(train_x, exclude=val_idx)
         flat = np.flatnonzero(~(std > 0))  # (x - mean) / 0: every loss NaN from step 1, not the lr's doing

@@ -48,8 +48,8 @@ from jaxnets import cost, placement, plots
 from jaxnets import training as T
 from jaxnets.config import FIELDS, TrainConfig, format_setting, parse_setting
 from jaxnets.runs import (RUN_FILES, RunLock, TrainingError, at_chance, checkpoint_epoch, files_besides_lock,
-                          read_json, read_summary, write_json)
-from jaxnets.steps import build_model, memory_settings
+                          read_json, read_summary, removed_if_left_empty, write_json)
+from jaxnets.steps import build_model, check_sizes, memory_settings
 
 #: Settings a sweep may not vary (they name where things go, not what is trained).
 NOT_SWEEPABLE = ("out", "data_dir", "data_source", "progress", "dataset")
@@ -67,6 +67,8 @@ def parse_values(name: str, text: str):
     """``a,b,c`` -> [a, b, c]; for integer settings ``A..B`` is the inclusive range."""
     values = []
     for item in text.split(","):
+        if not item.strip():
+            raise ValueError(f"an empty value in {text!r} (a trailing or doubled comma?)")
         if ".." in item and type(FIELDS[name].default) is int:
             lo, _, hi = item.partition("..")
             lo, hi = parse_setting(name, lo), parse_setting(name, hi)
@@ -276,16 +278,17 @@ def sweep(base: TrainConfig, axes, *, out=None, dataset: D.Dataset | None = None
     elif out.exists() and files_besides_lock(out):
         raise TrainingError(f"sweep directory {out} already holds files; continue it with --resume {out} "
                               f"or choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TrainingError(f"--out {out}: cannot create the directory ({e.strerror})") from None
-    with RunLock(out):  # one process at a time runs (or resumes) a sweep
-        if resume:
-            waves = _saved_plan(out, base, axes, names)  # again: the plan as it is now we hold the lock
-        return _sweep(base, axes, members, configs, names, out, waves if resume else None, dataset=dataset,
-                      budget=budget, max_members=max_members, log=log, progress=progress, resume=resume, vmap=vmap,
-                      t_start=t_start)
+    with removed_if_left_empty(out):
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrainingError(f"--out {out}: cannot create the directory ({e.strerror})") from None
+        with RunLock(out):  # one process at a time runs (or resumes) a sweep
+            if resume:
+                waves = _saved_plan(out, base, axes, names)  # again: the plan as it is now we hold the lock
+            return _sweep(base, axes, members, configs, names, out, waves if resume else None, dataset=dataset,
+                          budget=budget, max_members=max_members, log=log, progress=progress, resume=resume,
+                          vmap=vmap, t_start=t_start)
 
 
 def _sweep(base, axes, members, configs, names, out, waves, *, dataset, budget, max_members, log, progress, resume,
@@ -303,6 +306,11 @@ def _sweep(base, axes, members, configs, names, out, waves, *, dataset, budget, 
         cost.check_memory(build_model(c, image_shape, classes), **memory_settings(c))
     for c, name in zip(configs, names):
         c.out, c.progress = str(out / name), False
+    for c, name in zip(configs, names):  # every member checked on the data before the first trains
+        try:
+            check_sizes(len(dataset.train_labels), c)
+        except ValueError as e:
+            raise ValueError(f"sweep member {name}: {e}") from None
 
     # Work (member-steps x batch x cost per example) per wave: what the progress bar and the
     # ETA count, so a wave of 3000-step, 300-wide members weighs what it costs.

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import jax
@@ -139,19 +140,20 @@ def train(config: TrainConfig | None = None, *, dataset: D.Dataset | None = None
         run_dir = Path(resume)
         if not run_dir.is_dir():
             raise TrainingError(f"--resume {run_dir}: no such run directory")
-    if writer:
-        runs.prepare_run_dir(run_dir, new=resume is None)
-    with runs.RunLock(run_dir) if writer else contextlib.nullcontext():
-        if resume is not None:
-            config, finished = _resumed_config(run_dir, config, changes, command, log, writer)
-            if finished is not None:
-                return finished
-        if dataset is None:
-            dataset = D.load_dataset(config.dataset, config.data_dir, source=config.data_source)
-        model = build_model(config, dataset.image_shape, dataset.num_classes)
-        cost.check_memory(model, **memory_settings(config))  # refused before init, not an OOM traceback
-        return train_group([config], [run_dir], dataset=dataset, resume=resume is not None, log=log,
-                           on_epoch_end=on_epoch_end, t_start=t_start, command=command)[0]
+    with runs.removed_if_left_empty(run_dir) if writer else contextlib.nullcontext():
+        if writer:
+            runs.prepare_run_dir(run_dir, new=resume is None)
+        with runs.RunLock(run_dir) if writer else contextlib.nullcontext():
+            if resume is not None:
+                config, finished = _resumed_config(run_dir, config, changes, command, log, writer)
+                if finished is not None:
+                    return finished
+            if dataset is None:
+                dataset = D.load_dataset(config.dataset, config.data_dir, source=config.data_source)
+            model = build_model(config, dataset.image_shape, dataset.num_classes)
+            cost.check_memory(model, **memory_settings(config))  # refused before init, not an OOM traceback
+            return train_group([config], [run_dir], dataset=dataset, resume=resume is not None, log=log,
+                               on_epoch_end=on_epoch_end, t_start=t_start, command=command)[0]
 
 
 def _resumed_config(run_dir: Path, config, changes, command, log, writer=True):
@@ -169,6 +171,11 @@ def _resumed_config(run_dir: Path, config, changes, command, log, writer=True):
     summary = runs.read_summary(run_dir) or {}
     status = str(summary.get("status", ""))
     if status == "completed" and "epochs" not in changed:
+        try:  # finished: its results stand, but say so when its weights do not
+            runs.read_checkpoint(run_dir)
+        except TrainingError as e:
+            raise TrainingError(f"--resume {run_dir}: the run finished and its results are intact, but its weights "
+                                f"are not: {e}") from None
         log(f"{run_dir} finished already ({_plural(summary.get('epochs', 0), 'epoch')}); left untouched "
             f"(--epochs N with more epochs extends it)")
         return None, summary
@@ -444,6 +451,8 @@ def _restore(run, members, carries, key_data, run_dirs, log):
                                  key=jax.random.wrap_key_data(key_data[m]), epoch=0))
         else:
             restored.append(load_checkpoint(run_dir, *like, jax.random.wrap_key_data(key_data[m])))
+            if restored[m]["note"]:
+                log(f"note: {restored[m]['note']}")
         run.member_epochs[m] = int(restored[m]["epoch"])
         run.metrics[m] = [r for r in runs.read_metrics(run_dir) if r["epoch"] <= run.member_epochs[m]]
     live = sorted({e for e, f in zip(run.member_epochs, run.frozen) if not f})
@@ -471,7 +480,7 @@ def _write_run_configs(configs, run_dirs, dataset, model, n_train, n_val, extra_
         runs.prepare_run_dir(run_dir, new=True)
     env, origin = environment_info(), runs.provenance(command)
     for m, (c, run_dir) in enumerate(zip(configs, run_dirs)):
-        info = {"config": dataclasses.asdict(c), "model": _describe(build_model(c, dataset.image_shape,
+        info = {"config": dataclasses.asdict(c), "run_id": uuid.uuid4().hex, "model": _describe(build_model(c, dataset.image_shape,
                                                                                dataset.num_classes)),
                 "image_shape": list(dataset.image_shape), "classes": int(dataset.num_classes),
                 "environment": env, "provenance": origin, "data_source": dataset.source,

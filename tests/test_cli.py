@@ -10,6 +10,7 @@ import re
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,6 +252,45 @@ def test_out_refusal_suggests_resume_only_for_a_run(finished, tmp_path, capsys):
     assert exit_code(["--data-dir", tmp_path / "none", "--out", finished]) == 2
     assert f"already holds files of a run; choose a new directory, or continue it with --resume {finished}" in \
         error_line(capsys)
+
+
+def test_a_finished_run_with_a_damaged_checkpoint_says_so_on_resume(finished, tmp_path, capsys):
+    # Issue 26: was "finished already; left untouched", exit 0.
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    data = bytearray((run / "checkpoint.msgpack").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (run / "checkpoint.msgpack").write_bytes(bytes(data))
+    before = snapshot(run)
+    assert exit_code(["--resume", run]) == 2
+    line = error_line(capsys)
+    assert "the run finished and its results are intact, but its weights are not" in line
+    assert f"{run / 'checkpoint.msgpack'}: damaged checkpoint" in line and snapshot(run) == before
+
+
+def test_a_start_refused_on_its_data_leaves_no_directory(tmp_path, capsys, monkeypatch):
+    # Issue 26: a run refused on its data left an empty DIR/ (or runs/<name>/) behind.
+    bad = tmp_path / "bad"
+    write_mnist(bad)
+    (bad / "train-labels-idx1-ubyte.gz").write_bytes(b"not gzip")
+    monkeypatch.chdir(tmp_path)
+    for out in (["--out", tmp_path / "run"], []):
+        assert exit_code(flags(bad, *out)) == 2
+        assert "train-labels-idx1-ubyte.gz" in error_line(capsys)
+    assert not (tmp_path / "run").exists() and list((tmp_path / "runs").iterdir()) == []
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--hidden-units", ""], "argument --hidden-units: empty: give layer sizes like 200 or 300x100, or none"),
+    (["--sweep", "hidden-units=100,"], "--sweep hidden-units=100,: an empty value in '100,' (a trailing or doubled "
+                                       "comma?)"),
+    (["--sweep", "lr=0.1,,0.01"], "--sweep lr=0.1,,0.01: an empty value"),
+])
+def test_an_empty_setting_is_refused_naming_the_flag(tmp_path, capsys, args, says):
+    # Issue 26: both trained a logistic regression (no hidden layer) without a word.
+    assert exit_code([*args, "--data-dir", tmp_path / "no-data", "--out", tmp_path / "run"]) == 2
+    assert says in error_line(capsys)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("split, says", [("test", "diverged: non-finite test loss (final epoch)"),

@@ -147,7 +147,7 @@ def test_clean_download_into_default_cache_then_cache_reuse(server, served, monk
     folder = tmp_path / "default-cache" / "mnist"
     for name in MNIST_NAMES:
         assert (folder / name).read_bytes() == served[0][f"/mnist/{name}"]
-    assert sorted(p.name for p in folder.iterdir()) == sorted(MNIST_NAMES + [".lock"])  # no .part
+    assert sorted(p.name for p in folder.iterdir()) == sorted(MNIST_NAMES + [".lock", DL.STAMP])  # no .part
     assert sorted(server.requests) == sorted((f"/mnist/{n}", None) for n in MNIST_NAMES)
     assert ds.source == f"files:{folder}"
     assert ds.train_images.shape == (60000, 28, 28, 1) and ds.test_images.shape == (10000, 28, 28, 1)
@@ -161,6 +161,25 @@ def test_clean_download_into_default_cache_then_cache_reuse(server, served, monk
     # "files" reads the same cache (never downloading); so does the folder named directly
     assert D.load_dataset("mnist", source="files").source == f"files:{folder}"
     assert D.load_dataset("mnist", folder, source="files").source == f"files:{folder}"
+    assert len(server.requests) == 4
+
+
+def test_a_cached_file_changed_after_its_download_is_refused_on_read(server, served, monkeypatch, tmp_path):
+    # Issue 26: a cached labels file replaced by another well-formed IDX file (labels shifted
+    # by one) trained to 8% test accuracy, recorded as "mnist", with no word.
+    monkeypatch.setenv(DL.MIRROR_ENV, server.url)
+    D.load_dataset("mnist")
+    path = tmp_path / "default-cache" / "mnist" / "train-labels-idx1-ubyte.gz"
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # touched, same bytes: re-hashed
+    assert len(D.load_dataset("mnist").train_labels) == 60000
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[8:] = bytes((b + 1) % 10 for b in raw[8:])
+    path.write_bytes(gzip.compress(bytes(raw)))
+    for source in ("auto", "files"):
+        with pytest.raises(DataError) as e:
+            D.load_dataset("mnist", source=source)
+        assert_one_line_error(e, f"{path}: changed since it was downloaded and verified (checksum mismatch",
+                              "delete it and it is downloaded again")
     assert len(server.requests) == 4
 
 

@@ -5,8 +5,10 @@ warning at chance, the memory estimate), sweep directories (lock, a refused swee
 nothing that blocks it) and a trained run loaded back in a fresh process."""
 
 import errno
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -266,7 +268,7 @@ def test_test_split_is_checked_before_training(tmp_path, test_shape, n_test, say
     # Defect 5: found only after a whole training run (or ending with accuracy NaN, exit 0).
     with pytest.raises(D.DataError, match=says):
         T.train(config(tmp_path / "run"), dataset=dataset(test_shape=test_shape, n_test=n_test), log=quiet)
-    assert list((tmp_path / "run").iterdir()) == []
+    assert not (tmp_path / "run").exists()  # a failed start leaves nothing
 
 
 def test_no_validation_split_writes_null_not_nan(tmp_path):
@@ -304,7 +306,7 @@ def test_memory_estimate_refuses_what_cannot_fit(tmp_path):
     assert cost.check_memory(model(small), **memory_settings(small), available=2**30) < 2**30
     with pytest.raises(ValueError, match="more than the .* GiB available"):  # a single run, before init
         T.train(huge, dataset=dataset(), log=quiet)
-    assert list((tmp_path / "run").iterdir()) == []
+    assert not (tmp_path / "run").exists()  # a failed start leaves nothing
 
 
 # ---------------------------------------------------------------------------- sweeps
@@ -324,8 +326,9 @@ def test_a_sweep_refused_on_its_data_leaves_nothing_that_blocks_it(tmp_path):
     too_big = config(out, batch_size=1000)  # larger than the 500 training images: refused after the plan
     with pytest.raises(ValueError, match="batch_size 1000 exceeds"):
         S.sweep(too_big, axes, out=out, dataset=dataset(), log=quiet, progress=False)
-    assert list(out.iterdir()) == []
-    # A resume of the directory starts the sweep (and here meets the same refusal, not "no plan").
+    assert not out.exists()  # refused on its data: nothing left behind
+    # A resume of an empty directory starts the sweep (and here meets the same refusal, not "no plan").
+    out.mkdir()
     with pytest.raises(ValueError, match="batch_size 1000 exceeds"):
         S.sweep(too_big, axes, out=out, resume=True, dataset=dataset(), log=quiet, progress=False)
     with pytest.raises(ValueError, match="--devices 2: a sweep trains each member on one device"):
@@ -375,3 +378,66 @@ def test_predict_accepts_uint8_and_unit_floats_and_refuses_the_rest(finished):
             assert "\n" not in str(e.value)
             assert r"expected images of shape (N, 28, 28, 1) with N >= 1, as uint8 pixels 0..255 or floating " \
                    "point in [0, 1]" in str(e.value)
+
+
+def test_a_checkpoint_copied_in_from_another_run_is_refused(finished, tmp_path):
+    # Issue 26: a tanh run's checkpoint in a relu run's directory (same shapes) loaded silently.
+    tanh = tmp_path / "tanh"
+    T.train(config(tanh, activation="tanh", epochs=1), dataset=dataset(), log=quiet)
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    (run / runs.CHECKPOINT).write_bytes((tanh / runs.CHECKPOINT).read_bytes())
+    says = (rf"{run / runs.CHECKPOINT} belongs to another run \(run id [0-9a-f]+\) than {run / 'config.json'} "
+            rf"\(run id [0-9a-f]+\)")
+    with pytest.raises(TrainingError, match=says):
+        runs.load_run(run)
+    with pytest.raises(TrainingError, match=says):
+        T.train(resume=run, changes={"epochs": 3}, log=quiet)
+    assert (run / "config.json").read_bytes() == before["config.json"]  # refused before config.json was touched
+    # Without run ids (another config.json's copy): the settings that differ are named.
+    info = json.loads((run / "config.json").read_text())
+    del info["run_id"]
+    (run / "config.json").write_text(json.dumps(info))
+    with pytest.raises(TrainingError, match=rf"belongs to another run than {run / 'config.json'}: --activation tanh "
+                                            rf"in the checkpoint, relu in config.json"):
+        runs.load_run(run)
+
+
+def test_a_checkpoint_without_a_run_record_loads_with_a_note(finished, tmp_path):
+    # Checkpoints written before issue 26 (committed runs among them) still load, unchecked, saying so.
+    from flax import serialization
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    raw = runs.read_checkpoint(run)
+    raw.pop("run")
+    body = serialization.msgpack_serialize(raw)
+    (run / runs.CHECKPOINT).write_bytes(serialization.msgpack_serialize(
+        {"format": "jaxnets-checkpoint-1", "sha256": hashlib.sha256(body).hexdigest(), "body": body}))
+    with pytest.warns(UserWarning, match="written before checkpoints recorded their run; not checked"):
+        loaded = runs.load_run(run)
+    np.testing.assert_allclose(loaded.predict(dataset().test_images[:5]),
+                               runs.load_run(finished).predict(dataset().test_images[:5]), atol=1e-6)
+    lines = []
+    T.train(resume=run, changes={"epochs": 3}, dataset=dataset(), log=lines.append)
+    assert any(line.startswith("note: ") and "not checked against config.json" in line for line in lines)
+    assert "run" in runs.read_checkpoint(run)  # the resumed run's new checkpoint records its run
+
+
+def test_a_sweep_checks_every_member_on_the_data_before_the_first_trains(tmp_path):
+    # Issue 26: a later member's --val-size leaving no training images failed after the first trained.
+    out = tmp_path / "sweep"
+    with pytest.raises(ValueError, match=r"sweep member 001-val_size=600: val_size 600 leaves no training data "
+                                         r"\(600 examples\)"):
+        S.sweep(config(out), {"val_size": [100, 600]}, out=out, dataset=dataset(), log=quiet, progress=False)
+    assert not out.exists()  # nothing trained, no plan: the directory is no dead end
+    with pytest.raises(ValueError, match=r"--train-subset 1000 is more than the 600 training images there are"):
+        S.sweep(config(out), {"train_subset": [0, 1000]}, out=out, dataset=dataset(), log=quiet, progress=False)
+    assert not out.exists()
+
+
+def test_a_train_subset_larger_than_the_data_is_refused(tmp_path):
+    # Issue 26: trained on the 600 images there are while config.json recorded 1000.
+    with pytest.raises(ValueError, match=r"--train-subset 1000 is more than the 600 training images there are"):
+        T.train(config(tmp_path / "run", train_subset=1000), dataset=dataset(), log=quiet)
+    assert not (tmp_path / "run" / "config.json").exists()
