@@ -10,30 +10,19 @@ compares the backward with ``jax.vjp`` and with finite differences of the forwar
 float64, and returns a report: the worst relative error of every input and parameter leaf.
 """
 
-import math
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import erf
 
 from jaxnets import gradcheck
 from jaxnets import layers as L
 
 
-def gelu(x):
-    """y = x * Phi(x), Phi(x) = (1 + erf(x / sqrt(2))) / 2 the standard normal CDF
-    (Hendrycks & Gimpel, 2016; the exact form, not the tanh approximation). Cache: x."""
-    return x * 0.5 * (1 + erf(x / math.sqrt(2))), x
-
-
-def gelu_backward(cache, dy):
-    """dx = dy * (Phi(x) + x * phi(x)), phi(x) = exp(-x^2 / 2) / sqrt(2 pi) the normal density."""
-    x = cache
-    cdf = 0.5 * (1 + erf(x / math.sqrt(2)))
-    pdf = jnp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-    return dy * (cdf + x * pdf)
+# GELU itself is a library layer now (jaxnets.layers.gelu / gelu_backward; network.gelu()):
+# y = x Phi(x), dx = dy (Phi(x) + x phi(x)). This example composes it with a linear layer.
+gelu, gelu_backward = L.gelu, L.gelu_backward
 
 
 def dense_gelu(params, x):

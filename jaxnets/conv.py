@@ -702,3 +702,43 @@ def resize_bilinear_backward(cache, dy, *, size):
     ah = jnp.asarray(resize_matrix(x.shape[1], oh), dy.dtype)
     aw = jnp.asarray(resize_matrix(x.shape[2], ow), dy.dtype)
     return jnp.einsum("ph,npqc,qw->nhwc", ah, dy, aw)
+
+# ------------------------------------------------- data-dependent init for airbench (issue 24)
+
+
+def whitening_filters(images, *, patch=2, eps=5e-4):
+    """Frozen patch-whitening kernels (HWIO, ``(patch, patch, C, 2 * patch * patch * C)``) from
+    training images (N, H, W, C), as airbench's first layer (Jordan 2024, arXiv 2404.00498).
+
+    With p the flattened ``patch x patch x C`` windows (stride 1, no padding, order (kh, kw, C))
+    and S = mean(p p^T) their *uncentred* covariance, S = V diag(lambda) V^T: filter k is
+    v_k / sqrt(lambda_k + eps), largest lambda first, followed by the same filters negated (so
+    a ReLU-like activation after it loses nothing). Computed in float64 with numpy: it is a
+    one-off init, and small eigenvalues need the precision. Pass training images only.
+    """
+    import numpy as np  # local: this module is otherwise numpy-free (and another branch edits its header)
+
+    x = np.asarray(images, np.float64)
+    if x.ndim != 4:
+        raise ValueError(f"whitening_filters: expected training images (N, H, W, C), got shape {x.shape}")
+    n, h, w, c = x.shape
+    if h < patch or w < patch or n < 1:
+        raise ValueError(f"whitening_filters: images of shape {x.shape[1:]} are smaller than the {patch}x{patch} patch")
+    cols = [x[:, i:h - patch + 1 + i, j:w - patch + 1 + j, :] for i in range(patch) for j in range(patch)]
+    p = np.concatenate(cols, axis=-1).reshape(-1, patch * patch * c)
+    cov = p.T @ p / p.shape[0]
+    eigenvalues, eigenvectors = np.linalg.eigh(cov)  # ascending
+    order = np.argsort(eigenvalues)[::-1]
+    filters = eigenvectors[:, order] / np.sqrt(eigenvalues[order] + eps)
+    filters = np.concatenate([filters, -filters], axis=1)
+    return filters.reshape(patch, patch, c, 2 * patch * patch * c)
+
+
+def dirac_(w):
+    """Dirac (identity) init of an HWIO kernel on its first ``cin`` output filters, as
+    ``torch.nn.init.dirac_(w[:cin])``: filter i < min(cin, cout) becomes the identity on
+    input channel i (1 at the kernel's centre, 0 elsewhere); the other filters are kept."""
+    kh, kw, cin, cout = w.shape
+    k = min(cin, cout)
+    eye = jnp.zeros((kh, kw, cin, k), w.dtype).at[kh // 2, kw // 2, jnp.arange(k), jnp.arange(k)].set(1)
+    return w.at[..., :k].set(eye)

@@ -19,6 +19,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.special
 import numpy as np
 
 from jaxnets import _init_fast
@@ -500,3 +501,57 @@ def layer_norm_backward(params, cache, dy):
         - xhat * jnp.sum(g * xhat, axis=-1, keepdims=True)
     )
     return {"gamma": jnp.sum(dy * xhat, axis=rows), "beta": jnp.sum(dy, axis=rows)}, dx
+
+
+# ----------------------------------------------------------- layers for airbench (issue 24)
+
+
+def gelu(x):
+    """y = x * Phi(x), Phi(x) = (1 + erf(x / sqrt(2))) / 2 the standard normal CDF
+    (Hendrycks & Gimpel, 2016; the exact form, not the tanh approximation). Cache: x."""
+    return x * 0.5 * (1 + jax.scipy.special.erf(x / math.sqrt(2))), x
+
+
+def gelu_backward(cache, dy):
+    """dx = dy * (Phi(x) + x * phi(x)), phi(x) = exp(-x^2 / 2) / sqrt(2 pi) the normal density."""
+    x = cache
+    cdf = 0.5 * (1 + jax.scipy.special.erf(x / math.sqrt(2)))
+    pdf = jnp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    return dy * (cdf + x * pdf)
+
+
+ACTIVATIONS["gelu"] = (gelu, gelu_backward)
+
+
+def batch_norm_shift_init(num_features, dtype=jnp.float32):
+    """``params = {"beta": 0}`` (the scale is frozen at 1) and ``state = {"mean": 0, "var": 1}``."""
+    params, state = batch_norm_init(num_features, dtype)
+    return {"beta": params["beta"]}, state
+
+
+def batch_norm_shift(params, state, x, *, train, momentum=0.1, eps=1e-5, axis_name=None):
+    """Batch norm with its scale frozen at 1: y = xhat + beta (:func:`batch_norm` with
+    gamma = 1; airbench's ``weight=False``). Same statistics, running averages and cache."""
+    full = {"gamma": jnp.ones_like(params["beta"]), "beta": params["beta"]}
+    return batch_norm(full, state, x, train=train, momentum=momentum, eps=eps, axis_name=axis_name)
+
+
+def batch_norm_shift_backward(params, cache, dy, *, train, axis_name=None):
+    """:func:`batch_norm_backward` with gamma = 1: dbeta = sum(dy); training
+    dx = inv_std / n * (n dy - sum(dy) - xhat * sum(dy xhat)); evaluation dx = inv_std * dy."""
+    full = {"gamma": jnp.ones_like(params["beta"]), "beta": params["beta"]}
+    grads, dx = batch_norm_backward(full, cache, dy, train=train, axis_name=axis_name)
+    return {"beta": grads["beta"]}, dx
+
+
+def scaled_linear(params, x, *, scale):
+    """y = scale * (x W), no bias (airbench's head: a bias-free linear layer times 1/9). Cache: x."""
+    check_ndim("scaled_linear", "input", x, 2)
+    check_dim("scaled_linear", "input", x, 1, params["w"].shape[0], "features")
+    return scale * (x @ params["w"]), x
+
+
+def scaled_linear_backward(params, cache, dy, *, scale):
+    """dW = scale * x^T dy,  dx = scale * dy W^T."""
+    x = cache
+    return {"w": scale * (x.T @ dy)}, scale * (dy @ params["w"].T)

@@ -643,3 +643,98 @@ def export_torchvision(run_or_params, path, state=None):
         if state is None:
             raise checkpoints.CheckpointError("export_torchvision: give the batch-norm statistics (state=...) with params")
     return checkpoints.write_state_dict(checkpoints.to_torch_state_dict(params, state), path)
+
+# --------------------------------------------------------------------- airbench (issue 24)
+
+
+@dataclasses.dataclass(frozen=True)
+class Airbench(Network):
+    """airbench94's network (Jordan 2024, arXiv 2404.00498), re-derived as a composition:
+
+    whiten (frozen 2x2 patch-whitening conv, 2*4*C filters, trained bias) -> GELU, then per
+    width in ``widths``: conv3x3 -> maxpool 2x2/2 -> BN -> GELU -> conv3x3 -> BN -> GELU
+    (convs bias-free and Dirac-initialised on their first c_in filters; BN scale frozen at 1,
+    ``bn_eps``, PyTorch ``bn_momentum``), then maxpool 3x3/3 -> flatten -> bias-free linear
+    x ``head_scale``. On 32x32x3: 32 -> 31 -> 15 -> 7 -> 3 -> 1, 1.97 M parameters.
+
+    The whitening filters are data-dependent: :func:`data_init` sets them from training
+    images (state ``whiten.w``); ``init`` alone leaves them zero.
+    Params: ``{"whiten": {"b"}, "blocks": [{"conv1", "bn1", "conv2", "bn2"}, ...], "head": {"w"}}``.
+    """
+
+    input_shape: tuple = (32, 32, 3)
+    widths: tuple = (64, 256, 256)
+    classes: int = 10
+    bn_momentum: float = 0.4
+    bn_eps: float = 1e-12
+    whiten_eps: float = 5e-4
+    head_scale: float = 1 / 9
+    dtype: str = "float32"
+    bn_axis_name: str | None = None
+    conv_impl: str = "auto"
+
+    def __post_init__(self):
+        object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        if len(self.input_shape) != 3:
+            raise ValueError(f"Airbench: input_shape must be (H, W, C), got {self.input_shape}")
+        spatial = self.layer.items[0][1].output_shape(self.input_shape)  # through the blocks
+        if any(s < 3 for s in spatial[:2]):
+            raise ValueError(f"Airbench: images of shape {self.input_shape} shrink to {spatial[:2]} before the "
+                             f"final 3x3 pool (whiten -1, then /2 per block); use images of at least 28x28")
+
+    def definition(self):
+        bn = lambda: nn.ShiftBatchNorm(self.bn_momentum, self.bn_eps, axis_name=self.bn_axis_name)
+        conv = lambda width: nn.Conv(width, 3, init_scheme="pytorch", bias=False, impl=self.conv_impl)
+        whiten = nn.Whiten(channels=self.input_shape[-1], eps=self.whiten_eps, impl=self.conv_impl)
+        blocks = [nn.serial(("conv1", conv(width)), nn.MaxPool(2, 2, 0, impl=self.conv_impl), ("bn1", bn()),
+                            nn.gelu(), ("conv2", conv(width)), ("bn2", bn()), nn.gelu())
+                  for width in self.widths]
+        body = nn.serial(("whiten", whiten), nn.gelu(), ("blocks", nn.serial(*blocks, keys="list")))
+        return nn.serial(body, nn.MaxPool(3, 3, 0), nn.Flatten(),
+                         ("head", nn.ScaledLinear(self.classes, self.head_scale)), keys="dict")
+
+    def init(self, key):
+        """As every Network's, then each block conv's first c_in filters set to the identity
+        (:func:`jaxnets.conv.dirac_`; after the draw, which hands out placeholders until it ends)."""
+        params, state = super().init(key)
+        blocks = [{**block, **{name: {**block[name], "w": conv_ops.dirac_(block[name]["w"])}
+                               for name in ("conv1", "conv2")}} for block in params["blocks"]]
+        return {**params, "blocks": blocks}, state
+
+    #: How many training images the whitening's covariance is estimated from (airbench's 5,000).
+    data_init_images = 5000
+
+    def data_state(self, images):
+        """The state the data-dependent init sets, ``{"whiten": {"w": filters}}`` (numpy, float64),
+        from ``images`` (N, H, W, C): training images only, never validation or test images."""
+        if images.ndim != 4 or tuple(images.shape[1:]) != self.input_shape:
+            raise ValueError(f"Airbench: data-dependent init got images of shape {tuple(images.shape[1:])}, "
+                             f"but the model was built for {self.input_shape} (H, W, C)")
+        whiten = self.layer.items[0][1].items[0][1]
+        return {"whiten": {"w": conv_ops.whitening_filters(images, patch=whiten.patch, eps=whiten.eps)}}
+
+    def data_init(self, params, state, images):
+        """``(params, state)`` with :meth:`data_state` merged into ``state``."""
+        return params, merge_state(state, self.data_state(images))
+
+
+def merge_state(state, override):
+    """``state`` with the leaves ``override`` names replaced (cast to the leaf's dtype); jittable."""
+    if isinstance(override, dict):
+        return {**state, **{k: merge_state(state[k], v) for k, v in override.items()}}
+    return jnp.asarray(override, state.dtype)
+
+
+def data_init(model, params, state, train_images):
+    """The model's data-dependent init (e.g. :class:`Airbench`'s whitening) from training
+    images, or ``(params, state)`` unchanged for a model that has none."""
+    hook = getattr(model, "data_init", None)
+    return (params, state) if hook is None else hook(params, state, train_images)
+
+
+@family("airbench", "airbench94's net: frozen 2x2 whitening, 3 GELU conv blocks 64/256/256, x1/9 head "
+                    "(data-dependent init from training images)")
+def _build_airbench(config, image_shape, classes, bn_axis_name=None, batch_axis_name=None):
+    return Airbench(input_shape=tuple(image_shape), classes=classes, bn_axis_name=bn_axis_name,
+                    conv_impl=config.conv_impl)

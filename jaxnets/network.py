@@ -782,3 +782,124 @@ class Resize(Layer):
         # Separable: H'*H*W per channel, then H'*W'*W.
         h, w, c = in_shape
         return c * (self.size * h * w + self.size * self.size * w)
+
+# ------------------------------------------------------------- layers for airbench (issue 24)
+
+
+def gelu():
+    """The exact (erf) GELU, :func:`jaxnets.layers.gelu`."""
+    return Activation("gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShiftBatchNorm(Layer):
+    """Batch norm with its scale frozen at 1, only the shift ``beta`` trained
+    (:func:`jaxnets.layers.batch_norm_shift`): params ``{"beta"}``, state ``{"mean", "var"}``.
+    ``momentum`` is PyTorch's (airbench's running-average decay 0.6 is momentum 0.4)."""
+
+    momentum: float = 0.1
+    eps: float = 1e-5
+    axis_name: str | None = None
+    has_params = True
+    has_state = True
+
+    def init(self, keys, in_shape, dtype):
+        params, state = layer_ops.batch_norm_shift_init(in_shape[-1], dtype)
+        return params, state, tuple(in_shape)
+
+    def output_shape(self, in_shape):
+        return tuple(in_shape)
+
+    def forward(self, params, state, x, ctx):
+        return layer_ops.batch_norm_shift(params, state, x, train=ctx.train, momentum=self.momentum, eps=self.eps,
+                                          axis_name=self.axis_name)
+
+    def backward(self, params, cache, dy, ctx):
+        return layer_ops.batch_norm_shift_backward(params, cache, dy, train=ctx.train, axis_name=self.axis_name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Whiten(Layer):
+    """airbench's frozen ``patch x patch`` whitening conv (no padding, stride 1) with a trained
+    bias: params ``{"b"}``, state ``{"w"}`` (frozen: it is state, so no optimizer touches it).
+    ``init`` leaves ``w`` zero; :meth:`data_init` (or :func:`jaxnets.models.data_init`) sets it
+    from training images by :func:`jaxnets.conv.whitening_filters`. ``channels`` is the image's."""
+
+    channels: int = 3
+    patch: int = 2
+    eps: float = 5e-4
+    impl: str = "auto"
+    has_params = True
+    has_state = True
+
+    @property
+    def features(self):
+        return 2 * self.patch * self.patch * self.channels
+
+    @property
+    def geometry(self):
+        return dict(stride=1, padding=0, impl=self.impl)
+
+    def init(self, keys, in_shape, dtype):
+        if len(in_shape) != 3 or in_shape[-1] != self.channels:
+            raise ValueError(f"Whiten: expects images (H, W, {self.channels}), got per-example shape {tuple(in_shape)}")
+        w = jnp.zeros((self.patch, self.patch, self.channels, self.features), dtype)
+        return {"b": jnp.zeros((self.features,), dtype)}, {"w": w}, self.output_shape(in_shape)
+
+    def data_init(self, state, images):
+        """``state`` with ``w`` the whitening filters of ``images`` (N, H, W, C): training images only."""
+        if images.ndim != 4 or images.shape[-1] != self.channels:
+            raise ValueError(f"Whiten: data-dependent init expects training images (N, H, W, {self.channels}), "
+                             f"got shape {tuple(images.shape)}")
+        w = conv_ops.whitening_filters(images, patch=self.patch, eps=self.eps)
+        return {"w": jnp.asarray(w, state["w"].dtype)}
+
+    def output_shape(self, in_shape):
+        h, w, _ = in_shape
+        return (h - self.patch + 1, w - self.patch + 1, self.features)
+
+    def forward(self, params, state, x, ctx):
+        w = jax.lax.stop_gradient(state["w"])
+        y, cache = conv_ops.conv2d({"w": w, "b": params["b"]}, x, **self.geometry)
+        return y, (cache, w), state
+
+    def backward(self, params, cache, dy, ctx):
+        conv_cache, w = cache
+        grads, dx = conv_ops.conv2d_backward({"w": w, "b": params["b"]}, conv_cache, dy, **self.geometry)
+        return {"b": grads["b"]}, dx
+
+    def macs(self, in_shape, out_shape):
+        return math.prod(out_shape[:-1]) * self.patch * self.patch * in_shape[-1] * self.features
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaledLinear(Layer):
+    """y = scale * x W, no bias (:func:`jaxnets.layers.scaled_linear`); params ``{"w"}``."""
+
+    features: int
+    scale: float = 1.0
+    init_scheme: str = "pytorch"
+    has_params = True
+
+    def init(self, keys, in_shape, dtype):
+        if len(in_shape) != 1:
+            raise ValueError(f"ScaledLinear: expects flat inputs (features,), got per-example shape {tuple(in_shape)}")
+        params = layer_ops.linear_init(next(keys), in_shape[0], self.features, scheme=self.init_scheme, bias=False,
+                                       dtype=dtype)
+        return params, {}, (self.features,)
+
+    def weight_keys(self):
+        return 1
+
+    def output_shape(self, in_shape):
+        return (self.features,)
+
+    def forward(self, params, state, x, ctx):
+        y, cache = layer_ops.scaled_linear(params, x, scale=self.scale)
+        return y, cache, {}
+
+    def backward(self, params, cache, dy, ctx):
+        return layer_ops.scaled_linear_backward(params, cache, dy, scale=self.scale)
+
+    def macs(self, in_shape, out_shape):
+        return in_shape[0] * self.features

@@ -154,6 +154,7 @@ SMALL = {
     "resnet18": (dict(stem="imagenet"), (32, 32, 3)),
     "resnet34": (dict(stem="cifar"), (8, 8, 3)),
     "efficientnet_lite0": (dict(), (32, 32, 3)),
+    "airbench": (dict(), (28, 28, 3)),
 }
 
 
