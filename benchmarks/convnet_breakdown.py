@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 
 from benchmarks.common import median_seconds, write_json
-from jaxnets import conv as C
+from jaxnets import conv as conv_ops
 from jaxnets import layers as L
 from jaxnets import models as M
 
@@ -62,8 +62,8 @@ def main(argv=None):
 
     @jax.jit
     def conv(params, x, dy):
-        y, cache = C.conv2d(params, x, impl="gemm")
-        return y, C.conv2d_backward(params, cache, dy, impl="gemm")
+        y, cache = conv_ops.conv2d(params, x, impl="gemm")
+        return y, conv_ops.conv2d_backward(params, cache, dy, impl="gemm")
 
     @jax.jit
     def bn_relu(params, state, x, dy):
@@ -73,8 +73,8 @@ def main(argv=None):
 
     @jax.jit
     def pool(x, dy):
-        y, cache = C.max_pool(x, impl="gemm")
-        return y, C.max_pool_backward(cache, dy, impl="gemm")
+        y, cache = conv_ops.max_pool(x, impl="gemm")
+        return y, conv_ops.max_pool_backward(cache, dy, impl="gemm")
 
     print(f"{'layer':24s} {'gemm ms':>8s} {'conv ms':>8s} {'im2col ms':>9s} {'bn+relu ms':>10s} {'pool ms':>8s} "
           f"{'GEMM GFLOP/s':>12s}")

@@ -53,7 +53,7 @@ import optax
 from benchmarks.common import child_output, cpu_info, interleaved_median_seconds, median_seconds, write_json
 from jaxnets.config import TrainConfig
 from jaxnets.steps import make_train_chunk, prepare_data
-from jaxnets import conv as C
+from jaxnets import conv
 from jaxnets import data as D
 from jaxnets import models as M
 from jaxnets import cost, optim, runs
@@ -360,7 +360,7 @@ def machine_info(torch):
     info["torch_threads"] = torch.get_num_threads() if torch is not None else None
     info["platform"] = platform.platform()
     info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-    info["conv_impl"] = C.resolve_impl("auto")
+    info["conv_impl"] = conv.resolve_impl("auto")
     return info
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxnets import conv as C
+from jaxnets import conv as conv_ops
 
 SHAPES = [  # batch, H, W, C, k, stride (Lite0 blocks 1, 3, 8 and 12 at 128 px)
     (32, 64, 64, 96, 3, 2),
@@ -42,15 +42,15 @@ def main(repeats=7):
         rng = np.random.default_rng(0)
         x = rng.standard_normal((b, h, w, c)).astype(np.float32)
         wt = rng.standard_normal((k, k, c)).astype(np.float32)
-        y_shape = C.depthwise_conv2d({"w": wt}, x, stride=s)[0].shape
+        y_shape = conv_ops.depthwise_conv2d({"w": wt}, x, stride=s)[0].shape
         dy = rng.standard_normal(y_shape).astype(np.float32)
 
         @jax.jit
         def ours(x, wt, dy):
-            _, cache = C.depthwise_conv2d({"w": wt}, x, stride=s)
-            return C.depthwise_conv2d_backward({"w": wt}, cache, dy, stride=s)
+            _, cache = conv_ops.depthwise_conv2d({"w": wt}, x, stride=s)
+            return conv_ops.depthwise_conv2d_backward({"w": wt}, cache, dy, stride=s)
 
-        pads = C._resolve_padding("bench", "SAME", (h, w), (k, k), (s, s))
+        pads = conv_ops._resolve_padding("bench", "SAME", (h, w), (k, k), (s, s))
 
         @jax.jit
         def grouped(x, wt, dy):

@@ -31,7 +31,7 @@ TUNABLE = "glibc.malloc.hugetlb=1"
 def _child(grad, repeats):
     from benchmarks.common import median_seconds
     from benchmarks.cpu import jaxnets_step_runner
-    from jaxnets import conv as C
+    from jaxnets import conv
     from jaxnets import models as M
 
     steps = 2
@@ -40,7 +40,7 @@ def _child(grad, repeats):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     seconds = median_seconds(run, int(repeats), warmup=1) / steps
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / ((int(repeats) + 1) * steps)
-    print(json.dumps({"step_s": seconds, "faults_per_step": faults, "conv_impl": C.resolve_impl(model.conv_impl)}))
+    print(json.dumps({"step_s": seconds, "faults_per_step": faults, "conv_impl": conv.resolve_impl(model.conv_impl)}))
 
 
 def run_child(grad, repeats, hugepages):

@@ -21,7 +21,7 @@ from pathlib import Path
 from benchmarks.common import write_json
 from jaxnets.config import TrainConfig
 from jaxnets import data as D
-from jaxnets import sweep as S
+from jaxnets import sweep
 from jaxnets import placement, runs, training as T
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def main(argv=None):
     base = TrainConfig(model="mlp", dataset="cifar10", hidden_units=(200,), batch_size=256, optimizer="adam",
                          epochs=args.epochs, dropout=0.0, progress=False)
     axes = {"lr": [float(v) for v in args.lrs.split(",")], "seed": [int(v) for v in args.seeds.split(",")]}
-    members = S.expand(base, axes)
+    members = sweep.expand(base, axes)
     work = Path(tempfile.mkdtemp(prefix="sweep_speed-"))
     load_before = os.getloadavg()
     quiet = lambda *_: None
@@ -59,7 +59,7 @@ def main(argv=None):
         single_wall = time.time() - t0
 
         t0 = time.time()
-        rows = S.sweep(dataclasses.replace(base, out=str(work / "sweep")), axes, dataset=dataset, log=quiet,
+        rows = sweep.sweep(dataclasses.replace(base, out=str(work / "sweep")), axes, dataset=dataset, log=quiet,
                        progress=False)
         sweep_wall = time.time() - t0
     finally:

@@ -47,7 +47,7 @@ def measure(repeats):
     import jax.numpy as jnp
 
     from benchmarks.common import median_seconds
-    from jaxnets import conv as C
+    from jaxnets import conv
 
     def median(fn):
         return median_seconds(fn, repeats)
@@ -73,8 +73,8 @@ def measure(repeats):
 
     @jax.jit
     def gemm_fwd_bwd(x, w):
-        y, cache = C.conv2d({"w": w}, x, padding="SAME", impl="gemm")
-        return C.conv2d_backward({"w": w}, cache, 2 * y, padding="SAME", impl="gemm")
+        y, cache = conv.conv2d({"w": w}, x, padding="SAME", impl="gemm")
+        return conv.conv2d_backward({"w": w}, cache, 2 * y, padding="SAME", impl="gemm")
 
     out["gemm_conv_fwd_bwd"] = 3 * flops / median(lambda: gemm_fwd_bwd(xc, wc)) / 1e9
     return out

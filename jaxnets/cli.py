@@ -18,7 +18,7 @@ import signal
 import sys
 import textwrap
 
-from jaxnets import config as C
+from jaxnets import config as config_lib
 
 EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 130
 
@@ -74,16 +74,16 @@ def build_parser():
         description="Train an MLP or ConvNet on MNIST or CIFAR-10 with jaxnets. Every default is shown once.",
         formatter_class=_Formatter, epilog=EXAMPLES, allow_abbrev=False)
     run = parser.add_argument_group("run and output")
-    groups = {name: run if name == "run and output" else parser.add_argument_group(name) for name in C.GROUPS}
-    run.add_argument("--preset", choices=sorted(C.PRESETS), metavar="NAME",
-                     help=f"start from a named setup: {', '.join(sorted(C.PRESETS))} (--preset NAME --dry-run "
+    groups = {name: run if name == "run and output" else parser.add_argument_group(name) for name in config_lib.GROUPS}
+    run.add_argument("--preset", choices=sorted(config_lib.PRESETS), metavar="NAME",
+                     help=f"start from a named setup: {', '.join(sorted(config_lib.PRESETS))} (--preset NAME --dry-run "
                           f"prints its settings); flags given explicitly override it")
     run.add_argument("--resume", metavar="DIR",
                      help="continue the run in DIR with its saved settings (flags may only extend --epochs or "
                           "change --data-dir/--data-source/--devices/--progress); with --sweep, the sweep in DIR")
     run.add_argument("--dry-run", action="store_true",
                      help="print the configuration (with --sweep: the plan) and exit without loading data")
-    for field in dataclasses.fields(C.TrainConfig):
+    for field in dataclasses.fields(config_lib.TrainConfig):
         _add_setting(groups[field.metadata["group"]], field)
     sweeps = parser.add_argument_group("sweeps")
     sweeps.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...",
@@ -113,19 +113,19 @@ def build_parser():
 
 
 def _describe(values):
-    return ", ".join(f"{C.flag(k)} {C.format_setting(v)}" for k, v in values.items())
+    return ", ".join(f"{config_lib.flag(k)} {config_lib.format_setting(v)}" for k, v in values.items())
 
 
 def _add_setting(group, field):
-    flag, help_text, default = C.flag(field.name), field.metadata["help"], field.default
-    shown = "" if default is None else f" (default: {C.format_setting(default) if default != () else 'none'})"
+    flag, help_text, default = config_lib.flag(field.name), field.metadata["help"], field.default
+    shown = "" if default is None else f" (default: {config_lib.format_setting(default) if default != () else 'none'})"
     if "(default:" in help_text:
         shown = ""  # the help says what the default means (--conv-plan, --sync-bn, --data-dir)
     if isinstance(default, bool):
         shown = shown and f" (default: {flag if default else '--no-' + flag[2:]})"
         group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text + shown)
         return
-    valid = C.choices(field.name)
+    valid = config_lib.choices(field.name)
     group.add_argument(flag, type=_parser_of(field.name), default=None, choices=valid,
                        metavar=None if valid else _METAVARS.get(field.name, "N" if type(default) is int else "X"),
                        help=help_text.replace("%", "%%") + shown)
@@ -139,14 +139,14 @@ def _parser_of(name):
         try:
             if name == "hidden_units" and "," in text:  # the old syntax, still read
                 try:
-                    value = C.parse_setting(name, text.replace(",", "x"))
+                    value = config_lib.parse_setting(name, text.replace(",", "x"))
                 except ValueError:  # invalid in either form: the error quotes what was typed
-                    C.parse_setting(name, text)
+                    config_lib.parse_setting(name, text)
                     raise
-                print(f"note: {C.flag(name)} {text}: write {text.replace(',', 'x')} (the comma form is "
+                print(f"note: {config_lib.flag(name)} {text}: write {text.replace(',', 'x')} (the comma form is "
                       "deprecated; 'x' is the one syntax, as in --sweep)", file=sys.stderr)
                 return value
-            return C.parse_setting(name, text)
+            return config_lib.parse_setting(name, text)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     parse.__name__ = name  # argparse names the type in its messages
@@ -155,15 +155,15 @@ def _parser_of(name):
 
 def given_settings(args):
     """The settings named on the command line (a preset's values, then explicit flags)."""
-    values = dict(C.PRESETS[args.preset]) if args.preset else {}
-    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(C.TrainConfig)
+    values = dict(config_lib.PRESETS[args.preset]) if args.preset else {}
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(config_lib.TrainConfig)
                    if getattr(args, f.name) is not None})
     return values
 
 
 def config_from_args(args):
     """The TrainConfig of the command line: defaults, then the preset, then explicit flags."""
-    return C.TrainConfig(**given_settings(args))
+    return config_lib.TrainConfig(**given_settings(args))
 
 
 def _env_defaults(parser, args):
@@ -205,7 +205,7 @@ def main(argv=None):
         return _sweep(parser, args, config)
     if args.dry_run:
         if args.preset:
-            print(f"preset {args.preset}: {_describe(C.PRESETS[args.preset])} (flags given explicitly override "
+            print(f"preset {args.preset}: {_describe(config_lib.PRESETS[args.preset])} (flags given explicitly override "
                   f"it); the configuration:")
         print(json.dumps(dataclasses.asdict(config), indent=2, default=str))
         return EXIT_OK
@@ -268,18 +268,18 @@ def _terminate(signum, frame):
 
 
 def _sweep(parser, args, config):
-    from jaxnets import sweep as S
+    from jaxnets import sweep
 
     if args.resume and config.out and os.path.abspath(config.out) != os.path.abspath(args.resume):
         parser.error(f"--resume {args.resume} continues the sweep in that directory; --out {config.out} differs")
     try:
-        axes = S.parse_sweep(args.sweep, config)
-        S.expand(config, axes)
-        budget = S.parse_bytes(args.memory_budget) if args.memory_budget else None
+        axes = sweep.parse_sweep(args.sweep, config)
+        sweep.expand(config, axes)
+        budget = sweep.parse_bytes(args.memory_budget) if args.memory_budget else None
     except ValueError as e:
         parser.error(str(e))
     if args.dry_run:
-        print(S.dry_run(config, axes, budget=budget, max_members=args.max_members))
+        print(sweep.dry_run(config, axes, budget=budget, max_members=args.max_members))
         return EXIT_OK
-    return _exit_code(lambda: S.sweep(config, axes, out=args.resume, budget=budget, max_members=args.max_members,
+    return _exit_code(lambda: sweep.sweep(config, axes, out=args.resume, budget=budget, max_members=args.max_members,
                                       resume=args.resume is not None), diverged_exit=EXIT_OK)

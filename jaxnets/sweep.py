@@ -23,9 +23,9 @@ plan, skipping waves whose members all finished, continuing partly trained waves
 their epoch checkpoints (the whole wave, so its program and rounding are unchanged) and
 training the rest; the table equals an uninterrupted sweep's.
 
-    from jaxnets import sweep as S
+    from jaxnets import sweep
     from jaxnets.config import TrainConfig
-    rows = S.sweep(TrainConfig(dataset="cifar10", hidden_units=(200,)),
+    rows = sweep.sweep(TrainConfig(dataset="cifar10", hidden_units=(200,)),
                    {"lr": [1e-2, 1e-3], "seed": [0, 1, 2]}, out="runs/lr-sweep")
 """
 

@@ -250,7 +250,7 @@ def check(paths, data_root):
     the numbers. Prints one line per run; returns the number that differ."""
     import tempfile
 
-    from jaxnets import config as C
+    from jaxnets import config as config_lib
     from jaxnets import data as D
     from jaxnets import runs, training
 
@@ -258,7 +258,7 @@ def check(paths, data_root):
     for path in paths:
         folder = Path(path).resolve()
         saved = runs.read_config(folder)["config"]
-        config = C.from_dict({**saved, "data_dir": None, "out": None, "progress": False}, where=str(folder))
+        config = config_lib.from_dict({**saved, "data_dir": None, "out": None, "progress": False}, where=str(folder))
         sub = {"mnist": "mnist", "cifar10": "."}[config.dataset]
         dataset = D.load_dataset(config.dataset, str(Path(data_root) / sub), source="files")
         committed = runs.read_metrics(folder)[0]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnets import conv as C
+from jaxnets import conv as conv_ops
 from jaxnets import gradcheck
 from jaxnets import layers as L
 from jaxnets import models as M
@@ -59,21 +59,21 @@ def test_whitening_filters_whiten_the_training_patches():
     # (up to eps) and the second half of the filters is the first negated.
     rng = np.random.default_rng(7)
     images = rng.standard_normal((20, 9, 8, 3)) @ np.array([[1, 0.8, 0.2], [0, 1, 0.5], [0, 0, 0.3]])
-    w = C.whitening_filters(images, eps=1e-9)
+    w = conv_ops.whitening_filters(images, eps=1e-9)
     assert w.shape == (2, 2, 3, 24)
-    y, _ = C.conv2d({"w": jnp.asarray(w)}, jnp.asarray(images), padding=0, impl="gemm")
+    y, _ = conv_ops.conv2d({"w": jnp.asarray(w)}, jnp.asarray(images), padding=0, impl="gemm")
     z = np.asarray(y).reshape(-1, 24)[:, :12]
     np.testing.assert_allclose(z.T @ z / len(z), np.eye(12), atol=1e-6)
     np.testing.assert_array_equal(w[..., 12:], -w[..., :12])
     with pytest.raises(ValueError, match=r"whitening_filters: expected training images \(N, H, W, C\)"):
-        C.whitening_filters(images[0])
+        conv_ops.whitening_filters(images[0])
 
 
 def test_dirac_keeps_first_cin_channels_and_other_filters():
     w = normal(8, (3, 3, 4, 6))
-    d = C.dirac_(w)
+    d = conv_ops.dirac_(w)
     x = normal(9, (2, 5, 5, 4))
-    y, _ = C.conv2d({"w": d}, x, padding=1, impl="gemm")
+    y, _ = conv_ops.conv2d({"w": d}, x, padding=1, impl="gemm")
     np.testing.assert_allclose(y[..., :4], x, atol=1e-12)
     np.testing.assert_array_equal(d[..., 4:], w[..., 4:])
 

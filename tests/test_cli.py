@@ -228,12 +228,12 @@ def test_diverged_run_exits_3(data_dir, tmp_path, capsys):
 
 
 def test_interrupt_message_is_on_stderr(data_dir, tmp_path, capsys):
-    from jaxnets import config as C, training
+    from jaxnets import config as config_lib, training
 
     def interrupt(record, params, state):
         raise KeyboardInterrupt
 
-    settings = C.TrainConfig(data_dir=str(data_dir), data_source="files", hidden_units=(16,), val_size=100,
+    settings = config_lib.TrainConfig(data_dir=str(data_dir), data_source="files", hidden_units=(16,), val_size=100,
                              batch_size=50, dropout=0.0, progress=False, epochs=2, out=str(tmp_path / "run"))
     with pytest.raises(KeyboardInterrupt):
         training.train(settings, on_epoch_end=interrupt)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxnets import conv as C
+from jaxnets import conv as conv_ops
 from jaxnets import gradcheck
 from jaxnets import models as M
 
@@ -59,11 +59,11 @@ def test_conv2d_backward_matches_vjp_and_fd(case):
     stride, padding = case[6], case[7]
     with jax.enable_x64(True):
         params, x, rng = _conv_inputs(case, jnp.float64)
-        report = gradcheck.check(C.conv2d, C.conv2d_backward, x, params, coords=4,
+        report = gradcheck.check(conv_ops.conv2d, conv_ops.conv2d_backward, x, params, coords=4,
                                  stride=stride, padding=padding, impl="winograd")
         assert report.ok, report
-        pads = C._resolve_padding("t", padding, x.shape[1:3], params["w"].shape[:2], (stride, stride))
-        out_shape = jax.eval_shape(lambda p, x: C.conv2d(p, x, stride=stride, padding=padding)[0], params, x).shape
+        pads = conv_ops._resolve_padding("t", padding, x.shape[1:3], params["w"].shape[:2], (stride, stride))
+        out_shape = jax.eval_shape(lambda p, x: conv_ops.conv2d(p, x, stride=stride, padding=padding)[0], params, x).shape
         dy = jnp.asarray(rng.normal(size=out_shape))
 
         @jax.jit
@@ -73,8 +73,8 @@ def test_conv2d_backward_matches_vjp_and_fd(case):
             ) + params["b"]
             results = {}
             for impl in IMPLS:
-                y, cache = C.conv2d(params, x, stride=stride, padding=padding, impl=impl)
-                results[impl] = y, C.conv2d_backward(params, cache, dy, stride=stride, padding=padding, impl=impl)
+                y, cache = conv_ops.conv2d(params, x, stride=stride, padding=padding, impl=impl)
+                results[impl] = y, conv_ops.conv2d_backward(params, cache, dy, stride=stride, padding=padding, impl=impl)
             return ref, results
 
         ref, results = check(params, x, dy)
@@ -94,9 +94,9 @@ def test_impls_agree_float32(case):
     out = {}
 
     def run(params, x, impl):
-        y, cache = C.conv2d(params, x, stride=stride, padding=padding, impl=impl)
+        y, cache = conv_ops.conv2d(params, x, stride=stride, padding=padding, impl=impl)
         dy = jax.random.normal(jax.random.PRNGKey(2), y.shape)
-        return (y, *C.conv2d_backward(params, cache, dy, stride=stride, padding=padding, impl=impl))
+        return (y, *conv_ops.conv2d_backward(params, cache, dy, stride=stride, padding=padding, impl=impl))
 
     for impl in IMPLS:
         out[impl] = jax.jit(run, static_argnums=2)(params, x, impl)
@@ -120,12 +120,12 @@ def test_impls_agree_float32(case):
 def test_winograd_used_where_it_applies(shape, cin, stride, padding, used):
     """F(2x2, 3x3) is 16 GEMMs forward and 32 backward (plus the kernel transform's); every
     other case is im2col's one GEMM forward and two backward."""
-    params = C.conv2d_init(jax.random.PRNGKey(0), cin, 4)
+    params = conv_ops.conv2d_init(jax.random.PRNGKey(0), cin, 4)
     x = jnp.ones((*shape, cin))
-    y, cache = jax.eval_shape(lambda p, x: C.conv2d(p, x, stride=stride, padding=padding, impl="winograd"), params, x)
+    y, cache = jax.eval_shape(lambda p, x: conv_ops.conv2d(p, x, stride=stride, padding=padding, impl="winograd"), params, x)
     assert cache.method == ("winograd" if used else "gemm")
-    fwd = lambda p, x: C.conv2d(p, x, stride=stride, padding=padding, impl="winograd")[0]
-    bwd = lambda p, x: C.conv2d_backward(p, C.ConvCache(x, cache.method), jnp.ones(y.shape), stride=stride,
+    fwd = lambda p, x: conv_ops.conv2d(p, x, stride=stride, padding=padding, impl="winograd")[0]
+    bwd = lambda p, x: conv_ops.conv2d_backward(p, conv_ops.ConvCache(x, cache.method), jnp.ones(y.shape), stride=stride,
                                          padding=padding, impl="winograd")
     dots = lambda fn: sum(str(e.primitive) == "dot_general" for e in jax.make_jaxpr(fn)(params, x).jaxpr.eqns)
     if used:
@@ -135,18 +135,18 @@ def test_winograd_used_where_it_applies(shape, cin, stride, padding, used):
 
 
 def test_conv2d_shapes_and_jit():
-    params = C.conv2d_init(jax.random.PRNGKey(0), 3, 8)
+    params = conv_ops.conv2d_init(jax.random.PRNGKey(0), 3, 8)
     x = jnp.ones((2, 9, 11, 3))
-    shape = lambda **kw: jax.eval_shape(lambda p, x: C.conv2d(p, x, **kw)[0], params, x).shape
+    shape = lambda **kw: jax.eval_shape(lambda p, x: conv_ops.conv2d(p, x, **kw)[0], params, x).shape
     assert shape() == (2, 9, 11, 8)
     assert shape(stride=2) == (2, 5, 6, 8)
     assert shape(padding="VALID") == (2, 7, 9, 8)
     assert shape(padding=((0, 0), (2, 2)), stride=(1, 2)) == (2, 7, 7, 8)
     # The cache (x and the method, static) passes through jit: forward and backward jitted apart.
-    y, cache = jax.jit(C.conv2d)(params, x)
-    assert isinstance(cache, C.ConvCache) and cache.method == C.conv_method("t", "auto", (3, 3, 3, 8), x.shape,
+    y, cache = jax.jit(conv_ops.conv2d)(params, x)
+    assert isinstance(cache, conv_ops.ConvCache) and cache.method == conv_ops.conv_method("t", "auto", (3, 3, 3, 8), x.shape,
                                                                              (1, 1), ((1, 1), (1, 1)))
-    dp, dx = jax.jit(C.conv2d_backward)(params, cache, y)
+    dp, dx = jax.jit(conv_ops.conv2d_backward)(params, cache, y)
     assert dp["w"].shape == (3, 3, 3, 8) and dp["b"].shape == (8,) and dx.shape == x.shape
 
 
@@ -155,7 +155,7 @@ def test_conv2d_shapes_and_jit():
 
 @pytest.mark.parametrize("scheme", ["kaiming", "lecun", "pytorch", "course"])
 def test_conv2d_init(scheme):
-    p = C.conv2d_init(jax.random.PRNGKey(0), 16, 32, 3, scheme=scheme)
+    p = conv_ops.conv2d_init(jax.random.PRNGKey(0), 16, 32, 3, scheme=scheme)
     assert p["w"].shape == (3, 3, 16, 32) and p["b"].shape == (32,)
     assert p["w"].dtype == jnp.float32
     fan_in = 3 * 3 * 16
@@ -172,13 +172,13 @@ def test_conv2d_init(scheme):
         assert np.abs(np.asarray(p["b"])).max() <= bound and np.any(np.asarray(p["b"]) != 0)
     if scheme != "pytorch":
         assert not np.any(np.asarray(p["b"]))
-    assert C.conv2d_init(jax.random.PRNGKey(0), 4, 5, 1)["w"].shape == (1, 1, 4, 5)
-    assert C.conv2d_init(jax.random.PRNGKey(0), 4, 5, (1, 3))["w"].shape == (1, 3, 4, 5)
+    assert conv_ops.conv2d_init(jax.random.PRNGKey(0), 4, 5, 1)["w"].shape == (1, 1, 4, 5)
+    assert conv_ops.conv2d_init(jax.random.PRNGKey(0), 4, 5, (1, 3))["w"].shape == (1, 3, 4, 5)
 
 
 def test_conv2d_init_bad_scheme():
     with pytest.raises(ValueError, match="conv2d_init.*init scheme"):
-        C.conv2d_init(jax.random.PRNGKey(0), 3, 4, scheme="xavier")
+        conv_ops.conv2d_init(jax.random.PRNGKey(0), 3, 4, scheme="xavier")
 
 
 # ----------------------------------------------------------------------------- impl choice
@@ -189,25 +189,25 @@ def _prims(fn, *args):
 
 
 def test_impl_is_an_explicit_keyword(monkeypatch):
-    params = C.conv2d_init(jax.random.PRNGKey(0), 3, 4)
+    params = conv_ops.conv2d_init(jax.random.PRNGKey(0), 3, 4)
     x = jnp.ones((1, 5, 5, 3))
     expected = "winograd" if jax.default_backend() == "cpu" else "xla"
-    assert C.resolve_impl("auto") == expected
-    assert [C.resolve_impl(i) for i in ("winograd", "gemm", "xla")] == ["winograd", "gemm", "xla"]
+    assert conv_ops.resolve_impl("auto") == expected
+    assert [conv_ops.resolve_impl(i) for i in ("winograd", "gemm", "xla")] == ["winograd", "gemm", "xla"]
     for impl, native in (("xla", True), ("gemm", False), ("winograd", False), ("auto", expected == "xla")):
-        fwd = lambda p, x: C.conv2d(p, x, impl=impl)
-        bwd = lambda p, x: C.conv2d_backward(p, C.conv2d(p, x, impl=impl)[1], jnp.ones((1, 5, 5, 4)), impl=impl)
+        fwd = lambda p, x: conv_ops.conv2d(p, x, impl=impl)
+        bwd = lambda p, x: conv_ops.conv2d_backward(p, conv_ops.conv2d(p, x, impl=impl)[1], jnp.ones((1, 5, 5, 4)), impl=impl)
         assert ("conv_general_dilated" in _prims(fwd, params, x)) == native, impl
         assert ("conv_general_dilated" in _prims(bwd, params, x)) == native, impl
         assert ("dot_general" in _prims(fwd, params, x)) != native, impl
     # No global setting is left: the old override and environment variable are gone.
-    assert not hasattr(C, "set_conv_impl") and not hasattr(C, "get_conv_impl")
+    assert not hasattr(conv_ops, "set_conv_impl") and not hasattr(conv_ops, "get_conv_impl")
     monkeypatch.setenv("JAXNETS_CONV_IMPL", "xla")
-    assert C.resolve_impl("auto") == expected
+    assert conv_ops.resolve_impl("auto") == expected
     with pytest.raises(ValueError, match="conv2d: unknown conv implementation .impl. 'cudnn'"):
-        C.conv2d(params, x, impl="cudnn")
+        conv_ops.conv2d(params, x, impl="cudnn")
     with pytest.raises(ValueError, match="max_pool: unknown conv implementation"):
-        C.max_pool(x, impl="fast")
+        conv_ops.max_pool(x, impl="fast")
     with pytest.raises(ValueError, match="ConvNet: unknown conv_impl 'fast'"):
         M.ConvNet(conv_impl="fast")
 
@@ -219,7 +219,7 @@ def test_convnet_conv_impl_reaches_every_conv_and_pool():
     for impl, native in (("xla", True), ("gemm", False), ("winograd", False)):
         model = dataclasses.replace(net, conv_impl=impl)
         _, _, (caches, _) = jax.eval_shape(lambda p, s: model.forward(p, s, x, train=True), params, state)
-        assert [c["conv"].method for c in caches if "conv" in c] == [C.conv_method(
+        assert [c["conv"].method for c in caches if "conv" in c] == [conv_ops.conv_method(
             "t", impl, (3, 3, 16, 16), (2, s, s, 16), (1, 1), ((1, 1), (1, 1))) for s in (8, 4)]
         assert caches[1]["pool"].form == ("output" if native else "first_max")
         step = lambda p: M.manual_value_and_grad(model, p, state, x, y)
@@ -235,28 +235,28 @@ FLIPS = [(_CPU_DEFAULT, "xla"), ("xla", _CPU_DEFAULT)]
 @pytest.mark.parametrize("forward_impl, backward_impl", FLIPS)
 def test_max_pool_backward_refuses_another_impls_cache(forward_impl, backward_impl):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 4, 1)), jnp.float32)
-    y, cache = jax.jit(lambda x: C.max_pool(x, impl=forward_impl))(x)  # the cache crosses a jit boundary
+    y, cache = jax.jit(lambda x: conv_ops.max_pool(x, impl=forward_impl))(x)  # the cache crosses a jit boundary
     with pytest.raises(ValueError, match=rf"max_pool_backward: the cache holds .* impl='{backward_impl}'"):
-        C.max_pool_backward(cache, jnp.ones_like(y), impl=backward_impl)
+        conv_ops.max_pool_backward(cache, jnp.ones_like(y), impl=backward_impl)
     with pytest.raises(ValueError, match="max_pool_backward: the cache"):
-        jax.jit(lambda c, dy: C.max_pool_backward(c, dy, impl=backward_impl))(cache, jnp.ones_like(y))
-    dx = C.max_pool_backward(cache, jnp.ones_like(y), impl=forward_impl)
+        jax.jit(lambda c, dy: conv_ops.max_pool_backward(c, dy, impl=backward_impl))(cache, jnp.ones_like(y))
+    dx = conv_ops.max_pool_backward(cache, jnp.ones_like(y), impl=forward_impl)
     assert float(dx.sum()) == 8.0  # one unit of gradient per output
-    np.testing.assert_array_equal(dx, jax.grad(lambda x: C.max_pool(x, impl=forward_impl)[0].sum())(x))
+    np.testing.assert_array_equal(dx, jax.grad(lambda x: conv_ops.max_pool(x, impl=forward_impl)[0].sum())(x))
 
 
 @pytest.mark.parametrize("forward_impl, backward_impl", FLIPS)
 def test_conv2d_backward_refuses_another_impls_cache(forward_impl, backward_impl):
-    params = C.conv2d_init(jax.random.PRNGKey(0), 16, 4, bias=False)
+    params = conv_ops.conv2d_init(jax.random.PRNGKey(0), 16, 4, bias=False)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 4, 16)), jnp.float32)
-    y, cache = jax.jit(lambda p, x: C.conv2d(p, x, impl=forward_impl))(params, x)
+    y, cache = jax.jit(lambda p, x: conv_ops.conv2d(p, x, impl=forward_impl))(params, x)
     with pytest.raises(ValueError, match=rf"conv2d_backward: impl='{backward_impl}' computes .* by '.*', but the "
-                                         rf"forward ran '{C.resolve_impl(forward_impl)}'"):
-        C.conv2d_backward(params, cache, y, impl=backward_impl)
+                                         rf"forward ran '{conv_ops.resolve_impl(forward_impl)}'"):
+        conv_ops.conv2d_backward(params, cache, y, impl=backward_impl)
     with pytest.raises(ValueError, match="cache must be the ConvCache that conv2d returned, got ArrayImpl"):
-        C.conv2d_backward(params, x, y, impl=forward_impl)
+        conv_ops.conv2d_backward(params, x, y, impl=forward_impl)
     with pytest.raises(ValueError, match="cache must be the MaxPoolCache that max_pool returned"):
-        C.max_pool_backward(x, x[:, ::2, ::2])
+        conv_ops.max_pool_backward(x, x[:, ::2, ::2])
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -276,8 +276,8 @@ POOL_CASES = [
 
 def _pool(name):
     return {
-        "max": (C.max_pool, C.max_pool_backward),
-        "avg": (C.avg_pool, C.avg_pool_backward),
+        "max": (conv_ops.max_pool, conv_ops.max_pool_backward),
+        "avg": (conv_ops.avg_pool, conv_ops.avg_pool_backward),
     }[name]
 
 
@@ -296,7 +296,7 @@ def test_pool_backward_matches_vjp_and_fd(case, kind, ties):
             report = gradcheck.check(fwd, bwd, x, coords=4, window=k, stride=s, padding=p)
             assert report.ok, report
         f = lambda x: fwd(x, window=k, stride=s, padding=p)[0]
-        pads = C._resolve_padding("t", p, (h, w), (k, k), (s, s))
+        pads = conv_ops._resolve_padding("t", p, (h, w), (k, k), (s, s))
         dy = jnp.asarray(rng.normal(size=jax.eval_shape(f, x).shape))
 
         @jax.jit
@@ -350,7 +350,7 @@ def test_max_pool_against_definition_with_nan_and_ties(shape, k, s, p, impl):
     flat = x.reshape(-1)
     flat[rng.choice(flat.size, size=max(2, flat.size // 12), replace=False)] = np.nan
     flat[:2] = np.nan  # two NaNs in one window
-    pads = C._resolve_padding("t", p, shape[1:3], (k, k), (s, s))
+    pads = conv_ops._resolve_padding("t", p, shape[1:3], (k, k), (s, s))
     ho, wo = [(n + lo + hi - k) // s + 1 for n, (lo, hi) in zip(shape[1:3], pads)]
     dy = rng.integers(1, 5, size=(shape[0], ho, wo, shape[3])).astype(np.float32)
     y_ref, dx_ref = _max_pool_definition(x, dy, k, s, pads)
@@ -358,9 +358,9 @@ def test_max_pool_against_definition_with_nan_and_ties(shape, k, s, p, impl):
 
     @jax.jit
     def run(x, dy):
-        y, cache = C.max_pool(x, window=k, stride=s, padding=p, impl=impl)
-        dx = C.max_pool_backward(cache, dy, window=k, stride=s, padding=p, impl=impl)
-        grad = jax.grad(lambda x: jnp.sum(C.max_pool(x, window=k, stride=s, padding=p, impl=impl)[0] * dy))(x)
+        y, cache = conv_ops.max_pool(x, window=k, stride=s, padding=p, impl=impl)
+        dx = conv_ops.max_pool_backward(cache, dy, window=k, stride=s, padding=p, impl=impl)
+        grad = jax.grad(lambda x: jnp.sum(conv_ops.max_pool(x, window=k, stride=s, padding=p, impl=impl)[0] * dy))(x)
         return y, dx, grad
 
     y, dx, grad = run(x, dy)
@@ -372,23 +372,23 @@ def test_max_pool_against_definition_with_nan_and_ties(shape, k, s, p, impl):
 @pytest.mark.parametrize("impl", ["winograd", "xla"])
 def test_max_pool_tie_goes_to_first_position(impl):
     x = jnp.zeros((1, 2, 2, 1))
-    y, cache = C.max_pool(x, window=2, stride=2, padding=0, impl=impl)
-    dx = C.max_pool_backward(cache, jnp.ones_like(y), window=2, stride=2, padding=0, impl=impl)
+    y, cache = conv_ops.max_pool(x, window=2, stride=2, padding=0, impl=impl)
+    dx = conv_ops.max_pool_backward(cache, jnp.ones_like(y), window=2, stride=2, padding=0, impl=impl)
     np.testing.assert_array_equal(dx[0, :, :, 0], [[1, 0], [0, 0]])
-    g = jax.grad(lambda x: C.max_pool(x, window=2, stride=2, padding=0, impl=impl)[0].sum())(x)
+    g = jax.grad(lambda x: conv_ops.max_pool(x, window=2, stride=2, padding=0, impl=impl)[0].sum())(x)
     np.testing.assert_array_equal(g, dx)
     # The 3x3/2 pool (phased under "winograd"): the window's first real position is x[0, 0]
     # (the rest of its first row and column is padding).
-    y, cache = C.max_pool(x, impl=impl)
+    y, cache = conv_ops.max_pool(x, impl=impl)
     assert cache.form == ("first_max" if impl == "winograd" else "output")
-    np.testing.assert_array_equal(C.max_pool_backward(cache, jnp.ones_like(y), impl=impl)[0, :, :, 0],
+    np.testing.assert_array_equal(conv_ops.max_pool_backward(cache, jnp.ones_like(y), impl=impl)[0, :, :, 0],
                                   [[1, 0], [0, 0]])
-    np.testing.assert_array_equal(jax.grad(lambda x: C.max_pool(x, impl=impl)[0].sum())(x)[0, :, :, 0],
+    np.testing.assert_array_equal(jax.grad(lambda x: conv_ops.max_pool(x, impl=impl)[0].sum())(x)[0, :, :, 0],
                                   [[1, 0], [0, 0]])
 
 
 def test_phased_max_pool_only_for_its_geometry():
-    form = lambda shape, k, s, pads, impl="gemm": C._pool_form("t", impl, shape, k, s, pads)
+    form = lambda shape, k, s, pads, impl="gemm": conv_ops._pool_form("t", impl, shape, k, s, pads)
     assert form((2, 32, 32, 3), (3, 3), (2, 2), ((1, 1), (1, 1))) == "first_max"
     assert form((2, 31, 32, 3), (3, 3), (2, 2), ((1, 1), (1, 1))) == "output"
     assert form((2, 32, 32, 3), (2, 2), (2, 2), ((0, 0), (0, 0))) == "output"
@@ -406,9 +406,9 @@ def test_phased_max_pool_equals_strided():
     dy = jnp.asarray(rng.integers(-3, 4, size=(3, 4, 3, 4)), jnp.float32)
 
     def run(x, dy, impl):
-        y, cache = C.max_pool(x, impl=impl)
-        return (y, C.max_pool_backward(cache, dy, impl=impl),
-                jax.grad(lambda x: jnp.sum(C.max_pool(x, impl=impl)[0] * dy))(x))
+        y, cache = conv_ops.max_pool(x, impl=impl)
+        return (y, conv_ops.max_pool_backward(cache, dy, impl=impl),
+                jax.grad(lambda x: jnp.sum(conv_ops.max_pool(x, impl=impl)[0] * dy))(x))
 
     phased = jax.jit(run, static_argnums=2)(x, dy, "gemm")
     strided = jax.jit(run, static_argnums=2)(x, dy, "xla")
@@ -419,11 +419,11 @@ def test_phased_max_pool_equals_strided():
 def test_pool_shapes():
     shape = lambda fn, x, **kw: jax.eval_shape(lambda x: fn(x, **kw)[0], x).shape
     x = jnp.ones((2, 32, 32, 3))
-    assert shape(C.max_pool, x) == (2, 16, 16, 3)
-    assert shape(C.max_pool, jnp.ones((2, 2, 2, 3))) == (2, 1, 1, 3)
-    assert shape(C.avg_pool, x, window=2, stride=2, padding=0) == (2, 16, 16, 3)
+    assert shape(conv_ops.max_pool, x) == (2, 16, 16, 3)
+    assert shape(conv_ops.max_pool, jnp.ones((2, 2, 2, 3))) == (2, 1, 1, 3)
+    assert shape(conv_ops.avg_pool, x, window=2, stride=2, padding=0) == (2, 16, 16, 3)
     # padding counts as zeros in the average (count_include_pad=True)
-    y, _ = C.avg_pool(jnp.ones((1, 2, 2, 1)), window=3, stride=2, padding=1)
+    y, _ = conv_ops.avg_pool(jnp.ones((1, 2, 2, 1)), window=3, stride=2, padding=1)
     np.testing.assert_allclose(y, 4 / 9)
 
 
@@ -432,13 +432,13 @@ def test_pool_shapes():
 
 def test_flatten():
     x = jnp.arange(2 * 3 * 4 * 5.0).reshape(2, 3, 4, 5)
-    y, cache = C.flatten(x)
+    y, cache = conv_ops.flatten(x)
     assert y.shape == (2, 60)
     np.testing.assert_array_equal(y[1], np.arange(60, 120))
-    dx = C.flatten_backward(cache, y * 2)
+    dx = conv_ops.flatten_backward(cache, y * 2)
     np.testing.assert_array_equal(dx, x * 2)
     with pytest.raises(ValueError, match="flatten_backward"):
-        C.flatten_backward(cache, jnp.ones((2, 59)))
+        conv_ops.flatten_backward(cache, jnp.ones((2, 59)))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -446,9 +446,9 @@ def test_flatten():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_conv_bad_inputs(impl):
-    p = C.conv2d_init(jax.random.PRNGKey(0), 3, 4)
+    p = conv_ops.conv2d_init(jax.random.PRNGKey(0), 3, 4)
     x = jnp.ones((2, 5, 5, 3))
-    conv = lambda p, x, **kw: C.conv2d(p, x, impl=impl, **kw)
+    conv = lambda p, x, **kw: conv_ops.conv2d(p, x, impl=impl, **kw)
     with pytest.raises(ValueError, match=r"conv2d: input must be 4-D, got shape \(5, 5, 3\)"):
         conv(p, x[0])
     with pytest.raises(ValueError, match=r"conv2d: input has 2 channels.*expects 3"):
@@ -469,9 +469,9 @@ def test_conv_bad_inputs(impl):
         conv({"w": p["w"][0], "b": p["b"]}, x)
     _, cache = conv(p, x)
     with pytest.raises(ValueError, match=r"conv2d_backward: dy has shape \(2, 4, 4, 4\)"):
-        C.conv2d_backward(p, cache, jnp.ones((2, 4, 4, 4)), impl=impl)
+        conv_ops.conv2d_backward(p, cache, jnp.ones((2, 4, 4, 4)), impl=impl)
     with pytest.raises(ValueError, match="conv2d_backward: input must be 4-D"):
-        C.conv2d_backward(p, C.ConvCache(x[0], cache.method), jnp.ones((2, 5, 5, 4)), impl=impl)
+        conv_ops.conv2d_backward(p, conv_ops.ConvCache(x[0], cache.method), jnp.ones((2, 5, 5, 4)), impl=impl)
 
 
 @pytest.mark.parametrize("kind", ["max", "avg"])
@@ -495,14 +495,14 @@ def test_pool_bad_inputs(kind):
 
 
 def test_conv2d_without_bias():
-    params = C.conv2d_init(jax.random.PRNGKey(0), 3, 4, bias=False)
+    params = conv_ops.conv2d_init(jax.random.PRNGKey(0), 3, 4, bias=False)
     assert set(params) == {"w"}
     with jax.enable_x64(True):
         params = {"w": params["w"].astype(jnp.float64)}
         x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 5, 3)))
-        y, vjp = jax.vjp(lambda p, x: C.conv2d(p, x, stride=2)[0], params, x)
+        y, vjp = jax.vjp(lambda p, x: conv_ops.conv2d(p, x, stride=2)[0], params, x)
         dy = jnp.asarray(np.random.default_rng(1).normal(size=y.shape))
-        dp, dx = C.conv2d_backward(params, C.conv2d(params, x, stride=2)[1], dy, stride=2)
+        dp, dx = conv_ops.conv2d_backward(params, conv_ops.conv2d(params, x, stride=2)[1], dy, stride=2)
         ref_dp, ref_dx = vjp(dy)
         assert set(dp) == {"w"}
         np.testing.assert_allclose(dp["w"], ref_dp["w"], rtol=1e-10)

@@ -25,7 +25,7 @@ from jaxnets import layers as L
 from jaxnets import models as M
 from jaxnets import training as T
 
-from jaxnets import steps as S
+from jaxnets import steps as steps_lib
 from jaxnets.config import TrainConfig
 from jaxnets.optim import build_optimizer
 
@@ -51,7 +51,7 @@ def test_member_split_statistics_are_those_of_the_training_rows(n, channels, see
     images[val_rows] = 255  # validation rows far from the rest: any leak moves the statistics
     for normalize in ("channel", "mean_image"):
         config = TrainConfig(val_size=val_size, seed=seed, batch_size=1, normalize=normalize)
-        train_idx, val_idx, mean, std = S.member_split(images, labels, config)
+        train_idx, val_idx, mean, std = steps_lib.member_split(images, labels, config)
         np.testing.assert_array_equal(train_idx, train_rows)
         np.testing.assert_array_equal(val_idx, val_rows)
         x = images[train_rows].astype(np.float64) / 255.0
@@ -67,7 +67,7 @@ def test_normalize_subtracts_the_mean_and_divides_by_the_std():
     images = np.array([[0, 51, 255], [102, 204, 3]], np.uint8).reshape(2, 1, 3, 1)
     mean, std = np.float32(0.25), np.float32(0.4)
     expected = (images.astype(np.float64) / 255.0 - 0.25) / 0.4
-    np.testing.assert_allclose(S.normalize(jnp.asarray(images), mean, std), expected, rtol=1e-6)
+    np.testing.assert_allclose(steps_lib.normalize(jnp.asarray(images), mean, std), expected, rtol=1e-6)
 
 
 # ------------------------------------------------------- one training step, by hand
@@ -101,11 +101,11 @@ def small_bn_setup(**config_changes):
     n = 64
     config = TrainConfig(hidden_units=(6,), batch_norm=True, dropout=0.0, batch_size=16, optimizer="sgd", lr=0.5,
                          schedule="constant", label_smoothing=0.1, **config_changes)
-    model = S.build_model(config, (4, 4, 1), 10)
+    model = steps_lib.build_model(config, (4, 4, 1), 10)
     images = rng.integers(0, 256, (n, 4, 4, 1), dtype=np.uint8)
     labels = rng.integers(0, 10, n).astype(np.int32)
     mean, std = np.float32(0.3), np.float32(0.25)  # not (0, 1): a misplaced mean or std shows
-    data = S.DeviceData(*(jnp.asarray(a) for a in (images, labels, images[:0], labels[:0], images[:0], labels[:0],
+    data = steps_lib.DeviceData(*(jnp.asarray(a) for a in (images, labels, images[:0], labels[:0], images[:0], labels[:0],
                                                   mean, std)))
     return config, model, data
 
@@ -127,7 +127,7 @@ def test_training_steps_follow_the_definition():
     labels = np.asarray(data.train_y).copy()
     labels[first] = np.argmax(jit_reference_logits(params, state, x0, True)[0], -1)
     data = data._replace(train_y=jnp.asarray(labels))
-    chunk = S.make_train_chunk(model, optimizer, config)
+    chunk = steps_lib.make_train_chunk(model, optimizer, config)
     (got_params, got_state, _), (losses, corrects) = chunk(jax.tree_util.tree_map(jnp.copy, carry), data, perm,
                                                            jax.random.key(3), 0, 2)
     reference_grad = jax.jit(jax.value_and_grad(lambda p, s, x, y: reference_loss(p, s, x, y, 0.1)))
@@ -161,7 +161,7 @@ def test_evaluation_uses_the_running_batch_norm_statistics():
     want_loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     want_acc = np.mean(np.argmax(logits, -1) == np.asarray(labels))
     # Batches of 16 over 40 rows: the last batch is padded, and the padding must not count.
-    loss, acc = S.make_evaluate(model, 16)(params, state, images, labels, data.mean, data.std)
+    loss, acc = steps_lib.make_evaluate(model, 16)(params, state, images, labels, data.mean, data.std)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     assert float(acc) == pytest.approx(want_acc)
 
@@ -175,14 +175,14 @@ def frozen_chunk(steps=6, **config_changes):
     through the step's key, i.e. through the dropout masks or the crops."""
     rng = np.random.default_rng(5)
     config = TrainConfig(hidden_units=(32,), batch_size=16, dataset="mnist", **config_changes)
-    model = S.build_model(config, (8, 8, 1), 10)
+    model = steps_lib.build_model(config, (8, 8, 1), 10)
     images = rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
     labels = rng.integers(0, 10, 16).astype(np.int32)
-    data = S.DeviceData(*(jnp.asarray(a) for a in (images, labels, images[:0], labels[:0], images[:0], labels[:0],
+    data = steps_lib.DeviceData(*(jnp.asarray(a) for a in (images, labels, images[:0], labels[:0], images[:0], labels[:0],
                                                   np.float32(0.5), np.float32(0.3))))
     optimizer = optax.set_to_zero()
     params, state = model.init(jax.random.key(0))
-    chunk = S.make_train_chunk(model, optimizer, config)
+    chunk = steps_lib.make_train_chunk(model, optimizer, config)
     perm = np.tile(np.arange(16, dtype=np.int32), steps)  # the same batch at every step
 
     def losses(epoch_key):

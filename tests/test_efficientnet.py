@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxnets import conv as C
+from jaxnets import conv as conv_ops
 from jaxnets import gradcheck, imagenet
 from jaxnets import layers as L
 from jaxnets import models as M
@@ -45,22 +45,22 @@ DEPTHWISE_CASES = [
 @pytest.mark.parametrize("h, w, k, stride, padding", DEPTHWISE_CASES)
 def test_depthwise_conv_gradcheck_and_grouped_conv(h, w, k, stride, padding):
     x, params = _normal(0, (2, h, w, 3)), {"w": _normal(1, (k, k, 3))}
-    report = gradcheck.check(C.depthwise_conv2d, C.depthwise_conv2d_backward, x, params, coords=6,
+    report = gradcheck.check(conv_ops.depthwise_conv2d, conv_ops.depthwise_conv2d_backward, x, params, coords=6,
                              stride=stride, padding=padding)
     assert report.ok, report
     # The forward is lax's grouped convolution (feature_group_count = channels).
     s_hw = (stride, stride) if isinstance(stride, int) else stride
-    pads = C._resolve_padding("test", padding, (h, w), (k, k), s_hw)
+    pads = conv_ops._resolve_padding("test", padding, (h, w), (k, k), s_hw)
     x32, w32 = x.astype(jnp.float32), params["w"].astype(jnp.float32)
     ref = lax.conv_general_dilated(x32, w32[:, :, None, :], s_hw, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                    feature_group_count=3)
-    assert _rel(C.depthwise_conv2d({"w": w32}, x32, stride=stride, padding=padding)[0], ref) < 1e-6
+    assert _rel(conv_ops.depthwise_conv2d({"w": w32}, x32, stride=stride, padding=padding)[0], ref) < 1e-6
 
 
 def test_same_padding_is_tensorflows_at_stride_2():
     # 3x3/2 on 8 pixels: ceil(8/2) = 4 outputs need 3*2+3-8 = 1 pixel, all of it at the end.
-    assert C._resolve_padding("t", "SAME", (8, 7), (3, 3), (2, 2)) == ((0, 1), (1, 1))
-    assert C._resolve_padding("t", "SAME", (8, 8), (5, 5), (2, 2)) == ((1, 2), (1, 2))
+    assert conv_ops._resolve_padding("t", "SAME", (8, 7), (3, 3), (2, 2)) == ((0, 1), (1, 1))
+    assert conv_ops._resolve_padding("t", "SAME", (8, 8), (5, 5), (2, 2)) == ((1, 2), (1, 2))
     torch = pytest.importorskip("torch")
     utils = pytest.importorskip("efficientnet_lite_pytorch.utils", reason="efficientnet-lite-pytorch not installed")
     for size, k in ((8, 3), (8, 5), (9, 5)):
@@ -69,7 +69,7 @@ def test_same_padding_is_tensorflows_at_stride_2():
         with torch.no_grad():
             expect = ref(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
         w = ref.weight.detach().numpy()[:, 0].transpose(1, 2, 0)
-        assert _rel(C.depthwise_conv2d({"w": w}, x, stride=2, padding="SAME")[0], expect) < 1e-6
+        assert _rel(conv_ops.depthwise_conv2d({"w": w}, x, stride=2, padding="SAME")[0], expect) < 1e-6
 
 
 def test_relu6():
@@ -83,12 +83,12 @@ def test_relu6():
 
 def test_global_avg_pool_and_resize_gradcheck():
     x = _normal(3, (2, 5, 4, 3))
-    assert gradcheck.check(C.global_avg_pool, C.global_avg_pool_backward, x).ok
-    report = gradcheck.check(C.resize_bilinear, C.resize_bilinear_backward, x, size=(11, 9))
+    assert gradcheck.check(conv_ops.global_avg_pool, conv_ops.global_avg_pool_backward, x).ok
+    report = gradcheck.check(conv_ops.resize_bilinear, conv_ops.resize_bilinear_backward, x, size=(11, 9))
     assert report.ok, report
     # Upsampling equals jax.image.resize's bilinear (half-pixel centres).
     x32 = x.astype(jnp.float32)
-    assert _rel(C.resize_bilinear(x32, size=12)[0], jax.image.resize(x32, (2, 12, 12, 3), "bilinear")) < 1e-6
+    assert _rel(conv_ops.resize_bilinear(x32, size=12)[0], jax.image.resize(x32, (2, 12, 12, 3), "bilinear")) < 1e-6
 
 
 # ------------------------------------------------------------------------ network
@@ -210,7 +210,7 @@ def cifar_test(cifar10_dir):
 
 def _at_224(images):
     x = jnp.asarray(imagenet.normalize(images))
-    return np.asarray(C.resize_bilinear(x, size=224)[0])
+    return np.asarray(conv_ops.resize_bilinear(x, size=224)[0])
 
 
 def _reference_grads(torch, ref, x, labels, dtype):
@@ -257,7 +257,7 @@ def test_training_mode_gradients_equal_the_reference_float64(reference, cifar_te
     with jax.enable_x64(True):
         model = M.EfficientNetLite0(input_shape=(64, 64, 3), dropout=0.0, dtype="float64")
         params, state = M.load_efficientnet_lite0(model)
-        x = np.asarray(C.resize_bilinear(jnp.asarray(imagenet.normalize(images[8:12]), jnp.float64), size=64)[0])
+        x = np.asarray(conv_ops.resize_bilinear(jnp.asarray(imagenet.normalize(images[8:12]), jnp.float64), size=64)[0])
         ref.double().train()
         loss, tensors = _reference_grads(torch, ref, x, labels[8:12], np.float64)
         expect_g, expect_s = M.efficientnet_lite0_from_state_dict(tensors, model)

@@ -119,7 +119,7 @@ def test_init_and_apply_agree_on_shapes(model, shape):
 def test_init_draws_once_and_equals_the_layers_own_inits(scheme):
     # The whole model's weights come from one random draw (compile time), with the numbers
     # each layer's own init function gives it from its key.
-    from jaxnets import conv as C
+    from jaxnets import conv
     from jaxnets import layers as L
 
     mlp = M.MLP(input_size=12, hidden=(9, 7), init_scheme=scheme)
@@ -133,8 +133,8 @@ def test_init_draws_once_and_equals_the_layers_own_inits(scheme):
         mlp_layers = [L.linear_init(keys[0], 12, 9, scheme=first), L.linear_init(keys[1], 9, 7, scheme=scheme),
                       L.linear_init(keys[2], 7, 10, scheme=scheme)]
         keys = jax.random.split(key, 7)
-        convs = [C.conv2d_init(keys[0], 3, 4, scheme=first, bias=False), C.conv2d_init(keys[1], 4, 6, scheme=scheme, bias=False),
-                 C.conv2d_init(keys[2], 6, 6, scheme=scheme, bias=False)]
+        convs = [conv.conv2d_init(keys[0], 3, 4, scheme=first, bias=False), conv.conv2d_init(keys[1], 4, 6, scheme=scheme, bias=False),
+                 conv.conv2d_init(keys[2], 6, 6, scheme=scheme, bias=False)]
         return mlp_layers, convs, L.linear_init(keys[3], 2 * 2 * 6, 10, scheme=scheme)
 
     key = jax.random.key(5)

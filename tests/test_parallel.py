@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMON = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
-    from jaxnets import models as M, optim, parallel as P, steps, training as T
+    from jaxnets import models as M, optim, parallel, steps, training as T
     from jaxnets.config import TrainConfig
     assert len(jax.devices()) == 4, jax.devices()
-    mesh = P.make_mesh(jax.devices())
+    mesh = parallel.make_mesh(jax.devices())
     rng = np.random.default_rng(0)
     results = {}
 
@@ -43,8 +43,8 @@ COMMON = textwrap.dedent("""
         hps = jax.tree_util.tree_map(one, optim.hparams_of(config))
         if chunk is steps.make_parallel_chunk:  # each device holds its slice of every batch
             fn = chunk(model, optimizer, config, mesh)
-            carry, rest = P.replicate((carry, (keys, mean, std, hps, np.int32(0))), mesh)
-            args = (*P.place_epoch(images, labels, perm, len(labels) // config.batch_size, config.batch_size, mesh),
+            carry, rest = parallel.replicate((carry, (keys, mean, std, hps, np.int32(0))), mesh)
+            args = (*parallel.place_epoch(images, labels, perm, len(labels) // config.batch_size, config.batch_size, mesh),
                     *rest)
         else:
             fn = chunk(model, optimizer, config)
@@ -61,7 +61,7 @@ COMMON = textwrap.dedent("""
         images = rng.integers(0, 256, (64, *shape), dtype=np.uint8)
         labels = rng.integers(0, 10, 64).astype(np.int32)
         ref = run(config, make_model(None), images, labels, steps.make_group_chunk)
-        dp = run(config, make_model(P.AXIS), images, labels, steps.make_parallel_chunk)
+        dp = run(config, make_model(parallel.AXIS), images, labels, steps.make_parallel_chunk)
         record(name, ref, dp)
 """)
 
@@ -84,13 +84,13 @@ EQUALITY = COMMON + textwrap.dedent("""
     # the global order, and an evaluation set is split over the devices with masked padding.
     labels = np.arange(64, dtype=np.int32)
     perm = rng.permutation(64)
-    x, y = P.place_epoch(labels[:, None] * 2, labels, perm, 4, 16, mesh)
+    x, y = parallel.place_epoch(labels[:, None] * 2, labels, perm, 4, 16, mesh)
     for shard in y.addressable_shards:
         d = mesh.devices.tolist().index(shard.device)
         assert shard.data.shape == (4, 4), shard.data.shape
         np.testing.assert_array_equal(shard.data, perm.reshape(4, 16)[:, 4 * d:4 * d + 4])
     assert x.shape == (4, 16, 1) and x.addressable_shards[0].data.shape == (4, 4, 1)
-    x, y, valid = P.place_eval(labels[:, None], labels, np.arange(10, 20), mesh)
+    x, y, valid = parallel.place_eval(labels[:, None], labels, np.arange(10, 20), mesh)
     assert y.shape == (12,) and y.addressable_shards[0].data.shape == (3,)
     np.testing.assert_array_equal(np.asarray(y), [*range(10, 20), 19, 19])
     assert np.asarray(valid).sum() == 10 and not np.asarray(valid)[10:].any()
@@ -107,7 +107,7 @@ NOISE = COMMON + textwrap.dedent("""
         cfg = TrainConfig(model="mlp", dataset="cifar10", batch_size=16, hidden_units=(32, 32), dropout=0.3,
                             augment=True, grad=grad, optimizer="momentum", lr=0.05)
         ref = run(cfg, steps.build_model(cfg, (8, 8, 3), 10), images, labels, steps.make_group_chunk)
-        dp = run(cfg, steps.build_model(cfg, (8, 8, 3), 10, batch_axis_name=P.AXIS), images, labels,
+        dp = run(cfg, steps.build_model(cfg, (8, 8, 3), 10, batch_axis_name=parallel.AXIS), images, labels,
                  steps.make_parallel_chunk)
         record(f"mlp-{grad}", ref, dp)
     # Without dropout and augmentation the losses move: the equality above is not vacuous.
@@ -285,8 +285,8 @@ def test_two_processes_train_together_like_one(mnist_dir, tmp_path):
 
 
 def test_batch_must_divide_over_devices():
-    from jaxnets import parallel as P
+    from jaxnets import parallel
 
-    P.check_batch(64, 4)
+    parallel.check_batch(64, 4)
     with pytest.raises(ValueError, match=r"batch_size 30 does not divide evenly over 4 devices.*multiple of 4"):
-        P.check_batch(30, 4)
+        parallel.check_batch(30, 4)

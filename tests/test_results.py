@@ -33,7 +33,7 @@ def test_table_matches_committed_summaries():
 def test_every_experiment_command_parses():
     from jaxnets import cli
 
-    from jaxnets import sweep as S
+    from jaxnets import sweep
 
     reproduce = load_reproduce()
     for _, _, flags in [*reproduce.EXPERIMENTS.values(), *reproduce.SWEEPS.values()]:
@@ -41,14 +41,14 @@ def test_every_experiment_command_parses():
         config = cli.config_from_args(args)
         config.validate()
         if args.sweep:
-            axes = S.parse_sweep(args.sweep, config)
+            axes = sweep.parse_sweep(args.sweep, config)
             assert "seed" in axes and len(axes["seed"]) >= 3  # ablations are reported over >= 3 seeds
-            for member, _ in S.expand(config, axes):
+            for member, _ in sweep.expand(config, axes):
                 member.validate()
     for _, _, flags in reproduce.GRIDS.values():
         args = cli.build_parser().parse_args([*flags, "--data-dir", "DIR"])
         config = cli.config_from_args(args)
-        members = S.expand(config, S.parse_sweep(args.sweep, config))
+        members = sweep.expand(config, sweep.parse_sweep(args.sweep, config))
         assert len(members) == 243
         for member, _ in members:
             member.validate()

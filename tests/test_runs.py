@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))  # benchmarks/ (the synthetic digits) is not an in
 from benchmarks.faults import digits  # noqa: E402
 from jaxnets import data as D  # noqa: E402
 from jaxnets import cost, plots, runs  # noqa: E402
-from jaxnets import sweep as S  # noqa: E402
+from jaxnets import sweep  # noqa: E402
 from jaxnets import training as T  # noqa: E402
 from jaxnets.config import TrainConfig  # noqa: E402
 from jaxnets.runs import TrainingError  # noqa: E402
@@ -178,7 +178,7 @@ def test_a_users_file_named_lock_is_never_taken_over(tmp_path, mine):
     with pytest.raises(TrainingError, match="already holds files"):
         T.train(config(run), dataset=dataset(), log=quiet)
     with pytest.raises(TrainingError, match="already holds files"):
-        S.sweep(config(run), {"seed": [0, 1]}, out=run, dataset=dataset(), log=quiet, progress=False)
+        sweep.sweep(config(run), {"seed": [0, 1]}, out=run, dataset=dataset(), log=quiet, progress=False)
     assert [p.name for p in run.iterdir()] == [runs.LOCK] and (run / runs.LOCK).read_text() == mine
 
 
@@ -315,24 +315,24 @@ def test_memory_estimate_refuses_what_cannot_fit(tmp_path):
 def test_a_sweep_is_run_by_one_process_at_a_time(tmp_path):
     out, base, axes = tmp_path / "sweep", config(tmp_path / "sweep"), {"seed": [0, 1]}
     out.mkdir()
-    S._write_plan(out, base, axes, ["000-seed=0", "001-seed=1"], [[0, 1]])
+    sweep._write_plan(out, base, axes, ["000-seed=0", "001-seed=1"], [[0, 1]])
     (out / runs.LOCK).write_text(f"{os.getpid()} {os.uname().nodename}\n")
     with pytest.raises(TrainingError, match="another process is writing this run"):
-        S.sweep(base, axes, out=out, resume=True, dataset=dataset(), log=quiet, progress=False)
+        sweep.sweep(base, axes, out=out, resume=True, dataset=dataset(), log=quiet, progress=False)
 
 
 def test_a_sweep_refused_on_its_data_leaves_nothing_that_blocks_it(tmp_path):
     out, axes = tmp_path / "sweep", {"seed": [0, 1]}
     too_big = config(out, batch_size=1000)  # larger than the 500 training images: refused after the plan
     with pytest.raises(ValueError, match="batch_size 1000 exceeds"):
-        S.sweep(too_big, axes, out=out, dataset=dataset(), log=quiet, progress=False)
+        sweep.sweep(too_big, axes, out=out, dataset=dataset(), log=quiet, progress=False)
     assert not out.exists()  # refused on its data: nothing left behind
     # A resume of an empty directory starts the sweep (and here meets the same refusal, not "no plan").
     out.mkdir()
     with pytest.raises(ValueError, match="batch_size 1000 exceeds"):
-        S.sweep(too_big, axes, out=out, resume=True, dataset=dataset(), log=quiet, progress=False)
+        sweep.sweep(too_big, axes, out=out, resume=True, dataset=dataset(), log=quiet, progress=False)
     with pytest.raises(ValueError, match="--devices 2: a sweep trains each member on one device"):
-        S.sweep(config(tmp_path / "other", devices=2), axes, dataset=dataset(), log=quiet, progress=False)
+        sweep.sweep(config(tmp_path / "other", devices=2), axes, dataset=dataset(), log=quiet, progress=False)
     assert not (tmp_path / "other").exists()
 
 
@@ -429,10 +429,10 @@ def test_a_sweep_checks_every_member_on_the_data_before_the_first_trains(tmp_pat
     out = tmp_path / "sweep"
     with pytest.raises(ValueError, match=r"sweep member 001-val_size=600: val_size 600 leaves no training data "
                                          r"\(600 examples\)"):
-        S.sweep(config(out), {"val_size": [100, 600]}, out=out, dataset=dataset(), log=quiet, progress=False)
+        sweep.sweep(config(out), {"val_size": [100, 600]}, out=out, dataset=dataset(), log=quiet, progress=False)
     assert not out.exists()  # nothing trained, no plan: the directory is no dead end
     with pytest.raises(ValueError, match=r"--train-subset 1000 is more than the 600 training images there are"):
-        S.sweep(config(out), {"train_subset": [0, 1000]}, out=out, dataset=dataset(), log=quiet, progress=False)
+        sweep.sweep(config(out), {"train_subset": [0, 1000]}, out=out, dataset=dataset(), log=quiet, progress=False)
     assert not out.exists()
 
 

@@ -11,7 +11,7 @@ from jaxnets.config import TrainConfig
 from jaxnets.runs import TrainingError
 from jaxnets import cli, runs
 from jaxnets import data as D
-from jaxnets import sweep as S
+from jaxnets import sweep
 from jaxnets import training as T
 
 OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "checkpoint.msgpack")
@@ -66,7 +66,7 @@ def test_each_member_reproduces_its_single_run(mnist_small, tmp_path, vmap):
     # (loss curves within 1e-5).
     bit_for_bit = vmap is None and jax.default_backend() == "cpu"
     cfg = base(tmp_path, optimizer="adam", dropout=0.1, label_smoothing=0.05)
-    rows = S.sweep(cfg, {"lr": [3e-3, 1e-3], "seed": [0, 1]}, dataset=mnist_small, vmap=vmap, **quiet)
+    rows = sweep.sweep(cfg, {"lr": [3e-3, 1e-3], "seed": [0, 1]}, dataset=mnist_small, vmap=vmap, **quiet)
     assert len(rows) == 4 and len({r["group"] for r in rows}) == 1
     for lr, seed in ((3e-3, 1), (1e-3, 0)):
         row = next(r for r in rows if r["_values"] == {"lr": lr, "seed": seed})
@@ -89,7 +89,7 @@ def test_zero_and_nonzero_weight_decay_share_a_group_and_reproduce_single_runs(m
     # The group's program has the decay term; at weight decay 0 it adds 0 * w, exactly
     # nothing, so that member still equals a single run built without the term.
     cfg = base(tmp_path, optimizer="adam", dropout=0.0, epochs=1)
-    rows = S.sweep(cfg, {"weight_decay": [0.0, 0.05]}, dataset=mnist_small, **quiet)
+    rows = sweep.sweep(cfg, {"weight_decay": [0.0, 0.05]}, dataset=mnist_small, **quiet)
     assert len({r["group"] for r in rows}) == 1
     curves = {}
     for wd in (0.0, 0.05):
@@ -104,7 +104,7 @@ def test_zero_and_nonzero_weight_decay_share_a_group_and_reproduce_single_runs(m
 @pytest.mark.parametrize("vmap", [False, True], ids=["one-after-another", "vmapped"])
 def test_divergent_member_is_marked_and_the_others_are_unaffected(mnist_small, tmp_path, vmap):
     cfg = base(tmp_path, optimizer="sgd", schedule="constant", hidden_units=(32, 32), dropout=0.0, epochs=2)
-    rows = S.sweep(cfg, {"lr": [1e4, 0.05]}, dataset=mnist_small, vmap=vmap, **quiet)
+    rows = sweep.sweep(cfg, {"lr": [1e4, 0.05]}, dataset=mnist_small, vmap=vmap, **quiet)
     out = tmp_path / "sweep"
     bad, good = rows[-1], rows[0]
     assert bad["flag"] == "diverged" and bad["status"].startswith("diverged: non-finite loss at step")
@@ -128,27 +128,27 @@ def test_divergent_member_is_marked_and_the_others_are_unaffected(mnist_small, t
 
 def test_groups_by_shape_and_waves_to_the_memory_budget(tmp_path):
     cfg = base(tmp_path)
-    members = S.expand(cfg, S.parse_sweep(["hidden-units=16,32x16", "batch-size=32,64", "lr=1e-3,1e-2",
+    members = sweep.expand(cfg, sweep.parse_sweep(["hidden-units=16,32x16", "batch-size=32,64", "lr=1e-3,1e-2",
                                            "seed=0..2"], cfg))
     configs = [c for c, _ in members]
     assert len(configs) == 24
-    groups = S.plan(configs, image_shape=(28, 28, 1), classes=10, budget=10**12)
+    groups = sweep.plan(configs, image_shape=(28, 28, 1), classes=10, budget=10**12)
     assert len(groups) == 4 and all(len(g) == 6 for g in groups)
     for g in groups:
         assert len({(configs[i].hidden_units, configs[i].batch_size) for i in g}) == 1
     # Dropout on/off changes the program: separate groups; weight decay 0 joins the others.
-    mixed = [c for c, _ in S.expand(cfg, {"dropout": [0.0, 0.3, 0.5], "weight_decay": [0.0, 1e-4]})]
-    assert sorted(map(len, S.plan(mixed, image_shape=(28, 28, 1), classes=10))) == [2, 4]
+    mixed = [c for c, _ in sweep.expand(cfg, {"dropout": [0.0, 0.3, 0.5], "weight_decay": [0.0, 1e-4]})]
+    assert sorted(map(len, sweep.plan(mixed, image_shape=(28, 28, 1), classes=10))) == [2, 4]
     # A budget for ~2.5 members splits a group of 6 into 3 even waves; max_members caps it too.
-    per_member = S.member_bytes(configs[0], (28, 28, 1), 10)
-    waves = S.plan(configs[:6], image_shape=(28, 28, 1), classes=10, budget=2.5 * per_member)
+    per_member = sweep.member_bytes(configs[0], (28, 28, 1), 10)
+    waves = sweep.plan(configs[:6], image_shape=(28, 28, 1), classes=10, budget=2.5 * per_member)
     assert [len(c) for c in waves] == [2, 2, 2]
-    assert [len(c) for c in S.plan(configs[:6], image_shape=(28, 28, 1), classes=10, max_members=4)] == [3, 3]
-    assert S.parse_bytes("4G") == 4 * 2**30 and S.parse_bytes("1e6") == 10**6
+    assert [len(c) for c in sweep.plan(configs[:6], image_shape=(28, 28, 1), classes=10, max_members=4)] == [3, 3]
+    assert sweep.parse_bytes("4G") == 4 * 2**30 and sweep.parse_bytes("1e6") == 10**6
 
 
 def test_sweep_parsing():
-    axes = S.parse_sweep(["lr=1e-2,1e-3", "seed=0..2", "hidden_units=100,300x100,none", "batch-norm=true,false",
+    axes = sweep.parse_sweep(["lr=1e-2,1e-3", "seed=0..2", "hidden_units=100,300x100,none", "batch-norm=true,false",
                           "activation=relu,tanh"])
     assert axes == {"lr": [1e-2, 1e-3], "seed": [0, 1, 2], "hidden_units": [(100,), (300, 100), ()],
                     "batch_norm": [True, False], "activation": ["relu", "tanh"]}
@@ -215,19 +215,19 @@ def test_interrupted_sweep_resumes_to_the_uninterrupted_table(mnist_small, tmp_p
     cfg = base(tmp_path, optimizer="sgd", schedule="constant", dropout=0.0, hidden_units=(16,), batch_size=100,
                epochs=3, chunk_steps=15)
     axes = {"seed": [0, 1, 2], "lr": [1e4, 0.05]}
-    whole = S.sweep(cfg, axes, out=tmp_path / "whole", dataset=mnist_small, max_members=2, **quiet)
+    whole = sweep.sweep(cfg, axes, out=tmp_path / "whole", dataset=mnist_small, max_members=2, **quiet)
     assert [r["flag"] for r in whole] == ["", "", "", "diverged", "diverged", "diverged"]
     out = tmp_path / "resumed"
     log = _interrupt_at("epoch 2:", 2)
     with pytest.raises(KeyboardInterrupt):
-        S.sweep(cfg, axes, out=out, dataset=mnist_small, max_members=2, log=log, progress=False)
+        sweep.sweep(cfg, axes, out=out, dataset=mnist_small, max_members=2, log=log, progress=False)
     assert "--resume" in log.lines[-1] and not (out / "sweep.csv").exists()
     finished = (out / "000-seed=0_lr=10000" / "summary.json").read_text()
     assert json.loads((out / "003-seed=1_lr=0.05" / "summary.json").read_text())["status"] == "interrupted"
     assert not (out / "004-seed=2_lr=10000").exists()
 
     log = _interrupt_at("never", 1)
-    rows = S.sweep(cfg, axes, out=out, dataset=mnist_small, log=log, progress=False, resume=True)
+    rows = sweep.sweep(cfg, axes, out=out, dataset=mnist_small, log=log, progress=False, resume=True)
     assert any("1 of 3 waves finished already" in line for line in log.lines)
     assert any("resuming 1 members after epoch 2 (1 diverged before, kept stopped)" in line for line in log.lines)
     assert (out / "000-seed=0_lr=10000" / "summary.json").read_text() == finished  # not retrained
@@ -245,7 +245,7 @@ def test_sweep_directory_is_not_overwritten_or_resumed_with_other_settings(mnist
     out = tmp_path / "sweep"
     cfg = base(tmp_path)
     with pytest.raises(TrainingError, match="no sweep_plan.json there"):
-        S.sweep(cfg, {"lr": [1e-3, 1e-2]}, out=out, resume=True, **quiet)
+        sweep.sweep(cfg, {"lr": [1e-3, 1e-2]}, out=out, resume=True, **quiet)
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     flags = ["--dataset", "mnist", "--data-dir", str(mnist_dir), "--hidden-units", "16", "--no-progress",
@@ -255,7 +255,7 @@ def test_sweep_directory_is_not_overwritten_or_resumed_with_other_settings(mnist
     assert err.count("\n") == 1 and f"sweep directory {out} already holds files" in err and "--resume" in err
     assert (out / "notes.txt").read_text() == "mine"
     started = cli.config_from_args(cli.build_parser().parse_args(flags))
-    S._write_plan(out, started, {"lr": [1e-2, 1e-3]}, ["000-lr=0.01", "001-lr=0.001"], [[0, 1]])
+    sweep._write_plan(out, started, {"lr": [1e-2, 1e-3]}, ["000-lr=0.01", "001-lr=0.001"], [[0, 1]])
     assert cli.main([*flags[:-1], "lr=1e-2,1e-4", "--resume", str(out)]) == 2
     assert "that sweep swept lr=0.01,0.001, not lr=0.01,0.0001" in capsys.readouterr().err
     assert cli.main([*flags, "--batch-size", "64", "--resume", str(out)]) == 2
