@@ -220,8 +220,16 @@ def run():
     at once after an interrupt. A Ctrl-C or SIGTERM that lands inside XLA's compilation can
     leave native state that crashes the interpreter's teardown (SIGSEGV: exit -11 instead of
     130, seen with jax 0.10.2 on CPU); the run's files are written and its lock released by
-    then, so the teardown is skipped."""
-    code = main()
+    then, so the teardown is skipped. A Ctrl-C during start-up (imports, argument checks,
+    before a run catches it) is the same exit 130 with one line, not a traceback."""
+    from jaxnets import runs
+
+    runs.catch_interrupts()
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("\ninterrupted during start-up: nothing was trained", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     if code == EXIT_INTERRUPTED:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -254,7 +262,11 @@ def _exit_code(run, *, diverged_exit=EXIT_DIVERGED):
         print(f"error: out of memory ({str(e).splitlines()[0][:200]}); use a smaller --batch-size or "
               f"--eval-batch-size, or a smaller model", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        from jaxnets.runs import ReportedInterrupt
+
+        if not isinstance(e, ReportedInterrupt):  # before training began: no run has said so
+            print("\ninterrupted before training started: nothing was trained", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -89,6 +89,31 @@ def deferred_interrupts():
         raise KeyboardInterrupt
 
 
+class ReportedInterrupt(KeyboardInterrupt):
+    """A Ctrl-C that a run or sweep has already reported (what was kept, how to resume)."""
+
+
+_interrupts = []  # Ctrl-Cs seen by catch_interrupts' handler and not yet acted on
+
+
+def catch_interrupts():
+    """Install a SIGINT handler that raises KeyboardInterrupt, as Python's does, and also
+    records it: a KeyboardInterrupt raised inside a garbage-collector callback (JAX has
+    one) is swallowed, and the run would train to its end; :func:`raise_if_interrupted`
+    acts on it at the next check (before training, at each epoch)."""
+    def handler(signum, frame):
+        _interrupts.append(signum)
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, handler)
+
+
+def raise_if_interrupted():
+    """KeyboardInterrupt if a Ctrl-C was caught and swallowed since the last check."""
+    if _interrupts:
+        _interrupts.clear()
+        raise KeyboardInterrupt
+
+
 def _strict(value):
     """``value`` with NaN and infinities as None: run files are strict JSON (``null``)."""
     if isinstance(value, float):

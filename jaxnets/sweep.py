@@ -47,8 +47,8 @@ from jaxnets import data as D
 from jaxnets import cost, placement, plots
 from jaxnets import training as T
 from jaxnets.config import FIELDS, TrainConfig, format_setting, parse_setting
-from jaxnets.runs import (RUN_FILES, RunLock, TrainingError, at_chance, checkpoint_epoch, files_besides_lock,
-                          read_json, read_summary, removed_if_left_empty, write_json)
+from jaxnets.runs import (RUN_FILES, ReportedInterrupt, RunLock, TrainingError, at_chance, checkpoint_epoch,
+                          files_besides_lock, read_json, read_summary, removed_if_left_empty, write_json)
 from jaxnets.steps import build_model, check_sizes, memory_settings
 
 #: Settings a sweep may not vary (they name where things go, not what is trained).
@@ -378,7 +378,7 @@ def _sweep(base, axes, members, configs, names, out, waves, *, dataset, budget, 
         bar.close()
         log(f"sweep interrupted; finished and partly trained waves are kept: continue it with the same "
             f"settings and --resume {out}")
-        raise
+        raise ReportedInterrupt from None
     except Exception:
         bar.close()
         if not resume and not any((Path(c.out) / "config.json").exists() for c in configs):

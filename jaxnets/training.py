@@ -271,6 +271,7 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
                       host_keys=jax.random.wrap_key_data(key_data), clock=clock)
     try:
         for epoch in range(run.start_epoch, epochs):
+            runs.raise_if_interrupted()  # a Ctrl-C swallowed during start-up or the last epoch
             before = dict(clock.seconds)
             seconds, done, train = loop.run_epoch(epoch, epochs)
             if not run.alive.any():
@@ -644,7 +645,7 @@ def _finish(run, loop, configs, run_dirs, classes, resume, writer, mesh, t_start
     if run.failure is not None:
         raise run.failure
     if run.interrupted:
-        raise KeyboardInterrupt
+        raise runs.ReportedInterrupt
     return summaries
 
 

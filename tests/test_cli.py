@@ -117,6 +117,22 @@ def test_out_that_cannot_be_a_directory_is_refused_before_the_data(where, capsys
     assert f"--out {out}" in error_line(capsys)
 
 
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(monkeypatch, capsys):
+    # Issue 26: a Ctrl-C before the run catches it (imports, argument checks) was a traceback.
+    def interrupted(argv=None):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "main", interrupted)
+    monkeypatch.setattr(os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli.run()
+    finally:
+        signal.signal(signal.SIGINT, previous)  # cli.run installs the entry's handler for the process
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.strip() == "interrupted during start-up: nothing was trained"
+
+
 def test_sigterm_is_handled_as_ctrl_c():
     # What a scheduler's preemption sends: the run stops as on Ctrl-C, with exit 130. (Our
     # own handler around it fails the test, instead of ending pytest, if the CLI sets none.)
