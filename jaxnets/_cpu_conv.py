@@ -216,3 +216,94 @@ def stored(a):
     if a.size == 0:
         return a
     return lax.cond(a.reshape(-1)[0] < 0, lambda v: v + 0, lambda v: v, a)
+
+
+# ------------------------------------------------------------- winograd F(4x4, 3x3)
+# Not yet chosen by conv_method (issue 24, work in progress): the kernel, its adjoint and
+# its rounding error (tests/test_conv.py) are here so the per-shape A/B can be run. For a
+# 6x6 input tile d and a 3x3 kernel g, the 4x4 output tile is Y = A^T [(G g G^T) * (B^T d B)] A
+# with Lavin & Gray's matrices (points 0, 1, -1, 2, -2, inf); 36 products per 16 outputs
+# instead of 144 (4x fewer). H and W need not be multiples of 4: the image is zero-padded
+# to whole tiles and the output cropped.
+
+_BT4 = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+        (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
+_G4 = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+       (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
+_AT4 = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
+
+
+def _tiles4(x_shape):
+    """Tile counts (th, tw) of a (B, H, W, C) image: ceil(H/4), ceil(W/4)."""
+    return -(-x_shape[1] // 4), -(-x_shape[2] // 4)
+
+
+def _f4_input(x):
+    """``V = B^T d B`` of every 6x6 tile of the pad-1 image (zero-padded to whole tiles):
+    (6, 6, B, th, tw, C)."""
+    b, h, w, c = x.shape
+    th, tw = _tiles4(x.shape)
+    xp = jnp.pad(x, ((0, 0), (1, 4 * th + 1 - h), (1, 4 * tw + 1 - w), (0, 0)))
+    d = jnp.stack([jnp.stack([xp[:, i : i + 4 * th : 4, j : j + 4 * tw : 4] for j in range(6)])
+                   for i in range(6)])
+    bt = jnp.asarray(_BT4, x.dtype)
+    return jnp.einsum("ai,bj,ij...->ab...", bt, bt, d)
+
+
+def _f4_input_backward(dv, x_shape):
+    """Adjoint of :func:`_f4_input`: ``dd = B dV B^T`` per tile, overlap-added, cropped."""
+    b, h, w, c = x_shape
+    th, tw = _tiles4(x_shape)
+    bt = jnp.asarray(_BT4, dv.dtype)
+    dd = jnp.einsum("ai,bj,ab...->ij...", bt, bt, dv)
+    dxp = jnp.zeros((b, 4 * th + 2, 4 * tw + 2, c), dv.dtype)
+    for i in range(6):
+        for j in range(6):
+            dxp = dxp.at[:, i : i + 4 * th : 4, j : j + 4 * tw : 4].add(dd[i, j])
+    return dxp[:, 1 : 1 + h, 1 : 1 + w]
+
+
+def _f4_filter(w):
+    """``U = G g G^T`` of a (3, 3, cin, cout) kernel: (6, 6, cin, cout)."""
+    g = jnp.asarray(_G4, w.dtype)
+    return jnp.einsum("ai,bj,ij...->ab...", g, g, w)
+
+
+def _f4_output(m, x_shape):
+    """``Y = A^T M A`` of every tile, the 4x4 tiles interleaved and cropped to (B, H, W, cout)."""
+    b, h, w, _ = x_shape
+    th, tw = _tiles4(x_shape)
+    at = jnp.asarray(_AT4, m.dtype)
+    y = jnp.einsum("pa,qb,ab...->pq...", at, at, m)  # (4, 4, B, th, tw, O)
+    y = y.transpose(2, 3, 0, 4, 1, 5).reshape(b, 4 * th, 4 * tw, -1)
+    return y[:, :h, :w]
+
+
+def _f4_output_backward(dy):
+    """Adjoint of :func:`_f4_output`: ``dM = A dY A^T`` per tile, (6, 6, B, th, tw, O)."""
+    b, h, w, o = dy.shape
+    th, tw = _tiles4(dy.shape)
+    dy = jnp.pad(dy, ((0, 0), (0, 4 * th - h), (0, 4 * tw - w), (0, 0)))
+    dy = dy.reshape(b, th, 4, tw, 4, o).transpose(2, 4, 0, 1, 3, 5)
+    at = jnp.asarray(_AT4, dy.dtype)
+    return jnp.einsum("pa,qb,pq...->ab...", at, at, dy)
+
+
+def winograd4_conv(x, w):
+    """The pad-1, stride-1 3x3 convolution of ``x`` with ``w`` (no bias), by F(4x4, 3x3):
+    36 GEMMs (tiles, cin) x (cin, cout), one per tile position."""
+    v, u = _f4_input(x), _f4_filter(w)
+    return _f4_output(jnp.einsum("ab...c,abco->ab...o", v, u), x.shape)
+
+
+def winograd4_conv_backward(x, w, dy):
+    """``(dw, dx)`` of :func:`winograd4_conv`, the adjoint of each linear stage: ``dM = A dy A^T``
+    (dy zero-padded to whole tiles); ``dU = V^T dM`` per position and ``dW = G^T dU G``;
+    ``dV = dM U^T`` and ``dx`` = the tiles ``B dV B^T`` overlap-added, cropped."""
+    v, u = _f4_input(x), _f4_filter(w)
+    dm = _f4_output_backward(dy)
+    du = jnp.einsum("abnhwc,abnhwo->abco", v, dm)
+    g = jnp.asarray(_G4, du.dtype)
+    dw = jnp.einsum("ai,bj,ab...->ij...", g, g, du)
+    dx = _f4_input_backward(jnp.einsum("ab...o,abco->ab...c", dm, u), x.shape)
+    return dw, dx
