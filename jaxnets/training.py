@@ -336,7 +336,8 @@ def _check_shapes(dataset: D.Dataset, pool_x):
 
 def _describe(model):
     """One readable line for a model (its settings without the internal axis names)."""
-    text = ", ".join(f"{k}={format_setting(v)}" for k, v in vars(model).items() if not k.endswith("axis_name"))
+    fields = [f.name for f in dataclasses.fields(model)]  # not vars(): a model caches its layer tree there
+    text = ", ".join(f"{k}={format_setting(getattr(model, k))}" for k in fields if not k.endswith("axis_name"))
     return f"{type(model).__name__}({text})"
 
 
