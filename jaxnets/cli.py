@@ -270,7 +270,9 @@ def _exit_code(run, *, diverged_exit=EXIT_DIVERGED):
         return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, previous)
-    diverged = isinstance(result, dict) and str(result.get("status", "")).startswith("diverged")
+    from jaxnets.runs import is_diverged
+
+    diverged = isinstance(result, dict) and is_diverged(result)
     return diverged_exit if diverged else EXIT_OK
 
 

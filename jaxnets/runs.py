@@ -348,10 +348,7 @@ def prepare_run_dir(run_dir: Path, *, new: bool):
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise TrainingError(f"--out {run_dir}: is a file, not a directory")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TrainingError(f"--out {run_dir}: cannot create the directory ({e.strerror})") from None
+    make_dir(run_dir, "--out")
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise TrainingError(f"--out {run_dir}: the directory is not writable")
     if new and files_besides_lock(run_dir):
@@ -391,6 +388,25 @@ def _lock_record(path: Path):
     except OSError:
         return None
     return (int(match.group(1)), match.group(2)) if match else None
+
+
+def is_diverged(status) -> bool:
+    """Whether a run's status (``summary["status"]``, or the summary itself) says it diverged:
+    the one reading of the status for the CLI's exit code, the sweep and the loop."""
+    if isinstance(status, dict):
+        status = status.get("status", "")
+    return str(status).startswith("diverged")
+
+
+def make_dir(path, flag) -> Path:
+    """Create directory ``path`` (and its parents), or raise TrainingError naming ``flag``
+    and why: the one place runs, sweeps and the compile cache create their directories."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainingError(f"{flag} {path}: cannot create the directory ({e.strerror})") from None
+    return path
 
 
 def files_besides_lock(directory: Path) -> list:

@@ -47,7 +47,7 @@ from jaxnets import data as D
 from jaxnets import cost, placement, plots
 from jaxnets import training as T
 from jaxnets.config import FIELDS, TrainConfig, format_setting, parse_setting
-from jaxnets.runs import (RUN_FILES, ReportedInterrupt, RunLock, TrainingError, at_chance, checkpoint_epoch,
+from jaxnets.runs import (is_diverged, make_dir, RUN_FILES, ReportedInterrupt, RunLock, TrainingError, at_chance, checkpoint_epoch,
                           files_besides_lock, read_json, read_summary, removed_if_left_empty, write_json)
 from jaxnets.steps import build_model, check_sizes, memory_settings
 
@@ -279,10 +279,7 @@ def sweep(base: TrainConfig, axes, *, out=None, dataset: D.Dataset | None = None
         raise TrainingError(f"sweep directory {out} already holds files; continue it with --resume {out} "
                               f"or choose another --out")
     with removed_if_left_empty(out):
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TrainingError(f"--out {out}: cannot create the directory ({e.strerror})") from None
+        make_dir(out, "--out")
         with RunLock(out):  # one process at a time runs (or resumes) a sweep
             if resume:
                 waves = _saved_plan(out, base, axes, names)  # again: the plan as it is now we hold the lock
@@ -458,7 +455,7 @@ def _finished(run_dir: Path):
     """A member's summary if it finished (completed or diverged), else None."""
     summary = read_summary(run_dir)
     status = str((summary or {}).get("status", ""))
-    return summary if status == "completed" or status.startswith("diverged") else None  # not interrupted/failed
+    return summary if status == "completed" or is_diverged(status) else None  # not interrupted/failed
 
 
 def _resume_mode(dirs, log):
@@ -469,7 +466,7 @@ def _resume_mode(dirs, log):
     epochs = set()
     for d in dirs:
         summary = read_summary(d)
-        if summary is not None and str(summary.get("status", "")).startswith("diverged"):
+        if summary is not None and is_diverged(summary):
             continue  # stays stopped in the continued wave
         epochs.add(checkpoint_epoch(d))
     if len(epochs) == 1 and None not in epochs:
@@ -494,7 +491,7 @@ def table(members, summaries, names, classes):
     rows = []
     for (config, swept), summary, name in zip(members, summaries, names):
         flag = ""
-        if summary["status"].startswith("diverged"):
+        if is_diverged(summary):
             flag = "diverged"
         elif summary["status"] != "completed":
             flag = summary["status"]

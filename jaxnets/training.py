@@ -45,11 +45,7 @@ def use_compile_cache(directory=DEFAULT_COMPILE_CACHE, *, min_compile_seconds=0.
     ``min_compile_seconds`` are not stored. Call it before the first compilation; it sets
     process-wide jax options.
     """
-    path = Path(directory).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TrainingError(f"--compile-cache {directory}: cannot create the directory ({e.strerror})") from None
+    path = runs.make_dir(Path(directory).expanduser(), "--compile-cache")
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
     return path
@@ -179,7 +175,7 @@ def _resumed_config(run_dir: Path, config, changes, command, log, writer=True):
         log(f"{run_dir} finished already ({_plural(summary.get('epochs', 0), 'epoch')}); left untouched "
             f"(--epochs N with more epochs extends it)")
         return None, summary
-    if status.startswith("diverged"):
+    if runs.is_diverged(status):
         raise TrainingError(f"--resume {run_dir}: the run {status}; a resume would repeat the same steps. "
                             f"Start a new run (e.g. with a lower --lr)")
     runs.check_run_files(run_dir)  # a damaged checkpoint or metrics file: refused before config.json is touched
@@ -444,7 +440,7 @@ def _restore(run, members, carries, key_data, run_dirs, log):
         k, j = members.block_of[m]
         like = take_member(carries[k], j)
         previous = str((runs.read_summary(run_dir) or {}).get("status", ""))
-        if size > 1 and previous.startswith("diverged"):
+        if size > 1 and runs.is_diverged(previous):
             run.frozen[m], run.status[m] = True, previous
         if not (run_dir / runs.CHECKPOINT).exists():
             # Stopped before its first checkpoint (or diverged in the first epoch): it starts
