@@ -218,10 +218,11 @@ def test_convnet_conv_impl_reaches_every_conv_and_pool():
     x, y = jnp.ones((2, 8, 8, 16)), jnp.array([0, 1])
     for impl, native in (("xla", True), ("gemm", False), ("winograd", False)):
         model = dataclasses.replace(net, conv_impl=impl)
-        _, _, (caches, _) = jax.eval_shape(lambda p, s: model.forward(p, s, x, train=True), params, state)
-        assert [c["conv"].method for c in caches if "conv" in c] == [conv_ops.conv_method(
+        _, _, cache = jax.eval_shape(lambda p, s: model.forward(p, s, x, train=True), params, state)
+        blocks = cache[0]  # the composition's caches: (blocks, flatten, head); a block's: (conv, bn, relu)
+        assert [blocks[i][0].method for i in (0, 2)] == [conv_ops.conv_method(
             "t", impl, (3, 3, 16, 16), (2, s, s, 16), (1, 1), ((1, 1), (1, 1))) for s in (8, 4)]
-        assert caches[1]["pool"].form == ("output" if native else "first_max")
+        assert blocks[1].form == ("output" if native else "first_max")
         step = lambda p: M.manual_value_and_grad(model, p, state, x, y)
         assert ("conv_general_dilated" in _prims(step, params)) == native, impl
 
