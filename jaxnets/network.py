@@ -792,23 +792,15 @@ def gelu():
 
 
 @dataclasses.dataclass(frozen=True)
-class ShiftBatchNorm(Layer):
+class ShiftBatchNorm(BatchNorm):
     """Batch norm with its scale frozen at 1, only the shift ``beta`` trained
     (:func:`jaxnets.layers.batch_norm_shift`): params ``{"beta"}``, state ``{"mean", "var"}``.
-    ``momentum`` is PyTorch's (airbench's running-average decay 0.6 is momentum 0.4)."""
-
-    momentum: float = 0.1
-    eps: float = 1e-5
-    axis_name: str | None = None
-    has_params = True
-    has_state = True
+    ``momentum`` is PyTorch's (airbench's running-average decay 0.6 is momentum 0.4). The
+    settings and shapes are :class:`BatchNorm`'s; only the functions differ."""
 
     def init(self, keys, in_shape, dtype):
         params, state = layer_ops.batch_norm_shift_init(in_shape[-1], dtype)
         return params, state, tuple(in_shape)
-
-    def output_shape(self, in_shape):
-        return tuple(in_shape)
 
     def forward(self, params, state, x, ctx):
         return layer_ops.batch_norm_shift(params, state, x, train=ctx.train, momentum=self.momentum, eps=self.eps,
