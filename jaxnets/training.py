@@ -230,6 +230,8 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
 
     pool_x, pool_y = training_pool(dataset, base)
     _check_shapes(dataset, pool_x)
+    if dataset.data_warning:  # a --data-dir copy that differs from the published files: said, and recorded
+        log(f"warning: {dataset.data_warning}")
     splits = {c.seed: member_split(pool_x, pool_y, c) for c in configs}
     train_idx, val_idx, means, stds = (np.stack(a) for a in zip(*(splits[c.seed] for c in configs)))
     model = build_model(base, dataset.image_shape, dataset.num_classes,
@@ -250,6 +252,8 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     run = _GroupState(size)
     if resume:
         carries, key_data = _restore(run, members, carries, key_data, run_dirs, log)
+        if writer and dataset.data_warning:
+            _record_resume_data(run_dirs, dataset)
     elif writer:
         _write_run_configs(configs, run_dirs, dataset, model, n_train, n_val, extra_config, command)
     integer_options = INTEGER_PROGRAM_OPTIONS if jax.default_backend() == "cpu" else None  # measured on CPU only
@@ -482,10 +486,22 @@ def _write_run_configs(configs, run_dirs, dataset, model, n_train, n_val, extra_
                                                                                dataset.num_classes)),
                 "image_shape": list(dataset.image_shape), "classes": int(dataset.num_classes),
                 "environment": env, "provenance": origin, "data_source": dataset.source,
+                "data_files": dataset.data_files, **({"data_warning": dataset.data_warning} if dataset.data_warning else {}),
                 "train_examples": int(n_train), "val_examples": int(n_val),
                 "test_examples": int(len(dataset.test_labels))}
         info.update((extra_config or [{}] * len(configs))[m])
         runs.write_json(run_dir / "config.json", info)
+
+
+def _record_resume_data(run_dirs, dataset):
+    """A resume's data that differs from the published files: recorded in its entry of
+    ``resumes`` in config.json (a run's first data is recorded at its start)."""
+    for run_dir in run_dirs:
+        info = runs.read_config(run_dir)
+        if info.get("resumes"):
+            info["resumes"][-1].update(data_source=dataset.source, data_files=dataset.data_files,
+                                       data_warning=dataset.data_warning)
+            runs.write_json(run_dir / "config.json", info)
 
 
 class _EpochLoop:

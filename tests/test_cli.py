@@ -453,3 +453,20 @@ def test_old_comma_form_of_hidden_units_still_reads_with_a_note(capsys):
     assert exit_code(["--hidden-units", "512,256", "--dry-run"]) == 0
     out = capsys.readouterr()
     assert json.loads(out.out)["hidden_units"] == [512, 256] and "write 512x256" in out.err
+
+
+def test_a_data_dir_copy_that_differs_from_the_published_files_is_a_warning_recorded_in_config(
+        data_dir, finished, tmp_path, capsys):
+    """Issue 26: the synthetic files of this module are not MNIST's published ones: the run
+    trains (a modified copy is a choice), says so in one warning line of its log, and records
+    each file's MD5 and the warning in config.json."""
+    assert cli.main(flags(data_dir, "--epochs", 1, "--max-steps", 1, "--out", tmp_path / "run")) == 0
+    out = capsys.readouterr().out
+    warnings = [l for l in out.splitlines() if l.startswith("warning: ")]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: 4 of 4 MNIST files in {data_dir} differ from "
+                                                         f"the published MD5s"), out
+    info = strict(finished / "config.json")
+    assert info["data_warning"] == warnings[0][len("warning: "):]
+    assert sorted(info["data_files"]) == sorted(str(data_dir / f"{b}.gz") for b in (
+        "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
+    assert all(v.startswith("MD5 ") and ", published " in v for v in info["data_files"].values())
