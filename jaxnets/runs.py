@@ -33,7 +33,7 @@ import optax
 from flax import serialization
 
 from jaxnets import data as D
-from jaxnets.config import TrainConfig, flag, format_setting, from_dict
+from jaxnets.config import FIELDS, TrainConfig, flag, format_setting, from_dict
 
 #: The files a run writes.
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "checkpoint.msgpack")
@@ -46,6 +46,8 @@ class TrainingError(Exception):
 
 CHECKPOINT = "checkpoint.msgpack"
 LOCK = ".lock"
+#: A sweep directory's record of what it trains (written and read by :mod:`jaxnets.sweep`).
+SWEEP_PLAN = "sweep_plan.json"
 
 
 def write_atomic(path: Path, data: bytes):
@@ -165,6 +167,36 @@ def read_config(run_dir: Path) -> dict:
     except ValueError as e:
         raise TrainingError(str(e)) from None
     return info
+
+
+def sweep_resume_line(out: Path) -> str:
+    """What ``--resume DIR`` without ``--sweep`` says of a sweep directory: that it is one,
+    and the command that resumes it (its axes and the settings it was started with that
+    differ from the defaults, from its plan; the data dir from a member's config.json)."""
+    import shlex
+
+    out = Path(out)
+    start = f"--resume {out}: a sweep directory ({SWEEP_PLAN}), not a run; resume it with its sweep"
+    try:
+        plan = read_json(out / SWEEP_PLAN)
+        base = from_dict({k: v for k, v in plan["base"].items() if k in FIELDS}, where=SWEEP_PLAN)
+        axes = {k: list(v) for k, v in plan["axes"].items()}
+    except (TrainingError, ValueError, TypeError, KeyError, AttributeError):
+        return f"{start} flags (--resume {out} --sweep KEY=V1,V2 ... as it was started; its {SWEEP_PLAN} is unreadable)"
+    words = ["jaxnets-train", "--resume", str(out)]
+    for k, values in axes.items():
+        words += ["--sweep", f"{k.replace('_', '-')}={','.join(map(str, values))}"]
+    members = [out / str(name) / "config.json" for name in plan.get("names") or []]
+    saved = next((read_json(c).get("config", {}) for c in members if c.is_file()), {})
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(base, f.name) if f.name in plan["base"] else saved.get(f.name, f.default)
+        if f.name in ("out", "progress") or value == f.default or value is None:
+            continue
+        if isinstance(f.default, bool):
+            words.append(flag(f.name) if value else "--no-" + flag(f.name)[2:])
+        else:
+            words += [flag(f.name), format_setting(tuple(value) if isinstance(value, list) else value)]
+    return f"{start}'s flags: {shlex.join(words)}"
 
 
 def check_run_files(run_dir: Path):

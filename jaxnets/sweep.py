@@ -47,7 +47,7 @@ from jaxnets import data as D
 from jaxnets import cost, placement, plots
 from jaxnets import training as T
 from jaxnets.config import FIELDS, TrainConfig, format_setting, parse_setting
-from jaxnets.runs import (is_diverged, make_dir, RUN_FILES, ReportedInterrupt, RunLock, TrainingError, at_chance, checkpoint_epoch,
+from jaxnets.runs import (SWEEP_PLAN, is_diverged, make_dir, RUN_FILES, ReportedInterrupt, RunLock, TrainingError, at_chance, checkpoint_epoch,
                           files_besides_lock, read_json, read_summary, removed_if_left_empty, write_json)
 from jaxnets.steps import build_model, check_sizes, memory_settings
 
@@ -57,7 +57,7 @@ NOT_SWEEPABLE = ("out", "data_dir", "data_source", "progress", "dataset")
 MAX_MEMBERS = 10_000
 SWEEPABLE = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_SWEEPABLE)
 #: The sweep's own record of what it trains and how, read back by ``resume``.
-PLAN_FILE = "sweep_plan.json"
+PLAN_FILE = SWEEP_PLAN
 
 
 # ------------------------------------------------------------------------- parsing

@@ -136,6 +136,8 @@ def train(config: TrainConfig | None = None, *, dataset: D.Dataset | None = None
         run_dir = Path(resume)
         if not run_dir.is_dir():
             raise TrainingError(f"--resume {run_dir}: no such run directory")
+        if (run_dir / runs.SWEEP_PLAN).exists() and not (run_dir / "config.json").exists():
+            raise TrainingError(runs.sweep_resume_line(run_dir))  # before anything is touched there
     with runs.removed_if_left_empty(run_dir) if writer else contextlib.nullcontext():
         if writer:
             runs.prepare_run_dir(run_dir, new=resume is None)

@@ -10,6 +10,7 @@ import re
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -470,3 +471,22 @@ def test_a_data_dir_copy_that_differs_from_the_published_files_is_a_warning_reco
     assert sorted(info["data_files"]) == sorted(str(data_dir / f"{b}.gz") for b in (
         "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
     assert all(v.startswith("MD5 ") and ", published " in v for v in info["data_files"].values())
+
+
+def test_resume_of_a_sweep_directory_without_sweep_says_how_to_resume_it(data_dir, tmp_path, capsys):
+    """Issue 26: ``--resume DIR`` on a sweep directory is one line saying it is a sweep and
+    the exact command that resumes it (which then does, here finding it finished)."""
+    out = tmp_path / "sweep"
+    sweep_flags = flags(data_dir, "--epochs", 1, "--max-steps", 1, "--lr", "0.01", "--sweep", "seed=0,1",
+                        "--sweep", "hidden-units=8,none", "--out", out)
+    assert cli.main(sweep_flags) == 0
+    capsys.readouterr()
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert exit_code(["--resume", out]) == 2
+    line = error_line(capsys)
+    assert f"--resume {out}: a sweep directory (sweep_plan.json), not a run" in line
+    command = shlex.split(line.split("flags: ", 1)[1])
+    assert command[0] == "jaxnets-train" and "--sweep" in command and "--lr" in command and "--data-dir" in command
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert cli.main(command[1:]) == 0  # the command given resumes it (every member finished)
+    assert "2 of 2 waves finished already" in capsys.readouterr().out
