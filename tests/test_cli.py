@@ -490,3 +490,26 @@ def test_resume_of_a_sweep_directory_without_sweep_says_how_to_resume_it(data_di
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert cli.main(command[1:]) == 0  # the command given resumes it (every member finished)
     assert "2 of 2 waves finished already" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value, says", [
+    ("garbage", "$XLA_FLAGS 'garbage': XLA reads a value not starting with -- as a file of flags"),
+    ("--xla_force_host_platform_device_count 8", "$XLA_FLAGS: '8' is not a --name or --name=value option"),
+    ("--xla_cpu_multi_thread_eigen=false stray", "$XLA_FLAGS: 'stray' is not"),
+    ("--=3", "$XLA_FLAGS: '--=3' is not"),
+])
+def test_malformed_xla_flags_are_one_line_exit_2_before_xla_aborts(value, says, monkeypatch, capsys, tmp_path):
+    """Issue 26: XLA aborts the process (exit 1) on a malformed XLA_FLAGS, or ignores a stray
+    word; its syntax is checked first (the option names are XLA's: exit 1, documented)."""
+    monkeypatch.setenv("XLA_FLAGS", value)
+    assert exit_code(["--out", tmp_path / "run", "--data-dir", tmp_path / "none"]) == 2
+    assert says in error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_well_formed_xla_flags_pass_the_syntax_check(tmp_path):
+    flags_file = tmp_path / "flags"
+    flags_file.write_text("--xla_cpu_multi_thread_eigen=false\n")
+    for value in (None, "", "  --xla_cpu_multi_thread_eigen=false --xla_dump_to='/tmp/a b'", "--xla_unknown_name",
+                  str(flags_file)):
+        assert cli.xla_flags_problem(value) is None, value
