@@ -219,6 +219,8 @@ def main(argv=None):
     problem = xla_flags_problem(os.environ.get("XLA_FLAGS"))  # before any backend reads it
     if problem:
         parser.error(problem)
+    if args.resume is not None and not args.resume.strip():  # '' would start a new run instead
+        parser.error("--resume is empty: give the run (or sweep) directory to continue")
     try:
         config = config_from_args(args).validate()
     except (TypeError, ValueError) as e:

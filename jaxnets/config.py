@@ -189,6 +189,9 @@ def _check(field, value):
         if not isinstance(value, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
                                                    for v in value):
             raise ValueError(f"{where} must be positive layer sizes like 300x100, got {value!r}")
+    elif name in ("data_dir", "out"):
+        if isinstance(value, str) and not value.strip():  # '' would silently mean the default
+            raise ValueError(f"{where} is empty: give a directory, or leave the flag out for the default")
     elif name == "conv_plan":
         for item in value:
             if item != "M" and not (isinstance(item, int) and not isinstance(item, bool) and item > 0):

@@ -513,3 +513,13 @@ def test_well_formed_xla_flags_pass_the_syntax_check(tmp_path):
     for value in (None, "", "  --xla_cpu_multi_thread_eigen=false --xla_dump_to='/tmp/a b'", "--xla_unknown_name",
                   str(flags_file)):
         assert cli.xla_flags_problem(value) is None, value
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--data-dir", ""], "--data-dir is empty"),  # was the default data dir (a download there)
+    (["--out", " "], "--out is empty"),  # was runs/<name>
+    (["--resume", ""], "--resume is empty"),  # was a new run with every default
+])
+def test_an_empty_path_flag_is_refused_not_taken_as_the_default(args, says, capsys, tmp_path):
+    assert exit_code(["--epochs", 1, *args]) == 2
+    assert says in error_line(capsys)
