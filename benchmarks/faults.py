@@ -909,12 +909,13 @@ def _(ctx):
 
 def _sweep_refused_on_data(ctx, out):
     """A sweep whose batch is larger than the training split: refused once the data is loaded,
-    after its plan was written."""
+    leaving no directory (issue 26: it used to leave its plan, which blocked a rerun)."""
     first = ctx.train(ctx.base("--epochs", "1", "--sweep", "seed=0,1", "--batch-size", "1000", "--out", out))
-    return [] if first.rc == 2 and "Traceback" not in first.err else [f"first exit {first.rc}: {first.err[-200:]}"]
+    problems = [] if first.rc == 2 and "Traceback" not in first.err else [f"first exit {first.rc}: {first.err[-200:]}"]
+    return problems + ([f"left {out}"] if out.exists() else [])
 
 
-@case("sweep-failing-after-plan-then-rerun", rc=0)
+@case("sweep-refused-on-data-then-rerun", rc=0)
 def _(ctx):
     out = ctx.dir / "s"
     problems = _sweep_refused_on_data(ctx, out)
@@ -922,12 +923,13 @@ def _(ctx):
     return res, problems
 
 
-@case("sweep-failing-after-plan-then-corrected-resume", rc=0)
+@case("sweep-refused-on-data-then-resume", says=r"--resume .*no such sweep directory.*--out")
 def _(ctx):
+    # Nothing was written, so there is nothing to resume: said in one line, naming --out.
     out = ctx.dir / "s"
     problems = _sweep_refused_on_data(ctx, out)
     res = ctx.train(ctx.base("--epochs", "1", "--sweep", "seed=0,1", "--resume", out))
-    return res, problems
+    return res, problems + ([f"created {out}"] if out.exists() else [])
 
 
 @case("sweep-resume-other-axes", says=r"swept")

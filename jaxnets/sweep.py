@@ -270,6 +270,9 @@ def sweep(base: TrainConfig, axes, *, out=None, dataset: D.Dataset | None = None
                          f"(use --devices 1 or 0, in one process)")
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--out {out}: is a file, not a directory")
+    if resume and not out.exists():
+        raise TrainingError(f"--resume {out}: no such sweep directory (a sweep refused before training leaves none); "
+                            f"start it with --out {out} instead of --resume")
     if resume and out.is_dir() and not files_besides_lock(out):
         log(f"{out} holds no sweep yet (it stopped before writing its plan): starting it")
         resume = False

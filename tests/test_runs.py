@@ -327,6 +327,9 @@ def test_a_sweep_refused_on_its_data_leaves_nothing_that_blocks_it(tmp_path):
     with pytest.raises(ValueError, match="batch_size 1000 exceeds"):
         sweep.sweep(too_big, axes, out=out, dataset=dataset(), log=quiet, progress=False)
     assert not out.exists()  # refused on its data: nothing left behind
+    with pytest.raises(TrainingError, match=r"--resume .*sweep: no such sweep directory"):  # nor made by a resume
+        sweep.sweep(config(out), axes, out=out, resume=True, dataset=dataset(), log=quiet, progress=False)
+    assert not out.exists()
     # A resume of an empty directory starts the sweep (and here meets the same refusal, not "no plan").
     out.mkdir()
     with pytest.raises(ValueError, match="batch_size 1000 exceeds"):
