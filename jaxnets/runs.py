@@ -402,12 +402,13 @@ def default_run_dir(config: TrainConfig) -> Path:
 def prepare_run_dir(run_dir: Path, *, new: bool):
     """Make sure ``run_dir`` can hold a run before any data is loaded: a directory (created
     when missing) that is writable and, for a new run, holds no files (``new``)."""
-    run_dir = Path(run_dir)
+    run_dir, given = Path(run_dir), "--out" if new else "--resume"
     if run_dir.exists() and not run_dir.is_dir():
-        raise TrainingError(f"--out {run_dir}: is a file, not a directory")
-    make_dir(run_dir, "--out")
-    if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise TrainingError(f"--out {run_dir}: the directory is not writable")
+        raise TrainingError(f"{given} {run_dir}: is a file, not a directory")
+    make_dir(run_dir, given)
+    if not os.access(run_dir, os.W_OK | os.X_OK):  # (a read-only mount too, even for root)
+        raise TrainingError(f"{given} {run_dir}: the directory is not writable" + (
+            "" if new else " (a resume writes its lock, checkpoint, metrics and config.json there)"))
     if new and files_besides_lock(run_dir):
         is_run = (run_dir / "config.json").is_file()  # what --resume reads first
         raise TrainingError(f"--out {run_dir} already holds files" + (

@@ -509,3 +509,11 @@ def test_metrics_with_a_lost_epoch_are_refused_before_a_resume_writes(finished, 
     with pytest.raises(TrainingError, match=r"metrics\.jsonl, line 1: epoch 2 after no epoch; expected epoch 1"):
         T.train(resume=run, changes={"epochs": 3}, log=quiet)
     assert json.loads((run / "config.json").read_text()) == json.loads((finished / "config.json").read_text())
+
+
+def test_a_resume_in_a_read_only_directory_names_resume(finished, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    monkeypatch.setattr(runs.os, "access", lambda path, mode: Path(path) != run)  # as on a read-only mount
+    with pytest.raises(TrainingError, match=r"^--resume .*run: the directory is not writable \(a resume writes"):
+        T.train(resume=run, changes={"epochs": 3}, log=quiet)
