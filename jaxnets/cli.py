@@ -134,7 +134,7 @@ def _add_setting(group, field):
                        help=help_text.replace("%", "%%") + shown)
 
 
-_METAVARS = {"data_dir": "DIR", "out": "DIR", "hidden_units": "SIZES", "conv_plan": "PLAN"}
+_METAVARS = {"data_dir": "DIR", "out": "DIR", "hidden_units": "SIZES", "conv_plan": "PLAN", "pretrained": "FILE"}
 
 
 def _parser_of(name):

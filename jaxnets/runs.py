@@ -596,16 +596,19 @@ class Run:
         pixels 0..255, or floating point in [0, 1] (the same pixels divided by 255), as the
         run was trained. Anything else (another dtype, floats outside [0, 1] such as a
         0..255 float image, NaN or infinities, an empty batch, one image without its batch
-        axis, another image shape) is refused with a one-line ValueError, never guessed."""
+        axis, another image shape) is refused with a one-line ValueError, never guessed.
+        The images go through the run's own input pipeline (:func:`jaxnets.steps.model_input`:
+        its normalisation, then the resize of ``--image-size``)."""
         return self._probs(self._images(images), _batch_size(batch_size))
 
     def _probs(self, x, batch_size):
         """Probabilities of checked images ``x`` (uint8 or float32 on the 0..255 scale)."""
-        from jaxnets.steps import normalize
+        from jaxnets.steps import model_input
 
         probs = []
         for i in range(0, len(x), batch_size):
-            logits, _ = self._apply(self.params, self.state, normalize(x[i:i + batch_size], self.mean, self.std))
+            batch = model_input(x[i:i + batch_size], self.mean, self.std, self.config.image_size)
+            logits, _ = self._apply(self.params, self.state, batch)
             probs.append(np.asarray(jax.nn.softmax(logits, axis=-1)))
         return np.concatenate(probs)
 
@@ -631,7 +634,8 @@ class Run:
             picked = np.clip(probs[np.arange(len(y)), y], 1e-30, None)
             return {"accuracy": float(np.mean(probs.argmax(-1) == y)), "loss": float(-np.log(picked).mean()),
                     "examples": int(len(y))}
-        loss, acc = make_evaluate(self.model, batch_size)(self.params, self.state, u8, y, self.mean, self.std)
+        loss, acc = make_evaluate(self.model, batch_size, self.config.image_size)(self.params, self.state, u8, y,
+                                                                                 self.mean, self.std)
         return {"accuracy": float(acc), "loss": float(loss), "examples": int(len(y))}
 
     @property

@@ -45,6 +45,7 @@ import jax
 
 from jaxnets import data as D
 from jaxnets import cost, placement, plots
+from jaxnets import models as M
 from jaxnets import training as T
 from jaxnets.config import FIELDS, TrainConfig, format_setting, parse_setting
 from jaxnets.runs import (SWEEP_PLAN, is_diverged, make_dir, RUN_FILES, ReportedInterrupt, RunLock, TrainingError, at_chance, checkpoint_epoch,
@@ -311,6 +312,10 @@ def _sweep(base, axes, members, configs, names, out, waves, *, dataset, budget, 
             check_sizes(len(dataset.train_labels), c)
         except ValueError as e:
             raise ValueError(f"sweep member {name}: {e}") from None
+    if not resume:  # every --pretrained file loads into its members' model before anything is written
+        for model_name, pretrained in sorted({(c.model, c.pretrained) for c in configs if c.pretrained}):
+            c = next(c for c in configs if (c.model, c.pretrained) == (model_name, pretrained))
+            M.load_pretrained(model_name, build_model(c, image_shape, classes), pretrained)
 
     # Work (member-steps x batch x cost per example) per wave: what the progress bar and the
     # ETA count, so a wave of 3000-step, 300-wide members weighs what it costs.
