@@ -473,19 +473,27 @@ def check_cache(dataset: str, root: Path):
     changed is hashed again (and re-stamped when it still matches), else a one-line
     DataError naming it and what to delete. Files jaxnets did not download are not checked."""
     folder = Path(root) / dataset
-    known = {f.name: f for f in FILES.get(dataset, ())}
     for name, stamp in _stamps(folder).items():
-        path = folder / name
-        if name not in known or not isinstance(stamp, dict) or not path.is_file():
-            continue
-        st = path.stat()
-        if (st.st_size, st.st_mtime_ns) == (stamp.get("size"), stamp.get("mtime_ns")):
-            continue
-        problem = _verify(path, known[name], stamp.get("expected") or _expected(known[name], None))
-        if problem is not None:
-            raise DataError(f"{path}: changed since it was downloaded and verified ({problem}); delete it "
-                            f"and it is downloaded again")
-        _stamp(path, stamp.get("expected") or _expected(known[name], None))
+        _check_stamped(dataset, folder / name, stamp)
+
+
+def _check_stamped(dataset, path: Path, stamp) -> bool:
+    """Whether ``path`` is a download of ``dataset`` stamped in its folder's :data:`STAMP`
+    (``stamp``, its entry there), checked: unchanged since (a stat), or hashed again and still
+    matching; a DataError naming it when it no longer matches."""
+    known = {f.name: f for f in FILES.get(dataset, ())}
+    if path.name not in known or not isinstance(stamp, dict) or not path.is_file():
+        return False
+    st = path.stat()
+    if (st.st_size, st.st_mtime_ns) == (stamp.get("size"), stamp.get("mtime_ns")):
+        return True
+    expected = stamp.get("expected") or _expected(known[path.name], None)
+    problem = _verify(path, known[path.name], expected)
+    if problem is not None:
+        raise DataError(f"{path}: changed since it was downloaded and verified ({problem}); delete it "
+                        f"and it is downloaded again")
+    _stamp(path, expected)
+    return True
 
 
 def published_md5(dataset: str, name: str) -> str | None:
@@ -534,9 +542,8 @@ class CopyChecks:
             st = path.stat()
         except OSError:
             return  # read just now; gone since: the next read says so
-        stamp = _stamps(path.parent).get(path.name)
-        if isinstance(stamp, dict) and (stamp.get("size"), stamp.get("mtime_ns")) == (st.st_size, st.st_mtime_ns):
-            self.results[label] = "verified download"  # check_cache has just checked it
+        if _check_stamped(self.dataset, path, _stamps(path.parent).get(path.name)):
+            self.results[label] = "verified download"  # however its folder was reached: checked as one
             return
         key = f"{path.resolve()}:{member}" if member else str(path.resolve())
         seen = self._known().get(key)
