@@ -473,19 +473,27 @@ def check_cache(dataset: str, root: Path):
     changed is hashed again (and re-stamped when it still matches), else a one-line
     DataError naming it and what to delete. Files jaxnets did not download are not checked."""
     folder = Path(root) / dataset
-    known = {f.name: f for f in FILES.get(dataset, ())}
     for name, stamp in _stamps(folder).items():
-        path = folder / name
-        if name not in known or not isinstance(stamp, dict) or not path.is_file():
-            continue
-        st = path.stat()
-        if (st.st_size, st.st_mtime_ns) == (stamp.get("size"), stamp.get("mtime_ns")):
-            continue
-        problem = _verify(path, known[name], stamp.get("expected") or _expected(known[name], None))
-        if problem is not None:
-            raise DataError(f"{path}: changed since it was downloaded and verified ({problem}); delete it "
-                            f"and it is downloaded again")
-        _stamp(path, stamp.get("expected") or _expected(known[name], None))
+        _check_stamped(dataset, folder / name, stamp)
+
+
+def _check_stamped(dataset, path: Path, stamp) -> bool:
+    """Whether ``path`` is a download of ``dataset`` stamped in its folder's :data:`STAMP`
+    (``stamp``, its entry there), checked: unchanged since (a stat), or hashed again and still
+    matching; a DataError naming it when it no longer matches."""
+    known = {f.name: f for f in FILES.get(dataset, ())}
+    if path.name not in known or not isinstance(stamp, dict) or not path.is_file():
+        return False
+    st = path.stat()
+    if (st.st_size, st.st_mtime_ns) == (stamp.get("size"), stamp.get("mtime_ns")):
+        return True
+    expected = stamp.get("expected") or _expected(known[path.name], None)
+    problem = _verify(path, known[path.name], expected)
+    if problem is not None:
+        raise DataError(f"{path}: changed since it was downloaded and verified ({problem}); delete it "
+                        f"and it is downloaded again")
+    _stamp(path, expected)
+    return True
 
 
 def published_md5(dataset: str, name: str) -> str | None:
@@ -510,9 +518,11 @@ class CopyChecks:
     :meth:`check` is given each file's content as it was read; :attr:`results` maps each file
     (``path``, or ``tarball:member``) to ``"verified download"`` (checked by :func:`check_cache`),
     ``"published MD5"`` or ``"MD5 X, published Y"``; :meth:`warning` is the one line to show
-    when any differs; :meth:`save` remembers the new digests in :data:`DIGESTS` (a file there
-    that is not jaxnets' own record is left alone, and an unwritable one is no error: the
-    next read hashes again).
+    when any differs; :meth:`save` (called once the load is done) remembers the new digests in
+    :data:`DIGESTS` (a file there that is not jaxnets' own record is left alone, and an
+    unwritable one is no error: the next read hashes again). A file not remembered is hashed
+    in a helper thread while the load goes on parsing (hashlib releases the GIL), so on a
+    machine with a free core its first read costs little more than a later one.
     """
 
     def __init__(self, dataset: str):
@@ -521,6 +531,8 @@ class CopyChecks:
         self._digests = None  # {key: {"size", "mtime_ns", "md5"}}, read on first use
         self._new = {}
         self._where = {}  # label -> (the folder or tarball it is in, its name)
+        self._pending = []  # (label, key, stat, published MD5, future MD5) hashed in the helper thread
+        self._pool = None
 
     def check(self, path, content: bytes, member: str | None = None):
         path = Path(path)
@@ -534,9 +546,8 @@ class CopyChecks:
             st = path.stat()
         except OSError:
             return  # read just now; gone since: the next read says so
-        stamp = _stamps(path.parent).get(path.name)
-        if isinstance(stamp, dict) and (stamp.get("size"), stamp.get("mtime_ns")) == (st.st_size, st.st_mtime_ns):
-            self.results[label] = "verified download"  # check_cache has just checked it
+        if _check_stamped(self.dataset, path, _stamps(path.parent).get(path.name)):
+            self.results[label] = "verified download"  # however its folder was reached: checked as one
             return
         key = f"{path.resolve()}:{member}" if member else str(path.resolve())
         seen = self._known().get(key)
@@ -544,9 +555,29 @@ class CopyChecks:
                 and isinstance(seen.get("md5"), str):
             got = seen["md5"]
         else:
-            got = hashlib.md5(content, usedforsecurity=False).hexdigest()
-            self._new[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "md5": got}
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="jaxnets-md5")
+            md5 = lambda data=content: hashlib.md5(data, usedforsecurity=False).hexdigest()
+            self._pending.append((label, key, st, want, self._pool.submit(md5)))
+            return
+        self._result(label, got, want)
+
+    def _result(self, label, got, want):
         self.results[label] = "published MD5" if got == want else f"MD5 {got}, published {want}"
+
+    def _collect(self):
+        """The helper thread's MD5s, in the order the files were read."""
+        for label, key, st, want, future in self._pending:
+            got = future.result()
+            self._new[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "md5": got}
+            self._result(label, got, want)
+        self.results = {label: self.results[label] for label in self._where if label in self.results}
+        self._pending = []
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
     def differing(self) -> list:
         return [label for label, r in self.results.items() if r.startswith("MD5 ")]
@@ -569,6 +600,7 @@ class CopyChecks:
         return self._digests
 
     def save(self):
+        self._collect()
         if not self._new:
             return
         record = _digest_record()

@@ -202,6 +202,9 @@ def test_resume_alone_keeps_epochs_and_data_dir_and_extends_on_request(finished,
     assert saved["config"]["epochs"] == 3 and saved["config"]["data_dir"] == str(data_dir)
     assert saved["resumes"][-1]["changes"] == {"epochs": [2, 3]}
     assert saved["resumes"][-1]["command"][-2:] == ["--epochs", "3"]
+    # The resume read a copy that differs from the published files: said in its entry too.
+    assert saved["resumes"][-1]["data_warning"] == saved["data_warning"]
+    assert saved["resumes"][-1]["data_files"] == saved["data_files"]
 
 
 def test_damaged_checkpoint_is_refused_and_the_run_left_as_it_was(finished, tmp_path, capsys):

@@ -179,9 +179,10 @@ def test_a_cached_file_changed_after_its_download_is_refused_on_read(server, ser
     raw = bytearray(gzip.decompress(path.read_bytes()))
     raw[8:] = bytes((b + 1) % 10 for b in raw[8:])
     path.write_bytes(gzip.compress(bytes(raw)))
-    for source in ("auto", "files"):
+    # However the folder is reached (the cache, or named directly): checked as a download, an error.
+    for kwargs in ({"source": "auto"}, {"source": "files"}, {"data_dir": path.parent, "source": "files"}):
         with pytest.raises(DataError) as e:
-            D.load_dataset("mnist", source=source)
+            D.load_dataset("mnist", **kwargs)
         assert_one_line_error(e, f"{path}: changed since it was downloaded and verified (checksum mismatch",
                               "delete it and it is downloaded again")
     assert len(server.requests) == 4
