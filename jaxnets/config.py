@@ -20,7 +20,7 @@ from jaxnets.models import FAMILIES
 MODELS = tuple(FAMILIES)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "adagrad", "rmsprop")
 SCHEDULES = ("constant", "cosine", "onecycle", "step")
-NORMALIZATIONS = ("channel", "mean_image")
+NORMALIZATIONS = ("channel", "mean_image", "imagenet")
 GRAD_PATHS = ("autodiff", "manual")
 #: Seeds are drawn into ``jax.random.key`` as uint32.
 SEED_LIMIT = 2**32
@@ -56,7 +56,13 @@ class TrainConfig:
            "--seed, before the validation split, which comes out of these images (0: all)", "data")
     normalize: str = _setting(
         "channel", "channel: per-channel mean/std of the training split; mean_image: subtract the mean image "
-                   "from raw 0..255 pixels (the course)", "data", choices=NORMALIZATIONS)
+                   "from raw 0..255 pixels (the course); imagenet: ImageNet's per-channel mean/std (what "
+                   "ImageNet-pretrained weights expect; --pretrained says so when the file's head has 1000 "
+                   "classes)", "data", choices=NORMALIZATIONS)
+    image_size: int = _setting(
+        0, "resize the images to NxN on the device, bilinear (half-pixel centres, no antialiasing when "
+           "shrinking), after normalisation, in training, evaluation and load_run(...).predict; the model is "
+           "built for NxN (0: the images as loaded)", "data")
     augment: bool = _setting(
         False, "random crops from a 4-pixel zero-padded copy, on the device; CIFAR-10 also gets horizontal flips "
                "(digits are not mirror-symmetric, so MNIST gets crops only)", "data")
@@ -76,6 +82,16 @@ class TrainConfig:
     dropout: float = _setting(0.2, "MLP dropout rate after each hidden activation", "model")
     init: str = _setting("kaiming", "weight init: kaiming, lecun, pytorch (torch.nn defaults) or course "
                                     "(N(0, 1e-4^2))", "model")
+    pretrained: str | None = _setting(
+        None, "initialise a new run from a state dict: a .safetensors or PyTorch .pth file, or a known name "
+              "(efficientnet_lite0); resnet18/resnet34 read torchvision's names, efficientnet_lite0 the "
+              "efficientnet_pytorch ones; a head of another class count is replaced by a fresh init (said in "
+              "the log); config.json records the file and its SHA-256. A resumed run loads its own checkpoint",
+        "model")
+    freeze: bool = _setting(
+        False, "with --pretrained: train the head only (a linear probe on fixed features): the backbone gets "
+               "no gradient and no optimizer state and runs in evaluation mode, its batch norm on the loaded "
+               "running statistics, which stay as loaded", "model")
     # optimisation
     epochs: int = _setting(10, "training epochs", "optimisation")
     batch_size: int = _setting(128, "examples per step", "optimisation")
@@ -92,6 +108,10 @@ class TrainConfig:
     warmup_epochs: float = _setting(0.0, "linear warm-up from 0 over this many epochs (constant/cosine/step)",
                                     "optimisation")
     label_smoothing: float = _setting(0.0, "label smoothing of the cross-entropy targets", "optimisation")
+    backbone_lr_scale: float = _setting(
+        1.0, "the backbone's learning rate is this times --lr; the head (the network's last layer, fc or "
+             "head) trains at --lr (an optimizer parameter group; members of a vmapped sweep may differ in it)",
+        "optimisation")
     grad: str = _setting(
         "autodiff", "gradient path: autodiff (jax.grad) or manual (the hand-written backward passes: the same "
                     "gradients up to rounding, and on CPU the faster path for the ConvNet)", "optimisation",
@@ -130,7 +150,36 @@ class TrainConfig:
                              "drop one of them")
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"--warmup-epochs must be at most --epochs ({self.epochs}), got {self.warmup_epochs}")
+        self._check_fine_tuning()
         return self
+
+    def _check_fine_tuning(self):
+        from jaxnets import models
+
+        if self.pretrained is not None:
+            if not self.pretrained.strip():
+                raise ValueError("--pretrained is empty: give a state-dict file or a known name")
+            if FAMILIES[self.model].load_pretrained is None:
+                raise ValueError(f"--pretrained: --model {self.model} cannot load checkpoints (the families that "
+                                 f"can: {', '.join(models.pretrained_families())})")
+        if self.freeze and self.pretrained is None:
+            raise ValueError("--freeze trains the head of a pretrained network only: give --pretrained FILE "
+                             "(without it the frozen backbone would be its random init)")
+        if self.freeze and self.backbone_lr_scale != 1.0:
+            raise ValueError(f"--backbone-lr-scale {self.backbone_lr_scale:g} has no effect with --freeze (the "
+                             f"backbone is not trained); drop one of them")
+        from jaxnets.data import SHAPES
+
+        channels = SHAPES[self.dataset].image_shape[-1]
+        if self.normalize == "imagenet" and channels != 3:
+            raise ValueError(f"--normalize imagenet is for RGB images; {self.dataset} has {channels} channel(s)")
+        if self.image_size:
+            try:  # the family's own limit (the stem, the downsampling), as its model states it
+                FAMILIES[self.model].build(self, (self.image_size, self.image_size, channels),
+                                           SHAPES[self.dataset].classes)
+            except ValueError as e:
+                raise ValueError(f"--image-size {self.image_size} is too small for --model {self.model}: {e}") \
+                    from None
 
 
 def flag(name: str) -> str:
@@ -161,11 +210,12 @@ def choices(name: str):
 
 #: Integer settings and the least value each may take (``None``: no integer setting).
 _INT_MIN = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "chunk_steps": 1, "val_size": 0,
-            "train_subset": 0, "labels_per_class": 0, "max_steps": 0, "devices": 0, "seed": 0}
+            "train_subset": 0, "labels_per_class": 0, "max_steps": 0, "devices": 0, "seed": 0, "image_size": 0}
 #: Float settings and their ranges: (low, low inclusive, high, high inclusive).
 _FLOAT_RANGE = {"lr": (0.0, False, math.inf, False), "weight_decay": (0.0, True, math.inf, False),
                 "momentum": (0.0, True, 1.0, False), "dropout": (0.0, True, 1.0, False),
-                "label_smoothing": (0.0, True, 1.0, False), "warmup_epochs": (0.0, True, math.inf, False)}
+                "label_smoothing": (0.0, True, 1.0, False), "warmup_epochs": (0.0, True, math.inf, False),
+                "backbone_lr_scale": (0.0, False, math.inf, False)}
 
 
 def _check(field, value):
@@ -197,6 +247,9 @@ def _check(field, value):
             raise ValueError(f"{where} must be positive layer sizes like 300x100, got {value!r}")
     elif name == "classes":
         _check_classes(value)
+    elif name in ("data_dir", "out"):
+        if isinstance(value, str) and not value.strip():  # '' would silently mean the default
+            raise ValueError(f"{where} is empty: give a directory, or leave the flag out for the default")
     elif name == "conv_plan":
         for item in value:
             if item != "M" and not (isinstance(item, int) and not isinstance(item, bool) and item > 0):

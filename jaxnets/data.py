@@ -116,6 +116,11 @@ class Dataset:
             ``"tfds:<data_dir>"`` (``"tfds:default"`` for tfds's own default directory).
         class_ids: after :func:`select_classes`, the original class of each label
             (label ``j`` is class ``class_ids[j]``); None for all classes as published.
+        data_files: each file read and how it compares with the published checksums
+            (:class:`jaxnets.download.CopyChecks`: ``"verified download"``, ``"published
+            MD5"`` or ``"MD5 X, published Y"``); empty for tfds and arrays made in memory.
+        data_warning: the one-line warning when a file differs from the published MD5s
+            (a modified copy, read as it is), else None.
     """
 
     name: str
@@ -126,6 +131,8 @@ class Dataset:
     num_classes: int
     source: str
     class_ids: tuple | None = None
+    data_files: dict = dataclasses.field(default_factory=dict)
+    data_warning: str | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -158,7 +165,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
             downloads; ``"tfds"`` reads tensorflow-datasets' prepared copy.
 
     Returns:
-        A :class:`Dataset`.
+        A :class:`Dataset`. Files jaxnets downloaded are checked against their checksums on
+        every read (a changed one is a DataError); other files are compared with the
+        published MD5s, a difference being a warning in ``Dataset.data_warning``.
 
     Raises:
         ValueError: unknown ``name`` or ``source``.
@@ -187,9 +196,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
         )
     if root.is_dir():
         download.check_cache(name, root)  # what jaxnets downloaded is checked on every read
-    if name == "mnist":
-        return _load_mnist(root)
-    return _load_cifar10(root)
+    checks = download.CopyChecks(name)  # the rest against the published MD5s: a warning
+    dataset = _load_mnist(root, checks) if name == "mnist" else _load_cifar10(root, checks)
+    checks.save()
+    return dataclasses.replace(dataset, data_files=dict(checks.results), data_warning=checks.warning())
 
 
 def _missing_files(name: str, root: Path) -> list[str]:
@@ -353,7 +363,7 @@ def _find_mnist_dir(root: Path) -> Path:
     return root / "mnist" if (root / "mnist").is_dir() else root
 
 
-def _load_mnist(root: Path) -> Dataset:
+def _load_mnist(root: Path, checks=None) -> Dataset:
     folder = _find_mnist_dir(root)
     arrays = {}
     for key, base in MNIST_FILES.items():
@@ -365,7 +375,10 @@ def _load_mnist(root: Path) -> Dataset:
                 f"MNIST file {base}.gz not found in {searched}; expected {expected} "
                 f"(gzipped or not)"
             )
-        arrays[key] = (path, read_idx(path, ndim=3 if key.endswith("images") else 1))
+        data = _read_bytes(path, gz=path.name.endswith(".gz"))
+        if checks is not None:
+            checks.check(path, data)  # the published MD5s are of the decompressed content
+        arrays[key] = (path, _parse_idx(path, data, ndim=3 if key.endswith("images") else 1))
     out = {}
     for split in ("train", "test"):
         (ipath, images), (lpath, labels) = arrays[f"{split}_images"], arrays[f"{split}_labels"]
@@ -391,7 +404,11 @@ def read_idx(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
             that does not match the header's dimensions.
     """
     path = Path(path)
-    data = _read_bytes(path, gz=path.name.endswith(".gz"))
+    return _parse_idx(path, _read_bytes(path, gz=path.name.endswith(".gz")), ndim)
+
+
+def _parse_idx(path: Path, data: bytes, ndim: int | None) -> np.ndarray:
+    """The uint8 array of an IDX file's (decompressed) bytes; DataErrors as :func:`read_idx`."""
     if len(data) < 4:
         raise DataError(f"{path}: {len(data)} bytes, too short for an IDX header")
     magic = int.from_bytes(data[:4], "big")
@@ -437,7 +454,7 @@ def _locate_cifar10(root: Path) -> tuple[str, Path] | None:
     return None
 
 
-def _load_cifar10(root: Path) -> Dataset:
+def _load_cifar10(root: Path, checks=None) -> Dataset:
     found = _locate_cifar10(root)
     if found is None:
         raise DataError(
@@ -456,8 +473,14 @@ def _load_cifar10(root: Path) -> Dataset:
                     f"{', '.join(CIFAR10_TRAIN_BATCHES)}, {CIFAR10_TEST_BATCH}"
                 )
             blobs[b] = (str(path), _read_bytes(path, gz=False))
+            if checks is not None:
+                checks.check(path, blobs[b][1])
         return _cifar10_from_blobs(blobs, f"files:{batches_dir}")
-    return _cifar10_from_blobs(_read_cifar10_tarball(path), f"files:{path}")
+    blobs = _read_cifar10_tarball(path)
+    if checks is not None:
+        for b, (_, raw) in blobs.items():  # the published batch MD5s hold inside the tarball too
+            checks.check(path, raw, member=b)
+    return _cifar10_from_blobs(blobs, f"files:{path}")
 
 
 def _read_cifar10_tarball(tarball: Path) -> dict:

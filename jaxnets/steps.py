@@ -3,8 +3,9 @@
 This module owns the computation of a run, one function per program: :func:`build_model`
 (the model a config names), :func:`member_split` and :func:`prepare_data` (the seeded
 validation split, the normalisation constants of exactly the training rows, the uint8
-splits on the device), :func:`augment` and :func:`normalize`, :func:`make_step` (augment,
-normalise, gradient, Optax update), the chunk programs that loop over steps on the device
+splits on the device), :func:`augment`, :func:`normalize` and :func:`model_input` (normalise,
+then ``--image-size``'s resize: the one input pipeline), :func:`make_step` (augment,
+normalise, gradient, Optax update; with ``--freeze`` the head's gradient alone), the chunk programs that loop over steps on the device
 (one member, a vmapped group, data parallel over a mesh) and the evaluation programs.
 Following airbench, the whole uint8 training set lives on the device and the host only
 touches it once per chunk. The loop that calls these programs is :mod:`jaxnets.training`.
@@ -22,9 +23,12 @@ import numpy as np
 import optax
 
 from jaxnets import data as D
+from jaxnets import conv as conv_ops
 from jaxnets import models as M
+from jaxnets import network as nn
 from jaxnets import parallel
 from jaxnets.config import TrainConfig
+from jaxnets.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from jaxnets.optim import MOMENT_SLOTS, hparams_of
 
 
@@ -151,6 +155,8 @@ def member_split(train_x, train_y, config: TrainConfig):
             raise D.DataError(f"the training images' channel {c} is constant (every pixel {255 * mean[c]:g} of 255, "
                               f"std 0): --normalize channel would divide by 0; these are not usable images "
                               f"(check the data files)")
+    elif config.normalize == "imagenet":  # the constants ImageNet-pretrained weights were trained with
+        mean, std = IMAGENET_MEAN.copy(), IMAGENET_STD.copy()
     else:  # the course's per-pixel mean image subtracted from raw 0..255 pixels, no scaling
         mean = (train_x[train_idx].astype(np.float64) / 255.0).mean(axis=0).astype(np.float32)
         std = np.full((), 1.0 / 255.0, np.float32)
@@ -169,6 +175,20 @@ def prepare_data(dataset: D.Dataset, config: TrainConfig) -> DeviceData:
 
 def normalize(images_u8, mean, std):
     return (images_u8.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def model_input(images_u8, mean, std, image_size=0):
+    """What the network sees of a batch of uint8 images: :func:`normalize`-d, then resized
+    to ``image_size`` x ``image_size`` (``--image-size``; 0: as they are) by
+    :func:`jaxnets.conv.resize_bilinear`. The one input pipeline of training, evaluation
+    and :meth:`jaxnets.runs.Run.predict`. Normalised first, so a mean image (``--normalize
+    mean_image``) is subtracted at the images' own size; the resize is linear with weights
+    summing to 1, so per-channel constants give the same either way. The input needs no
+    gradient: no backward runs through the resize."""
+    x = normalize(images_u8, mean, std)
+    if image_size and tuple(x.shape[1:3]) != (image_size, image_size):
+        x, _ = conv_ops.resize_bilinear(x, size=image_size)
+    return x
 
 
 def augment(key, images, pad=4, flip=True, axis_name=None):
@@ -205,8 +225,10 @@ def make_step(model, optimizer, config: TrainConfig, axis_name=None):
     """The one training step every path runs (single runs and each member of a sweep).
 
     ``step(params, state, opt_state, images_u8, labels, key, mean, std, hp)`` ->
-    ``(params, state, opt_state, loss, correct)``: augment, normalise, gradient by the
-    chosen path, Optax update. ``hp`` holds the member's ``dropout`` and
+    ``(params, state, opt_state, loss, correct)``: augment, normalise and resize
+    (:func:`model_input`), gradient by the chosen path, Optax update. With
+    ``config.freeze`` the gradient is :class:`jaxnets.network.HeadOnly`'s (the head's
+    alone, the backbone in evaluation mode). ``hp`` holds the member's ``dropout`` and
     ``label_smoothing`` (arrays, see :func:`hparams_of`); the optimizer's hyperparameters
     are in ``opt_state``. ``key`` is split into the augmentation and the dropout keys.
 
@@ -219,6 +241,8 @@ def make_step(model, optimizer, config: TrainConfig, axis_name=None):
     the single-device step on the same global batch.
     """
     value_and_grad = M.GRADIENT_PATHS[config.grad]
+    if config.freeze:  # a linear probe: the backbone in evaluation mode, no gradient through it
+        model = nn.HeadOnly(model)
     dropout_on = model.has_dropout
     if axis_name is not None and dropout_on and getattr(model, "batch_axis_name", None) != axis_name:
         # Same key on every device: without it every device would repeat one slice's masks.
@@ -227,7 +251,7 @@ def make_step(model, optimizer, config: TrainConfig, axis_name=None):
     def step(params, state, opt_state, images, labels, key, mean, std, hp):
         aug_key, dropout_key = jax.random.split(key)
         x = augment(aug_key, images, flip=config.dataset != "mnist", axis_name=axis_name) if config.augment else images
-        x = normalize(x, mean, std)
+        x = model_input(x, mean, std, config.image_size)
         extra = {"dropout_rate": hp["dropout"]} if dropout_on else {}
         (loss, new_state), grads = value_and_grad(
             model, params, state, x, labels, key=dropout_key, label_smoothing=hp["label_smoothing"], **extra
@@ -362,7 +386,7 @@ def make_parallel_chunk(model, optimizer, config: TrainConfig, mesh):
     return jax.jit(chunk, static_argnames="length", donate_argnums=0)
 
 
-def _evaluate_fn(model, batch_size, axis_name=None):
+def _evaluate_fn(model, batch_size, axis_name=None, image_size=0):
     # ``valid`` marks the real rows of a padded set; ``axis_name`` (inside ``shard_map``):
     # the rows are this device's share, and the sums are psum-ed over the axis.
     def evaluate(params, state, images, labels, mean, std, valid=None):
@@ -379,7 +403,7 @@ def _evaluate_fn(model, batch_size, axis_name=None):
 
         def one(args):
             x, y, v = args
-            logits, _ = model.apply(params, state, normalize(x, mean, std), train=False)
+            logits, _ = model.apply(params, state, model_input(x, mean, std, image_size), train=False)
             losses = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1)[:, 0]
             return jnp.sum(losses * v), jnp.sum((jnp.argmax(logits, -1) == y) * v)
 
@@ -393,16 +417,17 @@ def _evaluate_fn(model, batch_size, axis_name=None):
     return evaluate
 
 
-def make_evaluate(model, batch_size):
-    """``evaluate(params, state, x_u8, y, mean, std) -> (mean loss, accuracy)``, in batches."""
-    return jax.jit(_evaluate_fn(model, batch_size))
+def make_evaluate(model, batch_size, image_size=0):
+    """``evaluate(params, state, x_u8, y, mean, std) -> (mean loss, accuracy)``, in batches
+    (the images through :func:`model_input` with ``image_size``)."""
+    return jax.jit(_evaluate_fn(model, batch_size, image_size=image_size))
 
 
-def make_group_evaluate(model, batch_size):
+def make_group_evaluate(model, batch_size, image_size=0):
     """``evaluate(params, state, images, labels, index, means, stds) -> (losses, accuracies)``
     per member: member ``m`` is scored on ``images[index[m]]`` (``index`` (members, n)), or
     every member on all of ``images`` when ``index`` is None (the test set)."""
-    evaluate = _evaluate_fn(model, batch_size)
+    evaluate = _evaluate_fn(model, batch_size, image_size=image_size)
 
     def group(params, state, images, labels, index, means, stds):
         if index is None:
@@ -413,7 +438,7 @@ def make_group_evaluate(model, batch_size):
     return jax.jit(group)
 
 
-def make_parallel_evaluate(model, batch_size, mesh):
+def make_parallel_evaluate(model, batch_size, mesh, image_size=0):
     """:func:`make_group_evaluate` for one member, data parallel over ``mesh``'s ``"batch"`` axis.
 
     ``evaluate(params, state, images, labels, valid, means, stds) -> (losses, accuracies)``
@@ -421,7 +446,7 @@ def make_parallel_evaluate(model, batch_size, mesh):
     :func:`jaxnets.parallel.place_eval`: each device scores its rows in batches of
     ``batch_size`` and the sums are added over the devices.
     """
-    evaluate = _evaluate_fn(model, batch_size, axis_name=parallel.AXIS)
+    evaluate = _evaluate_fn(model, batch_size, axis_name=parallel.AXIS, image_size=image_size)
 
     def group(params, state, images, labels, valid, means, stds):
         def body(p, s, x, y, v, m, sd):

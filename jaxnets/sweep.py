@@ -45,9 +45,10 @@ import jax
 
 from jaxnets import data as D
 from jaxnets import cost, placement, plots
+from jaxnets import models as M
 from jaxnets import training as T
 from jaxnets.config import FIELDS, TrainConfig, format_setting, parse_setting
-from jaxnets.runs import (is_diverged, make_dir, RUN_FILES, ReportedInterrupt, RunLock, TrainingError, at_chance, checkpoint_epoch,
+from jaxnets.runs import (SWEEP_PLAN, is_diverged, make_dir, RUN_FILES, ReportedInterrupt, RunLock, TrainingError, at_chance, checkpoint_epoch,
                           files_besides_lock, read_json, read_summary, removed_if_left_empty, write_json)
 from jaxnets.steps import build_model, check_sizes, memory_settings, num_classes, run_dataset
 
@@ -57,7 +58,7 @@ NOT_SWEEPABLE = ("out", "data_dir", "data_source", "progress", "dataset")
 MAX_MEMBERS = 10_000
 SWEEPABLE = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_SWEEPABLE)
 #: The sweep's own record of what it trains and how, read back by ``resume``.
-PLAN_FILE = "sweep_plan.json"
+PLAN_FILE = SWEEP_PLAN
 
 
 # ------------------------------------------------------------------------- parsing
@@ -275,6 +276,9 @@ def sweep(base: TrainConfig, axes, *, out=None, dataset: D.Dataset | None = None
                          f"(use --devices 1 or 0, in one process)")
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--out {out}: is a file, not a directory")
+    if resume and not out.exists():
+        raise TrainingError(f"--resume {out}: no such sweep directory (a sweep refused before training leaves none); "
+                            f"start it with --out {out} instead of --resume")
     if resume and out.is_dir() and not files_besides_lock(out):
         log(f"{out} holds no sweep yet (it stopped before writing its plan): starting it")
         resume = False
@@ -314,6 +318,10 @@ def _sweep(base, axes, members, configs, names, out, waves, *, dataset, budget, 
             check_sizes(len(dataset.train_labels), c, dataset.train_labels)
         except ValueError as e:
             raise ValueError(f"sweep member {name}: {e}") from None
+    if not resume:  # every --pretrained file loads into its members' model before anything is written
+        for model_name, pretrained in sorted({(c.model, c.pretrained) for c in configs if c.pretrained}):
+            c = next(c for c in configs if (c.model, c.pretrained) == (model_name, pretrained))
+            M.load_pretrained(model_name, build_model(c, image_shape, classes), pretrained)
 
     # Work (member-steps x batch x cost per example) per wave: what the progress bar and the
     # ETA count, so a wave of 3000-step, 300-wide members weighs what it costs.
