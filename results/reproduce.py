@@ -270,10 +270,24 @@ def collect(name):
             shutil.copy2(out / f, target / f)
     scrub(target)
     if name == PRETRAIN:
-        sys.path.insert(0, str(ROOT))
-        import jaxnets
+        export_pretrained(out)
 
-        print("exported", jaxnets.export_torchvision(jaxnets.load_run(out), ROOT / PRETRAINED), flush=True)
+
+def export_pretrained(run_dir):
+    """The pretraining run's ResNet-18 as a torchvision state dict at :data:`PRETRAINED`, its
+    head (fc: classes 0-4) zeroed. ``--pretrained`` keeps a head whose class count matches
+    the new model's, and classes 5-9 are 5 classes too: without this every fine-tune would
+    start from the old classes' mapping (in the first epoch of a probe, 4% training accuracy,
+    below chance). A zero head is a fresh one: every run starts from uniform predictions, and
+    its first steps train the head alone (the backbone's gradient goes through the head's
+    weights)."""
+    sys.path.insert(0, str(ROOT))
+    import jax
+    import jaxnets
+
+    run = jaxnets.load_run(run_dir)
+    params = dict(run.params, fc=jax.tree_util.tree_map(lambda a: a * 0, run.params["fc"]))
+    print("exported", jaxnets.export_torchvision(params, ROOT / PRETRAINED, state=run.state), flush=True)
 
 
 def scrub(folder):
