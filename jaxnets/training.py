@@ -303,7 +303,8 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             else:
                 run.last_good = [epoch + 1 if m in records else e for m, e in enumerate(run.last_good)]
             if size > 1:
-                best = int(np.nanargmax(np.where(run.alive, val[1], -np.inf))) if run.alive.any() else 0
+                # (no validation split, --val-size 0: every accuracy NaN, nothing to rank by)
+                best = int(np.nanargmax(np.where(run.alive, val[1], -np.inf))) if n_val and run.alive.any() else 0
                 log(f"epoch {epoch + 1}: {run.alive.sum()}/{size} members training; best val acc "
                     f"{_percent(val[1][best])} ({names[best]}); {_seconds(seconds, train_seconds)}, "
                     f"{done * batch * run.alive.sum() / train_seconds:.0f} img/s in all")
