@@ -5,7 +5,8 @@ every combination of the values (their Cartesian product) is one member. Members
 agree in every setting that fixes shapes or the program (:func:`~jaxnets.training.group_key`:
 hidden sizes, depth, batch size, batch norm, activation, optimizer, epochs/max_steps, ...)
 form a group. On GPU/TPU a group trains in one ``jax.vmap``-ed, jitted program (learning
-rate, weight decay, momentum, dropout rate and label smoothing are per-member arrays); on
+rate, weight decay, momentum, dropout rate, label smoothing and the parameter groups'
+learning-rate factors are per-member arrays); on
 CPU each member runs through its single run's programs, two at a time
 (:class:`~jaxnets.placement.MemberBlocks`). Each member's seed gives it its own split,
 init, data order and dropout masks. Groups too big for the memory budget are split into

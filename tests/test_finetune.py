@@ -329,3 +329,26 @@ def test_bad_fine_tuning_settings_are_one_line_naming_the_flag(args, says, monke
     assert exit_code(argv) == 2
     assert says in error_line(capsys)
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_vmapped_group_of_backbone_factors_equals_each_single_run(tmp_path):
+    # The factor is per member (an injected hyperparameter): one vmapped program, each
+    # member what its own run trains (which has the plain optimizer when its factor is 1).
+    rng = np.random.default_rng(3)
+    data = D.Dataset("mnist", rng.integers(0, 256, (200, 28, 28, 1), dtype=np.uint8),
+                     rng.integers(0, 10, 200).astype(np.int32), rng.integers(0, 256, (20, 28, 28, 1), dtype=np.uint8),
+                     rng.integers(0, 10, 20).astype(np.int32), 10, "synthetic")
+    base = dict(model="mlp", hidden_units=(16,), dropout=0.0, batch_size=50, epochs=1, val_size=0, progress=False,
+                optimizer="adam", lr=1e-2, schedule="constant")
+    configs = [TrainConfig(**base, backbone_lr_scale=f, out=str(tmp_path / f"m{f}")) for f in (0.25, 1.0)]
+    T.train_group(configs, [c.out for c in configs], dataset=data, vmap=True, log=lambda *a, **k: None)
+    # The factor-1 member, in the grouped program, trains as its single run with the plain
+    # optimizer (the factor arithmetic itself is checked against multi_transform above).
+    single = TrainConfig(**base, out=str(tmp_path / "single"))
+    T.train(single, dataset=data, log=lambda *a, **k: None)
+    got, want = runs.load_run(configs[1].out).params, runs.load_run(single.out).params
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    slow = runs.load_run(configs[0].out).params
+    assert not np.allclose(slow["blocks"][0]["linear"]["w"], got["blocks"][0]["linear"]["w"])  # the backbone at 0.25x
+    assert not np.allclose(slow["head"]["w"], got["head"]["w"])  # (and the head, fed other features)
