@@ -290,6 +290,23 @@ MUTATIONS = [
       "offset = jax.lax.axis_index(axis_name).astype(jnp.uint32) * jnp.uint32(math.prod(x.shape) % 2**32)",
       "offset = jnp.uint32(0)",
       "tests/test_parallel.py::test_data_parallel_dropout_and_augmentation_equal_single_device"),
+    # ------------------------------------------------------------------ fine-tuning
+    m("fine-tuning", "frozen_backbone_in_training_mode", "jaxnets/network.py",
+      "features, _, _ = backbone.forward(jax.lax.stop_gradient(rest(params)), rest(state), x, Context(False))",
+      "features, _, _ = backbone.forward(jax.lax.stop_gradient(rest(params)), rest(state), x, Context(train))",
+      FT + "test_head_only_gradients_agree_between_paths_and_skip_the_backbone"),
+    m("fine-tuning", "frozen_backbone_keeps_optimizer_state", "jaxnets/optim.py",
+      "transforms[label] = optax.set_to_zero()",
+      "transforms[label] = one(0.0 * learning_rate, weight_decay, momentum)",
+      FT + "test_freeze_trains_the_head_only_and_keeps_no_backbone_state"),
+    m("fine-tuning", "backbone_factor_ignored", "jaxnets/optim.py",
+      "transforms[label] = one(learning_rate * factor, weight_decay, momentum)",
+      "transforms[label] = one(learning_rate, weight_decay, momentum)",
+      FT + "test_backbone_lr_scale_equals_an_explicit_multi_transform"),
+    m("fine-tuning", "predict_skips_the_resize", "jaxnets/runs.py",
+      "batch = model_input(x[i:i + batch_size], self.mean, self.std, self.config.image_size)",
+      "batch = model_input(x[i:i + batch_size], self.mean, self.std)",
+      FT + "test_pretrained_round_trip_with_freeze_resize_and_predict"),
 ]
 
 
