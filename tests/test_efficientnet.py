@@ -57,6 +57,22 @@ def test_depthwise_conv_gradcheck_and_grouped_conv(h, w, k, stride, padding):
     assert _rel(conv_ops.depthwise_conv2d({"w": w32}, x32, stride=stride, padding=padding)[0], ref) < 1e-6
 
 
+@pytest.mark.parametrize("batch, chunk", [(1, 1), (34, 2), (48, 3)])
+def test_depthwise_weight_gradient_in_batch_chunks_equals_jax_vjp(batch, chunk):
+    """The weight gradient sums the batch chunk by chunk (a scan): equal to jax.vjp of the
+    forward in float64 for one chunk, chunks of 2 and an odd chunk size."""
+    assert conv_ops.depthwise_batch_chunk(batch) == chunk
+    with jax.enable_x64(True):
+        x, w = _normal(2, (batch, 6, 5, 4)), _normal(3, (5, 5, 4))
+        assert x.dtype == jnp.float64
+        y, cache = conv_ops.depthwise_conv2d({"w": w}, x, stride=2)
+        dy = _normal(4, y.shape)
+        grads, dx = conv_ops.depthwise_conv2d_backward({"w": w}, cache, dy, stride=2)
+        _, vjp = jax.vjp(lambda w, x: conv_ops.depthwise_conv2d({"w": w}, x, stride=2)[0], w, x)
+        expect_w, expect_x = vjp(dy)
+    assert _rel(grads["w"], expect_w) < 1e-12 and _rel(dx, expect_x) < 1e-12
+
+
 def test_same_padding_is_tensorflows_at_stride_2():
     # 3x3/2 on 8 pixels: ceil(8/2) = 4 outputs need 3*2+3-8 = 1 pixel, all of it at the end.
     assert conv_ops._resolve_padding("t", "SAME", (8, 7), (3, 3), (2, 2)) == ((0, 1), (1, 1))
