@@ -163,8 +163,8 @@ class ModelItem:
 
     def title(self):
         if self.family == "resnet18":
-            return f"resnet18 {self.stem} stem {self.size}px"
-        return f"efficientnet-lite0 {self.size}px"
+            return f"resnet18 ({self.stem} stem, {self.size} px, batch {self.batch})"
+        return f"efficientnet-lite0 ({self.size} px, batch {self.batch})"
 
 
 #: kind -> its item. ResNet-18 (issue 23): both stems on CIFAR-10's 32x32 and on 64x64 inputs,
@@ -619,7 +619,7 @@ def model_item_row(torch, kind, item, variants, repeats, limit, results):
     timed call, as the trainer's chunk runs it) and the item's PyTorch variants, timed in
     interleaved rounds of one step each after one warm-up step, median of ``repeats``."""
     model = item.model()
-    row = {"batch": item.batch, "image_size": item.size, "title": item.title(),
+    row = {"batch": item.batch, "image_size": item.size,
            "flops_per_step": cost.train_flops(model) * item.batch}
     per_example, winograd_layers = multiply_flops(model)
     row.update(multiply_flops_per_step=per_example * item.batch, winograd_layers=winograd_layers,
@@ -675,7 +675,7 @@ def markdown(results):
             if f"{label}_images_per_s" not in row:
                 continue
             name = LABEL_TEXT[label] + (" (best PyTorch)" if row.get("best_torch") == label else "")
-            title = row.get("title", kind) + (f", batch {row['batch']}" if kind in MODEL_ITEMS else "")
+            title = MODEL_ITEMS[kind].title() if kind in MODEL_ITEMS else kind
             lines.append(f"| {title} step, {name} | {row[f'{label}_images_per_s']:.0f} | {row[f'{label}_gflops']:.0f} | "
                          f"{f(row.get(f'{label}_effective_gflops'), '.0f')} | "
                          f"{f(row.get(f'{label}_speedup_vs_best_torch'), '.2f')}x | "
@@ -692,7 +692,7 @@ def markdown(results):
                          + (f"{entry[f'{best}_s']:.1f} ({LABEL_TEXT[best]}) | " if best else " | ")
                          + f"{f(entry.get('jaxnets_over_best_torch'), '.2f')} | "
                          f"{f(entry.get('jaxnets_cached_compile_over_best_torch'), '.2f')} |")
-    firsts = [(results[kind].get("title", kind), results[kind]) for kind in STEP_KINDS
+    firsts = [(MODEL_ITEMS[kind].title() if kind in MODEL_ITEMS else kind, results[kind]) for kind in STEP_KINDS
               if "jaxnets_autodiff_first_call_s" in results.get(kind, {})]
     if firsts:
         lines += ["", "| first step (compile included), s | jaxnets autodiff | jaxnets manual | PyTorch torch.compile |",
@@ -716,13 +716,26 @@ def markdown(results):
                  + f"{compile_text}. Machine: {cpu.get('model')}, {cpu.get('cores')} cores, flags "
                  f"{' '.join(cpu.get('flags') or []) or 'unknown'}; jax {machine.get('jax')}, torch {machine.get('torch')}. "
                  f"Command: `{results.get('command')}`."
-                 + (" Load average (1 min) at the start and end of the run: {start:.1f} and {end:.1f} on {cores} "
-                    "cores{busy}.".format(**results["load_average_1min"], cores=cpu.get("cores"),
-                                          busy=": the machine was shared and loaded, read the ratios"
-                                          if results["load_average_1min"]["start"] > 0.5 * (cpu.get("cores") or 1)
-                                          else "")
-                    if "end" in results.get("load_average_1min", {}) else ""))
+                 + load_text(results))
     return "\n".join(lines)
+
+
+def load_text(results):
+    """The footer's sentence on the machine's load (1-minute load average at the start of the
+    run, and at its end when it finished) and on a run stopped before its last item."""
+    load = results.get("load_average_1min")
+    if not load:
+        return ""
+    cores = results.get("cpu", {}).get("cores") or 1
+    text = f" Load average (1 min) at the start of the run: {load['start']:.1f}"
+    text += f", at its end {load['end']:.1f}" if "end" in load else ""
+    text += f" on {cores} cores"
+    if max(load.values()) > 0.5 * cores:
+        text += ": the machine was shared and loaded (other jobs beside this one), so read the ratios, not the rates"
+    text += "."
+    if "partial" in results:
+        text += " The run was stopped before its end: the items it had not finished are missing."
+    return text
 
 
 def table_markers(block):
