@@ -18,6 +18,7 @@ import argparse
 import collections
 import dataclasses
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -126,7 +127,8 @@ def main(argv=None):
         print(f"{path}: {1e3 * whole:.0f} ms summed; " + ", ".join(
             f"{k} {1e3 * v:.0f} ms ({v / whole:.0%})" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])))
     if args.out:
-        write_json(args.out, {"command": "python -m benchmarks.layer_breakdown " + " ".join(argv or []),
+        given = sys.argv[1:] if argv is None else argv
+        write_json(args.out, {"command": " ".join(["python -m benchmarks.layer_breakdown", *given]),
                               "model": args.model, "stem": args.stem, "size": args.size, "batch": args.batch,
                               "layers": rows, "totals": {p: dict(v) for p, v in totals.items()},
                               "load_average_1min_start": load, "load_average_1min_end": os.getloadavg()[0],
