@@ -586,7 +586,9 @@ def measure(args, parts, argv):
     for kind, item in MODEL_ITEMS.items():
         if item.family in parts:
             results[kind] = model_item_row(torch, kind, item, variants, args.model_repeats, limit, results)
-            write_json(args.out, {**results, "partial": "written after each item; the run went on"})
+            now = max(results["load_average_1min"]["start"], os.getloadavg()[0])
+            write_json(args.out, {**results, "partial": "written after each item; the run went on",
+                                  "machine_loaded": now > 0.5 * (results["cpu"]["cores"] or 1)})
 
     if "epoch" in parts:
         epochs = {}
@@ -611,6 +613,7 @@ def measure(args, parts, argv):
                 print(f"epoch {kind}: {entry}")
         results["epoch"] = epochs
     results["load_average_1min"]["end"] = os.getloadavg()[0]
+    results["machine_loaded"] = max(results["load_average_1min"].values()) > 0.5 * (results["cpu"]["cores"] or 1)
     return results
 
 
