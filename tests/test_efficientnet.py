@@ -297,3 +297,33 @@ def test_zero_shot_cifar10_is_far_above_chance(reference, cifar_test):
                             for i in range(0, 200, 50)])
     accuracy = float(np.mean(preds == labels[:200]))
     assert accuracy > 0.3, accuracy
+
+
+def test_benchmark_torch_twin_is_the_same_network():
+    """benchmarks/torch_twins.py's EfficientNet-Lite0 (what benchmarks.cpu times PyTorch on)
+    computes our logits from the same weights, at a size whose "SAME" pads are asymmetric."""
+    torch = pytest.importorskip("torch")
+    from benchmarks.torch_twins import TorchEfficientNetLite0
+
+    torch.manual_seed(0)
+    twin = TorchEfficientNetLite0(10, 36).eval()
+    with torch.no_grad():
+        for m in twin.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5), m.weight.uniform_(0.5, 1.5)
+    entries = iter(twin.state_dict().items())
+    tensors = {}
+    for theirs, kind in M.efficientnet_lite0_names().values():
+        leaves = {"conv": ["weight"], "depthwise": ["weight"], "linear": ["weight", "bias"],
+                  "bn": ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]}[kind]
+        for leaf in leaves:
+            _, value = next(entries)
+            tensors[f"{theirs}.{leaf}"] = value.numpy()
+    assert next(entries, None) is None
+    model = M.EfficientNetLite0(input_shape=(36, 36, 3), classes=10)
+    params, state = M.efficientnet_lite0_from_state_dict(tensors, model)
+    x = np.asarray(_normal(5, (2, 36, 36, 3)), np.float32)
+    ours, _ = model.apply(params, state, jnp.asarray(x), train=False)
+    with torch.no_grad():
+        theirs = twin(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    assert _rel(ours, theirs) < 1e-4
