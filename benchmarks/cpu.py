@@ -142,8 +142,57 @@ TORCH_VARIANTS = {
 TORCH_SKIP = {"mlp": {"torch_channels_last"}, "convnet": set()}
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelItem:
+    """A larger network's train-step row (``--only resnet18`` / ``efficientnet``): the
+    ``family`` of ``--only``, its stem (ResNet), image side, batch, and the PyTorch variants
+    timed beside jaxnets (the same model, :mod:`benchmarks.torch_twins`). These steps take
+    0.3-10 s each on 2 cores, so each contender gets ``--model-repeats`` timed steps."""
+
+    family: str
+    size: int
+    batch: int
+    stem: str = ""
+    torch_variants: tuple = ("torch", "torch_channels_last", "torch_compile")
+
+    def model(self):
+        if self.family == "resnet18":
+            return M.ResNet(depths=M.RESNET_DEPTHS["resnet18"], classes=10, stem=self.stem,
+                            input_shape=(self.size, self.size, 3))
+        return M.EfficientNetLite0(input_shape=(self.size, self.size, 3), classes=10)
+
+    def title(self):
+        if self.family == "resnet18":
+            return f"resnet18 ({self.stem} stem, {self.size} px, batch {self.batch})"
+        return f"efficientnet-lite0 ({self.size} px, batch {self.batch})"
+
+
+#: kind -> its item. ResNet-18 (issue 23): both stems on CIFAR-10's 32x32 and on 64x64 inputs,
+#: batch 128. EfficientNet-Lite0 (issue 25) at 128 px, batch 64: the smallest of the input
+#: sizes the transfer experiment measures (224/160/128/96) that keeps every stage's
+#: spatial size even down to 4x4, at a batch that keeps a step near a few seconds on 2
+#: cores (224 px would take ~3x longer per image); eager and channels-last only, as the
+#: issue asks (torch.compile of its 16 blocks compiles for minutes on 2 cores).
+MODEL_ITEMS = {  # cheapest first: the results file is rewritten after each item
+    "resnet18_imagenet_32": ModelItem("resnet18", 32, 128, "imagenet"),
+    "resnet18_imagenet_64": ModelItem("resnet18", 64, 128, "imagenet"),
+    "resnet18_cifar_32": ModelItem("resnet18", 32, 128, "cifar"),
+    "efficientnet_lite0_128": ModelItem("efficientnet", 128, 64, torch_variants=("torch", "torch_channels_last")),
+    "resnet18_cifar_64": ModelItem("resnet18", 64, 128, "cifar"),
+}
+#: The ``--only`` names of the model items.
+MODEL_FAMILIES = ("resnet18", "efficientnet")
+
+
 def torch_models(torch, kind):
     nn = torch.nn
+    if kind in MODEL_ITEMS:
+        from benchmarks import torch_twins
+
+        spec = MODEL_ITEMS[kind]
+        if spec.family == "resnet18":
+            return torch_twins.TorchResNet(M.RESNET_DEPTHS["resnet18"], 10, spec.stem)
+        return torch_twins.TorchEfficientNetLite0(10, spec.size)
     if kind == "mlp":
         return nn.Sequential(nn.Flatten(), nn.Linear(3072, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
                              nn.Linear(512, 10))
@@ -177,7 +226,8 @@ def torch_step_runner(torch, kind, batch, variant):
     """``(step, first)``: ``step()`` is one PyTorch train step of ``variant`` (same model and
     optimizer as jaxnets'); ``first`` the wall time of its first call (torch.compile compiles there)."""
     model, opt, to_input = torch_training(torch, kind, variant)
-    x = to_input(torch.randn(batch, 3, 32, 32))
+    size = MODEL_ITEMS[kind].size if kind in MODEL_ITEMS else 32
+    x = to_input(torch.randn(batch, 3, size, size))
     y = torch.randint(0, 10, (batch,))
     loss_fn = torch.nn.CrossEntropyLoss()
 
@@ -395,11 +445,15 @@ def step_rows(kind, row, limit):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="gemm,mlp,convnet,epoch,compile",
-                        help="comma-separated subset of gemm,mlp,convnet,epoch,compile")
+                        help="comma-separated subset of gemm,mlp,convnet,epoch,compile and the larger networks' "
+                             "train steps resnet18 (both stems, 32 and 64 px, batch 128) and efficientnet "
+                             "(Lite0, 128 px, batch 64), which the default leaves out")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (median taken)")
     parser.add_argument("--short-repeats", type=int, default=30,
                         help="timed repetitions of the short measurements, the GEMM and the MLP steps (10-150 ms "
                              "each: a median of 5 is at the mercy of the machine's noise)")
+    parser.add_argument("--model-repeats", type=int, default=3,
+                        help="timed steps per contender of the resnet18/efficientnet items (0.3-10 s each on 2 cores)")
     parser.add_argument("--chunk", type=int, default=10, help="jaxnets steps per compiled call")
     parser.add_argument("--epoch-images", type=int, default=45000, help="training images in the MLP full-epoch test")
     parser.add_argument("--convnet-epoch-images", type=int, default=45000,
@@ -411,9 +465,11 @@ def main(argv=None):
     parser.add_argument("--markdown", metavar="JSON", help="print the docs/performance.md table of a results file "
                                                            "and exit")
     parser.add_argument("--update-docs", metavar="JSON",
-                        help="replace the table in docs/performance.md with the one of this results file and exit")
+                        help="replace the table of this results file in docs/performance.md (the block named after "
+                             "the file: bench_cpu, bench_cpu_models) with its table and exit")
     args = parser.parse_args(argv)
     for flag, value in (("--repeats", args.repeats), ("--short-repeats", args.short_repeats), ("--chunk", args.chunk),
+                        ("--model-repeats", args.model_repeats),
                         ("--epoch-images", args.epoch_images), ("--convnet-epoch-images", args.convnet_epoch_images)):
         if value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
@@ -424,14 +480,15 @@ def main(argv=None):
         except (OSError, json.JSONDecodeError) as e:
             parser.error(f"cannot read the results file {path}: {e}")
         if args.update_docs:
-            update_docs(results)
+            update_docs(results, block=path.stem)
         else:
             print(markdown(results))
         return
     parts = set(args.only.split(","))
-    unknown = parts - {"gemm", "mlp", "convnet", "epoch", "compile"}
+    known = ("gemm", "mlp", "convnet", "epoch", "compile", *MODEL_FAMILIES)
+    unknown = parts - set(known)
     if unknown:
-        parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; choose from gemm,mlp,convnet,epoch,compile")
+        parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; choose from {','.join(known)}")
     # torch.compile's kernels (Inductor) go to a new empty folder, so its first step is a cold
     # compile rather than one served by an earlier run's cache (/tmp/torchinductor_$USER).
     with tempfile.TemporaryDirectory(prefix="bench-inductor-") as inductor_cache:
@@ -450,7 +507,7 @@ def measure(args, parts, argv):
         print("torch not installed (pip install torch==2.13.0): PyTorch columns are skipped")
 
     results = {"command": "python -m benchmarks.cpu " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "machine": machine_info(torch), "cpu": cpu_info()}
+               "machine": machine_info(torch), "cpu": cpu_info(), "load_average_1min": {"start": os.getloadavg()[0]}}
     variants = list(TORCH_VARIANTS) if torch is not None else []
     if torch is not None:
         if args.no_torch_compile:
@@ -526,6 +583,13 @@ def measure(args, parts, argv):
         results[kind] = row
         print(f"{kind}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
 
+    for kind, item in MODEL_ITEMS.items():
+        if item.family in parts:
+            results[kind] = model_item_row(torch, kind, item, variants, args.model_repeats, limit, results)
+            now = max(results["load_average_1min"]["start"], os.getloadavg()[0])
+            write_json(args.out, {**results, "partial": "written after each item; the run went on",
+                                  "machine_loaded": now > 0.5 * (results["cpu"]["cores"] or 1)})
+
     if "epoch" in parts:
         epochs = {}
         with tempfile.TemporaryDirectory() as tmp:
@@ -548,18 +612,53 @@ def measure(args, parts, argv):
                 epochs[kind] = entry
                 print(f"epoch {kind}: {entry}")
         results["epoch"] = epochs
+    results["load_average_1min"]["end"] = os.getloadavg()[0]
+    results["machine_loaded"] = max(results["load_average_1min"].values()) > 0.5 * (results["cpu"]["cores"] or 1)
     return results
+
+
+def model_item_row(torch, kind, item, variants, repeats, limit, results):
+    """The step row of a :data:`MODEL_ITEMS` entry: jaxnets autodiff and manual (one step per
+    timed call, as the trainer's chunk runs it) and the item's PyTorch variants, timed in
+    interleaved rounds of one step each after one warm-up step, median of ``repeats``."""
+    model = item.model()
+    row = {"batch": item.batch, "image_size": item.size,
+           "flops_per_step": cost.train_flops(model) * item.batch}
+    per_example, winograd_layers = multiply_flops(model)
+    row.update(multiply_flops_per_step=per_example * item.batch, winograd_layers=winograd_layers,
+               winograd_contenders=["jaxnets_autodiff", "jaxnets_manual"] if winograd_layers else [])
+    contenders = {}
+    for grad in ("autodiff", "manual"):
+        run, row[f"jaxnets_{grad}_first_call_s"] = jaxnets_step_runner(model, item.batch, grad, 1,
+                                                                        (item.size, item.size, 3))
+        contenders[f"jaxnets_{grad}"] = run
+    for variant in variants:
+        if variant not in item.torch_variants:
+            continue
+        try:
+            contenders[variant], row[f"{variant}_first_call_s"] = torch_step_runner(torch, kind, item.batch, variant)
+        except Exception as e:  # noqa: BLE001 -- torch.compile failing on this model: record and go on
+            if not TORCH_VARIANTS[variant][1]:
+                raise
+            results["torch_compile"].setdefault("failed_on", {})[kind] = f"{type(e).__name__}: {e}"[:500]
+    seconds = interleaved_median_seconds(contenders, repeats, warmup=1)
+    for label, value in seconds.items():
+        row[f"{label}_s"] = value
+    step_rows(kind, row, limit)
+    print(f"{kind}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    return row
 
 
 #: Contenders of the step rows, in table order.
 STEP_LABELS = ("jaxnets_autodiff", "jaxnets_manual", "jaxnets_xla_conv", *TORCH_VARIANTS, "flax")
+#: Rows of the step table, in order.
+STEP_KINDS = ("mlp", "convnet", *MODEL_ITEMS)
 #: How the table names them.
 LABEL_TEXT = {"jaxnets_autodiff": "jaxnets autodiff", "jaxnets_manual": "jaxnets manual",
               "jaxnets_xla_conv": "jaxnets on XLA's convolution", "torch": "PyTorch eager",
               "torch_default_adam": "PyTorch eager, default (for-loop) Adam",
               "torch_channels_last": "PyTorch eager, channels-last", "torch_compile": "PyTorch torch.compile",
               "flax": "Flax"}
-TABLE_BEGIN, TABLE_END = "<!-- bench_cpu table: begin -->", "<!-- bench_cpu table: end -->"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
 
 
@@ -573,13 +672,14 @@ def markdown(results):
 
     lines = ["| benchmark | images/s | GFLOP/s done | effective GFLOP/s | vs best PyTorch | of GEMM limit |",
              "| --- | --- | --- | --- | --- | --- |"]
-    for kind in ("mlp", "convnet"):
+    for kind in STEP_KINDS:
         row = results.get(kind, {})
         for label in STEP_LABELS:
             if f"{label}_images_per_s" not in row:
                 continue
             name = LABEL_TEXT[label] + (" (best PyTorch)" if row.get("best_torch") == label else "")
-            lines.append(f"| {kind} step, {name} | {row[f'{label}_images_per_s']:.0f} | {row[f'{label}_gflops']:.0f} | "
+            title = MODEL_ITEMS[kind].title() if kind in MODEL_ITEMS else kind
+            lines.append(f"| {title} step, {name} | {row[f'{label}_images_per_s']:.0f} | {row[f'{label}_gflops']:.0f} | "
                          f"{f(row.get(f'{label}_effective_gflops'), '.0f')} | "
                          f"{f(row.get(f'{label}_speedup_vs_best_torch'), '.2f')}x | "
                          f"{f(row.get(f'{label}_fraction_of_limit'), '.0%')} |")
@@ -595,7 +695,8 @@ def markdown(results):
                          + (f"{entry[f'{best}_s']:.1f} ({LABEL_TEXT[best]}) | " if best else " | ")
                          + f"{f(entry.get('jaxnets_over_best_torch'), '.2f')} | "
                          f"{f(entry.get('jaxnets_cached_compile_over_best_torch'), '.2f')} |")
-    firsts = [(kind, results[kind]) for kind in ("mlp", "convnet") if "jaxnets_autodiff_first_call_s" in results.get(kind, {})]
+    firsts = [(MODEL_ITEMS[kind].title() if kind in MODEL_ITEMS else kind, results[kind]) for kind in STEP_KINDS
+              if "jaxnets_autodiff_first_call_s" in results.get(kind, {})]
     if firsts:
         lines += ["", "| first step (compile included), s | jaxnets autodiff | jaxnets manual | PyTorch torch.compile |",
                   "| --- | --- | --- | --- |"]
@@ -617,20 +718,47 @@ def markdown(results):
                     if winograd else "")
                  + f"{compile_text}. Machine: {cpu.get('model')}, {cpu.get('cores')} cores, flags "
                  f"{' '.join(cpu.get('flags') or []) or 'unknown'}; jax {machine.get('jax')}, torch {machine.get('torch')}. "
-                 f"Command: `{results.get('command')}`.")
+                 f"Command: `{results.get('command')}`."
+                 + load_text(results))
     return "\n".join(lines)
 
 
-def update_docs(results, page=DOCS):
-    """Replace the table between the ``bench_cpu table`` markers of ``page`` with
-    :func:`markdown` of ``results`` (``tests/test_readme.py`` checks they agree)."""
+def load_text(results):
+    """The footer's sentence on the machine's load (1-minute load average at the start of the
+    run, and at its end when it finished) and on a run stopped before its last item."""
+    load = results.get("load_average_1min")
+    if not load:
+        return ""
+    cores = results.get("cpu", {}).get("cores") or 1
+    text = f" Load average (1 min) at the start of the run: {load['start']:.1f}"
+    text += f", at its end {load['end']:.1f}" if "end" in load else ""
+    text += f" on {cores} cores"
+    if max(load.values()) > 0.5 * cores:
+        text += ": the machine was shared and loaded (other jobs beside this one), so read the ratios, not the rates"
+    text += "."
+    if "partial" in results:
+        text += " The run was stopped before its end: the items it had not finished are missing."
+    return text
+
+
+def table_markers(block):
+    """The comment lines around the docs table of results file ``block``.json."""
+    return f"<!-- {block} table: begin -->", f"<!-- {block} table: end -->"
+
+
+def update_docs(results, page=DOCS, block="bench_cpu"):
+    """Replace the table between the ``<block> table`` markers of ``page`` (``bench_cpu`` for
+    results/bench_cpu.json, ``bench_cpu_models`` for the resnet18/efficientnet items'
+    results/bench_cpu_models.json) with :func:`markdown` of ``results``
+    (``tests/test_readme.py`` checks they agree)."""
+    begin, end = table_markers(block)
     text = page.read_text()
-    if TABLE_BEGIN not in text or TABLE_END not in text:
-        sys.exit(f"{page}: no {TABLE_BEGIN} ... {TABLE_END} block to replace")
-    head, rest = text.split(TABLE_BEGIN, 1)
-    tail = rest.split(TABLE_END, 1)[1]
-    page.write_text(f"{head}{TABLE_BEGIN}\n{markdown(results)}\n{TABLE_END}{tail}")
-    print(f"updated the table in {page}")
+    if begin not in text or end not in text:
+        sys.exit(f"{page}: no {begin} ... {end} block to replace")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    page.write_text(f"{head}{begin}\n{markdown(results)}\n{end}{tail}")
+    print(f"updated the {block} table in {page}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ argument, never a global setting, and :func:`resolve_impl` is the one place wher
   ``(B*Ho*Wo, kh*kw*cin)`` matrix that is multiplied by the kernel reshaped to
   ``(kh*kw*cin, cout)``. The backward is two more GEMMs plus ``col2im`` (the adjoint of the
   strided slices: ``lax.pad`` with interior padding, summed). 1x1 convolutions are a plain
-  GEMM. XLA:CPU runs ``lax.conv_general_dilated`` through a slow generic kernel, so this
+  GEMM. Kernel positions whose windows lie wholly in the padding (a 3x3 pad-1 kernel on a
+  1x1 image: all but the centre) are left out of the patches (:func:`live_taps`). XLA:CPU runs ``lax.conv_general_dilated`` through a slow generic kernel, so this
   is several times faster there, both with the hand-written backward and under
   ``jax.grad`` (autodiff of slices/concat/dot is again slices/pads/dots).
 * ``"winograd"``: ``"gemm"``, except that the 3x3, stride-1, pad-1 convolutions of a VGG
@@ -200,17 +201,44 @@ def _out_size(layer, what, in_hw, k_hw, s_hw, pads, x_shape):
     return tuple(out)
 
 
-def _slices(xp, k_hw, s_hw, out_hw):
-    """The ``kh*kw`` strided windows of ``xp`` (B, Hp, Wp, C), each (B, Ho, Wo, C)."""
+def _slices(xp, k_hw, s_hw, out_hw, taps=None):
+    """The ``kh*kw`` strided windows of ``xp`` (B, Hp, Wp, C), each (B, Ho, Wo, C), row-major;
+    only those of the kernel positions ``taps`` ((i, j) pairs) when given."""
     (kh, kw), (sh, sw), (ho, wo) = k_hw, s_hw, out_hw
     b, _, _, c = xp.shape
+    taps = [(i, j) for i in range(kh) for j in range(kw)] if taps is None else taps
     return [
         lax.slice(
             xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1)
         )
-        for i in range(kh)
-        for j in range(kw)
+        for i, j in taps
     ]
+
+
+def live_taps(k_hw, s_hw, pads, in_hw, out_hw):
+    """The kernel positions (i, j), row-major, whose window reads the image for some output.
+
+    Kernel row ``i`` reads padded rows ``p*s + i``, i.e. image rows ``p*s + i - top`` for
+    ``p < Ho``; when none of them lies in ``[0, H)`` that row multiplies only padding zeros.
+    This happens when the image is smaller than the kernel's reach: a 3x3 pad-1 conv of a 1x1
+    image reads only through its centre, a 3x3/2 pad-1 conv of a 2x2 image only through its
+    bottom-right 2x2 (ResNet-18's layer4 on 32x32 inputs with the ImageNet stem). The im2col
+    GEMM skips the other positions: same sum, fewer products.
+    """
+    def rows(k, s, lo, n, out):
+        return [i for i in range(k) if any(0 <= p * s + i - lo < n for p in range(out))]
+
+    live_i = rows(k_hw[0], s_hw[0], pads[0][0], in_hw[0], out_hw[0])
+    live_j = rows(k_hw[1], s_hw[1], pads[1][0], in_hw[1], out_hw[1])
+    return [(i, j) for i in live_i for j in live_j]
+
+
+def _tap_rows(w, taps):
+    """The rows of the (kh*kw*cin, cout) GEMM kernel that the positions ``taps`` multiply."""
+    kh, kw, cin, cout = w.shape
+    if len(taps) == kh * kw:
+        return w.reshape(-1, cout)
+    return jnp.concatenate([w[i, j] for i, j in taps], axis=0)
 
 
 def _unslice(piece, i, j, s_hw, padded_hw):
@@ -274,12 +302,13 @@ def _conv_geometry(layer, params, x, stride, padding):
     return k_hw, s_hw, pads, out_hw
 
 
-def _patches(x, k_hw, s_hw, pads, out_hw):
-    """im2col: (B, Ho, Wo, kh*kw*cin), channel fastest, then kw, then kh (matches HWIO)."""
+def _patches(x, k_hw, s_hw, pads, out_hw, taps=None):
+    """im2col: (B, Ho, Wo, kh*kw*cin), channel fastest, then kw, then kh (matches HWIO);
+    only the kernel positions ``taps`` when given ((B, Ho, Wo, len(taps)*cin))."""
     xp = _pad(x, pads, 0)
     if k_hw == (1, 1) and s_hw == (1, 1):
         return xp
-    pieces = _slices(xp, k_hw, s_hw, out_hw)
+    pieces = _slices(xp, k_hw, s_hw, out_hw, taps)
     return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-1)
 
 
@@ -302,8 +331,8 @@ def conv2d(params, x, *, stride=1, padding="SAME", impl="auto"):
     if method == "winograd":
         y = _cpu_conv.winograd_conv(x, w)
     elif method == "gemm":
-        cols = _patches(x, k_hw, s_hw, pads, out_hw)
-        y = jnp.dot(cols, w.reshape(-1, w.shape[3]))
+        taps = live_taps(k_hw, s_hw, pads, x.shape[1:3], out_hw)
+        y = jnp.dot(_patches(x, k_hw, s_hw, pads, out_hw, taps), _tap_rows(w, taps))
     else:
         y = lax.conv_general_dilated(x, w, s_hw, pads, dimension_numbers=_xla_dims())
     return (y + params["b"] if "b" in params else y), ConvCache(x, method)
@@ -319,7 +348,8 @@ def conv2d_backward(params, cache, dy, *, stride=1, padding="SAME", impl="auto")
     * ``dW = X^T dy``
     * ``dx = crop(col2im(dy W^T))`` where ``col2im`` is the adjoint of im2col: every column
       block (i, j) is zero-filled back to its strided window of ``xp`` (``lax.pad`` with
-      interior padding ``stride-1``) and the ``kh*kw`` results are summed.
+      interior padding ``stride-1``) and the ``kh*kw`` results are summed. The kernel
+      positions im2col leaves out (:func:`live_taps`: they read only padding) get ``dW = 0``.
 
     ``"winograd"`` (where it applies, see the module docstring): with ``V = B^T d B`` the
     transformed input tiles, ``U = G g G^T`` the transformed kernel and ``M = V U`` (the 16
@@ -354,17 +384,23 @@ def conv2d_backward(params, cache, dy, *, stride=1, padding="SAME", impl="auto")
     if method == "winograd":
         dw, dx = _cpu_conv.winograd_conv_backward(x, w, dy)
     elif method == "gemm":
-        cols = _patches(x, k_hw, s_hw, pads, out_hw)
-        kdim = cols.shape[-1]
+        taps = live_taps(k_hw, s_hw, pads, in_hw, out_hw)
+        cols = _patches(x, k_hw, s_hw, pads, out_hw, taps)
+        kdim, cin = cols.shape[-1], w.shape[2]
         dy2 = dy.reshape(-1, cout)
-        dw = jnp.dot(cols.reshape(-1, kdim).T, dy2).reshape(w.shape)
-        dcols = jnp.dot(dy, w.reshape(kdim, cout).T)  # (B, Ho, Wo, kh*kw*cin)
+        dw_rows = jnp.dot(cols.reshape(-1, kdim).T, dy2).reshape(len(taps), cin, cout)
+        if len(taps) == k_hw[0] * k_hw[1]:
+            dw = dw_rows.reshape(w.shape)
+        else:  # the positions that read only padding get a zero gradient
+            zero, at = jnp.zeros((cin, cout), dw_rows.dtype), {tap: n for n, tap in enumerate(taps)}
+            dw = jnp.stack([dw_rows[at[(i, j)]] if (i, j) in at else zero
+                            for i in range(k_hw[0]) for j in range(k_hw[1])]).reshape(w.shape)
+        dcols = jnp.dot(dy, _tap_rows(w, taps).T)  # (B, Ho, Wo, len(taps)*cin)
         if k_hw == (1, 1) and s_hw == (1, 1):
             dxp = dcols
         else:
-            cin = w.shape[2]
             dxp = None
-            for n, (i, j) in enumerate((i, j) for i in range(k_hw[0]) for j in range(k_hw[1])):
+            for n, (i, j) in enumerate(taps):
                 piece = dcols if kdim == cin else dcols[..., n * cin : (n + 1) * cin]
                 term = _unslice(piece, i, j, s_hw, padded_hw)
                 dxp = term if dxp is None else dxp + term
@@ -607,11 +643,47 @@ def depthwise_conv2d(params, x, *, stride=1, padding="SAME"):
     return y, x
 
 
+#: The depthwise weight gradient runs over the batch in about this many chunks (see
+#: :func:`_depthwise_weight_gradient`).
+DEPTHWISE_DW_CHUNKS = 16
+
+
+def depthwise_batch_chunk(batch):
+    """Images per chunk of :func:`_depthwise_weight_gradient`: the largest divisor of
+    ``batch`` that is at most ``batch // DEPTHWISE_DW_CHUNKS`` (at least 1)."""
+    return max(g for g in range(1, max(1, batch // DEPTHWISE_DW_CHUNKS) + 1) if batch % g == 0)
+
+
+def _depthwise_weight_gradient(x, dy, k_hw, s_hw, pads, out_hw):
+    """``dW[i*kw+j, c] = sum_{n,p,q} xp[n, p*s+i, q*s+j, c] dy[n,p,q,c]``, (kh*kw, C).
+
+    The ``kh*kw`` sums each read all of ``x`` and ``dy``, and XLA:CPU runs them as separate
+    reductions, so over the whole batch every one streams both arrays from memory (the 5x5
+    layers of EfficientNet-Lite0: 25 passes). A ``lax.scan`` over chunks of
+    :func:`depthwise_batch_chunk` images accumulates the sums chunk by chunk, so the
+    ``kh*kw`` reductions of a chunk read it from cache: 3-6x faster on Lite0's shapes at
+    batch 32 (benchmarks/depthwise.py); about 16 chunks was best or near it on all of them.
+    """
+    b, c = x.shape[0], x.shape[3]
+    g = depthwise_batch_chunk(b)
+
+    def sums(xc, dyc):
+        pieces = _slices(_pad(xc, pads, 0), k_hw, s_hw, out_hw)
+        return jnp.stack([jnp.sum(piece * dyc, axis=(0, 1, 2)) for piece in pieces])
+
+    if g == b:
+        return sums(x, dy)
+    chunks = (x.reshape(b // g, g, *x.shape[1:]), dy.reshape(b // g, g, *dy.shape[1:]))
+    total, _ = lax.scan(lambda acc, xd: (acc + sums(*xd), None), jnp.zeros((k_hw[0] * k_hw[1], c), dy.dtype), chunks)
+    return total
+
+
 def depthwise_conv2d_backward(params, cache, dy, *, stride=1, padding="SAME"):
     """Gradients of :func:`depthwise_conv2d` (same ``stride``/``padding``); ``(dparams, dx)``.
 
     * ``dW[i,j,c] = sum_{n,p,q} xp[n, p*s+i, q*s+j, c] dy[n,p,q,c]`` (each window slice
-      times ``dy``, summed over batch and space);
+      times ``dy``, summed over batch and space, chunk by chunk of the batch: see
+      :func:`_depthwise_weight_gradient`);
     * ``dxp[n,a,b,c] = sum_{i,j} dy[n, (a-i)/s, (b-j)/s, c] W[i,j,c]`` over the (i, j)
       where ``(a-i)/s`` and ``(b-j)/s`` are whole output positions: a transposed
       convolution, computed as the stride-1 correlation of ``d`` (``dy`` with ``s-1`` zeros
@@ -627,8 +699,7 @@ def depthwise_conv2d_backward(params, cache, dy, *, stride=1, padding="SAME"):
                          f"has shape {(x.shape[0], *out_hw, x.shape[3])}")
     (kh, kw), in_hw = k_hw, x.shape[1:3]
     padded_hw = tuple(n + lo + hi for n, (lo, hi) in zip(in_hw, pads))
-    pieces = _slices(_pad(x, pads, 0), k_hw, s_hw, out_hw)
-    dw = jnp.stack([jnp.sum(piece * dy, axis=(0, 1, 2)) for piece in pieces]).reshape(w.shape)
+    dw = _depthwise_weight_gradient(x, dy, k_hw, s_hw, pads, out_hw).reshape(w.shape)
     # Rows/cols of xp beyond the last window get no gradient: pad d's far side by that many more.
     extra = [hp - (o - 1) * s - k for hp, o, s, k in zip(padded_hw, out_hw, s_hw, k_hw)]
     cfg = ((0, 0, 0), (kh - 1, kh - 1 + extra[0], s_hw[0] - 1), (kw - 1, kw - 1 + extra[1], s_hw[1] - 1), (0, 0, 0))

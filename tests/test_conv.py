@@ -37,6 +37,10 @@ CONV_CASES = [
     # where "winograd" runs F(2x2, 3x3): 3x3, stride 1, pad 1, even H and W >= 4, cin >= 16
     (2, 4, 6, 16, 5, 3, 1, "SAME"),
     (1, 8, 4, 17, 3, 3, 1, 1),
+    # kernel positions that read only padding, left out of im2col (conv_ops.live_taps)
+    (2, 1, 1, 3, 4, 3, 1, 1),  # 1x1 image: the centre only (ResNet layer4 at 32 px, ImageNet stem)
+    (2, 2, 2, 3, 4, 3, 2, 1),  # 2x2 -> 1x1 at stride 2: the bottom-right 2x2
+    (2, 1, 3, 2, 3, 3, 1, 1),  # the middle kernel row, every column
 ]
 IMPLS = ("winograd", "gemm", "xla")
 
@@ -87,7 +91,16 @@ def test_conv2d_backward_matches_vjp_and_fd(case):
                 assert _rel(a, b) < 1e-12, impl
 
 
-@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[4], CONV_CASES[7], CONV_CASES[10]], ids=str)
+def test_live_taps_leave_out_only_the_positions_that_read_padding():
+    live = conv_ops.live_taps
+    assert live((3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1)) == [(1, 1)]
+    assert live((3, 3), (2, 2), ((1, 1), (1, 1)), (2, 2), (1, 1)) == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert live((3, 3), (1, 1), ((1, 1), (1, 1)), (2, 2), (2, 2)) == [(i, j) for i in range(3) for j in range(3)]
+    assert live((7, 7), (2, 2), ((3, 3), (3, 3)), (32, 32), (16, 16)) == [(i, j) for i in range(7) for j in range(7)]
+
+
+@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[4], CONV_CASES[7], CONV_CASES[10], CONV_CASES[13]],
+                         ids=str)
 def test_impls_agree_float32(case):
     stride, padding = case[6], case[7]
     params, x, rng = _conv_inputs(case, jnp.float32, seed=1)

@@ -58,6 +58,22 @@ def test_depthwise_conv_gradcheck_and_grouped_conv(h, w, k, stride, padding):
     assert _rel(conv_ops.depthwise_conv2d({"w": w32}, x32, stride=stride, padding=padding)[0], ref) < 1e-6
 
 
+@pytest.mark.parametrize("batch, chunk", [(1, 1), (34, 2), (48, 3)])
+def test_depthwise_weight_gradient_in_batch_chunks_equals_jax_vjp(batch, chunk):
+    """The weight gradient sums the batch chunk by chunk (a scan): equal to jax.vjp of the
+    forward in float64 for one chunk, chunks of 2 and an odd chunk size."""
+    assert conv_ops.depthwise_batch_chunk(batch) == chunk
+    with jax.enable_x64(True):
+        x, w = _normal(2, (batch, 6, 5, 4)), _normal(3, (5, 5, 4))
+        assert x.dtype == jnp.float64
+        y, cache = conv_ops.depthwise_conv2d({"w": w}, x, stride=2)
+        dy = _normal(4, y.shape)
+        grads, dx = conv_ops.depthwise_conv2d_backward({"w": w}, cache, dy, stride=2)
+        _, vjp = jax.vjp(lambda w, x: conv_ops.depthwise_conv2d({"w": w}, x, stride=2)[0], w, x)
+        expect_w, expect_x = vjp(dy)
+    assert _rel(grads["w"], expect_w) < 1e-12 and _rel(dx, expect_x) < 1e-12
+
+
 def test_same_padding_is_tensorflows_at_stride_2():
     # 3x3/2 on 8 pixels: ceil(8/2) = 4 outputs need 3*2+3-8 = 1 pixel, all of it at the end.
     assert conv_ops._resolve_padding("t", "SAME", (8, 7), (3, 3), (2, 2)) == ((0, 1), (1, 1))
@@ -285,3 +301,33 @@ def test_zero_shot_cifar10_is_far_above_chance(reference, cifar_test):
                             for i in range(0, 200, 50)])
     accuracy = float(np.mean(preds == labels[:200]))
     assert accuracy > 0.3, accuracy
+
+
+def test_benchmark_torch_twin_is_the_same_network():
+    """benchmarks/torch_twins.py's EfficientNet-Lite0 (what benchmarks.cpu times PyTorch on)
+    computes our logits from the same weights, at a size whose "SAME" pads are asymmetric."""
+    torch = pytest.importorskip("torch")
+    from benchmarks.torch_twins import TorchEfficientNetLite0
+
+    torch.manual_seed(0)
+    twin = TorchEfficientNetLite0(10, 36).eval()
+    with torch.no_grad():
+        for m in twin.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5), m.weight.uniform_(0.5, 1.5)
+    entries = iter(twin.state_dict().items())
+    tensors = {}
+    for theirs, kind in M.efficientnet_lite0_names().values():
+        leaves = {"conv": ["weight"], "depthwise": ["weight"], "linear": ["weight", "bias"],
+                  "bn": ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]}[kind]
+        for leaf in leaves:
+            _, value = next(entries)
+            tensors[f"{theirs}.{leaf}"] = value.numpy()
+    assert next(entries, None) is None
+    model = M.EfficientNetLite0(input_shape=(36, 36, 3), classes=10)
+    params, state = M.efficientnet_lite0_from_state_dict(tensors, model)
+    x = np.asarray(_normal(5, (2, 36, 36, 3)), np.float32)
+    ours, _ = model.apply(params, state, jnp.asarray(x), train=False)
+    with torch.no_grad():
+        theirs = twin(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    assert _rel(ours, theirs) < 1e-4

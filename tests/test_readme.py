@@ -59,6 +59,15 @@ BENCHMARK_FILES = {"cpu": "bench_cpu.json", "xla_flags": "xla_cpu_flags.json", "
                    "sweep_speed": "sweep_speed.json", "convnet_breakdown": "convnet_breakdown.json",
                    "hugepages": "hugepages.json"}
 
+
+
+def results_file(command):
+    """The results file a documented ``python -m benchmarks.X`` command writes: its
+    ``--out results/F`` when it has one, else the module's default."""
+    m = re.search(r"--out results/(\S+)", command)
+    return m.group(1) if m else BENCHMARK_FILES[re.match(r"python -m benchmarks\.(\w+)", command).group(1)]
+
+
 _DISTRIBUTED_FLAGS = {"--distributed": 0, "--coordinator-address": 1, "--num-processes": 1, "--process-id": 1}
 _TRAIN = re.compile(r"(?:python3? train\.py|jaxnets-train)((?:[ \t]+[^\s'\"&;|]+)*)")
 _ENV = re.compile(r"^[A-Z_][A-Z0-9_]*=\S*$")
@@ -165,10 +174,10 @@ def coverage(command: str) -> str | None:
             return None
         return "documented results command"
     m = re.fullmatch(r"python -m benchmarks\.(\w+)( .*)?", command)
-    if m and m.group(1) in BENCHMARK_FILES and (RESULTS / BENCHMARK_FILES[m.group(1)]).exists():
+    if m and m.group(1) in BENCHMARK_FILES and (RESULTS / results_file(command)).exists():
         if "--markdown" in command:
             return "prints the committed benchmark's table (test_performance_table_is_the_generators_output runs it)"
-        return f"documented results command: writes results/{BENCHMARK_FILES[m.group(1)]}"
+        return f"documented results command: writes results/{results_file(command)}"
     return None
 
 
@@ -253,19 +262,20 @@ def test_benchmark_commands_match_their_recorded_runs():
         m = re.fullmatch(r"python -m benchmarks\.(\w+)( .*)?", command)
         if not m or "--markdown" in command:
             continue
-        recorded = json.loads((RESULTS / BENCHMARK_FILES[m.group(1)]).read_text()).get("command")
+        recorded = json.loads((RESULTS / results_file(command)).read_text()).get("command")
         if recorded:
             recorded = re.sub(r"--data-dir \S+", "--data-dir DIR", recorded)
-            assert command == recorded, f"{page}: `{command}`, but results/{BENCHMARK_FILES[m.group(1)]} " \
+            assert command == recorded, f"{page}: `{command}`, but results/{results_file(command)} " \
                                         f"was written by `{recorded}`"
 
 
-def test_performance_table_is_the_generators_output():
-    """docs/performance.md's table is what `python -m benchmarks.cpu --markdown
-    results/bench_cpu.json` prints (rerun the benchmark, then paste its output)."""
+@pytest.mark.parametrize("block", ["bench_cpu", "bench_cpu_models"])
+def test_performance_table_is_the_generators_output(block):
+    """docs/performance.md's table of results/BLOCK.json is what `python -m benchmarks.cpu
+    --markdown results/BLOCK.json` prints (`--update-docs results/BLOCK.json` writes it)."""
     page = (ROOT / "docs" / "performance.md").read_text()
-    table = page.split("<!-- bench_cpu table: begin -->", 1)[1].split("<!-- bench_cpu table: end -->", 1)[0]
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.cpu", "--markdown", "results/bench_cpu.json"],
+    table = page.split(f"<!-- {block} table: begin -->", 1)[1].split(f"<!-- {block} table: end -->", 1)[0]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.cpu", "--markdown", f"results/{block}.json"],
                           cwd=ROOT, capture_output=True, text=True, timeout=scaled_timeout(120))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert table.strip() == proc.stdout.strip()

@@ -2,10 +2,10 @@
 out, logits, batch-norm statistics and gradients equal; bad checkpoints refused by name.
 
 torchvision itself cannot be installed beside the project's CPU torch (its PyPI wheels need
-another torch build), so :class:`TorchResNet` below is torchvision's ``resnet18``/``resnet34``
-written out from ``torch.nn`` with torchvision's module names and layout (BasicBlock,
-``downsample`` = 1x1 conv + BN, ``avgpool``, ``fc``); a CIFAR stem swaps conv1 for a 3x3/1 conv
-and drops the max pool."""
+another torch build), so :class:`benchmarks.torch_twins.TorchResNet` (shared with the CPU
+benchmark) is torchvision's ``resnet18``/``resnet34`` written out from ``torch.nn`` with
+torchvision's module names and layout (BasicBlock, ``downsample`` = 1x1 conv + BN, ``avgpool``,
+``fc``); a CIFAR stem swaps conv1 for a 3x3/1 conv and drops the max pool."""
 
 import numpy as np
 import pytest
@@ -20,48 +20,7 @@ from jaxnets.gradcheck import rel_error
 
 torch = pytest.importorskip("torch", reason="the PyTorch comparison needs torch (pip install 'jaxnets[torch]')")
 tnn = torch.nn
-
-
-class BasicBlock(tnn.Module):
-    def __init__(self, cin, width, stride):
-        super().__init__()
-        self.conv1 = tnn.Conv2d(cin, width, 3, stride, 1, bias=False)
-        self.bn1 = tnn.BatchNorm2d(width)
-        self.relu = tnn.ReLU()
-        self.conv2 = tnn.Conv2d(width, width, 3, 1, 1, bias=False)
-        self.bn2 = tnn.BatchNorm2d(width)
-        self.downsample = None
-        if stride != 1 or cin != width:
-            self.downsample = tnn.Sequential(tnn.Conv2d(cin, width, 1, stride, bias=False), tnn.BatchNorm2d(width))
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        return self.relu(out + identity)
-
-
-class TorchResNet(tnn.Module):
-    def __init__(self, depths, classes, stem):
-        super().__init__()
-        if stem == "imagenet":
-            self.conv1, self.maxpool = tnn.Conv2d(3, 64, 7, 2, 3, bias=False), tnn.MaxPool2d(3, 2, 1)
-        else:
-            self.conv1, self.maxpool = tnn.Conv2d(3, 64, 3, 1, 1, bias=False), tnn.Identity()
-        self.bn1, self.relu = tnn.BatchNorm2d(64), tnn.ReLU()
-        cin = 64
-        for i, (depth, width) in enumerate(zip(depths, (64, 128, 256, 512))):
-            blocks = []
-            for j in range(depth):
-                blocks.append(BasicBlock(cin, width, 2 if i and not j else 1))
-                cin = width
-            setattr(self, f"layer{i + 1}", tnn.Sequential(*blocks))
-        self.avgpool, self.fc = tnn.AdaptiveAvgPool2d(1), tnn.Linear(512, classes)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for i in range(1, 5):
-            x = getattr(self, f"layer{i}")(x)
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+from benchmarks.torch_twins import TorchResNet  # noqa: E402 -- needs torch, checked above
 
 
 def torch_model(depths, classes, stem, seed=0):
