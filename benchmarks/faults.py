@@ -1005,6 +1005,17 @@ def _(ctx):
         [f"created {ctx.dir / 'run'}"] if (ctx.dir / "run").exists() else []
 
 
+@case("data-cache-stamps-damaged", says=r"\.verified\.json: damaged .*delete .* and the dataset is downloaded")
+def _(ctx):
+    # The record of verified downloads cut short: the files must not pass as a user's copy
+    # (whose changes are only a warning).
+    root = ctx.dir / "cache"
+    folder = write_mnist(root / "mnist")
+    (folder / ".verified.json").write_text('{"train-labels-idx1-ubyte.gz": ')
+    return ctx.train(ctx.base("--out", ctx.dir / "run", data=root)), \
+        [f"created {ctx.dir / 'run'}"] if (ctx.dir / "run").exists() else []
+
+
 @case("resume-a-sweep-without-sweep", says=r"a sweep directory \(sweep_plan\.json\), not a run; resume it with its "
                                            r"sweep's flags: jaxnets-train --resume .* --sweep seed=0,1")
 def _(ctx):

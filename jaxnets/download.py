@@ -467,13 +467,30 @@ def _stamps(folder: Path) -> dict:
         return {}
 
 
+def _read_stamps(folder: Path) -> dict:
+    """The stamps of ``folder`` for a read that checks against them; a DataError when the
+    stamp file is there but damaged. (Unreadable stamps would make the downloads look like a
+    user's copy, whose changes are only a warning: a changed cache file would train silently.)"""
+    path = Path(folder) / STAMP
+    try:
+        stamps = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        stamps = None
+    if not isinstance(stamps, dict):
+        raise DataError(f"{path}: damaged (not jaxnets' record of verified downloads); delete {Path(folder)} "
+                        f"and the dataset is downloaded and verified again")
+    return stamps
+
+
 def check_cache(dataset: str, root: Path):
     """Verify, on read, the files jaxnets downloaded into ``root/dataset/``: a file whose size
     and mtime are as stamped when it was verified passes at the cost of a stat; one that
     changed is hashed again (and re-stamped when it still matches), else a one-line
     DataError naming it and what to delete. Files jaxnets did not download are not checked."""
     folder = Path(root) / dataset
-    for name, stamp in _stamps(folder).items():
+    for name, stamp in _read_stamps(folder).items():
         _check_stamped(dataset, folder / name, stamp)
 
 
@@ -546,7 +563,7 @@ class CopyChecks:
             st = path.stat()
         except OSError:
             return  # read just now; gone since: the next read says so
-        if _check_stamped(self.dataset, path, _stamps(path.parent).get(path.name)):
+        if _check_stamped(self.dataset, path, _read_stamps(path.parent).get(path.name)):
             self.results[label] = "verified download"  # however its folder was reached: checked as one
             return
         key = f"{path.resolve()}:{member}" if member else str(path.resolve())

@@ -188,6 +188,20 @@ def test_a_cached_file_changed_after_its_download_is_refused_on_read(server, ser
     assert len(server.requests) == 4
 
 
+def test_a_damaged_stamp_file_is_refused_not_read_as_a_users_copy(server, served, monkeypatch, tmp_path):
+    # Unreadable stamps would make the downloads look like a user's copy, whose changes are only
+    # a warning: a changed cache file would then train silently.
+    monkeypatch.setenv(DL.MIRROR_ENV, server.url)
+    D.load_dataset("mnist")
+    folder = tmp_path / "default-cache" / "mnist"
+    (folder / DL.STAMP).write_text('{"train-labels-idx1-ubyte.gz": ')  # cut short
+    for kwargs in ({"source": "auto"}, {"data_dir": folder, "source": "files"}):
+        with pytest.raises(DataError) as e:
+            D.load_dataset("mnist", **kwargs)
+        assert_one_line_error(e, f"{folder / DL.STAMP}: damaged", f"delete {folder}")
+    assert len(server.requests) == 4
+
+
 def test_only_missing_files_are_fetched(server, served, monkeypatch, tmp_path):
     """A folder with two of the four files (an earlier, interrupted run) gets the other two."""
     monkeypatch.setenv(DL.MIRROR_ENV, server.url)
