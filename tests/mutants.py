@@ -55,6 +55,7 @@ def m(area, name, file, old, new, *tests):
 
 DEF = "tests/test_definitions.py::"
 OPT = "tests/test_optim.py::"
+FT = "tests/test_finetune.py::"
 
 MUTATIONS = [
     # ------------------------------------------------------------- normalisation
