@@ -259,7 +259,9 @@ def collect(name):
         shutil.rmtree(target)
     target.mkdir()
     if "--sweep" in flags:
-        for f in [*SWEEP_FILES, *(p.name for p in out.glob("*.png"))]:
+        if not (out / "sweep.json").exists():  # stopped early: its finished members alone, said in the table
+            print(f"{name}: the sweep has not finished; copying its finished members only", flush=True)
+        for f in [*SWEEP_FILES, *(p.name for p in out.glob("*.png"))] if (out / "sweep.json").exists() else []:
             shutil.copy2(out / f, target / f)
         for member in members(out):
             (target / member.name).mkdir()
@@ -531,13 +533,16 @@ def transfer_rows():
     cells = {}
     for name, (label, method, n, flags) in TRANSFER.items():
         sweep_path = RESULTS / name / "sweep.json"
-        if not sweep_path.exists():
+        records = list(member_records(RESULTS / name)) if (RESULTS / name).is_dir() else []
+        if not records:
             continue
-        records = list(member_records(RESULTS / name))
         mean, std, count = _accuracy_stats([s for _, s in records])
+        finished = sweep_path.exists()  # else: a sweep stopped early, its finished members' own wall times
         cells[method, n] = {"name": name, "label": label, "mean": mean, "std": std, "seeds": count,
+                            "finished": finished,
                             "accs": [100 * s["test_accuracy"] for _, s in records if s.get("test_accuracy") is not None],
-                            "wall_seconds": json.loads(sweep_path.read_text())["wall_seconds"],
+                            "wall_seconds": json.loads(sweep_path.read_text())["wall_seconds"] if finished else
+                            sum(s["wall_seconds"] for _, s in records),
                             "machine": _machine(records[0][0]), "command": _command(flags)}
     return cells
 
@@ -562,8 +567,9 @@ def render_transfer(machines):
             if c is None:
                 row.append("not run")
                 continue
-            row.append(f"[**{c['mean']:.2f} +- {c['std']:.2f}%**]({c['name']}/) ({c['seeds']} seeds, "
-                       f"{c['wall_seconds'] / 60:.1f} min)")
+            seeds = f"{c['seeds']} seeds" if c["finished"] else f"only {c['seeds']} of 3 seeds: sweep stopped"
+            value = f"{c['mean']:.2f} +- {c['std']:.2f}%" if c["seeds"] > 1 else f"{c['mean']:.2f}%"
+            row.append(f"[**{value}**]({c['name']}/) ({seeds}, {c['wall_seconds'] / 60:.1f} min)")
             machines.add(c["machine"])
         lines.append(f"| {n} | " + " | ".join(row) + " |")
     lines += ["", "Commands (`--pretrained` reads the weights `reproduce.py run " + PRETRAIN + "` exports):", ""]
