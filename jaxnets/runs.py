@@ -533,28 +533,36 @@ class Run:
     epoch: int
     summary: dict | None
 
-    def predict(self, images, *, batch_size: int = 1000) -> np.ndarray:
+    def predict(self, images, *, batch_size: int = 1000, tta: bool | None = None) -> np.ndarray:
         """Class probabilities ``(N, classes)`` of ``images`` ``(N, H, W, C)``, N >= 1: uint8
         pixels 0..255, or floating point in [0, 1] (the same pixels divided by 255), as the
         run was trained. Anything else (another dtype, floats outside [0, 1] such as a
         0..255 float image, NaN or infinities, an empty batch, one image without its batch
-        axis, another image shape) is refused with a one-line ValueError, never guessed."""
-        return self._probs(self._images(images), batch_size)
+        axis, another image shape) is refused with a one-line ValueError, never guessed.
+        ``tta`` (default: as the run evaluated, its ``--tta``): the softmax of the 6 views'
+        averaged logits (:func:`jaxnets.steps.tta_logits`)."""
+        return self._probs(self._images(images), batch_size, self._tta(tta))
 
-    def _probs(self, x, batch_size):
+    def _tta(self, tta):
+        return self.config.tta if tta is None else bool(tta)
+
+    def _probs(self, x, batch_size, tta=False):
         """Probabilities of checked images ``x`` (uint8 or float32 on the 0..255 scale)."""
-        from jaxnets.steps import normalize
+        from jaxnets.steps import normalize, tta_logits
 
         probs = []
         for i in range(0, len(x), batch_size):
-            logits, _ = self._apply(self.params, self.state, normalize(x[i:i + batch_size], self.mean, self.std))
+            z = normalize(x[i:i + batch_size], self.mean, self.std)
+            apply = lambda z: self._apply(self.params, self.state, z)[0]
+            logits = tta_logits(apply, z) if tta else apply(z)
             probs.append(np.asarray(jax.nn.softmax(logits, axis=-1)))
         return np.concatenate(probs)
 
-    def evaluate(self, dataset=None, *, images=None, labels=None, batch_size: int = 1000) -> dict:
+    def evaluate(self, dataset=None, *, images=None, labels=None, batch_size: int = 1000,
+                 tta: bool | None = None) -> dict:
         """Accuracy and mean cross-entropy on ``dataset``'s test split (a
         :class:`jaxnets.data.Dataset`, loaded from the run's data settings when None), or on
-        ``images``/``labels``."""
+        ``images``/``labels``; ``tta`` as in :meth:`predict`."""
         from jaxnets.steps import make_evaluate
 
         if images is None:
@@ -567,11 +575,11 @@ class Run:
             raise ValueError(f"labels of shape {y.shape} do not match {len(x)} images")
         u8 = x if x.dtype == np.uint8 else None
         if u8 is None:  # the evaluation program takes uint8 pixels; floats go through predict's path
-            probs = self._probs(x, batch_size)
+            probs = self._probs(x, batch_size, self._tta(tta))
             picked = np.clip(probs[np.arange(len(y)), y], 1e-30, None)
             return {"accuracy": float(np.mean(probs.argmax(-1) == y)), "loss": float(-np.log(picked).mean()),
                     "examples": int(len(y))}
-        loss, acc = make_evaluate(self.model, batch_size)(self.params, self.state, u8, y, self.mean, self.std)
+        loss, acc = make_evaluate(self.model, batch_size, tta=self._tta(tta))(self.params, self.state, u8, y, self.mean, self.std)
         return {"accuracy": float(acc), "loss": float(loss), "examples": int(len(y))}
 
     @property
