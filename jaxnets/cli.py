@@ -3,8 +3,10 @@
 A thin shell over :func:`jaxnets.training.train` and :func:`jaxnets.sweep.sweep`: the
 flags, their defaults, help texts and groups are generated from
 :class:`jaxnets.config.TrainConfig`'s fields. Exit codes: 0 success, 2 usage or data error
-(one line on stderr), 3 the run diverged, 130 interrupted (Ctrl-C or SIGTERM; the last
-epoch checkpoint is kept, ``--resume DIR`` continues).
+(one line on stderr, a malformed ``$XLA_FLAGS`` included), 3 the run diverged, 130
+interrupted (Ctrl-C or SIGTERM; the last epoch checkpoint is kept, ``--resume DIR``
+continues); 1 when XLA itself aborts on an ``$XLA_FLAGS`` option it does not know
+(:func:`xla_flags_problem` checks the syntax only, not XLA's list of names).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ EXAMPLES = """examples:
   jaxnets-train --resume runs/mlp-mnist-20261130-101500 --epochs 20
   jaxnets-train --model mlp --dataset mnist --sweep lr=1e-2,1e-3 --sweep seed=0..2 --out runs/lr-sweep
 
-exit codes: 0 done, 2 usage or data error, 3 diverged, 130 interrupted (resume with --resume DIR)"""
+exit codes: 0 done, 2 usage or data error, 3 diverged, 130 interrupted (resume with --resume DIR);
+  1 is XLA's own abort on an XLA_FLAGS option it does not know (its syntax is checked: exit 2)"""
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -113,7 +116,7 @@ def build_parser():
 
 
 def _describe(values):
-    return ", ".join(f"{config_lib.flag(k)} {config_lib.format_setting(v)}" for k, v in values.items())
+    return ", ".join(f"{config_lib.flag(k)} {config_lib.format_setting(v, k)}" for k, v in values.items())
 
 
 def _add_setting(group, field):
@@ -131,7 +134,7 @@ def _add_setting(group, field):
                        help=help_text.replace("%", "%%") + shown)
 
 
-_METAVARS = {"data_dir": "DIR", "out": "DIR", "hidden_units": "SIZES", "conv_plan": "PLAN"}
+_METAVARS = {"data_dir": "DIR", "out": "DIR", "hidden_units": "SIZES", "conv_plan": "PLAN", "pretrained": "FILE"}
 
 
 def _parser_of(name):
@@ -179,11 +182,45 @@ def _env_defaults(parser, args):
                 parser.error(f"${env} must be an integer, got {os.environ[env]!r}")
 
 
+def xla_flags_problem(text: str | None) -> str | None:
+    """What is wrong with ``$XLA_FLAGS``'s syntax, or None: XLA aborts the process (exit 1)
+    on the first use of a backend when its value neither is a file of flags (a value not
+    starting with ``--`` names one) nor splits into ``--name`` / ``--name=value`` words, and
+    ignores a word that is not an option (``--flag 8`` sets nothing to 8). The names and
+    values are XLA's to judge (an unknown one still ends in XLA's own message and exit 1),
+    so they are not checked here."""
+    import re
+    import shlex
+
+    text = (text or "").strip()
+    if not text:
+        return None
+    if not text.startswith("--"):
+        if os.path.isfile(text):
+            return None
+        return (f"$XLA_FLAGS {text!r}: XLA reads a value not starting with -- as a file of flags, and there is no "
+                f"such file; give --name=value options (XLA_FLAGS='--xla_cpu_multi_thread_eigen=false') or unset it")
+    try:
+        words = shlex.split(text)
+    except ValueError:
+        return None  # an unbalanced quote: XLA's own parser decides
+    for word in words:
+        if not re.fullmatch(r"--[A-Za-z0-9_]+(=.*)?", word, re.S):
+            return (f"$XLA_FLAGS: {word!r} is not a --name or --name=value option (XLA would abort on it or "
+                    f"ignore it); write each option as --name=value, separated by spaces")
+    return None
+
+
 def main(argv=None):
     """Run the command line; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _env_defaults(parser, args)
+    problem = xla_flags_problem(os.environ.get("XLA_FLAGS"))  # before any backend reads it
+    if problem:
+        parser.error(problem)
+    if args.resume is not None and not args.resume.strip():  # '' would start a new run instead
+        parser.error("--resume is empty: give the run (or sweep) directory to continue")
     try:
         config = config_from_args(args).validate()
     except (TypeError, ValueError) as e:

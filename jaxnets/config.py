@@ -23,7 +23,7 @@ SCHEDULES = ("constant", "cosine", "onecycle", "step", "linear")
 PAD_MODES = ("zeros", "reflect")
 FLIPS = ("random", "alternating", "none")
 LOSS_REDUCTIONS = ("mean", "sum")
-NORMALIZATIONS = ("channel", "mean_image")
+NORMALIZATIONS = ("channel", "mean_image", "imagenet")
 GRAD_PATHS = ("autodiff", "manual")
 #: Seeds are drawn into ``jax.random.key`` as uint32.
 SEED_LIMIT = 2**32
@@ -51,9 +51,21 @@ class TrainConfig:
                 "tfds: tensorflow-datasets' prepared copy, never downloads (needs the [tfds] extra)", "data")
     val_size: int = _setting(5000, "training examples held out for validation (seeded split; 0: none)", "data")
     train_subset: int = _setting(0, "use only the first N training images (0: all)", "data")
+    classes: tuple = _setting(
+        (), "keep only these classes, e.g. 5,6,7,8,9, in the training, validation and test splits, relabelled "
+            "0..k-1 in the order given (the model gets k outputs; default: all)", "data")
+    labels_per_class: int = _setting(
+        0, "train on N labelled images of each class: a class-balanced subset of the training pool drawn with "
+           "--seed, before the validation split, which comes out of these images (0: all)", "data")
     normalize: str = _setting(
         "channel", "channel: per-channel mean/std of the training split; mean_image: subtract the mean image "
-                   "from raw 0..255 pixels (the course)", "data", choices=NORMALIZATIONS)
+                   "from raw 0..255 pixels (the course); imagenet: ImageNet's per-channel mean/std (what "
+                   "ImageNet-pretrained weights expect; --pretrained says so when the file's head has 1000 "
+                   "classes)", "data", choices=NORMALIZATIONS)
+    image_size: int = _setting(
+        0, "resize the images to NxN on the device, bilinear (half-pixel centres, no antialiasing when "
+           "shrinking), after normalisation, in training, evaluation and load_run(...).predict; the model is "
+           "built for NxN (0: the images as loaded)", "data")
     augment: bool = _setting(
         False, "random crops from a 4-pixel zero-padded copy, on the device; CIFAR-10 also gets horizontal flips "
                "(digits are not mirror-symmetric, so MNIST gets crops only); --translate, --pad-mode and --flip "
@@ -87,6 +99,16 @@ class TrainConfig:
     dropout: float = _setting(0.2, "MLP dropout rate after each hidden activation", "model")
     init: str = _setting("kaiming", "weight init: kaiming, lecun, pytorch (torch.nn defaults) or course "
                                     "(N(0, 1e-4^2))", "model")
+    pretrained: str | None = _setting(
+        None, "initialise a new run from a state dict: a .safetensors or PyTorch .pth file, or a known name "
+              "(efficientnet_lite0); resnet18/resnet34 read torchvision's names, efficientnet_lite0 the "
+              "efficientnet_pytorch ones; a head of another class count is replaced by a fresh init (said in "
+              "the log); config.json records the file and its SHA-256. A resumed run loads its own checkpoint",
+        "model")
+    freeze: bool = _setting(
+        False, "with --pretrained: train the head only (a linear probe on fixed features): the backbone gets "
+               "no gradient and no optimizer state and runs in evaluation mode, its batch norm on the loaded "
+               "running statistics, which stay as loaded", "model")
     # optimisation
     epochs: int = _setting(10, "training epochs", "optimisation")
     batch_size: int = _setting(128, "examples per step", "optimisation")
@@ -119,6 +141,13 @@ class TrainConfig:
     lookahead_decay: float = _setting(0.95 ** 5, "lookahead: d at the last step", "optimisation")
     lookahead_power: float = _setting(3.0, "lookahead: how d rises with the run's progress t/T", "optimisation")
     label_smoothing: float = _setting(0.0, "label smoothing of the cross-entropy targets", "optimisation")
+    backbone_lr_scale: float = _setting(
+        1.0, "the backbone's learning rate is this times --lr; the head (the network's last layer, fc or "
+             "head) trains at --lr (an optimizer parameter group; members of a vmapped sweep may differ in it)",
+        "optimisation")
+    bias_lr_scale: float = _setting(
+        1.0, "batch norm's biases (beta) train at this times --lr (an optimizer parameter group, on top of "
+             "--backbone-lr-scale; airbench: 64)", "optimisation")
     grad: str = _setting(
         "autodiff", "gradient path: autodiff (jax.grad) or manual (the hand-written backward passes: the same "
                     "gradients up to rounding, and on CPU the faster path for the ConvNet)", "optimisation",
@@ -158,6 +187,7 @@ class TrainConfig:
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"--warmup-epochs must be at most --epochs ({self.epochs}), got {self.warmup_epochs}")
         self._check_recipe()
+        self._check_fine_tuning()
         return self
 
     def _check_recipe(self):
@@ -184,6 +214,34 @@ class TrainConfig:
         lookahead_defaults = all(getattr(self, n) == defaults[n] for n in ("lookahead_decay", "lookahead_power"))
         if not self.lookahead_period and not lookahead_defaults:
             raise ValueError("--lookahead-decay and --lookahead-power need --lookahead-period N (N > 0)")
+
+    def _check_fine_tuning(self):
+        from jaxnets import models
+
+        if self.pretrained is not None:
+            if not self.pretrained.strip():
+                raise ValueError("--pretrained is empty: give a state-dict file or a known name")
+            if FAMILIES[self.model].load_pretrained is None:
+                raise ValueError(f"--pretrained: --model {self.model} cannot load checkpoints (the families that "
+                                 f"can: {', '.join(models.pretrained_families())})")
+        if self.freeze and self.pretrained is None:
+            raise ValueError("--freeze trains the head of a pretrained network only: give --pretrained FILE "
+                             "(without it the frozen backbone would be its random init)")
+        if self.freeze and self.backbone_lr_scale != 1.0:
+            raise ValueError(f"--backbone-lr-scale {self.backbone_lr_scale:g} has no effect with --freeze (the "
+                             f"backbone is not trained); drop one of them")
+        from jaxnets.data import SHAPES
+
+        channels = SHAPES[self.dataset].image_shape[-1]
+        if self.normalize == "imagenet" and channels != 3:
+            raise ValueError(f"--normalize imagenet is for RGB images; {self.dataset} has {channels} channel(s)")
+        if self.image_size:
+            try:  # the family's own limit (the stem, the downsampling), as its model states it
+                FAMILIES[self.model].build(self, (self.image_size, self.image_size, channels),
+                                           SHAPES[self.dataset].classes)
+            except ValueError as e:
+                raise ValueError(f"--image-size {self.image_size} is too small for --model {self.model}: {e}") \
+                    from None
 
 
 def flag(name: str) -> str:
@@ -214,14 +272,16 @@ def choices(name: str):
 
 #: Integer settings and the least value each may take (``None``: no integer setting).
 _INT_MIN = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "chunk_steps": 1, "val_size": 0,
-            "train_subset": 0, "max_steps": 0, "devices": 0, "seed": 0, "translate": 0, "lookahead_period": 0}
+            "train_subset": 0, "labels_per_class": 0, "max_steps": 0, "devices": 0, "seed": 0, "image_size": 0,
+            "translate": 0, "lookahead_period": 0}
 #: Float settings and their ranges: (low, low inclusive, high, high inclusive).
 _FLOAT_RANGE = {"lr": (0.0, False, math.inf, False), "weight_decay": (0.0, True, math.inf, False),
                 "momentum": (0.0, True, 1.0, False), "dropout": (0.0, True, 1.0, False),
                 "label_smoothing": (0.0, True, 1.0, False), "warmup_epochs": (0.0, True, math.inf, False),
                 "warmup_fraction": (0.0, True, 1.0, False), "warmup_start": (0.0, True, 1.0, True),
                 "final_lr_fraction": (0.0, True, 1.0, True), "lookahead_decay": (0.0, True, 1.0, True),
-                "lookahead_power": (0.0, True, math.inf, False)}
+                "lookahead_power": (0.0, True, math.inf, False), "backbone_lr_scale": (0.0, False, math.inf, False),
+                "bias_lr_scale": (0.0, False, math.inf, False)}
 
 
 def _check(field, value):
@@ -251,10 +311,31 @@ def _check(field, value):
         if not isinstance(value, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
                                                    for v in value):
             raise ValueError(f"{where} must be positive layer sizes like 300x100, got {value!r}")
+    elif name == "classes":
+        _check_classes(value)
+    elif name in ("data_dir", "out"):
+        if isinstance(value, str) and not value.strip():  # '' would silently mean the default
+            raise ValueError(f"{where} is empty: give a directory, or leave the flag out for the default")
     elif name == "conv_plan":
         for item in value:
             if item != "M" and not (isinstance(item, int) and not isinstance(item, bool) and item > 0):
                 raise ValueError(f"{where} items must be positive widths or M, got {item!r} in {value}")
+
+
+def _check_classes(value):
+    """``--classes``: at least two known class ids (both datasets have 10), none twice."""
+    if not isinstance(value, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"--classes must be class ids like 5,6,7,8,9, got {value!r}")
+    if not value:
+        return
+    bad = [v for v in value if not 0 <= v < 10]
+    if bad:
+        raise ValueError(f"--classes: unknown class {bad[0]} (the datasets' classes are 0..9)")
+    twice = sorted({v for v in value if value.count(v) > 1})
+    if twice:
+        raise ValueError(f"--classes names class {twice[0]} more than once")
+    if len(value) < 2:
+        raise ValueError(f"--classes needs at least 2 classes to tell apart, got {format_setting(value, 'classes')}")
 
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
@@ -278,6 +359,11 @@ def parse_setting(name: str, text: str):
             return tuple(int(v) for v in text.lower().split("x"))
         except ValueError:
             raise ValueError(f"{text!r} is not a list of layer sizes like 200 or 300x100 (or none)") from None
+    if name == "classes":
+        try:
+            return tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"{text!r} is not a list of class ids like 5,6,7,8,9") from None
     if name == "conv_plan":
         items = [v.strip() for v in text.split(",") if v.strip()]
         try:
@@ -326,13 +412,14 @@ PRESETS = {
     # Nesterov 0.85 on the summed loss with label smoothing 0.2, its "per 1024 examples"
     # lr 11.5 and decay 0.0153 converted (docs/optimizers.md: lr = 11.5 / (1024 (1 + 1/0.15)),
     # coupled L2 0.0153 * 1024 / 11.5), 23% warm-up from 0.2 then linear to 0.07, lookahead
-    # every 5 steps, alternating flips and 2-pixel reflect translation, 6-view TTA.
+    # every 5 steps, alternating flips and 2-pixel reflect translation, 6-view TTA, batch
+    # norm's biases at 64x the lr (airbench also decays them; --weight-decay does not).
     "airbench94": dict(model="airbench", dataset="cifar10", val_size=0, batch_size=1024, epochs=10, max_steps=476,
                        optimizer="nesterov", momentum=0.85, lr=11.5 / (1024 * (1 + 1 / (1 - 0.85))),
                        weight_decay=0.0153 * 1024 / 11.5, loss_reduction="sum", label_smoothing=0.2,
                        schedule="linear", warmup_fraction=0.23, warmup_start=0.2, final_lr_fraction=0.07,
                        lookahead_period=5, augment=True, translate=2, pad_mode="reflect", flip="alternating",
-                       tta=True, grad="manual", dropout=0.0),
+                       tta=True, grad="manual", dropout=0.0, bias_lr_scale=64.0),
 }
 
 
@@ -387,9 +474,12 @@ def resume_config(saved: dict, given: dict, *, where: str) -> tuple[TrainConfig,
     return config, changes
 
 
-def format_setting(value) -> str:
+def format_setting(value, name=None) -> str:
     """A setting's value as text, the inverse of :func:`parse_setting`: hidden sizes
-    ``300x100`` (``none``), a conv plan ``32,M,64``, floats in their shortest form."""
+    ``300x100`` (``none``), a conv plan ``32,M,64``, classes ``5,6,7`` (``name="classes"``;
+    ``all`` when empty), floats in their shortest form."""
+    if name == "classes":
+        return ",".join(map(str, value)) or "all"
     if isinstance(value, tuple):
         if all(isinstance(v, int) for v in value):
             return "x".join(map(str, value)) or "none"

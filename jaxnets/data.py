@@ -66,6 +66,7 @@ __all__ = [
     "SOURCES",
     "load_dataset",
     "normalization_stats",
+    "select_classes",
     "split_validation",
 ]
 
@@ -113,6 +114,13 @@ class Dataset:
         num_classes: number of classes (10 for both datasets).
         source: where the data came from: ``"files:<path>"`` (a directory or tarball) or
             ``"tfds:<data_dir>"`` (``"tfds:default"`` for tfds's own default directory).
+        class_ids: after :func:`select_classes`, the original class of each label
+            (label ``j`` is class ``class_ids[j]``); None for all classes as published.
+        data_files: each file read and how it compares with the published checksums
+            (:class:`jaxnets.download.CopyChecks`: ``"verified download"``, ``"published
+            MD5"`` or ``"MD5 X, published Y"``); empty for tfds and arrays made in memory.
+        data_warning: the one-line warning when a file differs from the published MD5s
+            (a modified copy, read as it is), else None.
     """
 
     name: str
@@ -122,6 +130,9 @@ class Dataset:
     test_labels: np.ndarray
     num_classes: int
     source: str
+    class_ids: tuple | None = None
+    data_files: dict = dataclasses.field(default_factory=dict)
+    data_warning: str | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -132,7 +143,7 @@ class Dataset:
         return (
             f"Dataset(name={self.name!r}, train={self.train_images.shape}, "
             f"test={self.test_images.shape}, num_classes={self.num_classes}, "
-            f"source={self.source!r})"
+            f"source={self.source!r}" + (f", class_ids={self.class_ids}" if self.class_ids else "") + ")"
         )
 
 
@@ -154,7 +165,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
             downloads; ``"tfds"`` reads tensorflow-datasets' prepared copy.
 
     Returns:
-        A :class:`Dataset`.
+        A :class:`Dataset`. Files jaxnets downloaded are checked against their checksums on
+        every read (a changed one is a DataError); other files are compared with the
+        published MD5s, a difference being a warning in ``Dataset.data_warning``.
 
     Raises:
         ValueError: unknown ``name`` or ``source``.
@@ -183,9 +196,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
         )
     if root.is_dir():
         download.check_cache(name, root)  # what jaxnets downloaded is checked on every read
-    if name == "mnist":
-        return _load_mnist(root)
-    return _load_cifar10(root)
+    checks = download.CopyChecks(name)  # the rest against the published MD5s: a warning
+    dataset = _load_mnist(root, checks) if name == "mnist" else _load_cifar10(root, checks)
+    checks.save()
+    return dataclasses.replace(dataset, data_files=dict(checks.results), data_warning=checks.warning())
 
 
 def _missing_files(name: str, root: Path) -> list[str]:
@@ -249,6 +263,55 @@ def _column_sums(x):
     return total, total_sq
 
 
+def select_classes(dataset: Dataset, classes) -> Dataset:
+    """``dataset`` with only the images of ``classes`` (original class ids) in both splits,
+    relabelled ``0..k-1`` in the order given: class ``classes[j]`` becomes label ``j`` (so
+    ``--classes 5,6,7,8,9`` makes class 5 label 0), and ``num_classes`` is ``k``. The images
+    keep their order. Empty ``classes``, or the selection ``dataset`` already has, return it
+    unchanged; a selection of an already selected dataset, an unknown class id or a class
+    with no training or no test image is a ValueError.
+    """
+    classes = tuple(int(c) for c in classes)
+    if not classes or dataset.class_ids == classes:
+        return dataset
+    if dataset.class_ids is not None:
+        raise ValueError(f"--classes {','.join(map(str, classes))}: the dataset holds classes "
+                         f"{','.join(map(str, dataset.class_ids))} already (select from the full dataset)")
+    bad = [c for c in classes if not 0 <= c < dataset.num_classes]
+    if bad:
+        raise ValueError(f"--classes: unknown class {bad[0]} ({dataset.name} has classes 0..{dataset.num_classes - 1})")
+    relabel = np.full(dataset.num_classes, -1, np.int32)
+    relabel[list(classes)] = np.arange(len(classes), dtype=np.int32)
+    out = {}
+    for split in ("train", "test"):
+        labels = relabel[dataset.__dict__[f"{split}_labels"]]
+        keep = np.flatnonzero(labels >= 0)
+        missing = sorted(set(range(len(classes))) - set(np.unique(labels[keep]).tolist()))
+        if missing:
+            raise ValueError(f"--classes: {dataset.source} has no {split} image of class {classes[missing[0]]}")
+        out[f"{split}_images"] = dataset.__dict__[f"{split}_images"][keep]
+        out[f"{split}_labels"] = labels[keep]
+    return dataclasses.replace(dataset, num_classes=len(classes), class_ids=classes, **out)
+
+
+def balanced_subset(labels: np.ndarray, per_class: int, num_classes: int, seed: int, class_ids=None) -> np.ndarray:
+    """Sorted indices of ``per_class`` examples of each class ``0..num_classes-1``, drawn
+    with ``np.random.default_rng([seed, 1])`` (a stream apart from the validation split's);
+    a ValueError naming ``--labels-per-class`` and the class (as ``class_ids`` names it,
+    when given: the original ids of a :func:`select_classes` dataset) when one has fewer."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([seed, 1])
+    picked = []
+    for c in range(num_classes):
+        rows = np.flatnonzero(labels == c)
+        if len(rows) < per_class:
+            name = c if class_ids is None else class_ids[c]
+            raise ValueError(f"--labels-per-class {per_class} is more than the {len(rows)} training images of "
+                             f"class {name} in the training pool")
+        picked.append(rng.choice(rows, per_class, replace=False))
+    return np.sort(np.concatenate(picked))
+
+
 def split_validation(images: np.ndarray, labels: np.ndarray, val_size: int, seed: int):
     """Split off a random validation set, deterministically.
 
@@ -300,7 +363,7 @@ def _find_mnist_dir(root: Path) -> Path:
     return root / "mnist" if (root / "mnist").is_dir() else root
 
 
-def _load_mnist(root: Path) -> Dataset:
+def _load_mnist(root: Path, checks=None) -> Dataset:
     folder = _find_mnist_dir(root)
     arrays = {}
     for key, base in MNIST_FILES.items():
@@ -312,7 +375,10 @@ def _load_mnist(root: Path) -> Dataset:
                 f"MNIST file {base}.gz not found in {searched}; expected {expected} "
                 f"(gzipped or not)"
             )
-        arrays[key] = (path, read_idx(path, ndim=3 if key.endswith("images") else 1))
+        data = _read_bytes(path, gz=path.name.endswith(".gz"))
+        if checks is not None:
+            checks.check(path, data)  # the published MD5s are of the decompressed content
+        arrays[key] = (path, _parse_idx(path, data, ndim=3 if key.endswith("images") else 1))
     out = {}
     for split in ("train", "test"):
         (ipath, images), (lpath, labels) = arrays[f"{split}_images"], arrays[f"{split}_labels"]
@@ -338,7 +404,11 @@ def read_idx(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
             that does not match the header's dimensions.
     """
     path = Path(path)
-    data = _read_bytes(path, gz=path.name.endswith(".gz"))
+    return _parse_idx(path, _read_bytes(path, gz=path.name.endswith(".gz")), ndim)
+
+
+def _parse_idx(path: Path, data: bytes, ndim: int | None) -> np.ndarray:
+    """The uint8 array of an IDX file's (decompressed) bytes; DataErrors as :func:`read_idx`."""
     if len(data) < 4:
         raise DataError(f"{path}: {len(data)} bytes, too short for an IDX header")
     magic = int.from_bytes(data[:4], "big")
@@ -384,7 +454,7 @@ def _locate_cifar10(root: Path) -> tuple[str, Path] | None:
     return None
 
 
-def _load_cifar10(root: Path) -> Dataset:
+def _load_cifar10(root: Path, checks=None) -> Dataset:
     found = _locate_cifar10(root)
     if found is None:
         raise DataError(
@@ -403,8 +473,14 @@ def _load_cifar10(root: Path) -> Dataset:
                     f"{', '.join(CIFAR10_TRAIN_BATCHES)}, {CIFAR10_TEST_BATCH}"
                 )
             blobs[b] = (str(path), _read_bytes(path, gz=False))
+            if checks is not None:
+                checks.check(path, blobs[b][1])
         return _cifar10_from_blobs(blobs, f"files:{batches_dir}")
-    return _cifar10_from_blobs(_read_cifar10_tarball(path), f"files:{path}")
+    blobs = _read_cifar10_tarball(path)
+    if checks is not None:
+        for b, (_, raw) in blobs.items():  # the published batch MD5s hold inside the tarball too
+            checks.check(path, raw, member=b)
+    return _cifar10_from_blobs(blobs, f"files:{path}")
 
 
 def _read_cifar10_tarball(tarball: Path) -> dict:

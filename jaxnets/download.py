@@ -34,7 +34,12 @@ How a file is fetched:
 * Checked on every read: each verified file's size and mtime are stamped in
   ``.verified.json``; :func:`check_cache` (called by ``load_dataset``) re-hashes a file only
   when either changed, and refuses one that no longer matches (naming it and what to
-  delete). Files jaxnets did not download (a ``--data-dir`` of the user's) are not checked.
+  delete). Files jaxnets did not download (a ``--data-dir`` of the user's) are compared
+  with the published MD5s by :class:`CopyChecks` (of what was read: MNIST's decompressed
+  IDX content, CIFAR-10's batch files, extracted or inside the tarball): a difference is
+  a warning, not an error (people train on modified copies on purpose). Their MD5s are
+  remembered in :data:`DIGESTS` by path, size and mtime, so an unchanged file costs a
+  stat on the next read instead of a hash.
 * A progress bar (tqdm) is shown when stderr is a terminal; otherwise one line per file.
 * Concurrent processes fetching into the same folder take turns (a lock file, ``.lock``).
 """
@@ -64,7 +69,10 @@ from .errors import DATA_DIR_ENV, DataError, one_line as _one_line
 
 __all__ = [
     "BUDGET",
+    "CIFAR10_BATCH_MD5",
+    "CopyChecks",
     "DEFAULT_DATA_DIR",
+    "DIGESTS",
     "FILES",
     "MIRRORS",
     "MIRROR_ENV",
@@ -73,6 +81,7 @@ __all__ = [
     "data_root",
     "fetch",
     "file_urls",
+    "published_md5",
 ]
 
 #: Environment variable naming a mirror tried before the built-in URLs.
@@ -122,6 +131,18 @@ FILES = {
         RemoteFile("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
                    "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce", False),
     ),
+}
+
+#: The published MD5 of each CIFAR-10 python batch, as extracted from
+#: ``cifar-10-python.tar.gz`` (the list torchvision's ``CIFAR10`` checks). MNIST's are in
+#: :data:`FILES` (of the decompressed IDX content, so they hold for a ``.gz`` or not).
+CIFAR10_BATCH_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
 }
 
 #: Built-in folder URLs of each dataset's files, tried in order after ``$JAXNETS_MIRROR``.
@@ -452,19 +473,171 @@ def check_cache(dataset: str, root: Path):
     changed is hashed again (and re-stamped when it still matches), else a one-line
     DataError naming it and what to delete. Files jaxnets did not download are not checked."""
     folder = Path(root) / dataset
-    known = {f.name: f for f in FILES.get(dataset, ())}
     for name, stamp in _stamps(folder).items():
-        path = folder / name
-        if name not in known or not isinstance(stamp, dict) or not path.is_file():
-            continue
-        st = path.stat()
-        if (st.st_size, st.st_mtime_ns) == (stamp.get("size"), stamp.get("mtime_ns")):
-            continue
-        problem = _verify(path, known[name], stamp.get("expected") or _expected(known[name], None))
-        if problem is not None:
-            raise DataError(f"{path}: changed since it was downloaded and verified ({problem}); delete it "
-                            f"and it is downloaded again")
-        _stamp(path, stamp.get("expected") or _expected(known[name], None))
+        _check_stamped(dataset, folder / name, stamp)
+
+
+def _check_stamped(dataset, path: Path, stamp) -> bool:
+    """Whether ``path`` is a download of ``dataset`` stamped in its folder's :data:`STAMP`
+    (``stamp``, its entry there), checked: unchanged since (a stat), or hashed again and still
+    matching; a DataError naming it when it no longer matches."""
+    known = {f.name: f for f in FILES.get(dataset, ())}
+    if path.name not in known or not isinstance(stamp, dict) or not path.is_file():
+        return False
+    st = path.stat()
+    if (st.st_size, st.st_mtime_ns) == (stamp.get("size"), stamp.get("mtime_ns")):
+        return True
+    expected = stamp.get("expected") or _expected(known[path.name], None)
+    problem = _verify(path, known[path.name], expected)
+    if problem is not None:
+        raise DataError(f"{path}: changed since it was downloaded and verified ({problem}); delete it "
+                        f"and it is downloaded again")
+    _stamp(path, expected)
+    return True
+
+
+def published_md5(dataset: str, name: str) -> str | None:
+    """The published MD5 of the content of ``dataset``'s file ``name`` as it is read: an MNIST
+    IDX file's decompressed bytes (``name`` with ``.gz`` or without), a CIFAR-10 batch's bytes;
+    None for a file that has none."""
+    if dataset == "mnist":
+        base = name[:-3] if name.endswith(".gz") else name
+        return next((f.md5 for f in FILES["mnist"] if f.name == base + ".gz"), None)
+    return CIFAR10_BATCH_MD5.get(name) if dataset == "cifar10" else None
+
+
+#: Where the MD5s of data files jaxnets did not download are remembered (by path, size and
+#: mtime), so that an unchanged file of a ``--data-dir`` is hashed once, not on every read.
+DIGESTS = "~/.cache/jaxnets/digests.json"
+_DIGESTS_KIND = "jaxnets data-file MD5s"
+
+
+class CopyChecks:
+    """The files of one load that jaxnets did not download, compared with the published MD5s.
+
+    :meth:`check` is given each file's content as it was read; :attr:`results` maps each file
+    (``path``, or ``tarball:member``) to ``"verified download"`` (checked by :func:`check_cache`),
+    ``"published MD5"`` or ``"MD5 X, published Y"``; :meth:`warning` is the one line to show
+    when any differs; :meth:`save` (called once the load is done) remembers the new digests in
+    :data:`DIGESTS` (a file there that is not jaxnets' own record is left alone, and an
+    unwritable one is no error: the next read hashes again). A file not remembered is hashed
+    in a helper thread while the load goes on parsing (hashlib releases the GIL), so on a
+    machine with a free core its first read costs little more than a later one.
+    """
+
+    def __init__(self, dataset: str):
+        self.dataset = dataset
+        self.results = {}
+        self._digests = None  # {key: {"size", "mtime_ns", "md5"}}, read on first use
+        self._new = {}
+        self._where = {}  # label -> (the folder or tarball it is in, its name)
+        self._pending = []  # (label, key, stat, published MD5, future MD5) hashed in the helper thread
+        self._pool = None
+
+    def check(self, path, content: bytes, member: str | None = None):
+        path = Path(path)
+        name = member or path.name
+        label = f"{path}:{member}" if member else str(path)
+        want = published_md5(self.dataset, name)
+        if want is None:
+            return
+        self._where[label] = (str(path) if member else str(path.parent), name)
+        try:
+            st = path.stat()
+        except OSError:
+            return  # read just now; gone since: the next read says so
+        if _check_stamped(self.dataset, path, _stamps(path.parent).get(path.name)):
+            self.results[label] = "verified download"  # however its folder was reached: checked as one
+            return
+        key = f"{path.resolve()}:{member}" if member else str(path.resolve())
+        seen = self._known().get(key)
+        if isinstance(seen, dict) and (seen.get("size"), seen.get("mtime_ns")) == (st.st_size, st.st_mtime_ns) \
+                and isinstance(seen.get("md5"), str):
+            got = seen["md5"]
+        else:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="jaxnets-md5")
+            md5 = lambda data=content: hashlib.md5(data, usedforsecurity=False).hexdigest()
+            self._pending.append((label, key, st, want, self._pool.submit(md5)))
+            return
+        self._result(label, got, want)
+
+    def _result(self, label, got, want):
+        self.results[label] = "published MD5" if got == want else f"MD5 {got}, published {want}"
+
+    def _collect(self):
+        """The helper thread's MD5s, in the order the files were read."""
+        for label, key, st, want, future in self._pending:
+            got = future.result()
+            self._new[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "md5": got}
+            self._result(label, got, want)
+        self.results = {label: self.results[label] for label in self._where if label in self.results}
+        self._pending = []
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    def differing(self) -> list:
+        return [label for label, r in self.results.items() if r.startswith("MD5 ")]
+
+    def warning(self) -> str | None:
+        """One line naming the files that differ from the published MD5s, or None."""
+        differ = self.differing()
+        if not differ:
+            return None
+        folders = sorted({self._where[label][0] for label in differ})
+        names = [self._where[label][1] for label in differ]
+        return (f"{len(differ)} of {len(self.results)} {_LABEL[self.dataset]} files in {', '.join(folders)} differ "
+                f"from the published MD5s ({', '.join(names)}): read as they are, as a modified copy (a run records "
+                f"their MD5s in config.json's data_files)")
+
+    def _known(self) -> dict:
+        if self._digests is None:
+            record = _digest_record()
+            self._digests = record.get("files", {}) if isinstance(record, dict) else {}
+        return self._digests
+
+    def save(self):
+        self._collect()
+        if not self._new:
+            return
+        record = _digest_record()
+        if record is None:
+            return  # a file there that is not ours: left alone
+        files = record.get("files", {})
+        files.update(self._new)
+        path = Path(DIGESTS).expanduser()
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"kind": _DIGESTS_KIND, "files": files}))
+            os.replace(tmp, path)
+        except OSError:
+            _unlink(tmp)  # (a read-only home: the next read hashes again)
+        self._new = {}
+
+
+def _digest_record():
+    """The record in :data:`DIGESTS`: ``{"kind", "files"}``; an empty one when there is none
+    (or it is damaged jaxnets JSON); None when the file there is not jaxnets' record."""
+    path = Path(DIGESTS).expanduser()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {"kind": _DIGESTS_KIND, "files": {}}
+    except (OSError, UnicodeDecodeError):
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return {"kind": _DIGESTS_KIND, "files": {}} if text.startswith('{"kind": "' + _DIGESTS_KIND) else None
+    if not isinstance(record, dict) or record.get("kind") != _DIGESTS_KIND:
+        return None
+    if not isinstance(record.get("files"), dict):
+        record["files"] = {}
+    return record
 
 
 def _expected(remote, override):

@@ -12,7 +12,10 @@ gives every model the same pure methods:
 
 :data:`FAMILIES` is the one registry of families: ``--model``'s choices, the trainer's
 :func:`jaxnets.steps.build_model`, ``load_run`` and the docs read it. A new family is a
-definition here and one :func:`family` entry.
+definition here and one :func:`family` entry; a family that reads pretrained weights
+(``--pretrained``) registers a ``load_pretrained`` hook with it (:class:`Family`,
+:func:`load_pretrained`). :func:`build` builds every family for ``--image-size`` the same
+way (:func:`input_shape`): the trainer resizes the images, the model only sees NxN.
 
 Module-level :func:`loss`, :func:`autodiff_value_and_grad` and
 :func:`manual_value_and_grad` share one signature, so a train step can use either
@@ -201,23 +204,30 @@ class ConvNet(Network):
 
 
 class Family(NamedTuple):
-    """A model family: its ``--model`` name, a line for the help, and ``build(config,
-    image_shape, classes, bn_axis_name, batch_axis_name) -> Network`` from a run's settings."""
+    """A model family: its ``--model`` name, a line for the help, ``build(config,
+    image_shape, classes, bn_axis_name, batch_axis_name) -> Network`` from a run's settings,
+    and ``load_pretrained(model, tensors, *, source, key, log) -> (params, state, classes)``
+    (None: the family reads no checkpoints): ``model``'s params and state from a state dict
+    ``tensors`` (:func:`jaxnets.checkpoints.read_state_dict`, named ``source``), a head of
+    another class count initialised fresh from ``key`` (and ``log`` told), and the class
+    count of the file's own head (None if it has none). The hook behind ``--pretrained``
+    (:func:`load_pretrained`); it raises :class:`~jaxnets.checkpoints.CheckpointError`."""
 
     name: str
     help: str
     build: Callable
+    load_pretrained: Callable | None = None
 
 
 #: Every model family, by ``--model`` name, in the order the help lists them.
 FAMILIES: dict[str, Family] = {}
 
 
-def family(name, help):
-    """Register ``build`` as the family ``name`` (a decorator)."""
+def family(name, help, load_pretrained=None):
+    """Register ``build`` as the family ``name`` (a decorator); ``load_pretrained`` as in :class:`Family`."""
 
     def register(build):
-        FAMILIES[name] = Family(name, help, build)
+        FAMILIES[name] = Family(name, help, build, load_pretrained)
         return build
 
     return register
@@ -240,10 +250,86 @@ family("preact_convnet", "the ConvNet with pre-activation residual blocks")(
     lambda *args, **kwargs: _build_convnet(*args, preact=True, **kwargs))
 
 
+def input_shape(config, image_shape):
+    """The per-example shape the network takes: ``image_shape`` (H, W, C), or
+    ``(N, N, C)`` with ``config.image_size`` N (the trainer resizes the images to it on the
+    device, :func:`jaxnets.steps.model_input`)."""
+    size = int(getattr(config, "image_size", 0) or 0)
+    return (size, size, tuple(image_shape)[-1]) if size else tuple(image_shape)
+
+
 def build(config, image_shape, classes, bn_axis_name=None, batch_axis_name=None):
-    """The network ``config.model`` names, for images of ``image_shape`` and ``classes`` classes."""
+    """The network ``config.model`` names, for images of ``image_shape`` (resized to
+    ``config.image_size`` when set: see :func:`input_shape`) and ``classes`` classes."""
     check_choice("build", "model family", config.model, tuple(FAMILIES))
-    return FAMILIES[config.model].build(config, tuple(image_shape), classes, bn_axis_name, batch_axis_name)
+    return FAMILIES[config.model].build(config, input_shape(config, image_shape), classes, bn_axis_name,
+                                        batch_axis_name)
+
+
+class Pretrained(NamedTuple):
+    """A weights file read for ``--pretrained``: the name or path given, the file, its
+    SHA-256 and its tensors (:func:`read_pretrained`)."""
+
+    given: str
+    path: object
+    sha256: str
+    tensors: dict
+
+    def record(self):
+        """What config.json records of it."""
+        return {"given": self.given, "path": str(self.path), "sha256": self.sha256}
+
+
+def read_pretrained(name_or_path) -> Pretrained:
+    """The weights file ``name_or_path`` names (a name of :data:`PRETRAINED_FILES` or a
+    path, :func:`pretrained_file`), read by :func:`jaxnets.checkpoints.read_state_dict`:
+    a one-line :class:`~jaxnets.checkpoints.CheckpointError` when it is missing or not a
+    state dict (a whole pickled model refused by ``weights_only``, a damaged file)."""
+    import hashlib
+
+    path = pretrained_file(name_or_path)
+    tensors = checkpoints.read_state_dict(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return Pretrained(str(name_or_path), path.resolve(), digest.hexdigest(), tensors)
+
+
+class Loaded(NamedTuple):
+    """``params``/``state`` loaded by :func:`load_pretrained`, and the class count of the
+    file's head (None when it has none)."""
+
+    params: dict
+    state: dict
+    classes: int | None
+
+
+def load_pretrained(model_name, model, pretrained, *, key=None, log=None) -> Loaded:
+    """``model``'s params and state from ``pretrained`` (a :class:`Pretrained`, or a name
+    or path to read), by the family ``model_name``'s hook (:class:`Family`): a head of
+    another class count is initialised fresh from ``key`` and ``log`` is told. Raises
+    :class:`~jaxnets.checkpoints.CheckpointError` in one line naming the file (a family
+    without a loader, another architecture, the first wrong-shaped tensor)."""
+    hook = FAMILIES[model_name].load_pretrained
+    if hook is None:
+        raise checkpoints.CheckpointError(f"--pretrained: --model {model_name} cannot load checkpoints (the "
+                                          f"families that can: {', '.join(pretrained_families())})")
+    if not isinstance(pretrained, Pretrained):
+        pretrained = read_pretrained(pretrained)
+    return Loaded(*hook(model, pretrained.tensors, source=f"--pretrained {pretrained.path}", key=key, log=log))
+
+
+def pretrained_families():
+    """The families with a ``load_pretrained`` hook."""
+    return tuple(name for name, f in FAMILIES.items() if f.load_pretrained is not None)
+
+
+def head_classes(tensors, name):
+    """The class count of a state dict's classifier weight ``name`` ((classes, features) in
+    PyTorch's layout), or None when it has none."""
+    weight = tensors.get(name)
+    return int(np.shape(weight)[0]) if weight is not None and np.ndim(weight) == 2 else None
 
 
 # -------------------------------------------------------------------- loss, gradients
@@ -350,8 +436,9 @@ class EfficientNetLite0(Network):
     :data:`EFFICIENTNET_BN`. The reference's stochastic depth (drop-connect 0.2 on the
     skip blocks when training) is not implemented.
 
-    ``image_size``: when set, a bilinear :class:`~jaxnets.network.Resize` of the input to
-    that side comes first (32x32 CIFAR-10 into an ImageNet network); 0 uses the input as is.
+    Images of another size (32x32 CIFAR-10 into an ImageNet network) are resized before
+    the network, on the device: ``--image-size`` (:func:`input_shape`), the one mechanism
+    for every family.
     Params are named as the PyTorch reference's modules without their leading underscore
     (``conv_stem``, ``bn0``, ``blocks.N.expand_conv/bn0/depthwise_conv/bn1/project_conv/bn2``,
     ``conv_head``, ``bn1``, ``fc``): :func:`efficientnet_lite0_from_state_dict` is a table.
@@ -359,7 +446,6 @@ class EfficientNetLite0(Network):
 
     input_shape: tuple = (224, 224, 3)
     classes: int = 1000
-    image_size: int = 0
     dropout: float = 0.2
     init_scheme: str = "kaiming"
     dtype: str = "float32"
@@ -371,11 +457,11 @@ class EfficientNetLite0(Network):
         check_choice("EfficientNetLite0", "init scheme", self.init_scheme, INIT_SCHEMES)
         if len(self.input_shape) != 3:
             raise ValueError(f"EfficientNetLite0: input_shape must be (H, W, C), got {self.input_shape}")
-        side = self.image_size or min(self.input_shape[:2])
+        side = min(self.input_shape[:2])
         if side < EFFICIENTNET_MIN_SIZE:
             raise ValueError(f"EfficientNetLite0: images must be at least {EFFICIENTNET_MIN_SIZE}x"
-                             f"{EFFICIENTNET_MIN_SIZE} (the network downsamples by 32), got {side}"
-                             + (" (image_size)" if self.image_size else f" (input shape {self.input_shape})"))
+                             f"{EFFICIENTNET_MIN_SIZE} (the network downsamples by 32), got {side} "
+                             f"(input shape {self.input_shape})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"EfficientNetLite0: dropout must be in [0, 1), got {self.dropout}")
 
@@ -384,9 +470,8 @@ class EfficientNetLite0(Network):
         bn = lambda: nn.BatchNorm(**EFFICIENTNET_BN, axis_name=self.bn_axis_name)
         blocks = [mbconv_block(*block, init_scheme=self.init_scheme, bn_axis_name=self.bn_axis_name)
                   for block in efficientnet_lite0_blocks()]
-        resize = [nn.Resize(self.image_size)] if self.image_size else []
         stem = nn.Conv(32, 3, 2, "SAME", init_scheme=_first_layer_scheme(self.init_scheme), bias=False)
-        return nn.serial(*resize, ("conv_stem", stem), ("bn0", bn()), nn.relu6(),
+        return nn.serial(("conv_stem", stem), ("bn0", bn()), nn.relu6(),
                          ("blocks", nn.serial(*blocks, keys="list")),
                          ("conv_head", conv1x1(1280)), ("bn1", bn()), nn.relu6(), nn.GlobalAvgPool(),
                          nn.Dropout(self.dropout, axis_name=self.batch_axis_name),
@@ -422,20 +507,20 @@ def _set_path(tree, path, value):
     tree[leaf] = value
 
 
-def efficientnet_lite0_from_state_dict(tensors, model, *, source="the state dict", load_fc=None):
+def efficientnet_lite0_from_state_dict(tensors, model, *, source="the state dict", load_fc=None, key=None):
     """``(params, state)`` of ``model`` (an :class:`EfficientNetLite0`) from the PyTorch
     reference's state dict ``tensors`` (``{name: array}``, as
     :func:`jaxnets.checkpoints.read_state_dict` reads it), by :func:`efficientnet_lite0_names`.
 
     ``load_fc`` (default: when ``model.classes`` equals the file's classifier's) keeps the
-    ImageNet classifier; otherwise ``fc`` keeps ``model``'s fresh init (seed 0), as for
-    fine-tuning to CIFAR-10. ``num_batches_tracked`` counters are ignored. A missing or
+    ImageNet classifier; otherwise ``fc`` keeps ``model``'s fresh init (from ``key``,
+    default seed 0), as for fine-tuning to CIFAR-10. ``num_batches_tracked`` counters are ignored. A missing or
     extra entry, or a shape that differs, raises :class:`~jaxnets.checkpoints.CheckpointError`
     naming ``source`` and the entry (a file of another architecture).
     """
     from jaxnets.checkpoints import CheckpointError
 
-    params, state = model.init(jax.random.key(0))
+    params, state = model.init(jax.random.key(0) if key is None else key)
     params = jax.tree_util.tree_map(np.asarray, params)
     state = jax.tree_util.tree_map(np.asarray, state)
     table = efficientnet_lite0_names()
@@ -516,19 +601,26 @@ def load_efficientnet_lite0(model, name_or_path="efficientnet_lite0", *, load_fc
     """``(params, state)`` of ``model`` from pretrained weights (a name of
     :data:`PRETRAINED_FILES` or a state-dict file): read by
     :func:`jaxnets.checkpoints.read_state_dict`, converted by
-    :func:`efficientnet_lite0_from_state_dict`. The hook behind ``--pretrained``."""
+    :func:`efficientnet_lite0_from_state_dict` (for research code; ``--pretrained`` goes
+    through the family's hook, :func:`load_pretrained`)."""
     from jaxnets.checkpoints import read_state_dict
 
     path = pretrained_file(name_or_path)
     return efficientnet_lite0_from_state_dict(read_state_dict(path), model, source=str(path), load_fc=load_fc)
 
 
-@family("efficientnet_lite0", "EfficientNet-Lite0 (ImageNet weights with --pretrained efficientnet_lite0)")
+def _efficientnet_lite0_pretrained(model, tensors, *, source, key=None, log=None):
+    classes = head_classes(tensors, "_fc.weight")
+    params, state = efficientnet_lite0_from_state_dict(tensors, model, source=source, key=key)
+    if classes != model.classes and log is not None:
+        log(f"{source}: the head 'fc' has {classes} classes, the model {model.classes}: replaced by a fresh init")
+    return params, state, classes
+
+
+@family("efficientnet_lite0", "EfficientNet-Lite0 (ImageNet weights with --pretrained efficientnet_lite0)",
+        load_pretrained=_efficientnet_lite0_pretrained)
 def _build_efficientnet_lite0(config, image_shape, classes, bn_axis_name=None, batch_axis_name=None):
-    # image_size: the side the images are resized to (0: as loaded); read with getattr
-    # until the CLI has an --image-size flag.
-    return EfficientNetLite0(input_shape=tuple(image_shape), classes=classes,
-                             image_size=int(getattr(config, "image_size", 0) or 0), init_scheme=config.init,
+    return EfficientNetLite0(input_shape=tuple(image_shape), classes=classes, init_scheme=config.init,
                              bn_axis_name=bn_axis_name, batch_axis_name=batch_axis_name)
 
 
@@ -623,8 +715,15 @@ def _resnet_family(name):
     return build
 
 
-family("resnet18", "ResNet-18, torchvision's layout and names (--stem imagenet or cifar)")(_resnet_family("resnet18"))
-family("resnet34", "ResNet-34, torchvision's layout and names (--stem imagenet or cifar)")(_resnet_family("resnet34"))
+def _resnet_pretrained(model, tensors, *, source, key=None, log=None):
+    params, state = checkpoints.from_torch_state_dict(model, tensors, source=source, head="fc", key=key, log=log)
+    return params, state, head_classes(tensors, "fc.weight")
+
+
+family("resnet18", "ResNet-18, torchvision's layout and names (--stem imagenet or cifar)",
+       load_pretrained=_resnet_pretrained)(_resnet_family("resnet18"))
+family("resnet34", "ResNet-34, torchvision's layout and names (--stem imagenet or cifar)",
+       load_pretrained=_resnet_pretrained)(_resnet_family("resnet34"))
 
 
 def export_torchvision(run_or_params, path, state=None):

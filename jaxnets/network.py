@@ -35,6 +35,8 @@ unchanged to its one stochastic item, or ``fold_in(key, i)`` to each when there 
 A whole model is a :class:`Network` (a layer plus its input shape): ``init``, ``apply``,
 ``forward`` and ``backward`` as every jaxnets model; :mod:`jaxnets.models` defines the
 families as compositions and :func:`jaxnets.models.manual_value_and_grad` works on any.
+:func:`split_head` cuts a network's top-level composition into backbone and head, and
+:class:`HeadOnly` is the network with its backbone frozen (``--freeze``'s linear probe).
 """
 
 from __future__ import annotations
@@ -679,6 +681,77 @@ class Network:
     def cost_rows(self):
         """:class:`CostRow` of every leaf layer in forward order (read by :mod:`jaxnets.cost`)."""
         return self.layer.cost_rows(tuple(self.input_shape))[0]
+
+
+def split_head(layer):
+    """``(backbone, head, name)``: a network's top-level composition cut before its head.
+
+    The head is ``name``, the last named item with parameters of ``layer`` (a dict
+    :class:`Serial`: ResNet's and EfficientNet's ``fc``, the MLP's and ConvNet's ``head``),
+    together with the parameter-free items just before it (global pool, flatten, the
+    classifier's dropout: they act on the features, so they go with the head). Both parts
+    are dict Serials over the same items, so their params are the network's split by
+    top-level key: the head's ``{name: ...}``, the backbone's the rest. ValueError when
+    ``layer`` has no such head.
+    """
+    if not isinstance(layer, Serial) or layer.listed:
+        raise ValueError(f"split_head: the network's top level is not a composition of named layers ({layer!r})")
+    named = [i for i, (name, item) in enumerate(layer.items) if name is not None and item.has_params]
+    if not named or any(item.has_params or item.has_state for _, item in layer.items[named[-1] + 1:]):
+        raise ValueError("split_head: the network's last layer with parameters has no name, so it has no head")
+    start = named[-1]
+    while start > 0 and not (layer.items[start - 1][1].has_params or layer.items[start - 1][1].has_state):
+        start -= 1
+    return Serial(layer.items[:start], False), Serial(layer.items[start:], False), layer.items[named[-1]][0]
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadOnly(Network):
+    """``base`` with its backbone frozen (a linear probe): what ``--freeze`` trains.
+
+    The backbone (:func:`split_head`) runs in evaluation mode (batch norm normalises with
+    its running statistics, which stay as they are; no dropout) behind
+    ``jax.lax.stop_gradient``; only the head trains. ``forward`` is the head's forward on
+    the backbone's features; ``backward`` is the head's alone (no backward pass through the
+    backbone on either gradient path: autodiff sees the stop_gradient) and returns zeros
+    for the backbone's leaves, so the gradient tree is ``base``'s. Same params, state and
+    ``init`` as ``base``; in evaluation mode the same logits.
+    """
+
+    base: Network
+
+    @property
+    def input_shape(self):
+        return self.base.input_shape
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    def definition(self):
+        return self.base.layer
+
+    def check_input(self, x):
+        return self.base.check_input(x)
+
+    @functools.cached_property
+    def parts(self):
+        return split_head(self.base.layer)
+
+    def forward(self, params, state, x, *, train, key=None, dropout_rate=None):
+        backbone, head, name = self.parts
+        x = self.check_input(x)
+        rest = lambda tree: {k: v for k, v in tree.items() if k != name}
+        features, _, _ = backbone.forward(jax.lax.stop_gradient(rest(params)), rest(state), x, Context(False))
+        head_state = {name: state[name]} if name in state else {}
+        logits, cache, new_head_state = head.forward({name: params[name]}, head_state, jax.lax.stop_gradient(features),
+                                                     Context(train, key, dropout_rate))
+        return logits, {**state, **new_head_state}, cache
+
+    def backward(self, params, cache, dlogits, *, train=True):
+        _, head, name = self.parts
+        grads, _ = head.backward({name: params[name]}, cache, dlogits, Context(train))
+        return {**jax.tree_util.tree_map(jnp.zeros_like, {k: v for k, v in params.items() if k != name}), **grads}
 
 
 @dataclasses.dataclass(frozen=True)

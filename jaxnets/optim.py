@@ -4,12 +4,26 @@ This module owns the mapping from a :class:`~jaxnets.config.TrainConfig`'s ``opt
 ``lr``, ``momentum``, ``weight_decay``, ``schedule`` and ``warmup_epochs`` to an Optax
 ``GradientTransformation``; where Optax's conventions differ from PyTorch's is written in
 ``docs/optimizers.md``.
+
+Parameter groups (:data:`PARAM_GROUPS`) give parts of the network their own learning rate,
+as PyTorch's ``param_groups`` do: each group is a rule that picks leaves of the params tree
+and the :class:`TrainConfig` setting of its learning-rate factor (``backbone``: every leaf
+outside the network's head, ``--backbone-lr-scale``). A leaf's learning rate is ``lr``
+times the product of the factors of the groups it belongs to; the optimizer is then
+``optax.multi_transform`` of one copy of the chosen optimizer per combination of groups
+(its own moments on its own leaves: the same updates as one optimizer with per-leaf
+rates). ``--freeze`` adds the frozen label: the backbone's leaves go to
+``optax.set_to_zero()``, which keeps no state. With every factor 1 and no freeze the
+optimizer is the plain one, state and all. A group's factor is an injected hyperparameter
+(in :data:`HPARAMS`), so a vmapped sweep gives each member its own.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+import inspect
+import math
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,11 +82,81 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "w", params)
 
 
+def head_name(model) -> str:
+    """The name of ``model``'s head, the last named layer with parameters of its top-level
+    composition (``fc``, ``head``): see :func:`jaxnets.network.split_head`."""
+    from jaxnets.network import split_head
+
+    return split_head(model.layer)[2]
+
+
+def _in_backbone(model):
+    head = head_name(model)
+    return lambda path: getattr(path[0], "key", None) != head
+
+
+class ParamGroup(NamedTuple):
+    """A parameter group: ``setting``, the :class:`TrainConfig` field of its learning-rate
+    factor (default 1: the group is inactive), and ``select(model) -> (path -> bool)``, which
+    of ``model``'s param leaves (by their ``jax.tree_util`` key path) belong to it."""
+
+    setting: str
+    select: Callable
+
+
+#: The parameter groups by name (the optimizer's labels are joined from these names).
+#: Another group is one more entry, one TrainConfig float field (default 1.0, range-checked
+#: in config._FLOAT_RANGE) and its name in :data:`HPARAMS`; e.g. issue 24's biases at 64x::
+#:
+#:     "bias": ParamGroup("bias_lr_scale", lambda model: lambda path: path[-1].key in ("b", "beta"))
+#:
+#: (a bias of the backbone then trains at ``lr * backbone_lr_scale * bias_lr_scale``).
+PARAM_GROUPS = {"backbone": ParamGroup("backbone_lr_scale", _in_backbone),
+                # batch norm's shifts (airbench's "bias_scaler" group: its BN biases at 64x the lr)
+                "bias": ParamGroup("bias_lr_scale", lambda model: lambda path: getattr(path[-1], "key", None) == "beta")}
+#: The label of the leaves ``--freeze`` freezes (the backbone's) and of the leaves in no
+#: active group.
+FROZEN, REST = "frozen", "rest"
+
+
+def active_groups(configs) -> tuple:
+    """The groups whose factor differs from 1 in any of ``configs`` (a sweep group's members
+    share one program, so one member's factor activates the group for all: a factor of 1
+    gives those leaves exactly ``lr``, bit for bit)."""
+    return tuple(name for name, g in PARAM_GROUPS.items() if any(getattr(c, g.setting) != 1.0 for c in configs))
+
+
+def param_labels(model, groups, *, freeze=False):
+    """``params -> labels``: each leaf's optimizer label, the ``+``-joined names of the
+    active ``groups`` it belongs to (:data:`REST` for none), or :data:`FROZEN` for the
+    backbone with ``freeze``."""
+    selects = {name: PARAM_GROUPS[name].select(model) for name in groups}
+    frozen = _in_backbone(model) if freeze else None
+
+    def label(path, _):
+        if frozen is not None and frozen(path):
+            return FROZEN
+        return "+".join(name for name in groups if selects[name](path)) or REST
+
+    return lambda params: jax.tree_util.tree_map_with_path(label, params)
+
+
+def group_labels(groups, *, freeze=False) -> tuple:
+    """Every label :func:`param_labels` can give (each subset of ``groups``, in order)."""
+    subsets = [()]
+    for name in groups:
+        subsets += [s + (name,) for s in subsets]
+    return (FROZEN,) * freeze + tuple("+".join(s) or REST for s in subsets)
+
+
 #: Numeric settings that may differ between the members of one vmapped sweep group: each
 #: member carries them as float32 arrays (the optimizer's in its injected state).
-HPARAMS = ("lr", "weight_decay", "momentum", "dropout", "label_smoothing")
-#: The optimizer's injected hyperparameter of each of those settings.
-OPTIMIZER_HPARAMS = {"lr": "peak_lr", "weight_decay": "weight_decay", "momentum": "momentum"}
+HPARAMS = ("lr", "weight_decay", "momentum", "dropout", "label_smoothing",
+           *(g.setting for g in PARAM_GROUPS.values()))
+#: The optimizer's injected hyperparameter of each of those settings (a group's factor is
+#: injected only when the group is active).
+OPTIMIZER_HPARAMS = {"lr": "peak_lr", "weight_decay": "weight_decay", "momentum": "momentum",
+                     **{g.setting: g.setting for g in PARAM_GROUPS.values()}}
 
 
 #: Per-parameter buffers each optimizer keeps (momentum, second moments): the memory estimate's count.
@@ -90,7 +174,7 @@ def hparams_of(config: TrainConfig):
 
 
 def build_optimizer(config: TrainConfig, total_steps: int, *, steps_per_epoch: int | None = None,
-                    decay: bool | None = None):
+                    decay: bool | None = None, model=None, groups: tuple | None = None):
     """An Optax optimizer whose numeric hyperparameters live in its state.
 
     ``optax.inject_hyperparams`` holds ``peak_lr``, ``weight_decay`` and ``momentum`` as
@@ -102,11 +186,34 @@ def build_optimizer(config: TrainConfig, total_steps: int, *, steps_per_epoch: i
     program has a weight-decay term at all (default: ``config.weight_decay != 0``); a sweep
     group that mixes zero and non-zero weight decay passes True, and its zero members add
     ``0 * w`` to the gradient, which leaves it bit-for-bit unchanged.
+
+    Parameter groups (see the module docstring): ``groups`` names the active ones (default
+    :func:`active_groups` of ``config``; a sweep group passes its members'), and with them
+    or ``config.freeze`` the optimizer is ``optax.multi_transform`` over
+    :func:`param_labels` of ``model`` (required then), each group's factor an injected
+    hyperparameter.
     """
     decay = config.weight_decay != 0 if decay is None else decay
+    groups = active_groups([config]) if groups is None else tuple(groups)
+    grouped = bool(groups) or config.freeze
+    if grouped and model is None:
+        raise ValueError("build_optimizer: parameter groups (a --backbone-lr-scale, --freeze) need the model")
 
-    def make(peak_lr, lr_scale, weight_decay, momentum):
+    def make(peak_lr, lr_scale, weight_decay, momentum, **factors):  # factors: the active groups' settings
         learning_rate = peak_lr * lr_scale
+        if not grouped:
+            return one(learning_rate, weight_decay, momentum)
+        transforms = {}
+        for label in group_labels(groups, freeze=config.freeze):
+            if label == FROZEN:
+                transforms[label] = optax.set_to_zero()
+                continue
+            names = [] if label == REST else label.split("+")
+            factor = math.prod((factors[PARAM_GROUPS[n].setting] for n in names), start=1.0)
+            transforms[label] = one(learning_rate * factor, weight_decay, momentum)
+        return optax.multi_transform(transforms, param_labels(model, groups, freeze=config.freeze))
+
+    def one(learning_rate, weight_decay, momentum):
         o = config.optimizer
         if o == "adamw":
             return optax.adamw(learning_rate, weight_decay=weight_decay, mask=decay_mask)
@@ -129,14 +236,20 @@ def build_optimizer(config: TrainConfig, total_steps: int, *, steps_per_epoch: i
                              lookahead_schedule(config, total_steps), total_steps)
 
     schedule = lr_schedule(config, total_steps, steps_per_epoch=steps_per_epoch)
+    factors = {PARAM_GROUPS[n].setting: jnp.float32(getattr(config, PARAM_GROUPS[n].setting)) for n in groups}
+    # inject_hyperparams injects the factory's named parameters: name each factor in its signature.
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    make.__signature__ = inspect.signature(make).replace(parameters=[
+        *list(inspect.signature(make).parameters.values())[:4], *(inspect.Parameter(k, keyword) for k in factors)])
     return optax.inject_hyperparams(make)(
         peak_lr=jnp.float32(config.lr), lr_scale=schedule,
-        weight_decay=jnp.float32(config.weight_decay), momentum=jnp.float32(config.momentum))
+        weight_decay=jnp.float32(config.weight_decay), momentum=jnp.float32(config.momentum), **factors)
 
 
 def with_hparams(opt_state, hp):
-    """``opt_state`` with the member's optimizer hyperparameters from ``hp``."""
-    values = {name: hp[k] for k, name in OPTIMIZER_HPARAMS.items()}
+    """``opt_state`` with the member's optimizer hyperparameters from ``hp`` (those the
+    optimizer has: a group's factor only where the group is active)."""
+    values = {name: hp[k] for k, name in OPTIMIZER_HPARAMS.items() if name in opt_state.hyperparams}
     return opt_state._replace(hyperparams={**opt_state.hyperparams, **values})
 
 

@@ -95,7 +95,7 @@ class OneDevice:
         self.put, self.members, self.test = jax.device_put, members, test
         self.images, self.labels = self.put(pool[0]), self.put(pool[1])
         self.chunk = make_group_chunk(model, optimizer, config)
-        self.evaluate_fn = make_group_evaluate(model, config.eval_batch_size, tta=config.tta)
+        self.evaluate_fn = make_group_evaluate(model, config.eval_batch_size, config.image_size, tta=config.tta)
         self.epoch_inputs = _epoch_program(config, integer_options)
         part = members.part
         self.inputs = [dict(means=part(means, k), stds=part(stds, k), hps=part(hps, k),
@@ -130,7 +130,8 @@ class DeviceMesh:
         self.mesh, self.pool, self.test, self.config = mesh, pool, test, config
         self.put = lambda x: parallel.replicate(x, mesh)
         self.chunk = make_parallel_chunk(model, optimizer, config, mesh)
-        self.evaluate_fn = make_parallel_evaluate(model, config.eval_batch_size, mesh, tta=config.tta)
+        self.evaluate_fn = make_parallel_evaluate(model, config.eval_batch_size, mesh, config.image_size,
+                                                  tta=config.tta)
         self.epoch_inputs = _epoch_program(config, integer_options)
         self.host_keys, self.train_idx, self.steps_per_epoch = jax.random.wrap_key_data(keys_data), train_idx, \
             steps_per_epoch

@@ -33,7 +33,7 @@ import optax
 from flax import serialization
 
 from jaxnets import data as D
-from jaxnets.config import TrainConfig, flag, format_setting, from_dict
+from jaxnets.config import FIELDS, TrainConfig, flag, format_setting, from_dict
 
 #: The files a run writes.
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "checkpoint.msgpack")
@@ -46,6 +46,8 @@ class TrainingError(Exception):
 
 CHECKPOINT = "checkpoint.msgpack"
 LOCK = ".lock"
+#: A sweep directory's record of what it trains (written and read by :mod:`jaxnets.sweep`).
+SWEEP_PLAN = "sweep_plan.json"
 
 
 def write_atomic(path: Path, data: bytes):
@@ -153,8 +155,13 @@ def read_json(path: Path, *, kind=dict):
 
 
 def read_config(run_dir: Path) -> dict:
-    """``config.json`` of a run: a dict with at least a ``"config"`` object of settings."""
+    """``config.json`` of a run: a dict with a ``"config"`` object of valid settings, and,
+    where present, an ``image_shape`` of three positive integers, a positive integer
+    ``classes``, a string ``run_id`` and a list of ``resumes`` (a file edited by hand is
+    refused naming the entry, not read into a wrong model or a traceback)."""
     path = Path(run_dir) / "config.json"
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise TrainingError(f"{run_dir}: a file, not a run directory (one holding config.json)")
     if not path.exists():
         raise TrainingError(f"{run_dir}: no config.json there, not a run directory")
     info = read_json(path)
@@ -164,7 +171,46 @@ def read_config(run_dir: Path) -> dict:
         from_dict(info["config"], where=str(path))
     except ValueError as e:
         raise TrainingError(str(e)) from None
+    positive = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
+    checks = {"image_shape": (lambda v: isinstance(v, list) and len(v) == 3 and all(map(positive, v)),
+                              "a list of 3 positive integers (height, width, channels)"),
+              "classes": (positive, "a positive integer"),
+              "run_id": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+              "resumes": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v), "a list of objects")}
+    for key, (ok, what) in checks.items():
+        if key in info and not ok(info[key]):
+            raise TrainingError(f"{path}: \"{key}\" is {json_text(info[key], None)[:60]}; expected {what}")
     return info
+
+
+def sweep_resume_line(out: Path) -> str:
+    """What ``--resume DIR`` without ``--sweep`` says of a sweep directory: that it is one,
+    and the command that resumes it (its axes and the settings it was started with that
+    differ from the defaults, from its plan; the data dir from a member's config.json)."""
+    import shlex
+
+    out = Path(out)
+    start = f"--resume {out}: a sweep directory ({SWEEP_PLAN}), not a run; resume it with its sweep"
+    try:
+        plan = read_json(out / SWEEP_PLAN)
+        base = from_dict({k: v for k, v in plan["base"].items() if k in FIELDS}, where=SWEEP_PLAN)
+        axes = {k: list(v) for k, v in plan["axes"].items()}
+    except (TrainingError, ValueError, TypeError, KeyError, AttributeError):
+        return f"{start} flags (--resume {out} --sweep KEY=V1,V2 ... as it was started; its {SWEEP_PLAN} is unreadable)"
+    words = ["jaxnets-train", "--resume", str(out)]
+    for k, values in axes.items():
+        words += ["--sweep", f"{k.replace('_', '-')}={','.join(map(str, values))}"]
+    members = [out / str(name) / "config.json" for name in plan.get("names") or []]
+    saved = next((read_json(c).get("config", {}) for c in members if c.is_file()), {})
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(base, f.name) if f.name in plan["base"] else saved.get(f.name, f.default)
+        if f.name in ("out", "progress") or value == f.default or value is None:
+            continue
+        if isinstance(f.default, bool):
+            words.append(flag(f.name) if value else "--no-" + flag(f.name)[2:])
+        else:
+            words += [flag(f.name), format_setting(tuple(value) if isinstance(value, list) else value)]
+    return f"{start}'s flags: {shlex.join(words)}"
 
 
 def check_run_files(run_dir: Path):
@@ -173,9 +219,16 @@ def check_run_files(run_dir: Path):
     naming the file: a resume checks them all before it writes anything."""
     read_config(run_dir)
     read_summary(run_dir)
-    read_metrics(run_dir)
+    metrics = read_metrics(run_dir)
     if (Path(run_dir) / CHECKPOINT).exists():
-        read_checkpoint(run_dir)
+        epoch = int(read_checkpoint(run_dir).get("epoch", 0))
+        if len(metrics) < epoch:  # (more is a kill between the two writes: cut on resume)
+            n = len(metrics)
+            has = f"epochs 1..{n}" if n > 1 else "epoch 1" if n else "no epoch"
+            raise TrainingError(f"{Path(run_dir) / 'metrics.jsonl'}: has metrics for {has}, but {CHECKPOINT} is of "
+                                f"epoch {epoch}; a resume would leave epoch{'s' if epoch > n + 1 else ''} "
+                                f"{n + 1}{'..' + str(epoch) if epoch > n + 1 else ''} without metrics (a truncated "
+                                f"or edited file)")
 
 
 def read_summary(run_dir: Path):
@@ -198,6 +251,10 @@ def read_metrics(run_dir: Path) -> list:
                 raise TrainingError(f"{path}, line {n}: not valid JSON ({e})") from None
             if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
                 raise TrainingError(f"{path}, line {n}: not an epoch record")
+            if record["epoch"] != len(records) + 1:  # written one epoch after the other, from 1
+                raise TrainingError(f"{path}, line {n}: epoch {record['epoch']} after "
+                                    f"{'epoch ' + str(len(records)) if records else 'no epoch'}; expected epoch "
+                                    f"{len(records) + 1} (a line lost or edited)")
             records.append(record)
     return records
 
@@ -286,7 +343,7 @@ def _check_identity(run_dir: Path, raw: dict):
                             f"(run id {ours['run_id']}): copied in from elsewhere? Put back this run's checkpoint")
     for name, value in recorded.items():
         if name in ours["settings"] and json_text(ours["settings"][name], None) != json_text(value, None):
-            shown = lambda v: format_setting(tuple(v) if isinstance(v, list) else v)
+            shown = lambda v: format_setting(tuple(v) if isinstance(v, list) else v, name)
             raise TrainingError(f"{path} belongs to another run than {config_path}: {flag(name)} "
                                 f"{shown(value)} in the checkpoint, {shown(ours['settings'][name])} in config.json; "
                                 f"put back this run's checkpoint")
@@ -345,12 +402,13 @@ def default_run_dir(config: TrainConfig) -> Path:
 def prepare_run_dir(run_dir: Path, *, new: bool):
     """Make sure ``run_dir`` can hold a run before any data is loaded: a directory (created
     when missing) that is writable and, for a new run, holds no files (``new``)."""
-    run_dir = Path(run_dir)
+    run_dir, given = Path(run_dir), "--out" if new else "--resume"
     if run_dir.exists() and not run_dir.is_dir():
-        raise TrainingError(f"--out {run_dir}: is a file, not a directory")
-    make_dir(run_dir, "--out")
-    if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise TrainingError(f"--out {run_dir}: the directory is not writable")
+        raise TrainingError(f"{given} {run_dir}: is a file, not a directory")
+    make_dir(run_dir, given)
+    if not os.access(run_dir, os.W_OK | os.X_OK):  # (a read-only mount too, even for root)
+        raise TrainingError(f"{given} {run_dir}: the directory is not writable" + (
+            "" if new else " (a resume writes its lock, checkpoint, metrics and config.json there)"))
     if new and files_besides_lock(run_dir):
         is_run = (run_dir / "config.json").is_file()  # what --resume reads first
         raise TrainingError(f"--out {run_dir} already holds files" + (
@@ -539,20 +597,26 @@ class Run:
         run was trained. Anything else (another dtype, floats outside [0, 1] such as a
         0..255 float image, NaN or infinities, an empty batch, one image without its batch
         axis, another image shape) is refused with a one-line ValueError, never guessed.
-        ``tta`` (default: as the run evaluated, its ``--tta``): the softmax of the 6 views'
-        averaged logits (:func:`jaxnets.steps.tta_logits`)."""
-        return self._probs(self._images(images), batch_size, self._tta(tta))
+        The images go through the run's own input pipeline (:func:`jaxnets.steps.model_input`:
+        its normalisation, then the resize of ``--image-size``). ``tta`` (default: as the run
+        evaluated, its ``--tta``): the softmax of the 6 views' averaged logits
+        (:func:`jaxnets.steps.tta_logits`).
+
+        A run trained with ``--classes`` has one column per class it was trained on, in
+        that order: column ``j`` is the dataset's class ``run.class_ids[j]``
+        (``--classes 5,6,7,8,9``: column 0 is class 5)."""
+        return self._probs(self._images(images), _batch_size(batch_size), self._tta(tta))
 
     def _tta(self, tta):
         return self.config.tta if tta is None else bool(tta)
 
     def _probs(self, x, batch_size, tta=False):
         """Probabilities of checked images ``x`` (uint8 or float32 on the 0..255 scale)."""
-        from jaxnets.steps import normalize, tta_logits
+        from jaxnets.steps import model_input, tta_logits
 
         probs = []
         for i in range(0, len(x), batch_size):
-            z = normalize(x[i:i + batch_size], self.mean, self.std)
+            z = model_input(x[i:i + batch_size], self.mean, self.std, self.config.image_size)
             apply = lambda z: self._apply(self.params, self.state, z)[0]
             logits = tta_logits(apply, z) if tta else apply(z)
             probs.append(np.asarray(jax.nn.softmax(logits, axis=-1)))
@@ -561,35 +625,61 @@ class Run:
     def evaluate(self, dataset=None, *, images=None, labels=None, batch_size: int = 1000,
                  tta: bool | None = None) -> dict:
         """Accuracy and mean cross-entropy on ``dataset``'s test split (a
-        :class:`jaxnets.data.Dataset`, loaded from the run's data settings when None), or on
-        ``images``/``labels``; ``tta`` as in :meth:`predict`."""
-        from jaxnets.steps import make_evaluate
+        :class:`jaxnets.data.Dataset`, loaded from the run's data settings when None; a run
+        trained with ``--classes`` is scored on those classes' test images, relabelled as in
+        training), or on ``images``/``labels`` (labels ``0..classes-1``, see :meth:`predict`);
+        ``tta`` as in :meth:`predict`."""
+        from jaxnets.steps import make_evaluate, run_dataset
 
+        batch_size = _batch_size(batch_size)
+        if (images is None) != (labels is None) or (images is not None and dataset is not None):
+            raise ValueError("evaluate: give images and labels together, or a dataset, or neither (the run's "
+                             "test split)")
         if images is None:
             if dataset is None:
                 dataset = D.load_dataset(self.config.dataset, self.config.data_dir, source=self.config.data_source)
+            dataset = run_dataset(dataset, self.config)  # a run on --classes is scored on those, relabelled
             images, labels = dataset.test_images, dataset.test_labels
         x = self._images(images)
-        y = np.asarray(labels).astype(np.int32)
-        if y.shape != (len(x),):
-            raise ValueError(f"labels of shape {y.shape} do not match {len(x)} images")
+        y = self._labels(labels, len(x))
         u8 = x if x.dtype == np.uint8 else None
         if u8 is None:  # the evaluation program takes uint8 pixels; floats go through predict's path
             probs = self._probs(x, batch_size, self._tta(tta))
             picked = np.clip(probs[np.arange(len(y)), y], 1e-30, None)
             return {"accuracy": float(np.mean(probs.argmax(-1) == y)), "loss": float(-np.log(picked).mean()),
                     "examples": int(len(y))}
-        loss, acc = make_evaluate(self.model, batch_size, tta=self._tta(tta))(self.params, self.state, u8, y, self.mean, self.std)
+        loss, acc = make_evaluate(self.model, batch_size, self.config.image_size, tta=self._tta(tta))(
+            self.params, self.state, u8, y, self.mean, self.std)
         return {"accuracy": float(acc), "loss": float(loss), "examples": int(len(y))}
 
     @property
     def num_classes(self):
         return self.model.classes
 
+    @property
+    def class_ids(self) -> tuple:
+        """The dataset's class of each output column: ``--classes`` as given, else ``0..classes-1``."""
+        return tuple(self.config.classes) or tuple(range(self.num_classes))
+
     def _apply(self, params, state, x):
         if not hasattr(self, "_jitted"):
             self._jitted = jax.jit(lambda p, s, x: self.model.apply(p, s, x, train=False))
         return self._jitted(params, state, x)
+
+    def _labels(self, labels, n):
+        """``labels`` as int32 after checking they are ``n`` integer class indices in
+        ``[0, classes)``; a one-line ValueError saying what was given otherwise (a float, bool
+        or out-of-range label would be truncated, wrapped or indexed out of bounds)."""
+        y = np.asarray(labels)
+        expected = f"expected {n} integer class indices 0..{self.model.classes - 1}, shape ({n},)"
+        given = f"labels: given {y.dtype} of shape {y.shape}"
+        if y.shape != (n,):
+            raise ValueError(f"{given}; {expected}")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"{given}, not integers; {expected}")
+        if n and (int(y.min()) < 0 or int(y.max()) >= self.model.classes):
+            raise ValueError(f"{given}, values {int(y.min())}..{int(y.max())}; {expected}")
+        return y.astype(np.int32)
 
     def _images(self, images):
         """``images`` checked against what :meth:`predict` accepts, on the programs' 0..255
@@ -622,21 +712,29 @@ class Run:
         return x.astype(np.float32) * 255.0  # the programs scale by 1/255, as for uint8 pixels
 
 
+def _batch_size(batch_size):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return int(batch_size)
+
+
 def load_run(run_dir) -> Run:
     """A trained run back from its directory: ``run = load_run(DIR)``; ``run.predict(images)``.
 
     Works for single runs and sweep members, whatever backend trained them; reads
     ``config.json`` and the verified ``checkpoint.msgpack`` (the last finished epoch).
     """
-    from jaxnets.steps import build_model
+    from jaxnets.steps import build_model, num_classes
 
+    if not isinstance(run_dir, (str, os.PathLike)):
+        raise TypeError(f"load_run: expected the path of a run directory, got {type(run_dir).__name__}")
     run_dir = Path(run_dir)
     info = read_config(run_dir)
     try:
         config = from_dict(info["config"], where=str(run_dir / "config.json"))
     except ValueError as e:
         raise TrainingError(str(e)) from None
-    shape, classes, _ = D.SHAPES[config.dataset]  # for runs whose config.json predates recording them
+    shape, classes = D.SHAPES[config.dataset].image_shape, num_classes(config)  # config.json predating them
     shape, classes = tuple(info.get("image_shape", shape)), int(info.get("classes", classes))
     model = build_model(config, shape, classes)
     raw = read_checkpoint(run_dir)

@@ -3,8 +3,9 @@
 This module owns the computation of a run, one function per program: :func:`build_model`
 (the model a config names), :func:`member_split` and :func:`prepare_data` (the seeded
 validation split, the normalisation constants of exactly the training rows, the uint8
-splits on the device), :func:`augment` and :func:`normalize`, :func:`make_step` (augment,
-normalise, gradient, Optax update), the chunk programs that loop over steps on the device
+splits on the device), :func:`augment`, :func:`normalize` and :func:`model_input` (normalise,
+then ``--image-size``'s resize: the one input pipeline), :func:`make_step` (augment,
+normalise, gradient, Optax update; with ``--freeze`` the head's gradient alone), the chunk programs that loop over steps on the device
 (one member, a vmapped group, data parallel over a mesh) and the evaluation programs.
 Following airbench, the whole uint8 training set lives on the device and the host only
 touches it once per chunk. The loop that calls these programs is :mod:`jaxnets.training`.
@@ -22,9 +23,12 @@ import numpy as np
 import optax
 
 from jaxnets import data as D
+from jaxnets import conv as conv_ops
 from jaxnets import models as M
+from jaxnets import network as nn
 from jaxnets import parallel
 from jaxnets.config import TrainConfig
+from jaxnets.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from jaxnets.optim import hparams_of, moment_slots
 
 
@@ -69,42 +73,90 @@ class DeviceData(NamedTuple):
     std: jax.Array
 
 
+def num_classes(config: TrainConfig) -> int:
+    """The classes a run's model tells apart: those of ``--classes``, else all of the dataset's."""
+    return len(config.classes) or D.SHAPES[config.dataset].classes
+
+
+def run_dataset(dataset: D.Dataset, config: TrainConfig) -> D.Dataset:
+    """``dataset`` as ``config`` trains and tests on it: only the ``--classes`` (relabelled
+    0..k-1 in their order, :func:`jaxnets.data.select_classes`), in both splits; unchanged
+    without ``--classes`` or when selected already. The one place a loaded dataset gets the
+    run's classes: the trainer, the sweep and ``load_run(...).evaluate`` call it."""
+    try:
+        return D.select_classes(dataset, config.classes)
+    except ValueError as e:
+        raise D.DataError(str(e)) from None
+
+
 def training_pool(dataset: D.Dataset, config: TrainConfig):
-    """The training images a run splits into train and validation (``train_subset`` applied)."""
+    """The training images a run splits into train and validation (``--classes`` and
+    ``train_subset`` applied; ``--labels-per-class`` is drawn from it per seed, by
+    :func:`member_split`)."""
+    dataset = run_dataset(dataset, config)
     train_x, train_y = dataset.train_images, dataset.train_labels
-    n_pool = check_sizes(len(train_x), config)
+    n_pool = check_sizes(len(train_x), config, train_y)
     return train_x[:n_pool], train_y[:n_pool]
 
 
-def check_sizes(n_examples: int, config: TrainConfig) -> int:
+def check_sizes(n_examples: int, config: TrainConfig, labels=None) -> int:
     """The training pool's size for ``config`` on ``n_examples`` training images, after
-    checking that its subset, validation split and batch fit them (ValueError naming the
-    setting): cheap, so a sweep checks every member before the first trains."""
+    checking that its subset, labelled images per class (each class's count, when the
+    training ``labels`` are given), validation split and batch fit them (ValueError naming
+    the setting): cheap, so a sweep checks every member before the first trains."""
     if config.train_subset > n_examples:
         raise ValueError(f"--train-subset {config.train_subset} is more than the {n_examples} training images "
                          f"there are (0: all of them)")
     n_pool = config.train_subset or n_examples
-    if config.val_size >= n_pool:
-        raise ValueError(f"val_size {config.val_size} leaves no training data ({n_pool} examples)")
-    if n_pool - config.val_size < config.batch_size:
-        raise ValueError(f"batch_size {config.batch_size} exceeds the {n_pool - config.val_size} training examples")
+    n_split, what = n_pool, f"{n_pool} examples"
+    if config.labels_per_class:
+        k = num_classes(config)
+        if labels is not None:
+            counts = np.bincount(np.asarray(labels[:n_pool]), minlength=k)[:k]
+            c = int(np.argmin(counts))
+            if counts[c] < config.labels_per_class:
+                name = config.classes[c] if config.classes else c
+                raise ValueError(f"--labels-per-class {config.labels_per_class} is more than the {counts[c]} "
+                                 f"training images of class {name} in the training pool")
+        n_split = config.labels_per_class * k
+        what = f"{n_split} examples: --labels-per-class {config.labels_per_class} x {k} classes"
+    if config.val_size >= n_split:
+        raise ValueError(f"val_size {config.val_size} leaves no training data ({what})")
+    if n_split - config.val_size < config.batch_size:
+        raise ValueError(f"batch_size {config.batch_size} exceeds the {n_split - config.val_size} training examples")
     return n_pool
 
 
 def member_split(train_x, train_y, config: TrainConfig):
     """``(train_idx, val_idx, mean, std)``: the seeded validation split of the training pool
     (indices into it) and the normalisation constants of its training part; a DataError when
-    a channel of the training part is constant (std 0, nothing to normalise by)."""
-    check_sizes(len(train_x), dataclasses.replace(config, train_subset=0))  # train_x is the pool already
-    train_idx, _, val_idx, _ = D.split_validation(np.arange(len(train_x)), train_y, config.val_size, config.seed)
+    a channel of the training part is constant (std 0, nothing to normalise by).
+
+    With ``--labels-per-class N`` the split is of a class-balanced subset of N images per
+    class, drawn with the seed (:func:`jaxnets.data.balanced_subset`): the labelled images a
+    run has, so the validation images come out of them (``--val-size 0``: all N per class
+    train). Runs with the same seed draw the same images, whatever else they change, so a
+    from-scratch run and a fine-tune at seed s see the same labelled images.
+    """
+    check_sizes(len(train_x), dataclasses.replace(config, train_subset=0), train_y)  # train_x is the pool already
+    rows = np.arange(len(train_x))
+    if config.labels_per_class:
+        rows = D.balanced_subset(train_y, config.labels_per_class, num_classes(config), config.seed,
+                                 config.classes or None)
+    train_idx, _, val_idx, _ = D.split_validation(rows, train_y[rows], config.val_size, config.seed)
     if config.normalize == "channel":
-        mean, std = D.normalization_stats(train_x, exclude=val_idx)
+        if config.labels_per_class:  # a few thousand images: their own statistics
+            mean, std = D.normalization_stats(train_x[train_idx])
+        else:  # the whole pool's sums less the validation rows' (no copy of the pool)
+            mean, std = D.normalization_stats(train_x, exclude=val_idx)
         flat = np.flatnonzero(~(std > 0))  # (x - mean) / 0: every loss NaN from step 1, not the lr's doing
         if flat.size:
             c = int(flat[0])
             raise D.DataError(f"the training images' channel {c} is constant (every pixel {255 * mean[c]:g} of 255, "
                               f"std 0): --normalize channel would divide by 0; these are not usable images "
                               f"(check the data files)")
+    elif config.normalize == "imagenet":  # the constants ImageNet-pretrained weights were trained with
+        mean, std = IMAGENET_MEAN.copy(), IMAGENET_STD.copy()
     else:  # the course's per-pixel mean image subtracted from raw 0..255 pixels, no scaling
         mean = (train_x[train_idx].astype(np.float64) / 255.0).mean(axis=0).astype(np.float32)
         std = np.full((), 1.0 / 255.0, np.float32)
@@ -112,6 +164,7 @@ def member_split(train_x, train_y, config: TrainConfig):
 
 
 def prepare_data(dataset: D.Dataset, config: TrainConfig) -> DeviceData:
+    dataset = run_dataset(dataset, config)
     train_x, train_y = training_pool(dataset, config)
     train_idx, val_idx, mean, std = member_split(train_x, train_y, config)
     put = jax.device_put
@@ -122,6 +175,20 @@ def prepare_data(dataset: D.Dataset, config: TrainConfig) -> DeviceData:
 
 def normalize(images_u8, mean, std):
     return (images_u8.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def model_input(images_u8, mean, std, image_size=0):
+    """What the network sees of a batch of uint8 images: :func:`normalize`-d, then resized
+    to ``image_size`` x ``image_size`` (``--image-size``; 0: as they are) by
+    :func:`jaxnets.conv.resize_bilinear`. The one input pipeline of training, evaluation
+    and :meth:`jaxnets.runs.Run.predict`. Normalised first, so a mean image (``--normalize
+    mean_image``) is subtracted at the images' own size; the resize is linear with weights
+    summing to 1, so per-channel constants give the same either way. The input needs no
+    gradient: no backward runs through the resize."""
+    x = normalize(images_u8, mean, std)
+    if image_size and tuple(x.shape[1:3]) != (image_size, image_size):
+        x, _ = conv_ops.resize_bilinear(x, size=image_size)
+    return x
 
 
 def augment(key, images, pad=4, flip=True, axis_name=None, *, mode="zeros", flips=None):
@@ -190,8 +257,10 @@ def make_step(model, optimizer, config: TrainConfig, axis_name=None):
     """The one training step every path runs (single runs and each member of a sweep).
 
     ``step(params, state, opt_state, images_u8, labels, key, mean, std, hp)`` ->
-    ``(params, state, opt_state, loss, correct)``: augment, normalise, gradient by the
-    chosen path, Optax update. ``hp`` holds the member's ``dropout`` and
+    ``(params, state, opt_state, loss, correct)``: augment, normalise and resize
+    (:func:`model_input`), gradient by the chosen path, Optax update. With
+    ``config.freeze`` the gradient is :class:`jaxnets.network.HeadOnly`'s (the head's
+    alone, the backbone in evaluation mode). ``hp`` holds the member's ``dropout`` and
     ``label_smoothing`` (arrays, see :func:`hparams_of`); the optimizer's hyperparameters
     are in ``opt_state``. ``key`` is split into the augmentation and the dropout keys.
 
@@ -208,6 +277,8 @@ def make_step(model, optimizer, config: TrainConfig, axis_name=None):
     the single-device step on the same global batch.
     """
     value_and_grad = M.GRADIENT_PATHS[config.grad]
+    if config.freeze:  # a linear probe: the backbone in evaluation mode, no gradient through it
+        model = nn.HeadOnly(model)
     dropout_on = model.has_dropout
     if axis_name is not None and dropout_on and getattr(model, "batch_axis_name", None) != axis_name:
         # Same key on every device: without it every device would repeat one slice's masks.
@@ -219,7 +290,7 @@ def make_step(model, optimizer, config: TrainConfig, axis_name=None):
         aug_key, dropout_key = jax.random.split(key)
         x = augment(aug_key, images, config.translate, flip, axis_name, mode=config.pad_mode,
                     flips=flips) if config.augment else images
-        x = normalize(x, mean, std)
+        x = model_input(x, mean, std, config.image_size)
         extra = {"dropout_rate": hp["dropout"]} if dropout_on else {}
         (loss, new_state), grads = value_and_grad(
             model, params, state, x, labels, key=dropout_key, label_smoothing=hp["label_smoothing"], **extra
@@ -362,7 +433,7 @@ def make_parallel_chunk(model, optimizer, config: TrainConfig, mesh):
     return jax.jit(chunk, static_argnames="length", donate_argnums=0)
 
 
-def _evaluate_fn(model, batch_size, axis_name=None, tta=False):
+def _evaluate_fn(model, batch_size, axis_name=None, image_size=0, tta=False):
     # ``valid`` marks the real rows of a padded set; ``axis_name`` (inside ``shard_map``):
     # the rows are this device's share, and the sums are psum-ed over the axis.
     def evaluate(params, state, images, labels, mean, std, valid=None):
@@ -380,7 +451,7 @@ def _evaluate_fn(model, batch_size, axis_name=None, tta=False):
         def one(args):
             x, y, v = args
             apply = lambda z: model.apply(params, state, z, train=False)[0]
-            x = normalize(x, mean, std)
+            x = model_input(x, mean, std, image_size)
             logits = tta_logits(apply, x) if tta else apply(x)
             losses = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1)[:, 0]
             return jnp.sum(losses * v), jnp.sum((jnp.argmax(logits, -1) == y) * v)
@@ -395,17 +466,18 @@ def _evaluate_fn(model, batch_size, axis_name=None, tta=False):
     return evaluate
 
 
-def make_evaluate(model, batch_size, tta=False):
+def make_evaluate(model, batch_size, image_size=0, tta=False):
     """``evaluate(params, state, x_u8, y, mean, std) -> (mean loss, accuracy)``, in batches
-    (``tta``: of :func:`tta_logits`' averaged logits)."""
-    return jax.jit(_evaluate_fn(model, batch_size, tta=tta))
+    (the images through :func:`model_input` with ``image_size``; ``tta``: of
+    :func:`tta_logits`' averaged logits)."""
+    return jax.jit(_evaluate_fn(model, batch_size, image_size=image_size, tta=tta))
 
 
-def make_group_evaluate(model, batch_size, tta=False):
+def make_group_evaluate(model, batch_size, image_size=0, tta=False):
     """``evaluate(params, state, images, labels, index, means, stds) -> (losses, accuracies)``
     per member: member ``m`` is scored on ``images[index[m]]`` (``index`` (members, n)), or
     every member on all of ``images`` when ``index`` is None (the test set)."""
-    evaluate = _evaluate_fn(model, batch_size, tta=tta)
+    evaluate = _evaluate_fn(model, batch_size, image_size=image_size, tta=tta)
 
     def group(params, state, images, labels, index, means, stds):
         if index is None:
@@ -416,7 +488,7 @@ def make_group_evaluate(model, batch_size, tta=False):
     return jax.jit(group)
 
 
-def make_parallel_evaluate(model, batch_size, mesh, tta=False):
+def make_parallel_evaluate(model, batch_size, mesh, image_size=0, tta=False):
     """:func:`make_group_evaluate` for one member, data parallel over ``mesh``'s ``"batch"`` axis.
 
     ``evaluate(params, state, images, labels, valid, means, stds) -> (losses, accuracies)``
@@ -424,7 +496,7 @@ def make_parallel_evaluate(model, batch_size, mesh, tta=False):
     :func:`jaxnets.parallel.place_eval`: each device scores its rows in batches of
     ``batch_size`` and the sums are added over the devices.
     """
-    evaluate = _evaluate_fn(model, batch_size, axis_name=parallel.AXIS, tta=tta)
+    evaluate = _evaluate_fn(model, batch_size, axis_name=parallel.AXIS, image_size=image_size, tta=tta)
 
     def group(params, state, images, labels, valid, means, stds):
         def body(p, s, x, y, v, m, sd):

@@ -5,7 +5,8 @@ every combination of the values (their Cartesian product) is one member. Members
 agree in every setting that fixes shapes or the program (:func:`~jaxnets.training.group_key`:
 hidden sizes, depth, batch size, batch norm, activation, optimizer, epochs/max_steps, ...)
 form a group. On GPU/TPU a group trains in one ``jax.vmap``-ed, jitted program (learning
-rate, weight decay, momentum, dropout rate and label smoothing are per-member arrays); on
+rate, weight decay, momentum, dropout rate, label smoothing and the parameter groups'
+learning-rate factors are per-member arrays); on
 CPU each member runs through its single run's programs, two at a time
 (:class:`~jaxnets.placement.MemberBlocks`). Each member's seed gives it its own split,
 init, data order and dropout masks. Groups too big for the memory budget are split into
@@ -45,11 +46,12 @@ import jax
 
 from jaxnets import data as D
 from jaxnets import cost, placement, plots
+from jaxnets import models as M
 from jaxnets import training as T
 from jaxnets.config import FIELDS, TrainConfig, format_setting, parse_setting
-from jaxnets.runs import (is_diverged, make_dir, RUN_FILES, ReportedInterrupt, RunLock, TrainingError, at_chance, checkpoint_epoch,
+from jaxnets.runs import (SWEEP_PLAN, is_diverged, make_dir, RUN_FILES, ReportedInterrupt, RunLock, TrainingError, at_chance, checkpoint_epoch,
                           files_besides_lock, read_json, read_summary, removed_if_left_empty, write_json)
-from jaxnets.steps import build_model, check_sizes, memory_settings
+from jaxnets.steps import build_model, check_sizes, memory_settings, num_classes, run_dataset
 
 #: Settings a sweep may not vary (they name where things go, not what is trained).
 NOT_SWEEPABLE = ("out", "data_dir", "data_source", "progress", "dataset")
@@ -57,7 +59,7 @@ NOT_SWEEPABLE = ("out", "data_dir", "data_source", "progress", "dataset")
 MAX_MEMBERS = 10_000
 SWEEPABLE = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_SWEEPABLE)
 #: The sweep's own record of what it trains and how, read back by ``resume``.
-PLAN_FILE = "sweep_plan.json"
+PLAN_FILE = SWEEP_PLAN
 
 
 # ------------------------------------------------------------------------- parsing
@@ -133,7 +135,7 @@ def expand(base: TrainConfig, axes):
 
 
 def format_values(swept):
-    return "_".join(f"{k}={format_setting(v)}" for k, v in swept.items()) or "base"
+    return "_".join(f"{k}={format_setting(v, k)}" for k, v in swept.items()) or "base"
 
 
 # ------------------------------------------------------------------- grouping, memory
@@ -156,6 +158,8 @@ def member_steps(config: TrainConfig, n_pool):
     """``(steps per epoch, total steps)`` of a member trained on a pool of ``n_pool`` images
     (before ``train_subset`` and the validation split), as :func:`~jaxnets.training.train_group` counts."""
     n_train = (min(config.train_subset, n_pool) if config.train_subset else n_pool) - config.val_size
+    if config.labels_per_class:
+        n_train = config.labels_per_class * num_classes(config) - config.val_size
     per_epoch = max(n_train // config.batch_size, 1)
     total = per_epoch * config.epochs
     return per_epoch, min(total, config.max_steps) if config.max_steps else total
@@ -229,9 +233,12 @@ def dry_run(base: TrainConfig, axes, *, budget=None, max_members=None, dataset: 
     """:func:`describe` of the sweep :func:`sweep` would run, without loading data or training."""
     configs = [c for c, _ in expand(base, axes)]
     if dataset is not None:
+        dataset = run_dataset(dataset, base)
         image_shape, classes, n_pool = dataset.image_shape, dataset.num_classes, len(dataset.train_labels)
-    else:
-        image_shape, classes, n_pool = D.SHAPES[base.dataset]
+    else:  # the pool of --classes estimated as their share (exact for CIFAR-10's equal classes)
+        image_shape, all_classes, n_pool = D.SHAPES[base.dataset]
+        classes = num_classes(base)
+        n_pool = n_pool * classes // all_classes
     budget = memory_budget() if budget is None else budget
     waves = plan(configs, image_shape=image_shape, classes=classes, n_val=base.val_size, budget=budget,
                   max_members=max_members)
@@ -270,6 +277,9 @@ def sweep(base: TrainConfig, axes, *, out=None, dataset: D.Dataset | None = None
                          f"(use --devices 1 or 0, in one process)")
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--out {out}: is a file, not a directory")
+    if resume and not out.exists():
+        raise TrainingError(f"--resume {out}: no such sweep directory (a sweep refused before training leaves none); "
+                            f"start it with --out {out} instead of --resume")
     if resume and out.is_dir() and not files_besides_lock(out):
         log(f"{out} holds no sweep yet (it stopped before writing its plan): starting it")
         resume = False
@@ -293,6 +303,7 @@ def _sweep(base, axes, members, configs, names, out, waves, *, dataset, budget, 
     """:func:`sweep` once its directory is checked and locked."""
     if dataset is None:
         dataset = D.load_dataset(base.dataset, base.data_dir, source=base.data_source)
+    dataset = run_dataset(dataset, base)
     image_shape, classes = dataset.image_shape, dataset.num_classes
     if not resume:
         budget = memory_budget() if budget is None else budget
@@ -305,9 +316,13 @@ def _sweep(base, axes, members, configs, names, out, waves, *, dataset, budget, 
         c.out, c.progress = str(out / name), False
     for c, name in zip(configs, names):  # every member checked on the data before the first trains
         try:
-            check_sizes(len(dataset.train_labels), c)
+            check_sizes(len(dataset.train_labels), c, dataset.train_labels)
         except ValueError as e:
             raise ValueError(f"sweep member {name}: {e}") from None
+    if not resume:  # every --pretrained file loads into its members' model before anything is written
+        for model_name, pretrained in sorted({(c.model, c.pretrained) for c in configs if c.pretrained}):
+            c = next(c for c in configs if (c.model, c.pretrained) == (model_name, pretrained))
+            M.load_pretrained(model_name, build_model(c, image_shape, classes), pretrained)
 
     # Work (member-steps x batch x cost per example) per wave: what the progress bar and the
     # ETA count, so a wave of 3000-step, 300-wide members weighs what it costs.

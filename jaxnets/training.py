@@ -1,6 +1,7 @@
 """The training loop: :func:`train` (one run) and :func:`train_group` (several runs at once).
 
-The loop owns the order of a run: validate, place the data, init or restore, then per
+The loop owns the order of a run: validate, read ``--pretrained``'s file (before anything
+is written), place the data, init (from the file's weights when given) or restore, then per
 epoch the chunks of steps (:mod:`jaxnets.steps`), evaluation, metrics and checkpoint
 (:mod:`jaxnets.runs`), and at the end the test evaluation and the summary. Every random
 draw derives from ``(seed, epoch, step)``, so a run resumed from an epoch checkpoint is
@@ -27,11 +28,11 @@ from jaxnets import data as D
 from jaxnets import cost, parallel, plots, runs
 from jaxnets import models as M
 from jaxnets.config import TrainConfig, flag, format_setting, resume_config
-from jaxnets.optim import HPARAMS, build_optimizer, eval_weights, hparams_of, with_hparams
+from jaxnets.optim import HPARAMS, active_groups, build_optimizer, eval_weights, hparams_of, with_hparams
 from jaxnets.runs import TrainingError, default_run_dir, environment_info, load_checkpoint, save_checkpoint
 from jaxnets.placement import INTEGER_PROGRAM_OPTIONS, DeviceMesh, MemberBlocks, OneDevice
-from jaxnets.steps import (build_model, member_split, memory_settings, normalize, stack_members, take_member,
-                           training_pool)
+from jaxnets.steps import (build_model, member_split, memory_settings, model_input, num_classes, run_dataset,
+                           stack_members, take_member, training_pool)
 
 
 #: Where ``train.py`` keeps compiled programs unless told otherwise (``--compile-cache``).
@@ -107,8 +108,7 @@ def group_key(config: TrainConfig):
         d.pop(k)
     d["hidden_units"] = tuple(d["hidden_units"])
     d["conv_plan"] = tuple(d["conv_plan"])
-    shape = D.SHAPES[config.dataset]
-    d["dropout_on"] = build_model(config, shape.image_shape, shape.classes).has_dropout
+    d["dropout_on"] = build_model(config, D.SHAPES[config.dataset].image_shape, num_classes(config)).has_dropout
     return tuple(sorted(d.items()))
 
 
@@ -134,10 +134,16 @@ def train(config: TrainConfig | None = None, *, dataset: D.Dataset | None = None
             raise ValueError("train: give a config, or resume=DIR")
         config = config.validate()
         run_dir = Path(config.out) if config.out else default_run_dir(config)
+        # --pretrained's file is read before anything is written: a missing or unreadable
+        # file leaves no run directory behind.
+        pretrained = M.read_pretrained(config.pretrained) if config.pretrained else None
     else:
+        pretrained = None
         run_dir = Path(resume)
         if not run_dir.is_dir():
             raise TrainingError(f"--resume {run_dir}: no such run directory")
+        if (run_dir / runs.SWEEP_PLAN).exists() and not (run_dir / "config.json").exists():
+            raise TrainingError(runs.sweep_resume_line(run_dir))  # before anything is touched there
     with runs.removed_if_left_empty(run_dir) if writer else contextlib.nullcontext():
         if writer:
             runs.prepare_run_dir(run_dir, new=resume is None)
@@ -148,10 +154,12 @@ def train(config: TrainConfig | None = None, *, dataset: D.Dataset | None = None
                     return finished
             if dataset is None:
                 dataset = D.load_dataset(config.dataset, config.data_dir, source=config.data_source)
+            dataset = run_dataset(dataset, config)
             model = build_model(config, dataset.image_shape, dataset.num_classes)
             cost.check_memory(model, **memory_settings(config))  # refused before init, not an OOM traceback
             return train_group([config], [run_dir], dataset=dataset, resume=resume is not None, log=log,
-                               on_epoch_end=on_epoch_end, t_start=t_start, command=command)[0]
+                               on_epoch_end=on_epoch_end, t_start=t_start, command=command,
+                               pretrained=pretrained)[0]
 
 
 def _resumed_config(run_dir: Path, config, changes, command, log, writer=True):
@@ -195,7 +203,7 @@ def _plural(n, word):
 
 
 def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=print, on_epoch_end=None,
-                names=None, t_start=None, extra_config=None, vmap=None, command=None):
+                names=None, t_start=None, extra_config=None, vmap=None, command=None, pretrained=None):
     """Train ``configs`` together, one run directory each; returns the summaries, in order.
 
     The configs must agree in :func:`group_key` (shapes and static settings); they may
@@ -214,6 +222,13 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     compiled programs of its single run (False: bit-for-bit its single run), see
     :func:`member_blocks` for the default. Placement is :class:`OneDevice`, or
     :class:`DeviceMesh` for a data-parallel single run; scheduling is :class:`MemberBlocks`.
+
+    ``--pretrained`` (the group shares it, a setting of :func:`group_key`): each new member
+    starts from the file's weights, a replaced head from its own init key
+    (:func:`jaxnets.models.load_pretrained`); ``pretrained`` is the file read already
+    (:func:`jaxnets.models.read_pretrained`), else it is read here. It is loaded before any
+    run file is written, and config.json records it. A resumed member loads its checkpoint
+    instead (the file is read again only for members that have none yet).
     """
     t_start = time.time() if t_start is None else t_start
     configs, run_dirs = list(configs), [Path(d) for d in run_dirs]
@@ -230,9 +245,12 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     problem = (lambda text: print(text, file=sys.stderr)) if log is print else log
     warn = (lambda m, text: problem(text)) if size == 1 else (lambda m, text: problem(f"[{names[m]}] {text}"))
 
+    dataset = run_dataset(dataset, base)  # the members share it: --classes is a shape-fixing setting
     pool_x, pool_y = training_pool(dataset, base)
     _check_shapes(dataset, pool_x)
     _check_translate(base, pool_x)
+    if dataset.data_warning:  # a --data-dir copy that differs from the published files: said, and recorded
+        log(f"warning: {dataset.data_warning}")
     splits = {c.seed: member_split(pool_x, pool_y, c) for c in configs}
     train_idx, val_idx, means, stds = (np.stack(a) for a in zip(*(splits[c.seed] for c in configs)))
     model = build_model(base, dataset.image_shape, dataset.num_classes,
@@ -243,22 +261,30 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     total_steps = min(steps_per_epoch * base.epochs, base.max_steps or math.inf)
     epochs = math.ceil(total_steps / steps_per_epoch)
     optimizer = build_optimizer(base, total_steps, steps_per_epoch=steps_per_epoch,
-                                decay=any(c.weight_decay != 0 for c in configs))
+                                decay=any(c.weight_decay != 0 for c in configs), model=model,
+                                groups=active_groups(configs))
     members = MemberBlocks(size, vmap=vmap if mesh is None else True,
                            put=jax.device_put if mesh is None else (lambda x: parallel.replicate(x, mesh)))
     hps = jax.tree_util.tree_map(np.asarray, stack_members([hparams_of(c) for c in configs]))
     clock = CompileClock()
+    loaded = _pretrained_members(base, model, configs, run_dirs, resume, pretrained, log)
     with clock.program("init"):
-        carries, key_data = _init_members(model, optimizer, members, configs, hps, mesh)
+        carries, key_data = _init_members(model, optimizer, members, configs, hps, mesh, loaded)
     run = _GroupState(size)
-    fresh = [not resume or not (d / runs.CHECKPOINT).exists() for d in run_dirs]  # a checkpoint has it already
+    # A checkpoint has it already; pretrained weights bring their own state.
+    fresh = [loaded is None and (not resume or not (d / runs.CHECKPOINT).exists()) for d in run_dirs]
     t_data = time.time()
     with clock.program("init"):
-        carries = _data_init(model, optimizer, members, carries, hps, mesh, pool_x, train_idx, means, stds, fresh)
+        carries = _data_init(model, optimizer, members, carries, hps, mesh, pool_x, train_idx, means, stds, fresh,
+                             image_size=base.image_size)
     run.data_init_seconds = round(time.time() - t_data, 3) if getattr(model, "data_init", None) and any(fresh) else None
     if resume:
         carries, key_data = _restore(run, members, carries, key_data, run_dirs, log)
+        if writer and dataset.data_warning:
+            _record_resume_data(run_dirs, dataset)
     elif writer:
+        if loaded is not None:
+            extra_config = [{**extra, "pretrained": loaded[2]} for extra in (extra_config or [{}] * size)]
         _write_run_configs(configs, run_dirs, dataset, model, n_train, n_val, extra_config, command)
     integer_options = INTEGER_PROGRAM_OPTIONS if jax.default_backend() == "cpu" else None  # measured on CPU only
     args = (model, optimizer, base, (pool_x, pool_y.astype(np.int32)),
@@ -294,9 +320,12 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             else:
                 run.last_good = [epoch + 1 if m in records else e for m, e in enumerate(run.last_good)]
             if size > 1:
-                best = int(np.nanargmax(np.where(run.alive, val[1], -np.inf))) if run.alive.any() else 0
-                log(f"epoch {epoch + 1}: {run.alive.sum()}/{size} members training; best val acc "
-                    f"{_percent(val[1][best])} ({names[best]}); {_seconds(seconds, train_seconds)}, "
+                scores = np.where(run.alive & np.isfinite(val[1]), val[1], -np.inf)  # --val-size 0: all NaN
+                best = int(np.argmax(scores))
+                best_text = (f"best val acc {_percent(val[1][best])} ({names[best]})" if np.isfinite(scores[best])
+                             else "no validation accuracy")
+                log(f"epoch {epoch + 1}: {run.alive.sum()}/{size} members training; {best_text}; "
+                    f"{_seconds(seconds, train_seconds)}, "
                     f"{done * batch * run.alive.sum() / train_seconds:.0f} img/s in all")
     except KeyboardInterrupt:
         run.interrupted = True
@@ -337,7 +366,7 @@ def _check_translate(config: TrainConfig, pool_x):
         raise ValueError(f"--translate {config.translate} must be smaller than the {h}x{w} images")
 
 
-def _data_init(model, optimizer, members, carries, hps, mesh, pool_x, train_idx, means, stds, fresh):
+def _data_init(model, optimizer, members, carries, hps, mesh, pool_x, train_idx, means, stds, fresh, image_size=0):
     """The carries with the model's data-dependent init (:func:`jaxnets.models.data_init`,
     e.g. Airbench's whitening) applied to each ``fresh`` member, from the first
     ``model.data_init_images`` of that member's own training rows, normalised as it trains
@@ -361,7 +390,7 @@ def _data_init(model, optimizer, members, carries, hps, mesh, pool_x, train_idx,
         for j, m in enumerate(range(block.start, block.stop)):
             p, s = take_member(params, j), take_member(state, j)
             if fresh[m]:
-                images = np.asarray(normalize(pool_x[train_idx[m][:n]], means[m], stds[m]))
+                images = np.asarray(model_input(pool_x[train_idx[m][:n]], means[m], stds[m], image_size))
                 try:
                     p, s = M.data_init(model, p, s, images)
                 except ValueError as e:
@@ -400,20 +429,55 @@ def _percent(x):
     return "n/a" if x is None or not np.isfinite(x) else f"{100 * x:.2f}%"
 
 
-def _init_members(model, optimizer, members, configs, hps, mesh):
-    """Each block's initial ``(params, state, opt_state)`` and every member's run key data."""
+def _pretrained_members(base, model, configs, run_dirs, resume, pretrained, log):
+    """``(params, state, record)`` of the group's members from ``--pretrained`` (params and
+    state stacked over the members, each head replaced from its own init key), or None
+    without it, or when every member resumes from a checkpoint of its own."""
+    if base.pretrained is None:
+        return None
+    if resume and all((d / runs.CHECKPOINT).exists() for d in run_dirs):
+        return None
+    if pretrained is None:
+        pretrained = M.read_pretrained(base.pretrained)
+    loaded = [M.load_pretrained(base.model, model, pretrained, key=_init_key(c.seed), log=log if m == 0 else None)
+              for m, c in enumerate(configs)]
+    record = {**pretrained.record(), "classes": loaded[0].classes}
+    if loaded[0].classes == 1000 and base.normalize != "imagenet":
+        log(f"note: {pretrained.path} has a 1000-class head (ImageNet-1k?); ImageNet weights expect "
+            f"--normalize imagenet (this run uses --normalize {base.normalize})")
+    if resume:
+        for run_dir in run_dirs:  # members without a checkpoint start from the file: the same file
+            recorded = (runs.read_config(run_dir).get("pretrained") or {}).get("sha256")
+            if recorded and recorded != pretrained.sha256:
+                raise TrainingError(f"--resume {run_dir}: --pretrained {base.pretrained} is not the file the run "
+                                    f"started from (SHA-256 {pretrained.sha256[:12]}..., config.json has "
+                                    f"{recorded[:12]}...)")
+    return stack_members([l.params for l in loaded]), stack_members([l.state for l in loaded]), record
+
+
+def _init_key(seed):
+    """The key a member's weights are drawn from (the first half of its seed's split)."""
+    return jax.random.split(jax.random.key(seed))[0]
+
+
+def _init_members(model, optimizer, members, configs, hps, mesh, loaded=None):
+    """Each block's initial ``(params, state, opt_state)`` and every member's run key data;
+    ``loaded`` (:func:`_pretrained_members`): the members' params and state instead of
+    ``model.init``'s."""
     @jax.jit
-    def init(seeds, hps):
-        def one(seed, hp):
+    def init(seeds, hps, loaded):
+        def one(seed, hp, weights):
             init_key, run_key = jax.random.split(jax.random.key(seed))
-            params, state = model.init(init_key)
+            params, state = model.init(init_key) if weights is None else weights
             return params, state, with_hparams(optimizer.init(params), hp), run_key
-        return jax.vmap(one)(seeds, hps)
+        return jax.vmap(one)(seeds, hps, loaded)
 
     if mesh is not None:
         init = jax.jit(init.__wrapped__, out_shardings=parallel.replicated(mesh))
     seeds = np.asarray([c.seed for c in configs], np.uint32)
-    inits = [init(members.part(seeds, k), members.part(hps, k)) for k in range(len(members.blocks))]
+    weights = None if loaded is None else loaded[:2]
+    inits = [init(members.part(seeds, k), members.part(hps, k), None if weights is None else members.part(weights, k))
+             for k in range(len(members.blocks))]
     key_data = np.concatenate([np.asarray(jax.random.key_data(i[3])) for i in inits])
     return [i[:3] for i in inits], key_data
 
@@ -538,10 +602,22 @@ def _write_run_configs(configs, run_dirs, dataset, model, n_train, n_val, extra_
                                                                                dataset.num_classes)),
                 "image_shape": list(dataset.image_shape), "classes": int(dataset.num_classes),
                 "environment": env, "provenance": origin, "data_source": dataset.source,
+                "data_files": dataset.data_files, **({"data_warning": dataset.data_warning} if dataset.data_warning else {}),
                 "train_examples": int(n_train), "val_examples": int(n_val),
                 "test_examples": int(len(dataset.test_labels))}
         info.update((extra_config or [{}] * len(configs))[m])
         runs.write_json(run_dir / "config.json", info)
+
+
+def _record_resume_data(run_dirs, dataset):
+    """A resume's data that differs from the published files: recorded in its entry of
+    ``resumes`` in config.json (a run's first data is recorded at its start)."""
+    for run_dir in run_dirs:
+        info = runs.read_config(run_dir)
+        if info.get("resumes"):
+            info["resumes"][-1].update(data_source=dataset.source, data_files=dataset.data_files,
+                                       data_warning=dataset.data_warning)
+            runs.write_json(run_dir / "config.json", info)
 
 
 class _EpochLoop:

@@ -3,6 +3,7 @@
     python results/reproduce.py list                    # the experiments and their commands
     python results/reproduce.py run NAME [NAME ...]     # train, then copy the light files here
     python results/reproduce.py table                   # regenerate the table in README.md
+    python results/reproduce.py collect NAME [...]      # copy a run trained by its listed command by hand
     python results/reproduce.py scrub                   # machine paths out of the committed files
     python results/reproduce.py check FOLDER [...]      # retrain epoch 1 of committed runs, compare exactly
 
@@ -193,7 +194,40 @@ GRIDS = {
     ),
 }
 GRID_SHOWN = 5  # best and worst rows shown of each grid
-ALL = {**EXPERIMENTS, **SWEEPS, **GRIDS}
+
+# The transfer experiment of issue 23, inside CIFAR-10 (JPEG copy): a ResNet-18 (ImageNet stem,
+# as torchvision's, at 32x32) pretrained on classes 0-4, then trained on classes 5-9 with 100
+# or 1,000 labelled images per class (--labels-per-class, drawn per seed; --val-size 0: the
+# labelled images all train) and tested on all 5,000 test images of classes 5-9: from scratch,
+# a linear probe of the pretrained network (--freeze) and a full fine-tune. Each cell is one
+# sweep over seeds 0, 1, 2; at a seed the three methods see the same labelled images. The
+# fine-tunes load PRETRAINED, which ``run transfer_pretrain_cifar5`` writes (the run's weights
+# exported as a torchvision state dict; the 5-class head is replaced for the 5 new classes).
+PRETRAIN = "transfer_pretrain_cifar5"
+PRETRAINED = f"runs/results/{PRETRAIN}/resnet18_cifar5.safetensors"
+_RESNET = ["--model", "resnet18", "--stem", "imagenet", "--dataset", "cifar10"]
+EXPERIMENTS[PRETRAIN] = (
+    "ResNet-18 (ImageNet stem, 32x32) on CIFAR-10 classes 0-4 only (all 25,000 training images less 1,000 "
+    "for validation), our recipe at batch 128 and lr 0.1, 15 epochs: the pretraining of the transfer experiment",
+    "n/a (tested on classes 0-4)",
+    [*_RESNET, "--classes", "0,1,2,3,4", "--val-size", "1000", *_recipe(lr="0.1", batch="128", epochs="15")],
+)
+# Labels per class -> the flags that fix the step budget: batch 64 x 40 epochs of 500 images
+# (280 steps), batch 128 x 8 epochs of 5,000 (312 steps), the same for every method.
+_BUDGET = {100: ["--batch-size", "64", "--epochs", "40"], 1000: ["--batch-size", "128", "--epochs", "8"]}
+_METHODS = {  # method: (label, flags)
+    "scratch": ("from scratch", ["--lr", "0.1"]),
+    "probe": ("linear probe (--freeze)", ["--pretrained", PRETRAINED, "--freeze", "--lr", "0.1"]),
+    "finetune": ("full fine-tune (backbone lr x0.1)", ["--pretrained", PRETRAINED, "--lr", "0.1",
+                                                         "--backbone-lr-scale", "0.1"]),
+}
+TRANSFER = {
+    f"transfer_{method}_{n}": (label, method, n,
+                                [*_RESNET, "--classes", "5,6,7,8,9", "--labels-per-class", str(n), "--val-size", "0",
+                                 "--preset", "cifar10_recipe", *_BUDGET[n], *extra, "--sweep", "seed=0,1,2"])
+    for n in _BUDGET for method, (label, extra) in _METHODS.items()
+}
+ALL = {**EXPERIMENTS, **SWEEPS, **GRIDS, **{k: (v[0], "n/a", v[3]) for k, v in TRANSFER.items()}}
 
 
 def run(names, data_root):
@@ -202,6 +236,9 @@ def run(names, data_root):
             sys.exit(f"unknown experiment {name!r}; choose from {', '.join(ALL)}")
     for name in names:
         flags = ALL[name][2]
+        if "--pretrained" in flags and not (ROOT / PRETRAINED).exists():
+            sys.exit(f"{name} fine-tunes {PRETRAINED}: run `reproduce.py run {PRETRAIN}` first (it pretrains, "
+                     f"then exports the weights there)")
         out = ROOT / "runs" / "results" / name
         if out.exists():
             shutil.rmtree(out)
@@ -209,22 +246,48 @@ def run(names, data_root):
                "--no-progress"]
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True)
-        target = RESULTS / name
-        if target.exists():
-            shutil.rmtree(target)
-        target.mkdir()
-        if "--sweep" in flags:
-            for f in [*SWEEP_FILES, *(p.name for p in out.glob("*.png"))]:
-                shutil.copy2(out / f, target / f)
-            for member in members(out):
-                (target / member.name).mkdir()
-                for f in MEMBER_FILES:
-                    shutil.copy2(member / f, target / member.name / f)
-        else:
-            for f in LIGHT_FILES:
-                shutil.copy2(out / f, target / f)
-        scrub(target)
+        collect(name)
     table()
+
+
+def collect(name):
+    """Copy the light files of ``runs/results/NAME`` (trained by :func:`run`, or by its command
+    run by hand) into ``results/NAME``, machine paths scrubbed; after the pretraining of the
+    transfer experiment, export its weights to :data:`PRETRAINED` (not committed)."""
+    flags, out, target = ALL[name][2], ROOT / "runs" / "results" / name, RESULTS / name
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir()
+    if "--sweep" in flags:
+        for f in [*SWEEP_FILES, *(p.name for p in out.glob("*.png"))]:
+            shutil.copy2(out / f, target / f)
+        for member in members(out):
+            (target / member.name).mkdir()
+            for f in MEMBER_FILES:
+                shutil.copy2(member / f, target / member.name / f)
+    else:
+        for f in LIGHT_FILES:
+            shutil.copy2(out / f, target / f)
+    scrub(target)
+    if name == PRETRAIN:
+        export_pretrained(out)
+
+
+def export_pretrained(run_dir):
+    """The pretraining run's ResNet-18 as a torchvision state dict at :data:`PRETRAINED`, its
+    head (fc: classes 0-4) zeroed. ``--pretrained`` keeps a head whose class count matches
+    the new model's, and classes 5-9 are 5 classes too: without this every fine-tune would
+    start from the old classes' mapping (in the first epoch of a probe, 4% training accuracy,
+    below chance). A zero head is a fresh one: every run starts from uniform predictions, and
+    its first steps train the head alone (the backbone's gradient goes through the head's
+    weights)."""
+    sys.path.insert(0, str(ROOT))
+    import jax
+    import jaxnets
+
+    run = jaxnets.load_run(run_dir)
+    params = dict(run.params, fc=jax.tree_util.tree_map(lambda a: a * 0, run.params["fc"]))
+    print("exported", jaxnets.export_torchvision(params, ROOT / PRETRAINED, state=run.state), flush=True)
 
 
 def scrub(folder):
@@ -379,6 +442,7 @@ def render():
             lines.append(f"| {r['rank']} | " + " | ".join(_text(r["config"][k]) for k in grid["axes"])
                          + f" | {100 * r['best_val_accuracy']:.2f}% | **{test}** |")
         machines.add(grid["machine"])
+    lines += render_transfer(machines)
     lines.append("")
     lines.append("Machine: " + "; ".join(sorted(machines)) + ". Seed 0 unless the command says otherwise.")
     return "\n".join(lines)
@@ -461,6 +525,84 @@ def grid_tables():
                "machine": _machine(config), "command": _command(flags)}
 
 
+def transfer_rows():
+    """The committed cells of the transfer experiment: ``{(method, labels per class): cell}``
+    with the test accuracy mean +- std over the sweep's seeds and the sweep's wall time."""
+    cells = {}
+    for name, (label, method, n, flags) in TRANSFER.items():
+        sweep_path = RESULTS / name / "sweep.json"
+        if not sweep_path.exists():
+            continue
+        records = list(member_records(RESULTS / name))
+        mean, std, count = _accuracy_stats([s for _, s in records])
+        cells[method, n] = {"name": name, "label": label, "mean": mean, "std": std, "seeds": count,
+                            "accs": [100 * s["test_accuracy"] for _, s in records if s.get("test_accuracy") is not None],
+                            "wall_seconds": json.loads(sweep_path.read_text())["wall_seconds"],
+                            "machine": _machine(records[0][0]), "command": _command(flags)}
+    return cells
+
+
+def render_transfer(machines):
+    """The transfer table (labels per class x method), or no lines before any cell is committed."""
+    cells = transfer_rows()
+    if not cells:
+        return []
+    methods = list(_METHODS)
+    lines = ["", "Transfer inside CIFAR-10 (JPEG copy), issue 23: a ResNet-18 (ImageNet stem, 32x32) pretrained on "
+             f"classes 0-4 (`{PRETRAIN}` above), then trained on classes 5-9 with N labelled training images per "
+             "class and tested on all 5,000 test images of classes 5-9; test accuracy after the final epoch, mean "
+             "+- std over seeds 0, 1, 2 (one sweep command per cell; at a seed every method sees the same labelled "
+             "images), and the sweep's wall time. Figure: [transfer_cifar5.png](transfer_cifar5.png).", "",
+             "| labels per class | " + " | ".join(_METHODS[m][0] for m in methods) + " |",
+             "| --- | " + " | ".join("---" for _ in methods) + " |"]
+    for n in _BUDGET:
+        row = []
+        for m in methods:
+            c = cells.get((m, n))
+            if c is None:
+                row.append("not run")
+                continue
+            row.append(f"[**{c['mean']:.2f} +- {c['std']:.2f}%**]({c['name']}/) ({c['seeds']} seeds, "
+                       f"{c['wall_seconds'] / 60:.1f} min)")
+            machines.add(c["machine"])
+        lines.append(f"| {n} | " + " | ".join(row) + " |")
+    lines += ["", "Commands (`--pretrained` reads the weights `reproduce.py run " + PRETRAIN + "` exports):", ""]
+    lines += [f"- {c['name']}: `{c['command']}`" for (_, _), c in sorted(cells.items(), key=lambda kv: kv[1]["name"])]
+    return lines
+
+
+def transfer_figure(path=RESULTS / "transfer_cifar5.png"):
+    """Test accuracy against labelled images per class for the three methods (mean +- std
+    over the seeds, each seed's run as a dot)."""
+    cells = transfer_rows()
+    if not cells:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for method, (label, _) in _METHODS.items():
+        ns = [n for n in _BUDGET if (method, n) in cells]
+        if not ns:
+            continue
+        means, stds = [cells[method, n]["mean"] for n in ns], [cells[method, n]["std"] for n in ns]
+        line = ax.errorbar(ns, means, yerr=stds, marker="o", capsize=4, label=label)
+        for n in ns:
+            accs = cells[method, n]["accs"]
+            ax.scatter([n] * len(accs), accs, s=10, alpha=0.5, color=line[0].get_color())
+    ax.set_xscale("log")
+    ax.set_xticks(list(_BUDGET), [str(n) for n in _BUDGET])
+    ax.set(xlabel="labelled training images per class (classes 5-9)", ylabel="test accuracy, classes 5-9 (%)",
+           title="ResNet-18 pretrained on CIFAR-10 classes 0-4")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _text(value):
     return ",".join(map(str, value)) if isinstance(value, list) else str(value).lower() if isinstance(value, bool) \
         else str(value)
@@ -505,6 +647,7 @@ def overlay(a="cifar10_mlp_course", b="cifar10_mlp_course_manual", path=RESULTS 
 
 def table():
     overlay()
+    transfer_figure()
     readme = RESULTS / "README.md"
     text = readme.read_text() if readme.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
     head, rest = text.split(BEGIN, 1)
@@ -522,6 +665,8 @@ def main():
     r.add_argument("--data-dir", default=os.environ.get("JAXNETS_DATA_DIR"),
                    help="folder holding mnist/ and cifar-10-batches-py/ (default $JAXNETS_DATA_DIR)")
     sub.add_parser("table")
+    g = sub.add_parser("collect", help="copy the light files of runs/results/NAME (its command run by hand) here")
+    g.add_argument("names", nargs="+")
     c = sub.add_parser("check", help="retrain the first epoch of committed runs and compare its metrics exactly")
     c.add_argument("paths", nargs="+", help="result folders, e.g. results/mnist_mlp_default")
     c.add_argument("--data-dir", default=os.environ.get("JAXNETS_DATA_DIR"),
@@ -535,6 +680,10 @@ def main():
         if not args.data_dir:
             parser.error("--data-dir (or $JAXNETS_DATA_DIR) is required")
         run(args.names, args.data_dir)
+    elif args.cmd == "collect":
+        for name in args.names:
+            collect(name)
+        table()
     elif args.cmd == "check":
         if not args.data_dir:
             parser.error("--data-dir (or $JAXNETS_DATA_DIR) is required")

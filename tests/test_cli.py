@@ -10,6 +10,7 @@ import re
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -205,6 +206,9 @@ def test_resume_alone_keeps_epochs_and_data_dir_and_extends_on_request(finished,
     assert saved["config"]["epochs"] == 3 and saved["config"]["data_dir"] == str(data_dir)
     assert saved["resumes"][-1]["changes"] == {"epochs": [2, 3]}
     assert saved["resumes"][-1]["command"][-2:] == ["--epochs", "3"]
+    # The resume read a copy that differs from the published files: said in its entry too.
+    assert saved["resumes"][-1]["data_warning"] == saved["data_warning"]
+    assert saved["resumes"][-1]["data_files"] == saved["data_files"]
 
 
 def test_damaged_checkpoint_is_refused_and_the_run_left_as_it_was(finished, tmp_path, capsys):
@@ -417,7 +421,7 @@ def test_help_shows_each_default_once_and_keeps_flags_whole(columns, monkeypatch
     # No word broken at a hyphen at a line end (argparse's textwrap does that by default).
     assert not [l for l in lines if re.search(r"\w-$", l)]
     preset = " ".join(entries["--preset"])
-    assert len(entries["--preset"]) <= (3 if columns >= 100 else 4) and "course_mlp" in preset
+    assert len(entries["--preset"]) <= (3 if columns >= 100 else 5) and "course_mlp" in preset  # 4 presets
     assert "lr=" not in preset and "--lr" not in preset  # names only: the settings are --dry-run's
 
 
@@ -457,3 +461,72 @@ def test_old_comma_form_of_hidden_units_still_reads_with_a_note(capsys):
     assert exit_code(["--hidden-units", "512,256", "--dry-run"]) == 0
     out = capsys.readouterr()
     assert json.loads(out.out)["hidden_units"] == [512, 256] and "write 512x256" in out.err
+
+
+def test_a_data_dir_copy_that_differs_from_the_published_files_is_a_warning_recorded_in_config(
+        data_dir, finished, tmp_path, capsys):
+    """Issue 26: the synthetic files of this module are not MNIST's published ones: the run
+    trains (a modified copy is a choice), says so in one warning line of its log, and records
+    each file's MD5 and the warning in config.json."""
+    assert cli.main(flags(data_dir, "--epochs", 1, "--max-steps", 1, "--out", tmp_path / "run")) == 0
+    out = capsys.readouterr().out
+    warnings = [l for l in out.splitlines() if l.startswith("warning: ")]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: 4 of 4 MNIST files in {data_dir} differ from "
+                                                         f"the published MD5s"), out
+    info = strict(finished / "config.json")
+    assert info["data_warning"] == warnings[0][len("warning: "):]
+    assert sorted(info["data_files"]) == sorted(str(data_dir / f"{b}.gz") for b in (
+        "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
+    assert all(v.startswith("MD5 ") and ", published " in v for v in info["data_files"].values())
+
+
+def test_resume_of_a_sweep_directory_without_sweep_says_how_to_resume_it(data_dir, tmp_path, capsys):
+    """Issue 26: ``--resume DIR`` on a sweep directory is one line saying it is a sweep and
+    the exact command that resumes it (which then does, here finding it finished)."""
+    out = tmp_path / "sweep"
+    sweep_flags = flags(data_dir, "--epochs", 1, "--max-steps", 1, "--lr", "0.01", "--sweep", "seed=0,1",
+                        "--sweep", "hidden-units=8,none", "--out", out)
+    assert cli.main(sweep_flags) == 0
+    capsys.readouterr()
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert exit_code(["--resume", out]) == 2
+    line = error_line(capsys)
+    assert f"--resume {out}: a sweep directory (sweep_plan.json), not a run" in line
+    command = shlex.split(line.split("flags: ", 1)[1])
+    assert command[0] == "jaxnets-train" and "--sweep" in command and "--lr" in command and "--data-dir" in command
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert cli.main(command[1:]) == 0  # the command given resumes it (every member finished)
+    assert "2 of 2 waves finished already" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value, says", [
+    ("garbage", "$XLA_FLAGS 'garbage': XLA reads a value not starting with -- as a file of flags"),
+    ("--xla_force_host_platform_device_count 8", "$XLA_FLAGS: '8' is not a --name or --name=value option"),
+    ("--xla_cpu_multi_thread_eigen=false stray", "$XLA_FLAGS: 'stray' is not"),
+    ("--=3", "$XLA_FLAGS: '--=3' is not"),
+])
+def test_malformed_xla_flags_are_one_line_exit_2_before_xla_aborts(value, says, monkeypatch, capsys, tmp_path):
+    """Issue 26: XLA aborts the process (exit 1) on a malformed XLA_FLAGS, or ignores a stray
+    word; its syntax is checked first (the option names are XLA's: exit 1, documented)."""
+    monkeypatch.setenv("XLA_FLAGS", value)
+    assert exit_code(["--out", tmp_path / "run", "--data-dir", tmp_path / "none"]) == 2
+    assert says in error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_well_formed_xla_flags_pass_the_syntax_check(tmp_path):
+    flags_file = tmp_path / "flags"
+    flags_file.write_text("--xla_cpu_multi_thread_eigen=false\n")
+    for value in (None, "", "  --xla_cpu_multi_thread_eigen=false --xla_dump_to='/tmp/a b'", "--xla_unknown_name",
+                  str(flags_file)):
+        assert cli.xla_flags_problem(value) is None, value
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--data-dir", ""], "--data-dir is empty"),  # was the default data dir (a download there)
+    (["--out", " "], "--out is empty"),  # was runs/<name>
+    (["--resume", ""], "--resume is empty"),  # was a new run with every default
+])
+def test_an_empty_path_flag_is_refused_not_taken_as_the_default(args, says, capsys, tmp_path):
+    assert exit_code(["--epochs", 1, *args]) == 2
+    assert says in error_line(capsys)

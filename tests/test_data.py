@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import json
+import os
 import pickle
 import tarfile
 
@@ -25,6 +27,7 @@ def _no_env_data_dir(monkeypatch, tmp_path):
     (tests/test_download.py covers downloads, against a local server)."""
     monkeypatch.delenv(D.DATA_DIR_ENV, raising=False)
     monkeypatch.setattr(DL, "DEFAULT_DATA_DIR", str(tmp_path / "default-cache"))
+    monkeypatch.setattr(DL, "DIGESTS", str(tmp_path / "digests.json"))
 
     def no_network(request, timeout):
         raise AssertionError(f"test_data tried to download {request.full_url}")
@@ -113,6 +116,55 @@ def test_mnist_real(mnist_dir):
         np.bincount(ds.train_labels, minlength=10),
         [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949])
     assert np.bincount(ds.test_labels).sum() == 10000
+    # The shared copy is the dataset byte for byte (decompressed): no warning.
+    assert ds.data_files == {str(mnist_dir / (b + ".gz")): "published MD5" for b in D.MNIST_FILES.values()}
+    assert ds.data_warning is None
+
+
+def test_a_modified_copy_is_read_with_a_warning_naming_the_file(mnist_dir, tmp_path):
+    """Issue 26: a --data-dir copy whose labels were shifted by one is still read (people
+    train on modified copies on purpose), with a warning naming that file alone; the MD5 is
+    of the decompressed content (as the published ones are), so an unzipped copy verifies."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for b in D.MNIST_FILES.values():
+        (copy / b).write_bytes(gzip.decompress((mnist_dir / (b + ".gz")).read_bytes()))  # unzipped: still published
+    labels = D.read_idx(copy / "train-labels-idx1-ubyte")
+    write_idx(copy / "train-labels-idx1-ubyte", (labels + 1) % 10)
+    ds = load_dataset("mnist", copy, source="files")
+    np.testing.assert_array_equal(ds.train_labels, (labels + 1) % 10)
+    shifted = str(copy / "train-labels-idx1-ubyte")
+    assert ds.data_files[shifted].startswith("MD5 ") and DL.published_md5("mnist", "train-labels-idx1-ubyte") \
+        in ds.data_files[shifted]
+    assert [k for k, v in ds.data_files.items() if v != "published MD5"] == [shifted]
+    assert "\n" not in ds.data_warning
+    assert ds.data_warning.startswith(f"1 of 4 MNIST files in {copy} differ from the published MD5s "
+                                      f"(train-labels-idx1-ubyte)")
+
+
+def test_a_copys_md5_is_remembered_by_path_size_and_mtime(tmp_path):
+    """An unchanged file is hashed once: its MD5 is kept in DIGESTS by path, size and mtime
+    (a doctored record is believed while both hold), and hashed again once either changes."""
+    make_mnist(tmp_path / "m")
+    first = load_dataset("mnist", tmp_path / "m", source="files")
+    assert first.data_warning.startswith("4 of 4 MNIST files")
+    record = json.loads((tmp_path / "digests.json").read_text())
+    labels = tmp_path / "m" / "train-labels-idx1-ubyte.gz"
+    entry = record["files"][str(labels.resolve())]
+    assert entry["size"] == labels.stat().st_size and entry["mtime_ns"] == labels.stat().st_mtime_ns
+    entry["md5"] = DL.published_md5("mnist", labels.name)  # only a remembered MD5 can say this
+    (tmp_path / "digests.json").write_text(json.dumps(record))
+    assert load_dataset("mnist", tmp_path / "m").data_files[str(labels)] == "published MD5"
+    os.utime(labels, ns=(labels.stat().st_atime_ns, labels.stat().st_mtime_ns + 10**9))
+    assert load_dataset("mnist", tmp_path / "m").data_files[str(labels)].startswith("MD5 ")
+
+
+@pytest.mark.parametrize("content", ["not json", '{"kind": "my own"}'])
+def test_a_digests_file_that_is_not_ours_is_left_alone(tmp_path, content):
+    (tmp_path / "digests.json").write_text(content)
+    make_mnist(tmp_path / "m")
+    assert load_dataset("mnist", tmp_path / "m").data_warning.startswith("4 of 4 MNIST files")
+    assert (tmp_path / "digests.json").read_text() == content
 
 
 def test_mnist_found_from_parent_dir_and_env(mnist_dir, monkeypatch):
@@ -237,6 +289,15 @@ def test_cifar10_real(cifar10_dir):
     # data_dir may also be the batches directory itself
     same = load_dataset("cifar10", cifar10_dir / "cifar-10-batches-py")
     np.testing.assert_array_equal(same.test_images, ds.test_images)
+    # Each batch compared with its published MD5; the JPEG copy differs (a warning naming
+    # them, not an error), the official files would not.
+    names = D.CIFAR10_TRAIN_BATCHES + (D.CIFAR10_TEST_BATCH,)
+    assert set(ds.data_files) == {str(cifar10_dir / "cifar-10-batches-py" / b) for b in names}
+    differ = [p for p, r in ds.data_files.items() if r != "published MD5"]
+    assert all(ds.data_files[p].startswith("MD5 ") for p in differ)
+    assert (ds.data_warning is None) == (not differ)
+    if differ:
+        assert ds.data_warning.startswith(f"{len(differ)} of 6 CIFAR-10 files in {cifar10_dir / 'cifar-10-batches-py'}")
 
 
 # --------------------------------------------------------------------------- synthetic CIFAR-10
@@ -273,6 +334,10 @@ def test_cifar10_tarball(tmp_path):
         tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
     ds = load_dataset("cifar10", out)
     assert ds.source == f"files:{out / D.CIFAR10_TARBALL}"
+    # Not downloaded by jaxnets: each member compared with its batch's published MD5.
+    assert sorted(ds.data_files) == sorted(f"{out / D.CIFAR10_TARBALL}:{b}"
+                                           for b in D.CIFAR10_TRAIN_BATCHES + (D.CIFAR10_TEST_BATCH,))
+    assert ds.data_warning.startswith(f"6 of 6 CIFAR-10 files in {out / D.CIFAR10_TARBALL} differ")
     np.testing.assert_array_equal(ds.train_images, tx)
     np.testing.assert_array_equal(ds.train_labels, ty)
     np.testing.assert_array_equal(ds.test_images, sx)

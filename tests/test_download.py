@@ -126,6 +126,7 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.delenv(D.DATA_DIR_ENV, raising=False)
     monkeypatch.delenv(DL.MIRROR_ENV, raising=False)
     monkeypatch.setattr(DL, "DEFAULT_DATA_DIR", str(tmp_path / "default-cache"))
+    monkeypatch.setattr(DL, "DIGESTS", str(tmp_path / "digests.json"))
     dead = closed_port_url()
     monkeypatch.setattr(DL, "MIRRORS", {"mnist": (f"{dead}/builtin/mnist/",),
                                         "cifar10": (f"{dead}/builtin/cifar10/",)})
@@ -157,6 +158,9 @@ def test_clean_download_into_default_cache_then_cache_reuse(server, served, monk
 
     again = D.load_dataset("mnist")
     assert len(server.requests) == 4  # the cache, not the network
+    # Checked as downloaded (its stamp), so not compared again, nor warned about.
+    assert again.data_files == {str(folder / n): "verified download" for n in MNIST_NAMES}
+    assert again.data_warning is None and not (tmp_path / "digests.json").exists()
     np.testing.assert_array_equal(again.test_labels, ds.test_labels)
     # "files" reads the same cache (never downloading); so does the folder named directly
     assert D.load_dataset("mnist", source="files").source == f"files:{folder}"
@@ -175,9 +179,10 @@ def test_a_cached_file_changed_after_its_download_is_refused_on_read(server, ser
     raw = bytearray(gzip.decompress(path.read_bytes()))
     raw[8:] = bytes((b + 1) % 10 for b in raw[8:])
     path.write_bytes(gzip.compress(bytes(raw)))
-    for source in ("auto", "files"):
+    # However the folder is reached (the cache, or named directly): checked as a download, an error.
+    for kwargs in ({"source": "auto"}, {"source": "files"}, {"data_dir": path.parent, "source": "files"}):
         with pytest.raises(DataError) as e:
-            D.load_dataset("mnist", source=source)
+            D.load_dataset("mnist", **kwargs)
         assert_one_line_error(e, f"{path}: changed since it was downloaded and verified (checksum mismatch",
                               "delete it and it is downloaded again")
     assert len(server.requests) == 4

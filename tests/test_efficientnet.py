@@ -16,6 +16,7 @@ from jaxnets import gradcheck, imagenet
 from jaxnets import layers as L
 from jaxnets import models as M
 from jaxnets import network as nn
+from jaxnets import steps as steps_lib
 from jaxnets.checkpoints import CheckpointError
 
 
@@ -128,8 +129,8 @@ def test_mbconv_blocks_gradcheck_float64():
 def test_too_small_images_are_refused():
     with pytest.raises(ValueError, match="at least 32x32"):
         M.EfficientNetLite0(input_shape=(28, 28, 1))
-    with pytest.raises(ValueError, match="at least 32x32.*image_size"):
-        M.EfficientNetLite0(input_shape=(32, 32, 3), image_size=16)
+    with pytest.raises(ValueError, match=r"at least 32x32.*got 16 \(input shape \(16, 16, 3\)\)"):
+        M.EfficientNetLite0(input_shape=(16, 16, 3))  # what --image-size 16 builds (refused naming the flag)
 
 
 def _fake_state_dict(model):
@@ -273,11 +274,14 @@ def test_zero_shot_cifar10_is_far_above_chance(reference, cifar_test):
     # The weights really are ImageNet's: map ImageNet's classes to CIFAR-10's and predict
     # CIFAR-10 test images with no training. Measured: 41.4% on the first 500 (random
     # weights: ~10%); this checks the first 200.
-    model = M.EfficientNetLite0(input_shape=(32, 32, 3), image_size=224)
+    model = M.EfficientNetLite0(input_shape=(224, 224, 3))
     params, state = M.load_efficientnet_lite0(model)
     images, labels = cifar_test
-    apply = jax.jit(lambda p, s, x: model.apply(p, s, x, train=False)[0])
-    preds = np.concatenate([imagenet.cifar10_zero_shot(apply(params, state, imagenet.normalize(images[i:i + 50])))
+    # Normalised, then resized to 224: the trainer's input pipeline (--normalize imagenet --image-size 224).
+    apply = jax.jit(lambda p, s, x: model.apply(p, s, steps_lib.model_input(x, imagenet.IMAGENET_MEAN,
+                                                                            imagenet.IMAGENET_STD, 224),
+                                                train=False)[0])
+    preds = np.concatenate([imagenet.cifar10_zero_shot(apply(params, state, images[i:i + 50]))
                             for i in range(0, 200, 50)])
     accuracy = float(np.mean(preds == labels[:200]))
     assert accuracy > 0.3, accuracy

@@ -359,3 +359,19 @@ def test_warmup_with_max_steps_lasts_warmup_epochs_of_steps(tmp_path):
     assert [c for c, _ in seen] == [10, 20, 30]
     expected = warm(np.array([9, 19, 29]), 10, cosine(np.array([9, 19, 29]), 10, 30))
     np.testing.assert_allclose([m for _, m in seen], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_bias_lr_scale_is_a_parameter_group_of_batch_norms_betas():
+    # airbench's BN biases at 64x the lr, here 4x: the first Nesterov step on a gradient of ones
+    # is lr (1 + mu) on every leaf but beta, and 4 times that on beta (with lookahead around it).
+    from jaxnets import steps
+    config = TrainConfig(hidden_units=(8,), batch_norm=True, dropout=0.0, optimizer="nesterov", lr=0.125,
+                         momentum=0.5, bias_lr_scale=4.0, lookahead_period=2, schedule="constant").validate()
+    model = steps.build_model(config, (4, 4, 1), 3)
+    params, _ = model.init(jax.random.key(0))
+    optimizer = build_optimizer(config, 6, model=model)
+    updates, _ = optimizer.update(jax.tree_util.tree_map(jnp.ones_like, params), optimizer.init(params), params)
+    bn = updates["blocks"][0]["bn"]
+    np.testing.assert_allclose(bn["beta"], -4 * 0.125 * 1.5)
+    np.testing.assert_allclose(bn["gamma"], -0.125 * 1.5)
+    np.testing.assert_allclose(updates["head"]["b"], -0.125 * 1.5)

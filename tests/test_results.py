@@ -77,6 +77,24 @@ def test_grid_rows_are_the_best_and_worst_committed_members():
         assert [r["rank"] for r in shown] == [*range(1, k + 1), *range(len(vals) - k + 1, len(vals) + 1)]
 
 
+def test_transfer_commands_parse_and_share_their_images_per_seed():
+    """The transfer sweeps: >= 3 seeds, classes 5-9, and per labels-per-class the three
+    methods differ only in what they load and train (same images, batch and epochs)."""
+    from jaxnets import cli, sweep
+
+    reproduce = load_reproduce()
+    data = {}
+    for name, (_, method, n, flags) in reproduce.TRANSFER.items():
+        args = cli.build_parser().parse_args([*flags, "--data-dir", "DIR"])
+        config = cli.config_from_args(args).validate()
+        axes = sweep.parse_sweep(args.sweep, config)
+        assert list(axes) == ["seed"] and len(axes["seed"]) >= 3
+        assert config.classes == (5, 6, 7, 8, 9) and config.labels_per_class == n and config.val_size == 0
+        assert (config.pretrained is not None) == (method != "scratch") and config.freeze == (method == "probe")
+        data.setdefault(n, set()).add((config.batch_size, config.epochs, config.seed, config.augment))
+    assert all(len(v) == 1 for v in data.values()), data
+
+
 def test_every_experiment_command_gives_its_committed_config():
     """The listed commands (presets included) still produce the settings the committed runs
     recorded: a preset that drifted would silently change what 'reproduce' reruns."""

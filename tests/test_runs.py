@@ -327,6 +327,9 @@ def test_a_sweep_refused_on_its_data_leaves_nothing_that_blocks_it(tmp_path):
     with pytest.raises(ValueError, match="batch_size 1000 exceeds"):
         sweep.sweep(too_big, axes, out=out, dataset=dataset(), log=quiet, progress=False)
     assert not out.exists()  # refused on its data: nothing left behind
+    with pytest.raises(TrainingError, match=r"--resume .*sweep: no such sweep directory"):  # nor made by a resume
+        sweep.sweep(config(out), axes, out=out, resume=True, dataset=dataset(), log=quiet, progress=False)
+    assert not out.exists()
     # A resume of an empty directory starts the sweep (and here meets the same refusal, not "no plan").
     out.mkdir()
     with pytest.raises(ValueError, match="batch_size 1000 exceeds"):
@@ -441,3 +444,76 @@ def test_a_train_subset_larger_than_the_data_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"--train-subset 1000 is more than the 600 training images there are"):
         T.train(config(tmp_path / "run", train_subset=1000), dataset=dataset(), log=quiet)
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_evaluate_refuses_labels_it_would_truncate_wrap_or_index_out_of_bounds(finished):
+    """Issue 26 (found beyond its list): float labels were truncated, -1 and 10 silently gave
+    accuracy 0 / loss NaN, labels without images evaluated the test split instead; a bad
+    batch_size was a ZeroDivisionError."""
+    run, images = runs.load_run(finished), dataset().test_images[:3]
+    assert run.evaluate(images=images, labels=np.array([0, 1, 2]))["examples"] == 3
+    for labels, says in [(np.array([0, 1, 10]), r"given int64 of shape \(3,\), values 0\.\.10; expected 3 integer class "
+                                                r"indices 0\.\.9, shape \(3,\)"),
+                         (np.array([-1, 1, 2]), r"values -1\.\.2"),
+                         (np.array([0.5, 1, 2]), r"given float64 of shape \(3,\), not integers"),
+                         (np.array([True, False, True]), r"given bool .*not integers"),
+                         (np.array([0, 1]), r"given int64 of shape \(2,\); expected 3 integer")]:
+        for x in (images, images / np.float32(255)):  # the uint8 program and predict's path alike
+            with pytest.raises(ValueError, match=says) as e:
+                run.evaluate(images=x, labels=labels)
+            assert str(e.value).startswith("labels: given ") and "\n" not in str(e.value)
+    for kwargs in ({"images": images}, {"labels": [0, 1, 2]}, {"dataset": dataset(), "images": images, "labels": [0]}):
+        with pytest.raises(ValueError, match=r"evaluate: give images and labels together"):
+            run.evaluate(**kwargs)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=r"batch_size must be a positive integer"):
+            run.predict(images, batch_size=bad)
+    with pytest.raises(TypeError, match=r"load_run: expected the path of a run directory, got NoneType"):
+        runs.load_run(None)
+    with pytest.raises(TrainingError, match=r"config\.json: a file, not a run directory"):
+        runs.load_run(finished / "config.json")
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("image_shape", "x", r'"image_shape" is "x"; expected a list of 3 positive integers'),
+    ("image_shape", [28, 28], r'"image_shape" is \[28, 28\]'),
+    ("classes", "ten", r'"classes" is "ten"; expected a positive integer'),
+    ("classes", 0, r'"classes" is 0'),
+    ("resumes", {}, r'"resumes" is \{\}; expected a list of objects'),
+    ("run_id", 5, r'"run_id" is 5; expected a non-empty string'),
+])
+def test_a_config_json_edited_by_hand_is_refused_naming_the_entry(finished, tmp_path, key, value, says):
+    """Issue 26 (found beyond its list): an edited image_shape/classes reached the model as a
+    numpy UFuncTypeError or an int() ValueError, or (image_shape [28, 28]) built a model for
+    other images; a resumes object was an AttributeError traceback on --resume."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    info = json.loads((run / "config.json").read_text())
+    info[key] = value
+    (run / "config.json").write_text(json.dumps(info))
+    with pytest.raises(TrainingError, match=r"config\.json: " + says):
+        runs.load_run(run)
+
+
+def test_metrics_with_a_lost_epoch_are_refused_before_a_resume_writes(finished, tmp_path):
+    """Issue 26 (found beyond its list): a metrics.jsonl that lost its last line resumed to
+    epochs 1, 3 (epoch 2 never recorded again); one that lost its first is out of order."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text(lines[0])
+    with pytest.raises(TrainingError, match=r"metrics\.jsonl: has metrics for epoch 1, but checkpoint\.msgpack is of "
+                                            r"epoch 2; a resume would leave epoch 2 without metrics"):
+        T.train(resume=run, changes={"epochs": 3}, log=quiet)
+    (run / "metrics.jsonl").write_text(lines[1])
+    with pytest.raises(TrainingError, match=r"metrics\.jsonl, line 1: epoch 2 after no epoch; expected epoch 1"):
+        T.train(resume=run, changes={"epochs": 3}, log=quiet)
+    assert json.loads((run / "config.json").read_text()) == json.loads((finished / "config.json").read_text())
+
+
+def test_a_resume_in_a_read_only_directory_names_resume(finished, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    monkeypatch.setattr(runs.os, "access", lambda path, mode: Path(path) != run)  # as on a read-only mount
+    with pytest.raises(TrainingError, match=r"^--resume .*run: the directory is not writable \(a resume writes"):
+        T.train(resume=run, changes={"epochs": 3}, log=quiet)

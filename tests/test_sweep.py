@@ -244,8 +244,9 @@ def test_interrupted_sweep_resumes_to_the_uninterrupted_table(mnist_small, tmp_p
 def test_sweep_directory_is_not_overwritten_or_resumed_with_other_settings(mnist_dir, tmp_path, capsys):
     out = tmp_path / "sweep"
     cfg = base(tmp_path)
-    with pytest.raises(TrainingError, match="no sweep_plan.json there"):
+    with pytest.raises(TrainingError, match="no such sweep directory .*start it with --out"):
         sweep.sweep(cfg, {"lr": [1e-3, 1e-2]}, out=out, resume=True, **quiet)
+    assert not out.exists()
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     flags = ["--dataset", "mnist", "--data-dir", str(mnist_dir), "--hidden-units", "16", "--no-progress",
