@@ -414,12 +414,14 @@ PRESETS = {
     # coupled L2 0.0153 * 1024 / 11.5), 23% warm-up from 0.2 then linear to 0.07, lookahead
     # every 5 steps, alternating flips and 2-pixel reflect translation, 6-view TTA, batch
     # norm's biases at 64x the lr (airbench also decays them; --weight-decay does not).
+    # Evaluation in batches of 250: with TTA's 6 views, batches of 1000 took over 6 GB and a
+    # run on the shared 23 GB CPU host was OOM-killed in its test evaluation.
     "airbench94": dict(model="airbench", dataset="cifar10", val_size=0, batch_size=1024, epochs=10, max_steps=476,
                        optimizer="nesterov", momentum=0.85, lr=11.5 / (1024 * (1 + 1 / (1 - 0.85))),
                        weight_decay=0.0153 * 1024 / 11.5, loss_reduction="sum", label_smoothing=0.2,
                        schedule="linear", warmup_fraction=0.23, warmup_start=0.2, final_lr_fraction=0.07,
                        lookahead_period=5, augment=True, translate=2, pad_mode="reflect", flip="alternating",
-                       tta=True, grad="manual", dropout=0.0, bias_lr_scale=64.0),
+                       tta=True, grad="manual", dropout=0.0, bias_lr_scale=64.0, eval_batch_size=250),
 }
 
 
