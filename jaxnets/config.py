@@ -19,7 +19,10 @@ from jaxnets.models import FAMILIES
 #: input normalisations a run can name.
 MODELS = tuple(FAMILIES)
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "adagrad", "rmsprop")
-SCHEDULES = ("constant", "cosine", "onecycle", "step")
+SCHEDULES = ("constant", "cosine", "onecycle", "step", "linear")
+PAD_MODES = ("zeros", "reflect")
+FLIPS = ("random", "alternating", "none")
+LOSS_REDUCTIONS = ("mean", "sum")
 NORMALIZATIONS = ("channel", "mean_image", "imagenet")
 GRAD_PATHS = ("autodiff", "manual")
 #: Seeds are drawn into ``jax.random.key`` as uint32.
@@ -65,7 +68,21 @@ class TrainConfig:
            "built for NxN (0: the images as loaded)", "data")
     augment: bool = _setting(
         False, "random crops from a 4-pixel zero-padded copy, on the device; CIFAR-10 also gets horizontal flips "
-               "(digits are not mirror-symmetric, so MNIST gets crops only)", "data")
+               "(digits are not mirror-symmetric, so MNIST gets crops only); --translate, --pad-mode and --flip "
+               "set what it does", "data")
+    translate: int = _setting(4, "--augment: random translation by up to this many pixels each way, a crop of a "
+                                 "padded copy (0: none)", "data")
+    pad_mode: str = _setting("zeros", "--augment: how the translation's copy is padded: zeros, or reflect "
+                                      "(mirrored edge pixels, airbench's)", "data", choices=PAD_MODES)
+    flip: str = _setting(
+        "random", "--augment on CIFAR-10: random (each image flipped with probability 1/2 at every step), "
+                  "alternating (each image's flip drawn once for the run and inverted every odd epoch, "
+                  "airbench's) or none", "data", choices=FLIPS)
+    tta: bool = _setting(
+        False, "test-time augmentation in every evaluation (validation and test): logits averaged over 6 views, "
+               "1/4 the image, 1/4 its mirror, 1/8 each of the two 1-pixel reflect-padded diagonal shifts and "
+               "their mirrors (airbench's); 6x the evaluation cost; CIFAR-10 only (digits are not "
+               "mirror-symmetric)", "data")
     # model
     model: str = _setting(
         "mlp", "; ".join(f"{f.name}: {f.help}" for f in FAMILIES.values()), "model", choices=MODELS)
@@ -103,15 +120,34 @@ class TrainConfig:
         "optimisation")
     momentum: float = _setting(0.9, "momentum of --optimizer momentum/nesterov", "optimisation")
     schedule: str = _setting(
-        "cosine", "learning-rate schedule: constant, cosine (decay to 0), onecycle, step (x0.1 at 50% and 75%)",
+        "cosine", "learning-rate schedule: constant, cosine (decay to --final-lr-fraction), onecycle, step (x0.1 at 50% "
+        "and 75%), linear (linear decay to --final-lr-fraction, in steps)",
         "optimisation", choices=SCHEDULES)
-    warmup_epochs: float = _setting(0.0, "linear warm-up from 0 over this many epochs (constant/cosine/step)",
-                                    "optimisation")
+    warmup_epochs: float = _setting(0.0, "linear warm-up from --warmup-start over this many epochs "
+                                         "(constant/cosine/step/linear)", "optimisation")
+    warmup_fraction: float = _setting(
+        0.0, "linear warm-up over this fraction of all the run's steps instead (airbench: 0.23)", "optimisation")
+    warmup_start: float = _setting(0.0, "the warm-up's first multiplier of --lr (airbench: 0.2)", "optimisation")
+    final_lr_fraction: float = _setting(
+        0.0, "--schedule linear/cosine: the multiplier of --lr the decay ends at (airbench: 0.07)", "optimisation")
+    loss_reduction: str = _setting(
+        "mean", "the training loss over a batch: mean, or sum (airbench's; its gradient is --batch-size times "
+                "the mean's, so --lr x B and L2 --weight-decay / B on a mean loss give the same steps); the "
+                "reported losses are per-example means either way", "optimisation", choices=LOSS_REDUCTIONS)
+    lookahead_period: int = _setting(
+        0, "lookahead every this many steps (0: off): slow = d*slow + (1-d)*fast, then fast = slow, with "
+           "d = --lookahead-decay * (t/T)^--lookahead-power at step t of T; at the last step the weights become "
+           "the slow ones (airbench: 5)", "optimisation")
+    lookahead_decay: float = _setting(0.95 ** 5, "lookahead: d at the last step", "optimisation")
+    lookahead_power: float = _setting(3.0, "lookahead: how d rises with the run's progress t/T", "optimisation")
     label_smoothing: float = _setting(0.0, "label smoothing of the cross-entropy targets", "optimisation")
     backbone_lr_scale: float = _setting(
         1.0, "the backbone's learning rate is this times --lr; the head (the network's last layer, fc or "
              "head) trains at --lr (an optimizer parameter group; members of a vmapped sweep may differ in it)",
         "optimisation")
+    bias_lr_scale: float = _setting(
+        1.0, "batch norm's biases (beta) train at this times --lr (an optimizer parameter group, on top of "
+             "--backbone-lr-scale; airbench: 64)", "optimisation")
     grad: str = _setting(
         "autodiff", "gradient path: autodiff (jax.grad) or manual (the hand-written backward passes: the same "
                     "gradients up to rounding, and on CPU the faster path for the ConvNet)", "optimisation",
@@ -150,8 +186,34 @@ class TrainConfig:
                              "drop one of them")
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"--warmup-epochs must be at most --epochs ({self.epochs}), got {self.warmup_epochs}")
+        self._check_recipe()
         self._check_fine_tuning()
         return self
+
+    def _check_recipe(self):
+        """The augmentation, schedule, loss and lookahead settings that only apply together."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if not self.augment:
+            for name in ("translate", "pad_mode", "flip"):
+                if getattr(self, name) != defaults[name]:
+                    raise ValueError(f"{flag(name)} sets what --augment does; it has no effect without --augment")
+        if self.tta and self.dataset == "mnist":
+            raise ValueError("--tta averages over mirrored views, and digits are not mirror-symmetric: it is for "
+                             "--dataset cifar10 only")
+        if self.warmup_fraction:
+            if self.warmup_epochs:
+                raise ValueError("--warmup-fraction and --warmup-epochs both set the warm-up's length; give one")
+            if self.schedule == "onecycle":
+                raise ValueError("--warmup-fraction does not apply to --schedule onecycle (it has its own "
+                                 "warm-up); drop one of them")
+        if self.warmup_start and not (self.warmup_epochs or self.warmup_fraction):
+            raise ValueError("--warmup-start is the warm-up's first multiplier; give --warmup-epochs or "
+                             "--warmup-fraction too")
+        if self.final_lr_fraction and self.schedule not in ("linear", "cosine"):
+            raise ValueError(f"--final-lr-fraction applies to --schedule linear or cosine, not {self.schedule}")
+        lookahead_defaults = all(getattr(self, n) == defaults[n] for n in ("lookahead_decay", "lookahead_power"))
+        if not self.lookahead_period and not lookahead_defaults:
+            raise ValueError("--lookahead-decay and --lookahead-power need --lookahead-period N (N > 0)")
 
     def _check_fine_tuning(self):
         from jaxnets import models
@@ -210,12 +272,16 @@ def choices(name: str):
 
 #: Integer settings and the least value each may take (``None``: no integer setting).
 _INT_MIN = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "chunk_steps": 1, "val_size": 0,
-            "train_subset": 0, "labels_per_class": 0, "max_steps": 0, "devices": 0, "seed": 0, "image_size": 0}
+            "train_subset": 0, "labels_per_class": 0, "max_steps": 0, "devices": 0, "seed": 0, "image_size": 0,
+            "translate": 0, "lookahead_period": 0}
 #: Float settings and their ranges: (low, low inclusive, high, high inclusive).
 _FLOAT_RANGE = {"lr": (0.0, False, math.inf, False), "weight_decay": (0.0, True, math.inf, False),
                 "momentum": (0.0, True, 1.0, False), "dropout": (0.0, True, 1.0, False),
                 "label_smoothing": (0.0, True, 1.0, False), "warmup_epochs": (0.0, True, math.inf, False),
-                "backbone_lr_scale": (0.0, False, math.inf, False)}
+                "warmup_fraction": (0.0, True, 1.0, False), "warmup_start": (0.0, True, 1.0, True),
+                "final_lr_fraction": (0.0, True, 1.0, True), "lookahead_decay": (0.0, True, 1.0, True),
+                "lookahead_power": (0.0, True, math.inf, False), "backbone_lr_scale": (0.0, False, math.inf, False),
+                "bias_lr_scale": (0.0, False, math.inf, False)}
 
 
 def _check(field, value):
@@ -341,6 +407,21 @@ PRESETS = {
     "cifar10_recipe": dict(model="convnet", dataset="cifar10", augment=True, optimizer="nesterov", lr=0.2,
                            momentum=0.9, weight_decay=5e-4, schedule="onecycle", label_smoothing=0.1,
                            batch_size=256, epochs=16, grad="manual"),
+    # airbench94 (Jordan 2024, arXiv 2404.00498; legacy/airbench94.py) in our flags: its net,
+    # all 50,000 training images (no validation split), 476 steps of 1024 (9.9 epochs),
+    # Nesterov 0.85 on the summed loss with label smoothing 0.2, its "per 1024 examples"
+    # lr 11.5 and decay 0.0153 converted (docs/optimizers.md: lr = 11.5 / (1024 (1 + 1/0.15)),
+    # coupled L2 0.0153 * 1024 / 11.5), 23% warm-up from 0.2 then linear to 0.07, lookahead
+    # every 5 steps, alternating flips and 2-pixel reflect translation, 6-view TTA, batch
+    # norm's biases at 64x the lr (airbench also decays them; --weight-decay does not).
+    # Evaluation in batches of 250: with TTA's 6 views, batches of 1000 took over 6 GB and a
+    # run on the shared 23 GB CPU host was OOM-killed in its test evaluation.
+    "airbench94": dict(model="airbench", dataset="cifar10", val_size=0, batch_size=1024, epochs=10, max_steps=476,
+                       optimizer="nesterov", momentum=0.85, lr=11.5 / (1024 * (1 + 1 / (1 - 0.85))),
+                       weight_decay=0.0153 * 1024 / 11.5, loss_reduction="sum", label_smoothing=0.2,
+                       schedule="linear", warmup_fraction=0.23, warmup_start=0.2, final_lr_fraction=0.07,
+                       lookahead_period=5, augment=True, translate=2, pad_mode="reflect", flip="alternating",
+                       tta=True, grad="manual", dropout=0.0, bias_lr_scale=64.0, eval_batch_size=250),
 }
 
 

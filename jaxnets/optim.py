@@ -20,9 +20,10 @@ optimizer is the plain one, state and all. A group's factor is an injected hyper
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,19 +32,24 @@ import optax
 from jaxnets.config import TrainConfig
 
 
-def warmup_steps(config: TrainConfig, steps_per_epoch: int) -> int:
-    """The linear warm-up's length: ``warmup_epochs * steps_per_epoch`` steps (whole steps)."""
+def warmup_steps(config: TrainConfig, steps_per_epoch: int, total_steps: int | None = None) -> int:
+    """The linear warm-up's length in whole steps: ``warmup_epochs * steps_per_epoch``, or
+    ``warmup_fraction * total_steps``."""
+    if config.warmup_fraction:
+        return int(config.warmup_fraction * total_steps)
     return int(config.warmup_epochs * steps_per_epoch)
 
 
 def lr_schedule(config: TrainConfig, total_steps: int, *, steps_per_epoch: int | None = None):
     """The learning-rate multiplier at each step, peak 1 (the optimizer multiplies by ``lr``).
 
-    ``constant``: 1. ``cosine``: ``(1 + cos(pi t / T)) / 2`` over the ``T`` steps after the
-    warm-up. ``step``: 1, times 0.1 from 50% and again from 75% of ``total_steps``.
-    ``onecycle``: Optax's cosine one-cycle over ``total_steps`` (no warm-up of its own).
-    A warm-up (``warmup_epochs``) rises linearly from 0 to 1 over
-    ``warmup_epochs * steps_per_epoch`` steps first. ``steps_per_epoch`` defaults to
+    ``constant``: 1. ``cosine``: ``f + (1 - f)(1 + cos(pi t / T)) / 2`` over the ``T`` steps
+    after the warm-up, ``f = final_lr_fraction``. ``linear``: ``1 - (1 - f) t / T``, the same
+    ``T`` (airbench's decay, in steps). ``step``: 1, times 0.1 from 50% and again from 75% of
+    ``total_steps``. ``onecycle``: Optax's cosine one-cycle over ``total_steps`` (no warm-up
+    of its own). A warm-up (``warmup_epochs``, or ``warmup_fraction`` of ``total_steps``)
+    rises linearly from ``warmup_start`` to 1 first (airbench: 23% of the steps from 0.2,
+    then linear to 0.07). ``steps_per_epoch`` defaults to
     ``total_steps / epochs`` (right when ``max_steps`` does not cut the run short).
     """
     if steps_per_epoch is None:
@@ -51,11 +57,14 @@ def lr_schedule(config: TrainConfig, total_steps: int, *, steps_per_epoch: int |
             raise ValueError("lr_schedule: a warm-up with max_steps needs steps_per_epoch (max_steps cuts the run "
                              "short, so total_steps / epochs is not an epoch)")
         steps_per_epoch = total_steps / max(config.epochs, 1)
-    warmup = min(warmup_steps(config, steps_per_epoch), total_steps)
+    warmup = min(warmup_steps(config, steps_per_epoch, total_steps), total_steps)
+    end = config.final_lr_fraction
     if config.schedule == "constant":
         main = optax.constant_schedule(1.0)
     elif config.schedule == "cosine":
-        main = optax.cosine_decay_schedule(1.0, max(total_steps - warmup, 1))
+        main = optax.cosine_decay_schedule(1.0, max(total_steps - warmup, 1), alpha=end)
+    elif config.schedule == "linear":
+        main = optax.linear_schedule(1.0, end, max(total_steps - warmup, 1))
     elif config.schedule == "onecycle":
         return optax.cosine_onecycle_schedule(total_steps, 1.0)
     else:  # step: x0.1 at 50% and 75% of training
@@ -63,7 +72,7 @@ def lr_schedule(config: TrainConfig, total_steps: int, *, steps_per_epoch: int |
             1.0, {int(total_steps * 0.5) - warmup: 0.1, int(total_steps * 0.75) - warmup: 0.1}
         )
     if warmup:
-        return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), main], [warmup])
+        return optax.join_schedules([optax.linear_schedule(config.warmup_start, 1.0, warmup), main], [warmup])
     return main
 
 
@@ -102,7 +111,9 @@ class ParamGroup(NamedTuple):
 #:     "bias": ParamGroup("bias_lr_scale", lambda model: lambda path: path[-1].key in ("b", "beta"))
 #:
 #: (a bias of the backbone then trains at ``lr * backbone_lr_scale * bias_lr_scale``).
-PARAM_GROUPS = {"backbone": ParamGroup("backbone_lr_scale", _in_backbone)}
+PARAM_GROUPS = {"backbone": ParamGroup("backbone_lr_scale", _in_backbone),
+                # batch norm's shifts (airbench's "bias_scaler" group: its BN biases at 64x the lr)
+                "bias": ParamGroup("bias_lr_scale", lambda model: lambda path: getattr(path[-1], "key", None) == "beta")}
 #: The label of the leaves ``--freeze`` freezes (the backbone's) and of the leaves in no
 #: active group.
 FROZEN, REST = "frozen", "rest"
@@ -150,6 +161,11 @@ OPTIMIZER_HPARAMS = {"lr": "peak_lr", "weight_decay": "weight_decay", "momentum"
 
 #: Per-parameter buffers each optimizer keeps (momentum, second moments): the memory estimate's count.
 MOMENT_SLOTS = {"sgd": 0, "momentum": 1, "nesterov": 1, "adagrad": 1, "rmsprop": 1, "adam": 2, "adamw": 2}
+
+
+def moment_slots(config: TrainConfig) -> int:
+    """Parameter-sized buffers the optimizer keeps: :data:`MOMENT_SLOTS`, plus lookahead's slow copy."""
+    return MOMENT_SLOTS[config.optimizer] + (1 if config.lookahead_period else 0)
 
 
 def hparams_of(config: TrainConfig):
@@ -211,6 +227,14 @@ def build_optimizer(config: TrainConfig, total_steps: int, *, steps_per_epoch: i
         }[o]()
         return optax.chain(optax.add_decayed_weights(weight_decay, mask=decay_mask), base) if decay else base
 
+    if config.lookahead_period:
+        inner = make
+
+        @functools.wraps(inner)  # the same signature: inject_hyperparams binds its arguments by it
+        def make(*args, **kwargs):
+            return lookahead(inner(*args, **kwargs), config.lookahead_period,
+                             lookahead_schedule(config, total_steps), total_steps)
+
     schedule = lr_schedule(config, total_steps, steps_per_epoch=steps_per_epoch)
     factors = {PARAM_GROUPS[n].setting: jnp.float32(getattr(config, PARAM_GROUPS[n].setting)) for n in groups}
     # inject_hyperparams injects the factory's named parameters: name each factor in its signature.
@@ -227,3 +251,67 @@ def with_hparams(opt_state, hp):
     optimizer has: a group's factor only where the group is active)."""
     values = {name: hp[k] for k, name in OPTIMIZER_HPARAMS.items() if name in opt_state.hyperparams}
     return opt_state._replace(hyperparams={**opt_state.hyperparams, **values})
+
+
+# ------------------------------------------------------------------------------ lookahead
+
+
+class LookaheadState(NamedTuple):
+    """:func:`lookahead`'s state: the steps taken, the slow weights, the inner optimizer's state."""
+
+    count: jax.Array
+    slow: Any
+    inner: Any
+
+
+def lookahead_schedule(config: TrainConfig, total_steps: int):
+    """Lookahead's decay after step ``t`` (1-based) of ``T``: ``lookahead_decay * (t/T)^lookahead_power``
+    (airbench: ``0.95^5 (t/T)^3``, so early syncs barely hold the weights back)."""
+    return lambda t: config.lookahead_decay * (t / total_steps) ** config.lookahead_power
+
+
+def lookahead(inner: optax.GradientTransformation, period: int, decay, total_steps: int):
+    """Lookahead (Zhang et al. 2019) around ``inner``, in airbench's form, as an Optax
+    transformation: after every ``period``-th step ``t`` the slow weights move towards the
+    fast ones, ``slow = d slow + (1 - d) fast`` with ``d = decay(t)``, and the fast weights
+    (the live parameters) are reset to them; after step ``total_steps`` they become the slow
+    weights (``d = 1``), so a run ends on the slow weights. The slow copy lives in the state
+    (one parameter-sized buffer; checkpointed with the optimizer). ``optax.lookahead`` keeps
+    a fixed step size on a fast/slow parameter pair; this one takes a schedule and leaves the
+    parameters one tree. Batch-norm running statistics are not averaged (they are state, not
+    parameters, and follow the live weights' batches).
+    """
+
+    def init(params):
+        return LookaheadState(jnp.zeros((), jnp.int32), params, inner.init(params))
+
+    def update(updates, state, params):
+        if params is None:
+            raise ValueError("lookahead: the update needs the parameters")
+        updates, inner_state = inner.update(updates, state.inner, params)
+        count = state.count + 1
+        last = count >= total_steps
+        sync = (count % period == 0) | last
+        d = jnp.where(last, 1.0, decay(count.astype(jnp.float32)))
+        fast = optax.apply_updates(params, updates)
+        slow = jax.tree_util.tree_map(lambda s, f: jnp.where(sync, d * s + (1 - d) * f, s).astype(s.dtype),
+                                      state.slow, fast)
+        updates = jax.tree_util.tree_map(lambda u, s, p: jnp.where(sync, s - p, u).astype(u.dtype),
+                                         updates, slow, params)
+        return updates, LookaheadState(count, slow, inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def eval_weights(config: TrainConfig, steps: int, total_steps: int) -> str:
+    """Which weights the parameters are after ``steps`` of ``total_steps`` steps, in words: what
+    an evaluation and checkpoint then used (metrics.jsonl and summary.json say it)."""
+    period = config.lookahead_period
+    if not period:
+        return "live"
+    if steps >= total_steps:
+        return "lookahead slow weights (final sync)"
+    since = steps % period
+    if since == 0:
+        return f"lookahead slow weights (synced at step {steps})"
+    return f"live fast weights, {since} step{'s' if since > 1 else ''} after the lookahead sync at step {steps - since}"

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from jaxnets import parallel
-from jaxnets.steps import make_group_chunk, make_group_evaluate, make_parallel_chunk, make_parallel_evaluate
+from jaxnets.steps import FLIP_STREAM, make_group_chunk, make_group_evaluate, make_parallel_chunk, make_parallel_evaluate
 
 
 #: XLA options for programs of integer arithmetic only (threefry, sorts, gathers), which any
@@ -27,10 +27,22 @@ from jaxnets.steps import make_group_chunk, make_group_evaluate, make_parallel_c
 INTEGER_PROGRAM_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
-def epoch_inputs(run_key, train_idx, epoch):
-    """A member's epoch order (indices into the pool) and the key its steps fold in."""
+def epoch_inputs(run_key, train_idx, epoch, alternating=False):
+    """A member's epoch order (indices into the pool) and the key its steps fold in; with
+    ``alternating`` flips, ``{"step": that key, "flip": the run's flip key, "odd": epoch % 2}``
+    (see :func:`jaxnets.steps.alternating_flips`)."""
     perm_key, epoch_key = jax.random.split(jax.random.fold_in(run_key, epoch))
-    return train_idx[jax.random.permutation(perm_key, train_idx.shape[0])], epoch_key
+    perm = train_idx[jax.random.permutation(perm_key, train_idx.shape[0])]
+    if alternating:
+        return perm, {"step": epoch_key, "flip": jax.random.fold_in(run_key, FLIP_STREAM), "odd": epoch % 2 == 1}
+    return perm, epoch_key
+
+
+def _epoch_program(config, integer_options):
+    """:func:`epoch_inputs` of a block of members, compiled."""
+    alternating = config.augment and config.flip == "alternating" and config.dataset != "mnist"
+    one = lambda k, idx, epoch: epoch_inputs(k, idx, epoch, alternating)
+    return jax.jit(jax.vmap(one, in_axes=(0, 0, None)), compiler_options=integer_options)
 
 
 class MemberBlocks:
@@ -83,8 +95,8 @@ class OneDevice:
         self.put, self.members, self.test = jax.device_put, members, test
         self.images, self.labels = self.put(pool[0]), self.put(pool[1])
         self.chunk = make_group_chunk(model, optimizer, config)
-        self.evaluate_fn = make_group_evaluate(model, config.eval_batch_size, config.image_size)
-        self.epoch_inputs = jax.jit(jax.vmap(epoch_inputs, in_axes=(0, 0, None)), compiler_options=integer_options)
+        self.evaluate_fn = make_group_evaluate(model, config.eval_batch_size, config.image_size, tta=config.tta)
+        self.epoch_inputs = _epoch_program(config, integer_options)
         part = members.part
         self.inputs = [dict(means=part(means, k), stds=part(stds, k), hps=part(hps, k),
                             keys=jax.random.wrap_key_data(part(keys_data, k)), train_idx=part(train_idx, k),
@@ -118,8 +130,9 @@ class DeviceMesh:
         self.mesh, self.pool, self.test, self.config = mesh, pool, test, config
         self.put = lambda x: parallel.replicate(x, mesh)
         self.chunk = make_parallel_chunk(model, optimizer, config, mesh)
-        self.evaluate_fn = make_parallel_evaluate(model, config.eval_batch_size, mesh, config.image_size)
-        self.epoch_inputs = jax.jit(jax.vmap(epoch_inputs, in_axes=(0, 0, None)), compiler_options=integer_options)
+        self.evaluate_fn = make_parallel_evaluate(model, config.eval_batch_size, mesh, config.image_size,
+                                                  tta=config.tta)
+        self.epoch_inputs = _epoch_program(config, integer_options)
         self.host_keys, self.train_idx, self.steps_per_epoch = jax.random.wrap_key_data(keys_data), train_idx, \
             steps_per_epoch
         self.val_set = parallel.place_eval(*pool, val_idx[0], mesh) if val_idx.shape[1] else None

@@ -591,36 +591,44 @@ class Run:
     epoch: int
     summary: dict | None
 
-    def predict(self, images, *, batch_size: int = 1000) -> np.ndarray:
+    def predict(self, images, *, batch_size: int = 1000, tta: bool | None = None) -> np.ndarray:
         """Class probabilities ``(N, classes)`` of ``images`` ``(N, H, W, C)``, N >= 1: uint8
         pixels 0..255, or floating point in [0, 1] (the same pixels divided by 255), as the
         run was trained. Anything else (another dtype, floats outside [0, 1] such as a
         0..255 float image, NaN or infinities, an empty batch, one image without its batch
         axis, another image shape) is refused with a one-line ValueError, never guessed.
         The images go through the run's own input pipeline (:func:`jaxnets.steps.model_input`:
-        its normalisation, then the resize of ``--image-size``).
+        its normalisation, then the resize of ``--image-size``). ``tta`` (default: as the run
+        evaluated, its ``--tta``): the softmax of the 6 views' averaged logits
+        (:func:`jaxnets.steps.tta_logits`).
 
         A run trained with ``--classes`` has one column per class it was trained on, in
         that order: column ``j`` is the dataset's class ``run.class_ids[j]``
         (``--classes 5,6,7,8,9``: column 0 is class 5)."""
-        return self._probs(self._images(images), _batch_size(batch_size))
+        return self._probs(self._images(images), _batch_size(batch_size), self._tta(tta))
 
-    def _probs(self, x, batch_size):
+    def _tta(self, tta):
+        return self.config.tta if tta is None else bool(tta)
+
+    def _probs(self, x, batch_size, tta=False):
         """Probabilities of checked images ``x`` (uint8 or float32 on the 0..255 scale)."""
-        from jaxnets.steps import model_input
+        from jaxnets.steps import model_input, tta_logits
 
         probs = []
         for i in range(0, len(x), batch_size):
-            batch = model_input(x[i:i + batch_size], self.mean, self.std, self.config.image_size)
-            logits, _ = self._apply(self.params, self.state, batch)
+            z = model_input(x[i:i + batch_size], self.mean, self.std, self.config.image_size)
+            apply = lambda z: self._apply(self.params, self.state, z)[0]
+            logits = tta_logits(apply, z) if tta else apply(z)
             probs.append(np.asarray(jax.nn.softmax(logits, axis=-1)))
         return np.concatenate(probs)
 
-    def evaluate(self, dataset=None, *, images=None, labels=None, batch_size: int = 1000) -> dict:
+    def evaluate(self, dataset=None, *, images=None, labels=None, batch_size: int = 1000,
+                 tta: bool | None = None) -> dict:
         """Accuracy and mean cross-entropy on ``dataset``'s test split (a
         :class:`jaxnets.data.Dataset`, loaded from the run's data settings when None; a run
         trained with ``--classes`` is scored on those classes' test images, relabelled as in
-        training), or on ``images``/``labels`` (labels ``0..classes-1``, see :meth:`predict`)."""
+        training), or on ``images``/``labels`` (labels ``0..classes-1``, see :meth:`predict`);
+        ``tta`` as in :meth:`predict`."""
         from jaxnets.steps import make_evaluate, run_dataset
 
         batch_size = _batch_size(batch_size)
@@ -636,12 +644,12 @@ class Run:
         y = self._labels(labels, len(x))
         u8 = x if x.dtype == np.uint8 else None
         if u8 is None:  # the evaluation program takes uint8 pixels; floats go through predict's path
-            probs = self._probs(x, batch_size)
+            probs = self._probs(x, batch_size, self._tta(tta))
             picked = np.clip(probs[np.arange(len(y)), y], 1e-30, None)
             return {"accuracy": float(np.mean(probs.argmax(-1) == y)), "loss": float(-np.log(picked).mean()),
                     "examples": int(len(y))}
-        loss, acc = make_evaluate(self.model, batch_size, self.config.image_size)(self.params, self.state, u8, y,
-                                                                                 self.mean, self.std)
+        loss, acc = make_evaluate(self.model, batch_size, self.config.image_size, tta=self._tta(tta))(
+            self.params, self.state, u8, y, self.mean, self.std)
         return {"accuracy": float(acc), "loss": float(loss), "examples": int(len(y))}
 
     @property

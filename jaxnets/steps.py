@@ -29,7 +29,7 @@ from jaxnets import network as nn
 from jaxnets import parallel
 from jaxnets.config import TrainConfig
 from jaxnets.imagenet import IMAGENET_MEAN, IMAGENET_STD
-from jaxnets.optim import MOMENT_SLOTS, hparams_of
+from jaxnets.optim import hparams_of, moment_slots
 
 
 def build_model(config: TrainConfig, image_shape, classes, bn_axis_name=None, batch_axis_name=None):
@@ -44,7 +44,7 @@ def memory_settings(config: TrainConfig, n_val=None) -> dict:
     """What :func:`jaxnets.cost.memory_parts` needs of a run besides its model (``n_val``:
     the validation images it gathers, default ``config.val_size``)."""
     return dict(batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
-                optimizer_slots=MOMENT_SLOTS[config.optimizer], n_val=config.val_size if n_val is None else n_val)
+                optimizer_slots=moment_slots(config), n_val=config.val_size if n_val is None else n_val)
 
 
 def stack_members(trees):
@@ -191,9 +191,11 @@ def model_input(images_u8, mean, std, image_size=0):
     return x
 
 
-def augment(key, images, pad=4, flip=True, axis_name=None):
-    """Random crop of each image from a ``pad``-pixel zero-padded copy, and (``flip``) a
-    random horizontal flip. Digits are not mirror-symmetric, so MNIST gets crops only.
+def augment(key, images, pad=4, flip=True, axis_name=None, *, mode="zeros", flips=None):
+    """Random crop of each image from a ``pad``-pixel padded copy (``mode`` ``"zeros"``, or
+    ``"reflect"``: mirrored edge pixels; ``pad`` 0: no translation), and (``flip``) a
+    horizontal flip: random, or where the bool per example ``flips`` says (alternating flips,
+    :func:`alternating_flips`). Digits are not mirror-symmetric, so MNIST gets crops only.
 
     ``axis_name`` (inside ``shard_map``, data parallel): ``images`` is this device's
     contiguous slice of a batch split evenly over that mesh axis, and every device has the
@@ -207,15 +209,45 @@ def augment(key, images, pad=4, flip=True, axis_name=None):
     def mine(a):  # this device's rows of a draw for the whole batch (a few numbers per example)
         return a if axis_name is None else jax.lax.dynamic_slice_in_dim(a, jax.lax.axis_index(axis_name) * b, b)
 
-    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    offsets = mine(jax.random.randint(crop_key, (rows, 2), 0, 2 * pad + 1))
-    crops = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, images.shape[-1])))(
-        padded, offsets
-    )
+    crops = images
+    if pad:
+        padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="constant" if mode == "zeros" else mode)
+        offsets = mine(jax.random.randint(crop_key, (rows, 2), 0, 2 * pad + 1))
+        crops = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, images.shape[-1])))(
+            padded, offsets
+        )
     if not flip:
         return crops
-    flipped = mine(jax.random.bernoulli(flip_key, 0.5, (rows, 1, 1, 1)))
+    if flips is None:
+        flipped = mine(jax.random.bernoulli(flip_key, 0.5, (rows, 1, 1, 1)))
+    else:
+        flipped = flips.reshape(-1, 1, 1, 1)
     return jnp.where(flipped, crops[:, :, ::-1], crops)
+
+
+#: The stream of the run key that alternating flips draw from (the epochs fold in 0, 1, ...).
+FLIP_STREAM = 2**32 - 1
+
+
+def alternating_flips(flip_key, index, odd):
+    """Alternating flips (airbench): whether each image ``index`` (into the training pool) is
+    mirrored, drawn once per run from ``flip_key`` (each image's own ``fold_in``, so the draw
+    does not depend on the epoch's order) and inverted in odd epochs: every image is seen both
+    ways in each pair of epochs."""
+    drawn = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(flip_key, i)))(index)
+    return drawn ^ odd
+
+
+def tta_logits(apply, x):
+    """Test-time augmentation (airbench's, 6 views): ``apply(images) -> logits`` averaged with
+    weights 1/4 on ``x``, 1/4 on its mirror and 1/8 on each of the 1-pixel reflect-padded
+    shifts up-left and down-right and their mirrors. Logits, not probabilities, are averaged
+    (as airbench does); ``x`` is a normalised NHWC batch."""
+    h, w = x.shape[1:3]
+    both = lambda a: 0.5 * apply(a) + 0.5 * apply(a[:, :, ::-1])
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    shifted = 0.5 * both(padded[:, :h, :w]) + 0.5 * both(padded[:, 2:, 2:])
+    return 0.5 * both(x) + 0.5 * shifted
 
 
 # --------------------------------------------------------------------------- steps
@@ -231,6 +263,10 @@ def make_step(model, optimizer, config: TrainConfig, axis_name=None):
     alone, the backbone in evaluation mode). ``hp`` holds the member's ``dropout`` and
     ``label_smoothing`` (arrays, see :func:`hparams_of`); the optimizer's hyperparameters
     are in ``opt_state``. ``key`` is split into the augmentation and the dropout keys.
+
+    ``flips`` (alternating flips): whether each example is mirrored, from
+    :func:`alternating_flips`. With ``loss_reduction`` ``"sum"`` the gradient is
+    ``batch_size`` times the mean loss's (the reported loss stays the mean).
 
     ``axis_name`` (inside ``shard_map``, data parallel): each device runs the step on its
     slice of the batch, then the gradients, loss and batch-norm running statistics are
@@ -248,9 +284,12 @@ def make_step(model, optimizer, config: TrainConfig, axis_name=None):
         # Same key on every device: without it every device would repeat one slice's masks.
         raise ValueError(f"data-parallel dropout needs the model built with batch_axis_name={axis_name!r}")
 
-    def step(params, state, opt_state, images, labels, key, mean, std, hp):
+    flip = config.dataset != "mnist" and config.flip != "none"
+
+    def step(params, state, opt_state, images, labels, key, mean, std, hp, flips=None):
         aug_key, dropout_key = jax.random.split(key)
-        x = augment(aug_key, images, flip=config.dataset != "mnist", axis_name=axis_name) if config.augment else images
+        x = augment(aug_key, images, config.translate, flip, axis_name, mode=config.pad_mode,
+                    flips=flips) if config.augment else images
         x = model_input(x, mean, std, config.image_size)
         extra = {"dropout_rate": hp["dropout"]} if dropout_on else {}
         (loss, new_state), grads = value_and_grad(
@@ -263,6 +302,8 @@ def make_step(model, optimizer, config: TrainConfig, axis_name=None):
         if axis_name is not None:
             grads, loss, new_state = jax.lax.pmean((grads, loss, new_state), axis_name)
             correct = jax.lax.psum(correct, axis_name)
+        if config.loss_reduction == "sum":  # the summed loss's gradient: B times the mean's
+            grads = jax.tree_util.tree_map(lambda g: g * config.batch_size, grads)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, new_state, opt_state, loss, correct
@@ -290,7 +331,13 @@ def _member_chunk(step, batch):
             else:
                 idx = jax.lax.dynamic_slice_in_dim(perm, i * batch, batch)
                 x, y = images[idx], labels[idx]
-            *new, loss, correct = step(params, state, opt_state, x, y, jax.random.fold_in(epoch_key, i), mean, std, hp)
+            extra = {}
+            if isinstance(epoch_key, dict):  # alternating flips: {"step", "flip", "odd"} (epoch_inputs)
+                key = jax.random.fold_in(epoch_key["step"], i)
+                extra["flips"] = alternating_flips(epoch_key["flip"], idx, epoch_key["odd"])
+            else:
+                key = jax.random.fold_in(epoch_key, i)
+            *new, loss, correct = step(params, state, opt_state, x, y, key, mean, std, hp, **extra)
             finite = jnp.isfinite(loss)
             if mask:  # freeze a member at its last finite step
                 ok = finite & ~diverged
@@ -386,7 +433,7 @@ def make_parallel_chunk(model, optimizer, config: TrainConfig, mesh):
     return jax.jit(chunk, static_argnames="length", donate_argnums=0)
 
 
-def _evaluate_fn(model, batch_size, axis_name=None, image_size=0):
+def _evaluate_fn(model, batch_size, axis_name=None, image_size=0, tta=False):
     # ``valid`` marks the real rows of a padded set; ``axis_name`` (inside ``shard_map``):
     # the rows are this device's share, and the sums are psum-ed over the axis.
     def evaluate(params, state, images, labels, mean, std, valid=None):
@@ -403,7 +450,9 @@ def _evaluate_fn(model, batch_size, axis_name=None, image_size=0):
 
         def one(args):
             x, y, v = args
-            logits, _ = model.apply(params, state, model_input(x, mean, std, image_size), train=False)
+            apply = lambda z: model.apply(params, state, z, train=False)[0]
+            x = model_input(x, mean, std, image_size)
+            logits = tta_logits(apply, x) if tta else apply(x)
             losses = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1)[:, 0]
             return jnp.sum(losses * v), jnp.sum((jnp.argmax(logits, -1) == y) * v)
 
@@ -417,17 +466,18 @@ def _evaluate_fn(model, batch_size, axis_name=None, image_size=0):
     return evaluate
 
 
-def make_evaluate(model, batch_size, image_size=0):
+def make_evaluate(model, batch_size, image_size=0, tta=False):
     """``evaluate(params, state, x_u8, y, mean, std) -> (mean loss, accuracy)``, in batches
-    (the images through :func:`model_input` with ``image_size``)."""
-    return jax.jit(_evaluate_fn(model, batch_size, image_size=image_size))
+    (the images through :func:`model_input` with ``image_size``; ``tta``: of
+    :func:`tta_logits`' averaged logits)."""
+    return jax.jit(_evaluate_fn(model, batch_size, image_size=image_size, tta=tta))
 
 
-def make_group_evaluate(model, batch_size, image_size=0):
+def make_group_evaluate(model, batch_size, image_size=0, tta=False):
     """``evaluate(params, state, images, labels, index, means, stds) -> (losses, accuracies)``
     per member: member ``m`` is scored on ``images[index[m]]`` (``index`` (members, n)), or
     every member on all of ``images`` when ``index`` is None (the test set)."""
-    evaluate = _evaluate_fn(model, batch_size, image_size=image_size)
+    evaluate = _evaluate_fn(model, batch_size, image_size=image_size, tta=tta)
 
     def group(params, state, images, labels, index, means, stds):
         if index is None:
@@ -438,7 +488,7 @@ def make_group_evaluate(model, batch_size, image_size=0):
     return jax.jit(group)
 
 
-def make_parallel_evaluate(model, batch_size, mesh, image_size=0):
+def make_parallel_evaluate(model, batch_size, mesh, image_size=0, tta=False):
     """:func:`make_group_evaluate` for one member, data parallel over ``mesh``'s ``"batch"`` axis.
 
     ``evaluate(params, state, images, labels, valid, means, stds) -> (losses, accuracies)``
@@ -446,7 +496,7 @@ def make_parallel_evaluate(model, batch_size, mesh, image_size=0):
     :func:`jaxnets.parallel.place_eval`: each device scores its rows in batches of
     ``batch_size`` and the sums are added over the devices.
     """
-    evaluate = _evaluate_fn(model, batch_size, axis_name=parallel.AXIS, image_size=image_size)
+    evaluate = _evaluate_fn(model, batch_size, axis_name=parallel.AXIS, image_size=image_size, tta=tta)
 
     def group(params, state, images, labels, valid, means, stds):
         def body(p, s, x, y, v, m, sd):

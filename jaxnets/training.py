@@ -26,13 +26,13 @@ import numpy as np
 
 from jaxnets import data as D
 from jaxnets import cost, parallel, plots, runs
-from jaxnets.config import TrainConfig, flag, format_setting, resume_config
 from jaxnets import models as M
-from jaxnets.optim import HPARAMS, active_groups, build_optimizer, hparams_of, with_hparams
+from jaxnets.config import TrainConfig, flag, format_setting, resume_config
+from jaxnets.optim import HPARAMS, active_groups, build_optimizer, eval_weights, hparams_of, with_hparams
 from jaxnets.runs import TrainingError, default_run_dir, environment_info, load_checkpoint, save_checkpoint
 from jaxnets.placement import INTEGER_PROGRAM_OPTIONS, DeviceMesh, MemberBlocks, OneDevice
-from jaxnets.steps import (build_model, member_split, memory_settings, num_classes, run_dataset, stack_members,
-                           take_member, training_pool)
+from jaxnets.steps import (build_model, member_split, memory_settings, model_input, num_classes, run_dataset,
+                           stack_members, take_member, training_pool)
 
 
 #: Where ``train.py`` keeps compiled programs unless told otherwise (``--compile-cache``).
@@ -248,6 +248,7 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     dataset = run_dataset(dataset, base)  # the members share it: --classes is a shape-fixing setting
     pool_x, pool_y = training_pool(dataset, base)
     _check_shapes(dataset, pool_x)
+    _check_translate(base, pool_x)
     if dataset.data_warning:  # a --data-dir copy that differs from the published files: said, and recorded
         log(f"warning: {dataset.data_warning}")
     splits = {c.seed: member_split(pool_x, pool_y, c) for c in configs}
@@ -270,6 +271,13 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     with clock.program("init"):
         carries, key_data = _init_members(model, optimizer, members, configs, hps, mesh, loaded)
     run = _GroupState(size)
+    # A checkpoint has it already; pretrained weights bring their own state.
+    fresh = [loaded is None and (not resume or not (d / runs.CHECKPOINT).exists()) for d in run_dirs]
+    t_data = time.time()
+    with clock.program("init"):
+        carries = _data_init(model, optimizer, members, carries, hps, mesh, pool_x, train_idx, means, stds, fresh,
+                             image_size=base.image_size)
+    run.data_init_seconds = round(time.time() - t_data, 3) if getattr(model, "data_init", None) and any(fresh) else None
     if resume:
         carries, key_data = _restore(run, members, carries, key_data, run_dirs, log)
         if writer and dataset.data_warning:
@@ -303,9 +311,10 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             val = loop.evaluate("val", run.alive) if n_val else (np.full(size, np.nan),) * 2
             if n_val:
                 run.stop_non_finite(val[0], f"validation loss (epoch {epoch + 1})", say)
+            steps_done = epoch * steps_per_epoch + done
             records = run.record_epoch(epoch, train, val, seconds, train_seconds, clock.since(before),
-                                       images=done * batch, steps=epoch * steps_per_epoch + done,
-                                       chunk=loop.chunk_length, say=say)
+                                       images=done * batch, steps=steps_done, chunk=loop.chunk_length, say=say,
+                                       weights=eval_weights(base, steps_done, total_steps))
             if writer:
                 _write_epoch(records, loop, members, run_dirs, means, stds, on_epoch_end)
             else:
@@ -347,6 +356,50 @@ def _check_group(configs, run_dirs):
             diff = [k for (k, a), (_, b) in zip(group_key(c), group_key(base)) if a != b]
             raise ValueError(f"train_group: configs differ in shape-fixing settings {diff}; group them apart")
     return base, size
+
+
+def _check_translate(config: TrainConfig, pool_x):
+    """``--translate`` must leave some of the image: a shift by its whole size is no image (and
+    reflect padding cannot mirror more than the image)."""
+    h, w = pool_x.shape[1:3]
+    if config.augment and config.translate >= min(h, w):
+        raise ValueError(f"--translate {config.translate} must be smaller than the {h}x{w} images")
+
+
+def _data_init(model, optimizer, members, carries, hps, mesh, pool_x, train_idx, means, stds, fresh, image_size=0):
+    """The carries with the model's data-dependent init (:func:`jaxnets.models.data_init`,
+    e.g. Airbench's whitening) applied to each ``fresh`` member, from the first
+    ``model.data_init_images`` of that member's own training rows, normalised as it trains
+    (never its validation rows or the test set); the optimizer state is initialised again on
+    the new parameters. Unchanged for a model without one. A shape the model was not built
+    for is one DataError line."""
+    if getattr(model, "data_init", None) is None or not any(fresh):
+        return carries
+    n = getattr(model, "data_init_images", None)
+
+    @jax.jit
+    def init_opt(params, hps):
+        return jax.vmap(lambda p, hp: with_hparams(optimizer.init(p), hp))(params, hps)
+
+    if mesh is not None:
+        init_opt = jax.jit(init_opt.__wrapped__, out_shardings=parallel.replicated(mesh))
+    out = []
+    for k, block in enumerate(members.blocks):
+        params, state, _ = jax.device_get(carries[k])
+        new = []
+        for j, m in enumerate(range(block.start, block.stop)):
+            p, s = take_member(params, j), take_member(state, j)
+            if fresh[m]:
+                images = np.asarray(model_input(pool_x[train_idx[m][:n]], means[m], stds[m], image_size))
+                try:
+                    p, s = M.data_init(model, p, s, images)
+                except ValueError as e:
+                    raise D.DataError(f"data-dependent init: {e}") from None
+            new.append((p, s))
+        params, state = (stack_members(list(t)) for t in zip(*new))
+        params, state = members.put((params, state))
+        out.append((params, state, init_opt(params, members.part(hps, k))))
+    return out
 
 
 def _check_shapes(dataset: D.Dataset, pool_x):
@@ -444,6 +497,7 @@ class _GroupState:
         self.alive = None
         self.last_good = None
         self.failure = None
+        self.data_init_seconds = None
 
     def begin(self):
         self.alive = ~self.frozen
@@ -464,14 +518,16 @@ class _GroupState:
                         "no epoch had finished, so no checkpoint is kept")
                 say(m, f"stopped: {self.status[m]}; {kept}")
 
-    def record_epoch(self, epoch, train, val, seconds, train_seconds, compiled, images, steps, chunk, say):
+    def record_epoch(self, epoch, train, val, seconds, train_seconds, compiled, images, steps, chunk, say,
+                     weights="live"):
         """Each live member's epoch record (appended to its metrics): ``{m: record}``.
         ``train``/``val``: per-member (step losses, correct counts) / (loss, accuracy);
         ``seconds`` the epoch's training wall time, ``train_seconds`` that less compilation
         (images/s is on it), ``compiled`` ``{program: seconds}`` compiled this epoch;
         ``images`` trained this epoch per member; ``steps`` in all by its end; ``chunk`` the
         steps per compiled call (``chunk_losses``: ``[steps into the epoch, mean loss]`` per
-        call, for the curve of a short run)."""
+        call, for the curve of a short run); ``weights``: which weights were evaluated
+        (:func:`jaxnets.optim.eval_weights`)."""
         (epoch_loss, epoch_correct), (val_loss, val_acc) = train, val
         records = {}
         for m in np.flatnonzero(self.alive):
@@ -480,8 +536,8 @@ class _GroupState:
                 "train_loss": float(epoch_loss[m].mean()),
                 "train_accuracy": float(epoch_correct[m].sum() / images),
                 "val_loss": float(val_loss[m]), "val_accuracy": float(val_acc[m]),
-                "seconds": round(seconds, 3), "compile_seconds": compiled,
-                "images_per_second": round(images / train_seconds, 1), "steps": steps,
+                "seconds": round(seconds, 3), "train_seconds": round(train_seconds, 3), "compile_seconds": compiled,
+                "images_per_second": round(images / train_seconds, 1), "steps": steps, "weights": weights,
                 "chunk_losses": [[min(i + chunk, len(epoch_loss[m])),
                                   float(f"{epoch_loss[m][i:i + chunk].mean():.5g}")]
                                  for i in range(0, len(epoch_loss[m]), chunk)],
@@ -680,11 +736,16 @@ def _finish(run, loop, configs, run_dirs, classes, resume, writer, mesh, t_start
                    "final_val_accuracy": vals[-1] if vals else None,
                    "best_val_accuracy": vals[best] if best is not None else None,
                    "best_epoch": metrics[best]["epoch"] if best is not None else None,
-                   "wall_seconds": wall, "compile_seconds": loop.clock.since({})}
+                   "wall_seconds": wall, "compile_seconds": loop.clock.since({}),
+                   # training time less compilation, over every epoch (a resume's included)
+                   "train_seconds": round(sum(r.get("train_seconds", r["seconds"]) for r in metrics), 3)}
+        if run.data_init_seconds is not None:
+            summary["data_init_seconds"] = run.data_init_seconds
         if size > 1:
             summary["group_size"] = size  # wall_seconds is the whole group's
         if completed[m]:
-            summary.update(test_loss=float(test_loss[m]), test_accuracy=float(test_acc[m]))
+            summary.update(test_loss=float(test_loss[m]), test_accuracy=float(test_acc[m]), tta=c.tta,
+                           test_weights=eval_weights(c, summary["steps"], loop.total_steps))
             if runs.at_chance(test_acc[m], classes):
                 summary["warning"] = (f"test accuracy {_percent(test_acc[m])} is at chance for {classes} classes: "
                                       f"the run learned nothing (learning rate too high or too low?)")
@@ -732,6 +793,10 @@ def _group_devices(config: TrainConfig, size: int):
     devices = parallel.resolve_devices(config.devices)
     if len(devices) > 1:
         parallel.check_batch(config.batch_size, len(devices))
+        if config.augment and config.flip == "alternating" and config.dataset != "mnist":
+            raise ValueError(f"--flip alternating needs each image's index in the pool, which the data-parallel "
+                             f"path does not carry; use --devices 1 (or --flip random) for now, not "
+                             f"{len(devices)} devices")
     return devices
 
 

@@ -107,3 +107,42 @@ def test_airbench_shape_checks():
     with pytest.raises(ValueError, match=r"Airbench: data-dependent init got images of shape \(28, 28, 1\)"):
         M.data_init(model, params, state, np.zeros((2, 28, 28, 1)))
     assert "airbench" in M.FAMILIES
+
+
+def test_trainer_data_init_uses_each_fresh_members_training_rows_only():
+    # The trainer's hook (training._data_init): member 0 (fresh) gets the whitening of its own
+    # training rows, normalised as it trains, not of its validation rows; member 1 (resumed,
+    # its state in the checkpoint) is left as it was; a shape the model was not built for is
+    # one DataError line.
+    from jaxnets import data as D
+    from jaxnets import placement
+    from jaxnets import training as T
+    from jaxnets.config import TrainConfig
+    from jaxnets.optim import build_optimizer, hparams_of
+    from jaxnets.steps import member_split, normalize, stack_members
+
+    rng = np.random.default_rng(3)
+    pool_x = rng.integers(0, 256, (40, 28, 28, 3), dtype=np.uint8)
+    pool_y = np.arange(40) % 3
+    configs = [TrainConfig(model="airbench", dataset="cifar10", val_size=10, batch_size=8, seed=s) for s in (0, 1)]
+    splits = [member_split(pool_x, pool_y, c) for c in configs]
+    train_idx, val_idx, means, stds = (np.stack(a) for a in zip(*splits))
+    pool_x[val_idx[0]] = 255 - pool_x[val_idx[0]] // 4  # validation rows unlike the rest: they would show
+    model = small_airbench()
+    optimizer = build_optimizer(configs[0], 10)
+    members = placement.MemberBlocks(2, vmap=False, put=jax.device_put)
+    hps = jax.tree_util.tree_map(np.asarray, stack_members([hparams_of(c) for c in configs]))
+    with jax.enable_x64(False):
+        carries, _ = T._init_members(model, optimizer, members, configs, hps, None)
+        out = T._data_init(model, optimizer, members, carries, hps, None, pool_x, train_idx, means, stds,
+                           fresh=[True, False])
+        got = [np.asarray(out[k][1]["whiten"]["w"][0]) for k in range(2)]
+        want = conv_ops.whitening_filters(np.asarray(normalize(pool_x[train_idx[0]], means[0], stds[0])))
+        with_val = conv_ops.whitening_filters(np.asarray(normalize(pool_x, means[0], stds[0])))
+        np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5)
+        assert not np.allclose(got[0], with_val, rtol=1e-2, atol=1e-2)
+        assert not got[1].any()  # resumed: untouched
+        with pytest.raises(D.DataError, match=r"^data-dependent init: Airbench: data-dependent init got images "
+                                              r"of shape \(32, 32, 3\)"):
+            T._data_init(model, optimizer, members, carries, hps, None, np.zeros((40, 32, 32, 3), np.uint8),
+                         train_idx, means, stds, fresh=[True, True])

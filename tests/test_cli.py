@@ -90,6 +90,10 @@ def finished(data_dir, tmp_path_factory):
     (["--warmup-epochs", "1e30"], "--warmup-epochs"), (["--max-steps", "-5"], "--max-steps"),
     (["--train-subset", "-100"], "--train-subset"), (["--seed", "4294967296"], "--seed"),
     (["--seed", "-1"], "--seed"), (["--epochs", "0"], "--epochs"), (["--dropout", "1"], "--dropout"),
+    # the recipe settings: MNIST's digits get no TTA, augmentation settings need --augment
+    (["--tta"], "--tta averages over mirrored views"), (["--translate", "2"], "--translate sets what --augment"),
+    (["--flip", "alternating"], "--flip"), (["--lookahead-period", "-1"], "--lookahead-period"),
+    (["--warmup-fraction", "1.5"], "--warmup-fraction"), (["--loss-reduction", "max"], "--loss-reduction"),
 ])
 def test_out_of_range_flag_is_one_line_naming_it(args, named, capsys, tmp_path):
     # Before any data is read: the data dir does not exist, and no run directory appears.
@@ -417,7 +421,7 @@ def test_help_shows_each_default_once_and_keeps_flags_whole(columns, monkeypatch
     # No word broken at a hyphen at a line end (argparse's textwrap does that by default).
     assert not [l for l in lines if re.search(r"\w-$", l)]
     preset = " ".join(entries["--preset"])
-    assert len(entries["--preset"]) <= (3 if columns >= 100 else 4) and "course_mlp" in preset
+    assert len(entries["--preset"]) <= (3 if columns >= 100 else 5) and "course_mlp" in preset  # 4 presets
     assert "lr=" not in preset and "--lr" not in preset  # names only: the settings are --dry-run's
 
 

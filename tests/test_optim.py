@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,7 @@ from jaxnets import runs
 from jaxnets import training as T
 
 from jaxnets.config import TrainConfig
-from jaxnets.optim import build_optimizer, decay_mask
+from jaxnets.optim import build_optimizer, decay_mask, eval_weights, moment_slots
 
 # float32-exact hyperparameters, so float64 reference and code see the same numbers;
 # deliberately not the defaults (momentum 0.9), so a setting that is ignored shows.
@@ -254,6 +255,67 @@ def test_schedule_values_at_named_steps():
     assert one[0] == pytest.approx(0.04) and one[30] == pytest.approx(1.0) and one.argmax() == 30
 
 
+@pytest.mark.usefixtures("x64")
+def test_linear_schedule_is_airbenchs_warmup_and_decay_in_steps():
+    # airbench94's get_lr for its 476 steps, written out: 23% (109 steps) from 0.2 up to 1,
+    # then linearly down to 0.07 at the end.
+    total = 476
+    config = TrainConfig(epochs=10, schedule="linear", warmup_fraction=0.23, warmup_start=0.2,
+                         final_lr_fraction=0.07)
+
+    def get_lr(step):
+        warmup = int(total * 0.23)
+        if step < warmup:
+            return 0.2 * (1 - step / warmup) + step / warmup
+        frac = (step - warmup) / (total - warmup)
+        return 1 - frac + 0.07 * frac
+
+    np.testing.assert_allclose(multipliers(config, total, total), [get_lr(t) for t in range(total)], rtol=1e-6)
+    # The end fraction also ends a cosine; a warm-up fraction is of all the steps.
+    got = multipliers(TrainConfig(epochs=10, schedule="cosine", final_lr_fraction=0.1), 100, 100)
+    np.testing.assert_allclose(got, 0.1 + 0.9 * cosine(STEP, 0, 100), rtol=1e-6)
+
+
+@pytest.mark.parametrize("settings_, says", [
+    (dict(schedule="step", final_lr_fraction=0.1), "--final-lr-fraction"),
+    (dict(warmup_start=0.2), "--warmup-start"),
+    (dict(warmup_fraction=0.2, warmup_epochs=1), "--warmup-fraction and --warmup-epochs"),
+    (dict(schedule="onecycle", warmup_fraction=0.2), "--warmup-fraction"),
+    (dict(lookahead_power=2.0), "--lookahead-period"),
+    (dict(warmup_fraction=1.0), "--warmup-fraction must be in [0, 1)"),
+])
+def test_schedule_and_lookahead_settings_that_do_not_apply_are_refused(settings_, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        TrainConfig(**settings_).validate()
+
+
+@pytest.mark.usefixtures("x64")
+def test_lookahead_follows_airbenchs_update():
+    # airbench's LookaheadState with its decay 0.95^5 (t/T)^3, re-run by hand on SGD (lr 0.125,
+    # gradient 2 w + 1; the decay is computed in float32, hence the tolerance): every 5th step ema = lerp(ema, w, 1 - d), w = ema; after the last
+    # step w = ema (d = 1).
+    total, period = 12, 5
+    config = TrainConfig(optimizer="sgd", lr=0.125, schedule="constant", lookahead_period=period)
+    optimizer = build_optimizer(config, total)
+    w = {"w": jnp.asarray([1.0, -2.0])}
+    state = optimizer.init(w)
+    ref, ema = np.array([1.0, -2.0]), np.array([1.0, -2.0])
+    for t in range(1, total + 1):
+        updates, state = optimizer.update(jax.tree_util.tree_map(lambda a: 2 * a + 1, w), state, w)
+        w = optax.apply_updates(w, updates)
+        ref = ref - 0.125 * (2 * ref + 1)
+        if t % period == 0 or t == total:
+            d = 1.0 if t == total else 0.95 ** 5 * (t / total) ** 3
+            ema = d * ema + (1 - d) * ref
+            ref = ema.copy()
+        np.testing.assert_allclose(w["w"], ref, rtol=1e-6, err_msg=f"step {t}")
+    plain = -0.5 + 0.75 ** total * (np.array([1.0, -2.0]) + 0.5)  # SGD alone
+    assert np.abs(ref - plain).min() > 1e-3  # the lookahead held the weights back
+    assert eval_weights(config, total, total) == "lookahead slow weights (final sync)"
+    assert eval_weights(config, 7, total).startswith("live fast weights, 2 steps after the lookahead sync at step 5")
+    assert moment_slots(config) == 1 and moment_slots(TrainConfig(optimizer="sgd")) == 0
+
+
 # ---------------------------------------------------------- schedules in a real run (max_steps)
 
 
@@ -297,3 +359,19 @@ def test_warmup_with_max_steps_lasts_warmup_epochs_of_steps(tmp_path):
     assert [c for c, _ in seen] == [10, 20, 30]
     expected = warm(np.array([9, 19, 29]), 10, cosine(np.array([9, 19, 29]), 10, 30))
     np.testing.assert_allclose([m for _, m in seen], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_bias_lr_scale_is_a_parameter_group_of_batch_norms_betas():
+    # airbench's BN biases at 64x the lr, here 4x: the first Nesterov step on a gradient of ones
+    # is lr (1 + mu) on every leaf but beta, and 4 times that on beta (with lookahead around it).
+    from jaxnets import steps
+    config = TrainConfig(hidden_units=(8,), batch_norm=True, dropout=0.0, optimizer="nesterov", lr=0.125,
+                         momentum=0.5, bias_lr_scale=4.0, lookahead_period=2, schedule="constant").validate()
+    model = steps.build_model(config, (4, 4, 1), 3)
+    params, _ = model.init(jax.random.key(0))
+    optimizer = build_optimizer(config, 6, model=model)
+    updates, _ = optimizer.update(jax.tree_util.tree_map(jnp.ones_like, params), optimizer.init(params), params)
+    bn = updates["blocks"][0]["bn"]
+    np.testing.assert_allclose(bn["beta"], -4 * 0.125 * 1.5)
+    np.testing.assert_allclose(bn["gamma"], -0.125 * 1.5)
+    np.testing.assert_allclose(updates["head"]["b"], -0.125 * 1.5)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -52,7 +53,8 @@ def test_one_epoch_mlp_on_real_mnist(mnist, tmp_path):
         assert (run / name).stat().st_size > 0, name
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert list(metrics[0]) == ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-                                "seconds", "compile_seconds", "images_per_second", "steps", "chunk_losses"]
+                                "seconds", "train_seconds", "compile_seconds", "images_per_second", "steps", "weights",
+                                "chunk_losses"]
     saved = json.loads((run / "config.json").read_text())
     assert saved["config"]["hidden_units"] == [256] and saved["environment"]["backend"] == "cpu"
 
@@ -178,6 +180,64 @@ def test_augment_without_flip_only_crops():
         assert any(np.array_equal(crop, padded[i:i + 6, j:j + 6]) for i in range(3) for j in range(3))
 
 
+def test_reflect_translation_crops_windows_of_the_reflected_image():
+    images = (np.arange(4 * 6 * 6, dtype=np.int64).reshape(4, 6, 6, 1) % 200 + 50).astype(np.uint8)  # no zeros
+    out = np.asarray(steps.augment(jax.random.key(5), images, pad=2, flip=False, mode="reflect"))
+    for img, crop in zip(images, out):
+        padded = np.pad(img, ((2, 2), (2, 2), (0, 0)), mode="reflect")
+        assert any(np.array_equal(crop, padded[i:i + 6, j:j + 6]) for i in range(5) for j in range(5))
+    assert (out > 0).all() and not np.array_equal(out, images)  # shifted, and never by zero padding
+    same = np.asarray(steps.augment(jax.random.key(5), images, pad=0, flip=False))
+    np.testing.assert_array_equal(same, images)  # --translate 0: no translation
+
+
+def test_alternating_flips_are_fixed_per_image_and_inverted_in_odd_epochs():
+    key, index = jax.random.key(11), np.arange(200, dtype=np.int32)
+    even, odd = (np.asarray(steps.alternating_flips(key, index, o)) for o in (False, True))
+    np.testing.assert_array_equal(odd, ~even)
+    assert 0.35 < even.mean() < 0.65
+    order = np.random.default_rng(0).permutation(200).astype(np.int32)  # another epoch's order: the same flips
+    np.testing.assert_array_equal(np.asarray(steps.alternating_flips(key, order, False)), even[order])
+    images = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4, 1)
+    out = np.asarray(steps.augment(key, images, pad=0, flips=np.array([True, False])))
+    np.testing.assert_array_equal(out, np.stack([images[0, :, ::-1], images[1]]))
+
+
+def test_tta_averages_the_logits_of_airbenchs_six_views():
+    x = np.random.default_rng(2).standard_normal((3, 5, 5, 2)).astype(np.float32)
+    apply = lambda z: jnp.stack([z[:, 0, 0, 0], z[:, 0, 1, 1], z[:, 3, 4, 0]], -1)  # view-dependent "logits"
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    views = [x, padded[:, :5, :5], padded[:, 2:, 2:]]
+    want = sum(w * (np.asarray(apply(v)) + np.asarray(apply(v[:, :, ::-1]))) / 2 for w, v in zip((0.5, 0.25, 0.25),
+                                                                                                  views))
+    np.testing.assert_allclose(np.asarray(steps.tta_logits(apply, jnp.asarray(x))), want, rtol=1e-6)
+
+
+def test_summed_loss_is_the_mean_loss_at_b_times_the_lr():
+    # Nesterov with coupled L2: a summed loss at lr, wd is a mean loss at lr * B, wd / B.
+    from jaxnets.optim import build_optimizer, hparams_of
+    B = 16
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (B, 4, 4, 1), dtype=np.uint8), rng.integers(0, 3, B).astype(np.int32)
+    runs_ = {}
+    for name, kwargs in {"sum": dict(loss_reduction="sum", lr=0.01 / B, weight_decay=0.5 * B),
+                         "mean": dict(lr=0.01, weight_decay=0.5), "mean_same_lr": dict(lr=0.01 / B, weight_decay=0.5)}.items():
+        cfg = TrainConfig(hidden_units=(8,), dropout=0.0, optimizer="nesterov", batch_size=B, schedule="constant",
+                          label_smoothing=0.2, **kwargs)
+        model, optimizer = steps.build_model(cfg, (4, 4, 1), 3), build_optimizer(cfg, 10)
+        params, state = model.init(jax.random.key(0))
+        opt_state, step = optimizer.init(params), jax.jit(steps.make_step(model, optimizer, cfg))
+        for i in range(3):
+            params, state, opt_state, loss, _ = step(params, state, opt_state, images, labels, jax.random.key(i),
+                                                     np.float32(0.5), np.float32(0.25), hparams_of(cfg))
+        runs_[name] = (params, float(loss))
+    for a, b in zip(jax.tree_util.tree_leaves(runs_["sum"][0]), jax.tree_util.tree_leaves(runs_["mean"][0])):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+    assert runs_["sum"][1] == pytest.approx(runs_["mean"][1], rel=1e-5)  # the loss reported is the mean
+    moved = lambda r: jax.tree_util.tree_leaves(r[0])[0]
+    assert not np.allclose(moved(runs_["sum"]), moved(runs_["mean_same_lr"]), rtol=1e-3)
+
+
 def test_epoch_order_compiled_without_optimisations_is_bit_identical():
     # The trainer compiles the epoch order with INTEGER_PROGRAM_OPTIONS: the same order and
     # key as jax.random's default compile.
@@ -293,3 +353,39 @@ def test_short_convnet_run_on_cifar10_subset(cifar10_dir, tmp_path):
     assert summary["status"] == "completed" and summary["test_accuracy"] > 0.25, summary
     for name in OUTPUTS:
         assert (tmp_path / "run" / name).stat().st_size > 0, name
+
+
+def test_airbench_recipe_features_resume_exactly(cifar10_dir, tmp_path):
+    # Alternating flips, reflect translation, lookahead, the linear schedule in steps, a summed
+    # loss and TTA: a run cut after epoch 1 and resumed equals the uninterrupted one (every draw
+    # from (seed, epoch, step), the lookahead's slow weights in the checkpoint).
+    dataset = small(D.load_dataset("cifar10", cifar10_dir), 560, 100)
+    kwargs = dict(model="convnet", conv_plan=(8, "M"), dataset="cifar10", epochs=2, batch_size=32, val_size=48,
+                  augment=True, translate=2, pad_mode="reflect", flip="alternating", tta=True, optimizer="nesterov",
+                  lr=3e-4, momentum=0.85, loss_reduction="sum", schedule="linear", warmup_fraction=0.23,
+                  warmup_start=0.2, final_lr_fraction=0.07, lookahead_period=5, label_smoothing=0.2, chunk_steps=4,
+                  eval_batch_size=50)
+    full = T.train(config(tmp_path / "full", **kwargs), dataset=dataset, log=lambda *_: None)
+
+    def stop_after_first(record, params, state):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        T.train(config(tmp_path / "cut", **kwargs), dataset=dataset, log=lambda *_: None,
+                on_epoch_end=stop_after_first)
+    resumed = T.train(config(tmp_path / "cut", **kwargs), dataset=dataset, resume=tmp_path / "cut" / "run",
+                      log=lambda *_: None)
+    assert resumed["status"] == full["status"] == "completed" and full["test_accuracy"] > 0.15  # it learned
+    assert (resumed["test_loss"], resumed["test_accuracy"]) == (full["test_loss"], full["test_accuracy"])
+    assert full["test_weights"] == "lookahead slow weights (final sync)" and full["tta"] is True
+    metrics = [json.loads(l) for l in (tmp_path / "full" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["weights"] == "live fast weights, 1 step after the lookahead sync at step 15"
+    assert full["train_seconds"] == pytest.approx(sum(m["train_seconds"] for m in metrics), abs=1e-3)
+    assert 0 < full["train_seconds"] < full["wall_seconds"] - sum(full["compile_seconds"].values()) + 1e-3
+    from jaxnets.runs import load_run
+    run = load_run(tmp_path / "full" / "run")  # evaluates as the run did: with its TTA, on the slow weights
+    with_tta, without = run.evaluate(dataset, batch_size=50), run.evaluate(dataset, batch_size=50, tta=False)
+    assert with_tta["loss"] == pytest.approx(full["test_loss"], rel=1e-4) and with_tta["loss"] != without["loss"]
+    probs = run.predict(dataset.test_images[:3])
+    np.testing.assert_allclose(probs, run.predict(dataset.test_images[:3].astype(np.float32) / 255), rtol=1e-4)
