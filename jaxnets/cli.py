@@ -116,7 +116,7 @@ def build_parser():
 
 
 def _describe(values):
-    return ", ".join(f"{config_lib.flag(k)} {config_lib.format_setting(v)}" for k, v in values.items())
+    return ", ".join(f"{config_lib.flag(k)} {config_lib.format_setting(v, k)}" for k, v in values.items())
 
 
 def _add_setting(group, field):

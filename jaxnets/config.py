@@ -48,6 +48,12 @@ class TrainConfig:
                 "tfds: tensorflow-datasets' prepared copy, never downloads (needs the [tfds] extra)", "data")
     val_size: int = _setting(5000, "training examples held out for validation (seeded split; 0: none)", "data")
     train_subset: int = _setting(0, "use only the first N training images (0: all)", "data")
+    classes: tuple = _setting(
+        (), "keep only these classes, e.g. 5,6,7,8,9, in the training, validation and test splits, relabelled "
+            "0..k-1 in the order given (the model gets k outputs; default: all)", "data")
+    labels_per_class: int = _setting(
+        0, "train on N labelled images of each class: a class-balanced subset of the training pool drawn with "
+           "--seed, before the validation split, which comes out of these images (0: all)", "data")
     normalize: str = _setting(
         "channel", "channel: per-channel mean/std of the training split; mean_image: subtract the mean image "
                    "from raw 0..255 pixels (the course); imagenet: ImageNet's per-channel mean/std (what "
@@ -204,7 +210,7 @@ def choices(name: str):
 
 #: Integer settings and the least value each may take (``None``: no integer setting).
 _INT_MIN = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "chunk_steps": 1, "val_size": 0,
-            "train_subset": 0, "max_steps": 0, "devices": 0, "seed": 0, "image_size": 0}
+            "train_subset": 0, "labels_per_class": 0, "max_steps": 0, "devices": 0, "seed": 0, "image_size": 0}
 #: Float settings and their ranges: (low, low inclusive, high, high inclusive).
 _FLOAT_RANGE = {"lr": (0.0, False, math.inf, False), "weight_decay": (0.0, True, math.inf, False),
                 "momentum": (0.0, True, 1.0, False), "dropout": (0.0, True, 1.0, False),
@@ -239,6 +245,8 @@ def _check(field, value):
         if not isinstance(value, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
                                                    for v in value):
             raise ValueError(f"{where} must be positive layer sizes like 300x100, got {value!r}")
+    elif name == "classes":
+        _check_classes(value)
     elif name in ("data_dir", "out"):
         if isinstance(value, str) and not value.strip():  # '' would silently mean the default
             raise ValueError(f"{where} is empty: give a directory, or leave the flag out for the default")
@@ -246,6 +254,22 @@ def _check(field, value):
         for item in value:
             if item != "M" and not (isinstance(item, int) and not isinstance(item, bool) and item > 0):
                 raise ValueError(f"{where} items must be positive widths or M, got {item!r} in {value}")
+
+
+def _check_classes(value):
+    """``--classes``: at least two known class ids (both datasets have 10), none twice."""
+    if not isinstance(value, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"--classes must be class ids like 5,6,7,8,9, got {value!r}")
+    if not value:
+        return
+    bad = [v for v in value if not 0 <= v < 10]
+    if bad:
+        raise ValueError(f"--classes: unknown class {bad[0]} (the datasets' classes are 0..9)")
+    twice = sorted({v for v in value if value.count(v) > 1})
+    if twice:
+        raise ValueError(f"--classes names class {twice[0]} more than once")
+    if len(value) < 2:
+        raise ValueError(f"--classes needs at least 2 classes to tell apart, got {format_setting(value, 'classes')}")
 
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
@@ -269,6 +293,11 @@ def parse_setting(name: str, text: str):
             return tuple(int(v) for v in text.lower().split("x"))
         except ValueError:
             raise ValueError(f"{text!r} is not a list of layer sizes like 200 or 300x100 (or none)") from None
+    if name == "classes":
+        try:
+            return tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"{text!r} is not a list of class ids like 5,6,7,8,9") from None
     if name == "conv_plan":
         items = [v.strip() for v in text.split(",") if v.strip()]
         try:
@@ -366,9 +395,12 @@ def resume_config(saved: dict, given: dict, *, where: str) -> tuple[TrainConfig,
     return config, changes
 
 
-def format_setting(value) -> str:
+def format_setting(value, name=None) -> str:
     """A setting's value as text, the inverse of :func:`parse_setting`: hidden sizes
-    ``300x100`` (``none``), a conv plan ``32,M,64``, floats in their shortest form."""
+    ``300x100`` (``none``), a conv plan ``32,M,64``, classes ``5,6,7`` (``name="classes"``;
+    ``all`` when empty), floats in their shortest form."""
+    if name == "classes":
+        return ",".join(map(str, value)) or "all"
     if isinstance(value, tuple):
         if all(isinstance(v, int) for v in value):
             return "x".join(map(str, value)) or "none"

@@ -66,6 +66,7 @@ __all__ = [
     "SOURCES",
     "load_dataset",
     "normalization_stats",
+    "select_classes",
     "split_validation",
 ]
 
@@ -113,6 +114,8 @@ class Dataset:
         num_classes: number of classes (10 for both datasets).
         source: where the data came from: ``"files:<path>"`` (a directory or tarball) or
             ``"tfds:<data_dir>"`` (``"tfds:default"`` for tfds's own default directory).
+        class_ids: after :func:`select_classes`, the original class of each label
+            (label ``j`` is class ``class_ids[j]``); None for all classes as published.
         data_files: each file read and how it compares with the published checksums
             (:class:`jaxnets.download.CopyChecks`: ``"verified download"``, ``"published
             MD5"`` or ``"MD5 X, published Y"``); empty for tfds and arrays made in memory.
@@ -127,6 +130,7 @@ class Dataset:
     test_labels: np.ndarray
     num_classes: int
     source: str
+    class_ids: tuple | None = None
     data_files: dict = dataclasses.field(default_factory=dict)
     data_warning: str | None = None
 
@@ -139,7 +143,7 @@ class Dataset:
         return (
             f"Dataset(name={self.name!r}, train={self.train_images.shape}, "
             f"test={self.test_images.shape}, num_classes={self.num_classes}, "
-            f"source={self.source!r})"
+            f"source={self.source!r}" + (f", class_ids={self.class_ids}" if self.class_ids else "") + ")"
         )
 
 
@@ -257,6 +261,55 @@ def _column_sums(x):
         part *= part
         total_sq += part.sum(axis=0, dtype=np.float64)
     return total, total_sq
+
+
+def select_classes(dataset: Dataset, classes) -> Dataset:
+    """``dataset`` with only the images of ``classes`` (original class ids) in both splits,
+    relabelled ``0..k-1`` in the order given: class ``classes[j]`` becomes label ``j`` (so
+    ``--classes 5,6,7,8,9`` makes class 5 label 0), and ``num_classes`` is ``k``. The images
+    keep their order. Empty ``classes``, or the selection ``dataset`` already has, return it
+    unchanged; a selection of an already selected dataset, an unknown class id or a class
+    with no training or no test image is a ValueError.
+    """
+    classes = tuple(int(c) for c in classes)
+    if not classes or dataset.class_ids == classes:
+        return dataset
+    if dataset.class_ids is not None:
+        raise ValueError(f"--classes {','.join(map(str, classes))}: the dataset holds classes "
+                         f"{','.join(map(str, dataset.class_ids))} already (select from the full dataset)")
+    bad = [c for c in classes if not 0 <= c < dataset.num_classes]
+    if bad:
+        raise ValueError(f"--classes: unknown class {bad[0]} ({dataset.name} has classes 0..{dataset.num_classes - 1})")
+    relabel = np.full(dataset.num_classes, -1, np.int32)
+    relabel[list(classes)] = np.arange(len(classes), dtype=np.int32)
+    out = {}
+    for split in ("train", "test"):
+        labels = relabel[dataset.__dict__[f"{split}_labels"]]
+        keep = np.flatnonzero(labels >= 0)
+        missing = sorted(set(range(len(classes))) - set(np.unique(labels[keep]).tolist()))
+        if missing:
+            raise ValueError(f"--classes: {dataset.source} has no {split} image of class {classes[missing[0]]}")
+        out[f"{split}_images"] = dataset.__dict__[f"{split}_images"][keep]
+        out[f"{split}_labels"] = labels[keep]
+    return dataclasses.replace(dataset, num_classes=len(classes), class_ids=classes, **out)
+
+
+def balanced_subset(labels: np.ndarray, per_class: int, num_classes: int, seed: int, class_ids=None) -> np.ndarray:
+    """Sorted indices of ``per_class`` examples of each class ``0..num_classes-1``, drawn
+    with ``np.random.default_rng([seed, 1])`` (a stream apart from the validation split's);
+    a ValueError naming ``--labels-per-class`` and the class (as ``class_ids`` names it,
+    when given: the original ids of a :func:`select_classes` dataset) when one has fewer."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([seed, 1])
+    picked = []
+    for c in range(num_classes):
+        rows = np.flatnonzero(labels == c)
+        if len(rows) < per_class:
+            name = c if class_ids is None else class_ids[c]
+            raise ValueError(f"--labels-per-class {per_class} is more than the {len(rows)} training images of "
+                             f"class {name} in the training pool")
+        picked.append(rng.choice(rows, per_class, replace=False))
+    return np.sort(np.concatenate(picked))
 
 
 def split_validation(images: np.ndarray, labels: np.ndarray, val_size: int, seed: int):

@@ -343,7 +343,7 @@ def _check_identity(run_dir: Path, raw: dict):
                             f"(run id {ours['run_id']}): copied in from elsewhere? Put back this run's checkpoint")
     for name, value in recorded.items():
         if name in ours["settings"] and json_text(ours["settings"][name], None) != json_text(value, None):
-            shown = lambda v: format_setting(tuple(v) if isinstance(v, list) else v)
+            shown = lambda v: format_setting(tuple(v) if isinstance(v, list) else v, name)
             raise TrainingError(f"{path} belongs to another run than {config_path}: {flag(name)} "
                                 f"{shown(value)} in the checkpoint, {shown(ours['settings'][name])} in config.json; "
                                 f"put back this run's checkpoint")
@@ -598,7 +598,11 @@ class Run:
         0..255 float image, NaN or infinities, an empty batch, one image without its batch
         axis, another image shape) is refused with a one-line ValueError, never guessed.
         The images go through the run's own input pipeline (:func:`jaxnets.steps.model_input`:
-        its normalisation, then the resize of ``--image-size``)."""
+        its normalisation, then the resize of ``--image-size``).
+
+        A run trained with ``--classes`` has one column per class it was trained on, in
+        that order: column ``j`` is the dataset's class ``run.class_ids[j]``
+        (``--classes 5,6,7,8,9``: column 0 is class 5)."""
         return self._probs(self._images(images), _batch_size(batch_size))
 
     def _probs(self, x, batch_size):
@@ -614,9 +618,10 @@ class Run:
 
     def evaluate(self, dataset=None, *, images=None, labels=None, batch_size: int = 1000) -> dict:
         """Accuracy and mean cross-entropy on ``dataset``'s test split (a
-        :class:`jaxnets.data.Dataset`, loaded from the run's data settings when None), or on
-        ``images``/``labels``."""
-        from jaxnets.steps import make_evaluate
+        :class:`jaxnets.data.Dataset`, loaded from the run's data settings when None; a run
+        trained with ``--classes`` is scored on those classes' test images, relabelled as in
+        training), or on ``images``/``labels`` (labels ``0..classes-1``, see :meth:`predict`)."""
+        from jaxnets.steps import make_evaluate, run_dataset
 
         batch_size = _batch_size(batch_size)
         if (images is None) != (labels is None) or (images is not None and dataset is not None):
@@ -625,6 +630,7 @@ class Run:
         if images is None:
             if dataset is None:
                 dataset = D.load_dataset(self.config.dataset, self.config.data_dir, source=self.config.data_source)
+            dataset = run_dataset(dataset, self.config)  # a run on --classes is scored on those, relabelled
             images, labels = dataset.test_images, dataset.test_labels
         x = self._images(images)
         y = self._labels(labels, len(x))
@@ -641,6 +647,11 @@ class Run:
     @property
     def num_classes(self):
         return self.model.classes
+
+    @property
+    def class_ids(self) -> tuple:
+        """The dataset's class of each output column: ``--classes`` as given, else ``0..classes-1``."""
+        return tuple(self.config.classes) or tuple(range(self.num_classes))
 
     def _apply(self, params, state, x):
         if not hasattr(self, "_jitted"):
@@ -705,7 +716,7 @@ def load_run(run_dir) -> Run:
     Works for single runs and sweep members, whatever backend trained them; reads
     ``config.json`` and the verified ``checkpoint.msgpack`` (the last finished epoch).
     """
-    from jaxnets.steps import build_model
+    from jaxnets.steps import build_model, num_classes
 
     if not isinstance(run_dir, (str, os.PathLike)):
         raise TypeError(f"load_run: expected the path of a run directory, got {type(run_dir).__name__}")
@@ -715,7 +726,7 @@ def load_run(run_dir) -> Run:
         config = from_dict(info["config"], where=str(run_dir / "config.json"))
     except ValueError as e:
         raise TrainingError(str(e)) from None
-    shape, classes, _ = D.SHAPES[config.dataset]  # for runs whose config.json predates recording them
+    shape, classes = D.SHAPES[config.dataset].image_shape, num_classes(config)  # config.json predating them
     shape, classes = tuple(info.get("image_shape", shape)), int(info.get("classes", classes))
     model = build_model(config, shape, classes)
     raw = read_checkpoint(run_dir)

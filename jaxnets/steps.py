@@ -73,36 +73,82 @@ class DeviceData(NamedTuple):
     std: jax.Array
 
 
+def num_classes(config: TrainConfig) -> int:
+    """The classes a run's model tells apart: those of ``--classes``, else all of the dataset's."""
+    return len(config.classes) or D.SHAPES[config.dataset].classes
+
+
+def run_dataset(dataset: D.Dataset, config: TrainConfig) -> D.Dataset:
+    """``dataset`` as ``config`` trains and tests on it: only the ``--classes`` (relabelled
+    0..k-1 in their order, :func:`jaxnets.data.select_classes`), in both splits; unchanged
+    without ``--classes`` or when selected already. The one place a loaded dataset gets the
+    run's classes: the trainer, the sweep and ``load_run(...).evaluate`` call it."""
+    try:
+        return D.select_classes(dataset, config.classes)
+    except ValueError as e:
+        raise D.DataError(str(e)) from None
+
+
 def training_pool(dataset: D.Dataset, config: TrainConfig):
-    """The training images a run splits into train and validation (``train_subset`` applied)."""
+    """The training images a run splits into train and validation (``--classes`` and
+    ``train_subset`` applied; ``--labels-per-class`` is drawn from it per seed, by
+    :func:`member_split`)."""
+    dataset = run_dataset(dataset, config)
     train_x, train_y = dataset.train_images, dataset.train_labels
-    n_pool = check_sizes(len(train_x), config)
+    n_pool = check_sizes(len(train_x), config, train_y)
     return train_x[:n_pool], train_y[:n_pool]
 
 
-def check_sizes(n_examples: int, config: TrainConfig) -> int:
+def check_sizes(n_examples: int, config: TrainConfig, labels=None) -> int:
     """The training pool's size for ``config`` on ``n_examples`` training images, after
-    checking that its subset, validation split and batch fit them (ValueError naming the
-    setting): cheap, so a sweep checks every member before the first trains."""
+    checking that its subset, labelled images per class (each class's count, when the
+    training ``labels`` are given), validation split and batch fit them (ValueError naming
+    the setting): cheap, so a sweep checks every member before the first trains."""
     if config.train_subset > n_examples:
         raise ValueError(f"--train-subset {config.train_subset} is more than the {n_examples} training images "
                          f"there are (0: all of them)")
     n_pool = config.train_subset or n_examples
-    if config.val_size >= n_pool:
-        raise ValueError(f"val_size {config.val_size} leaves no training data ({n_pool} examples)")
-    if n_pool - config.val_size < config.batch_size:
-        raise ValueError(f"batch_size {config.batch_size} exceeds the {n_pool - config.val_size} training examples")
+    n_split, what = n_pool, f"{n_pool} examples"
+    if config.labels_per_class:
+        k = num_classes(config)
+        if labels is not None:
+            counts = np.bincount(np.asarray(labels[:n_pool]), minlength=k)[:k]
+            c = int(np.argmin(counts))
+            if counts[c] < config.labels_per_class:
+                name = config.classes[c] if config.classes else c
+                raise ValueError(f"--labels-per-class {config.labels_per_class} is more than the {counts[c]} "
+                                 f"training images of class {name} in the training pool")
+        n_split = config.labels_per_class * k
+        what = f"{n_split} examples: --labels-per-class {config.labels_per_class} x {k} classes"
+    if config.val_size >= n_split:
+        raise ValueError(f"val_size {config.val_size} leaves no training data ({what})")
+    if n_split - config.val_size < config.batch_size:
+        raise ValueError(f"batch_size {config.batch_size} exceeds the {n_split - config.val_size} training examples")
     return n_pool
 
 
 def member_split(train_x, train_y, config: TrainConfig):
     """``(train_idx, val_idx, mean, std)``: the seeded validation split of the training pool
     (indices into it) and the normalisation constants of its training part; a DataError when
-    a channel of the training part is constant (std 0, nothing to normalise by)."""
-    check_sizes(len(train_x), dataclasses.replace(config, train_subset=0))  # train_x is the pool already
-    train_idx, _, val_idx, _ = D.split_validation(np.arange(len(train_x)), train_y, config.val_size, config.seed)
+    a channel of the training part is constant (std 0, nothing to normalise by).
+
+    With ``--labels-per-class N`` the split is of a class-balanced subset of N images per
+    class, drawn with the seed (:func:`jaxnets.data.balanced_subset`): the labelled images a
+    run has, so the validation images come out of them (``--val-size 0``: all N per class
+    train). Runs with the same seed draw the same images, whatever else they change, so a
+    from-scratch run and a fine-tune at seed s see the same labelled images.
+    """
+    check_sizes(len(train_x), dataclasses.replace(config, train_subset=0), train_y)  # train_x is the pool already
+    rows = np.arange(len(train_x))
+    if config.labels_per_class:
+        rows = D.balanced_subset(train_y, config.labels_per_class, num_classes(config), config.seed,
+                                 config.classes or None)
+    train_idx, _, val_idx, _ = D.split_validation(rows, train_y[rows], config.val_size, config.seed)
     if config.normalize == "channel":
-        mean, std = D.normalization_stats(train_x, exclude=val_idx)
+        if config.labels_per_class:  # a few thousand images: their own statistics
+            mean, std = D.normalization_stats(train_x[train_idx])
+        else:  # the whole pool's sums less the validation rows' (no copy of the pool)
+            mean, std = D.normalization_stats(train_x, exclude=val_idx)
         flat = np.flatnonzero(~(std > 0))  # (x - mean) / 0: every loss NaN from step 1, not the lr's doing
         if flat.size:
             c = int(flat[0])
@@ -118,6 +164,7 @@ def member_split(train_x, train_y, config: TrainConfig):
 
 
 def prepare_data(dataset: D.Dataset, config: TrainConfig) -> DeviceData:
+    dataset = run_dataset(dataset, config)
     train_x, train_y = training_pool(dataset, config)
     train_idx, val_idx, mean, std = member_split(train_x, train_y, config)
     put = jax.device_put

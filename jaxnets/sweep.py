@@ -50,7 +50,7 @@ from jaxnets import training as T
 from jaxnets.config import FIELDS, TrainConfig, format_setting, parse_setting
 from jaxnets.runs import (SWEEP_PLAN, is_diverged, make_dir, RUN_FILES, ReportedInterrupt, RunLock, TrainingError, at_chance, checkpoint_epoch,
                           files_besides_lock, read_json, read_summary, removed_if_left_empty, write_json)
-from jaxnets.steps import build_model, check_sizes, memory_settings
+from jaxnets.steps import build_model, check_sizes, memory_settings, num_classes, run_dataset
 
 #: Settings a sweep may not vary (they name where things go, not what is trained).
 NOT_SWEEPABLE = ("out", "data_dir", "data_source", "progress", "dataset")
@@ -134,7 +134,7 @@ def expand(base: TrainConfig, axes):
 
 
 def format_values(swept):
-    return "_".join(f"{k}={format_setting(v)}" for k, v in swept.items()) or "base"
+    return "_".join(f"{k}={format_setting(v, k)}" for k, v in swept.items()) or "base"
 
 
 # ------------------------------------------------------------------- grouping, memory
@@ -157,6 +157,8 @@ def member_steps(config: TrainConfig, n_pool):
     """``(steps per epoch, total steps)`` of a member trained on a pool of ``n_pool`` images
     (before ``train_subset`` and the validation split), as :func:`~jaxnets.training.train_group` counts."""
     n_train = (min(config.train_subset, n_pool) if config.train_subset else n_pool) - config.val_size
+    if config.labels_per_class:
+        n_train = config.labels_per_class * num_classes(config) - config.val_size
     per_epoch = max(n_train // config.batch_size, 1)
     total = per_epoch * config.epochs
     return per_epoch, min(total, config.max_steps) if config.max_steps else total
@@ -230,9 +232,12 @@ def dry_run(base: TrainConfig, axes, *, budget=None, max_members=None, dataset: 
     """:func:`describe` of the sweep :func:`sweep` would run, without loading data or training."""
     configs = [c for c, _ in expand(base, axes)]
     if dataset is not None:
+        dataset = run_dataset(dataset, base)
         image_shape, classes, n_pool = dataset.image_shape, dataset.num_classes, len(dataset.train_labels)
-    else:
-        image_shape, classes, n_pool = D.SHAPES[base.dataset]
+    else:  # the pool of --classes estimated as their share (exact for CIFAR-10's equal classes)
+        image_shape, all_classes, n_pool = D.SHAPES[base.dataset]
+        classes = num_classes(base)
+        n_pool = n_pool * classes // all_classes
     budget = memory_budget() if budget is None else budget
     waves = plan(configs, image_shape=image_shape, classes=classes, n_val=base.val_size, budget=budget,
                   max_members=max_members)
@@ -297,6 +302,7 @@ def _sweep(base, axes, members, configs, names, out, waves, *, dataset, budget, 
     """:func:`sweep` once its directory is checked and locked."""
     if dataset is None:
         dataset = D.load_dataset(base.dataset, base.data_dir, source=base.data_source)
+    dataset = run_dataset(dataset, base)
     image_shape, classes = dataset.image_shape, dataset.num_classes
     if not resume:
         budget = memory_budget() if budget is None else budget
@@ -309,7 +315,7 @@ def _sweep(base, axes, members, configs, names, out, waves, *, dataset, budget, 
         c.out, c.progress = str(out / name), False
     for c, name in zip(configs, names):  # every member checked on the data before the first trains
         try:
-            check_sizes(len(dataset.train_labels), c)
+            check_sizes(len(dataset.train_labels), c, dataset.train_labels)
         except ValueError as e:
             raise ValueError(f"sweep member {name}: {e}") from None
     if not resume:  # every --pretrained file loads into its members' model before anything is written

@@ -31,7 +31,8 @@ from jaxnets import models as M
 from jaxnets.optim import HPARAMS, active_groups, build_optimizer, hparams_of, with_hparams
 from jaxnets.runs import TrainingError, default_run_dir, environment_info, load_checkpoint, save_checkpoint
 from jaxnets.placement import INTEGER_PROGRAM_OPTIONS, DeviceMesh, MemberBlocks, OneDevice
-from jaxnets.steps import build_model, member_split, memory_settings, stack_members, take_member, training_pool
+from jaxnets.steps import (build_model, member_split, memory_settings, num_classes, run_dataset, stack_members,
+                           take_member, training_pool)
 
 
 #: Where ``train.py`` keeps compiled programs unless told otherwise (``--compile-cache``).
@@ -107,8 +108,7 @@ def group_key(config: TrainConfig):
         d.pop(k)
     d["hidden_units"] = tuple(d["hidden_units"])
     d["conv_plan"] = tuple(d["conv_plan"])
-    shape = D.SHAPES[config.dataset]
-    d["dropout_on"] = build_model(config, shape.image_shape, shape.classes).has_dropout
+    d["dropout_on"] = build_model(config, D.SHAPES[config.dataset].image_shape, num_classes(config)).has_dropout
     return tuple(sorted(d.items()))
 
 
@@ -154,6 +154,7 @@ def train(config: TrainConfig | None = None, *, dataset: D.Dataset | None = None
                     return finished
             if dataset is None:
                 dataset = D.load_dataset(config.dataset, config.data_dir, source=config.data_source)
+            dataset = run_dataset(dataset, config)
             model = build_model(config, dataset.image_shape, dataset.num_classes)
             cost.check_memory(model, **memory_settings(config))  # refused before init, not an OOM traceback
             return train_group([config], [run_dir], dataset=dataset, resume=resume is not None, log=log,
@@ -244,6 +245,7 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
     problem = (lambda text: print(text, file=sys.stderr)) if log is print else log
     warn = (lambda m, text: problem(text)) if size == 1 else (lambda m, text: problem(f"[{names[m]}] {text}"))
 
+    dataset = run_dataset(dataset, base)  # the members share it: --classes is a shape-fixing setting
     pool_x, pool_y = training_pool(dataset, base)
     _check_shapes(dataset, pool_x)
     if dataset.data_warning:  # a --data-dir copy that differs from the published files: said, and recorded
@@ -309,9 +311,12 @@ def train_group(configs, run_dirs, *, dataset: D.Dataset, resume=False, log=prin
             else:
                 run.last_good = [epoch + 1 if m in records else e for m, e in enumerate(run.last_good)]
             if size > 1:
-                best = int(np.nanargmax(np.where(run.alive, val[1], -np.inf))) if run.alive.any() else 0
-                log(f"epoch {epoch + 1}: {run.alive.sum()}/{size} members training; best val acc "
-                    f"{_percent(val[1][best])} ({names[best]}); {_seconds(seconds, train_seconds)}, "
+                scores = np.where(run.alive & np.isfinite(val[1]), val[1], -np.inf)  # --val-size 0: all NaN
+                best = int(np.argmax(scores))
+                best_text = (f"best val acc {_percent(val[1][best])} ({names[best]})" if np.isfinite(scores[best])
+                             else "no validation accuracy")
+                log(f"epoch {epoch + 1}: {run.alive.sum()}/{size} members training; {best_text}; "
+                    f"{_seconds(seconds, train_seconds)}, "
                     f"{done * batch * run.alive.sum() / train_seconds:.0f} img/s in all")
     except KeyboardInterrupt:
         run.interrupted = True
