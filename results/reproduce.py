@@ -595,7 +595,7 @@ def render_effnet():
                 row.append("not run")
         lines.append(f"| {_effnet_labels(method)} | " + " | ".join(row) + " |")
     lines += ["", "Machine: " + ("; ".join(sorted(machines)) or "none yet") + ", shared with other jobs "
-              "(load average 10-18 on 2 cores while these ran).", "", "Commands:", ""]
+              "(load average 10-22 on 2 cores while these ran).", "", "Commands:", ""]
     lines += [f"- {name}{' (not run here)' if name in EFFNET_NOT_RUN else ''}: `{_command(v[3])}`"
               for name, v in EFFNET.items()]
     return "\n".join(lines)
@@ -630,7 +630,7 @@ def effnet_figure(path=RESULTS / "transfer_effnet.png"):
     ax.set_xlim(60, 8000)
     ax.set_xticks([100, 1000, 5000], ["100", "1000", "5000 (full)"])
     ax.set(xlabel="labelled training images per class", ylabel="CIFAR-10 test accuracy (%)",
-           title="EfficientNet-Lite0 (96 px): ImageNet weights vs scratch, 2-core CPU")
+           title="CIFAR-10 transfer, EfficientNet-Lite0 at 96 px (CPU)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
