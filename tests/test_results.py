@@ -54,6 +54,35 @@ def test_every_experiment_command_parses():
             member.validate()
 
 
+def test_effnet_commands_parse_and_the_section_is_the_committed_cells():
+    """Issue 25's cells: every command (run or not) validates and sweeps >= 3 seeds, each
+    not-run cell says its cost, a committed cell's members were trained by its command, and
+    README.md's EfficientNet section is what render_effnet() makes of the committed files."""
+    import dataclasses
+
+    from jaxnets import cli, sweep
+
+    reproduce = load_reproduce()
+    for name, (_, method, n, flags) in reproduce.EFFNET.items():
+        args = cli.build_parser().parse_args([*flags, "--data-dir", "DIR"])
+        config = cli.config_from_args(args)
+        config.validate()
+        assert config.labels_per_class == n and (config.freeze == (method == "probe"))
+        assert len(sweep.parse_sweep(args.sweep, config)["seed"]) >= 3
+        committed = (RESULTS / name / "sweep.json").exists()
+        assert committed != (name in reproduce.EFFNET_NOT_RUN), name
+        if name in reproduce.EFFNET_NOT_RUN:
+            assert "cost: " in reproduce.EFFNET_NOT_RUN[name]
+        for member_config, _ in reproduce.member_records(RESULTS / name) if committed else ():
+            saved = member_config["config"]
+            now = dataclasses.asdict(config)
+            assert all(saved[k] == now[k] for k in ("model", "image_size", "normalize", "labels_per_class", "lr",
+                                                     "batch_size", "epochs", "freeze", "backbone_lr_scale"))
+    readme = (RESULTS / "README.md").read_text()
+    section = readme.split(reproduce.EFFNET_BEGIN, 1)[1].split(reproduce.EFFNET_END, 1)[0].strip()
+    assert section == reproduce.render_effnet().strip()
+    assert reproduce.effnet_cells()  # at least one cell ran
+
 def test_ablation_rows_come_from_member_summaries():
     reproduce = load_reproduce()
     for row in reproduce.sweep_rows():
