@@ -105,6 +105,9 @@ class TrainConfig:
               "efficientnet_pytorch ones; a head of another class count is replaced by a fresh init (said in "
               "the log); config.json records the file and its SHA-256. A resumed run loads its own checkpoint",
         "model")
+    new_head: bool = _setting(
+        False, "with --pretrained: initialise the head fresh even when the file's has the model's class count "
+               "(the same number of other classes, e.g. pretrained on classes 0-4, trained on 5-9)", "model")
     freeze: bool = _setting(
         False, "with --pretrained: train the head only (a linear probe on fixed features): the backbone gets "
                "no gradient and no optimizer state and runs in evaluation mode, its batch norm on the loaded "
@@ -224,6 +227,9 @@ class TrainConfig:
             if FAMILIES[self.model].load_pretrained is None:
                 raise ValueError(f"--pretrained: --model {self.model} cannot load checkpoints (the families that "
                                  f"can: {', '.join(models.pretrained_families())})")
+        if self.new_head and self.pretrained is None:
+            raise ValueError("--new-head replaces the head of a pretrained network: give --pretrained FILE (without "
+                             "it every layer is initialised fresh already)")
         if self.freeze and self.pretrained is None:
             raise ValueError("--freeze trains the head of a pretrained network only: give --pretrained FILE "
                              "(without it the frozen backbone would be its random init)")

@@ -305,10 +305,12 @@ class Loaded(NamedTuple):
     classes: int | None
 
 
-def load_pretrained(model_name, model, pretrained, *, key=None, log=None) -> Loaded:
+def load_pretrained(model_name, model, pretrained, *, key=None, log=None, new_head=False) -> Loaded:
     """``model``'s params and state from ``pretrained`` (a :class:`Pretrained`, or a name
     or path to read), by the family ``model_name``'s hook (:class:`Family`): a head of
-    another class count is initialised fresh from ``key`` and ``log`` is told. Raises
+    another class count (or, with ``new_head``, any head: the top-level entry
+    :func:`jaxnets.network.split_head` names) is initialised fresh from ``key`` and ``log``
+    is told. Raises
     :class:`~jaxnets.checkpoints.CheckpointError` in one line naming the file (a family
     without a loader, another architecture, the first wrong-shaped tensor)."""
     hook = FAMILIES[model_name].load_pretrained
@@ -317,7 +319,19 @@ def load_pretrained(model_name, model, pretrained, *, key=None, log=None) -> Loa
                                           f"families that can: {', '.join(pretrained_families())})")
     if not isinstance(pretrained, Pretrained):
         pretrained = read_pretrained(pretrained)
-    return Loaded(*hook(model, pretrained.tensors, source=f"--pretrained {pretrained.path}", key=key, log=log))
+    source = f"--pretrained {pretrained.path}"
+    params, state, classes = hook(model, pretrained.tensors, source=source, key=key,
+                                  log=None if new_head else log)
+    if new_head:
+        _, _, name = nn.split_head(model.layer)
+        fresh_params, fresh_state = model.init(jax.random.key(0) if key is None else key)
+        params = {**params, name: fresh_params[name]}
+        if isinstance(state, dict) and name in fresh_state:
+            state = {**state, name: fresh_state[name]}
+        if log is not None:
+            log(f"{source}: the head {name!r} (the file's has {classes} classes) replaced by a fresh init "
+                f"(--new-head)")
+    return Loaded(params, state, classes)
 
 
 def pretrained_families():

@@ -439,7 +439,8 @@ def _pretrained_members(base, model, configs, run_dirs, resume, pretrained, log)
         return None
     if pretrained is None:
         pretrained = M.read_pretrained(base.pretrained)
-    loaded = [M.load_pretrained(base.model, model, pretrained, key=_init_key(c.seed), log=log if m == 0 else None)
+    loaded = [M.load_pretrained(base.model, model, pretrained, key=_init_key(c.seed), log=log if m == 0 else None,
+                                new_head=base.new_head)
               for m, c in enumerate(configs)]
     record = {**pretrained.record(), "classes": loaded[0].classes}
     if loaded[0].classes == 1000 and base.normalize != "imagenet":

@@ -308,11 +308,32 @@ def test_a_bad_pretrained_file_is_one_line_and_writes_nothing(case, how, bad_fil
     assert not out.exists() and not (tmp_path / "runs").exists()
 
 
+def test_new_head_replaces_a_head_of_the_same_class_count(tmp_path):
+    # Pretrained on classes 0-4, trained on 5-9: five classes both times, so the file's head
+    # fits and is kept, unless --new-head asks for a fresh one (the rest stays the file's).
+    model = tiny_resnet(classes=5)
+    params, state = model.init(jax.random.key(7))
+    path = M.export_torchvision(params, tmp_path / "five.safetensors", state=state)
+    key, said = jax.random.key(1), []
+    kept = M.load_pretrained("resnet18", model, str(path), key=key)
+    fresh = M.load_pretrained("resnet18", model, str(path), key=key, log=said.append, new_head=True)
+    want_head = model.init(key)[0]["fc"]
+    for a, b in zip(jax.tree_util.tree_leaves(kept.params["fc"]), jax.tree_util.tree_leaves(params["fc"])):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree_util.tree_leaves(fresh.params["fc"]), jax.tree_util.tree_leaves(want_head)):
+        np.testing.assert_array_equal(a, b)
+    rest = lambda tree: {k: v for k, v in tree.items() if k != "fc"}
+    for a, b in zip(jax.tree_util.tree_leaves(rest(fresh.params)), jax.tree_util.tree_leaves(rest(params))):
+        np.testing.assert_array_equal(a, b)
+    assert fresh.classes == 5 and len(said) == 1 and "(--new-head)" in said[0]
+
+
 @pytest.mark.parametrize("args, says", [
     (["--model", "mlp", "--pretrained", "w.safetensors"],
      "--pretrained: --model mlp cannot load checkpoints (the families that can: efficientnet_lite0, resnet18, "
      "resnet34)"),
     (["--freeze"], "--freeze trains the head of a pretrained network only: give --pretrained FILE"),
+    (["--new-head"], "--new-head replaces the head of a pretrained network: give --pretrained FILE"),
     (["--pretrained", "w.safetensors", "--freeze", "--backbone-lr-scale", "0.1"],
      "--backbone-lr-scale 0.1 has no effect with --freeze"),
     (["--image-size", "16"], "--image-size 16 is too small for --model resnet18: ResNet: images of 16x16 are "
