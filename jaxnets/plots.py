@@ -114,9 +114,11 @@ def _plot_seed_bands(out, rows, others, top=10):
     for setting, members in by_setting.items():
         runs = [[m["val_accuracy"] for m in read_metrics(r["run_dir"])] for r in members]
         length = min(map(len, runs))
-        if length:
-            acc = 100 * np.array([run[:length] for run in runs])
+        acc = 100 * np.array([run[:length] for run in runs], dtype=float)  # None (no validation split): NaN
+        if length and np.isfinite(acc).all():
             curves.append((acc[:, -1].mean(), setting, acc))
+    if not curves:  # no validation accuracy to band (--val-size 0): no figure rather than an empty one
+        return
     curves.sort(key=lambda c: -c[0])
     fig = _figure(figsize=(7, 4.5))
     ax = fig.subplots()
