@@ -376,27 +376,37 @@ def torch_epoch_seconds(torch, kind, dataset, variant="torch"):
 #: Multiplications of Winograd F(2x2, 3x3) per direct-convolution multiplication: a 2x2
 #: output tile from a 4x4 input tile takes 16 products per (input, output) channel pair,
 #: the direct sum 4 outputs x 9 = 36.
-WINOGRAD_SHARE = 16 / 36
+def winograd_share(method, in_shape):
+    """The share of a direct convolution's multiplies a Winograd layer does: F(2x2, 3x3)
+    16 per 2x2 tile against 36 (16/36); F(4x4, 3x3) 36 per 4x4 tile against 144, over the
+    tiles of the zero-padded image (``4 * ceil(H/4) * ceil(W/4) / (H * W)``; 1/4 when H and
+    W are multiples of 4); 1 for any other method."""
+    h, w = in_shape[:2]
+    if method == "winograd":
+        return 16 / 36
+    if method == "winograd4":
+        return 4 * -(-h // 4) * -(-w // 4) / (h * w)
+    return 1.0
 
 
 def multiply_flops(model):
     """FLOPs one example's training step multiplies on ``model.conv_impl`` (Winograd or not)
-    and which layers use Winograd: ``(flops, [layer names])``.
+    and which layers use Winograd: ``(flops, ["name (F(4x4))", ...])``.
 
     Per layer, as in :func:`jaxnets.cost.train_flops`: ``2 * macs`` forward, ``2 * macs``
     weight gradient, ``2 * macs`` input gradient except the first layer. A conv that
-    ``jaxnets.conv`` computes by Winograd (its own rule, ``conv.conv_method``: 3x3, stride 1,
-    pad 1, even H and W >= 4, >= 16 input channels, CPU implementations) does all three
-    products in the Winograd domain, each :data:`WINOGRAD_SHARE` of the direct multiplies.
+    ``jaxnets.conv`` computes by Winograd (its own rule, ``conv.conv_method``) does all three
+    products in the Winograd domain, each :func:`winograd_share` of the direct multiplies.
     The tile transforms are additions and are not counted. Without Winograd layers this is
     ``cost.train_flops(model)``."""
     total, winograd = 0, []
     rows = [row for row in model.cost_rows() if row.macs]
     for i, row in enumerate(rows):
         flops = (6 if i else 4) * row.macs
-        if isinstance(row.layer, nn.Conv) and row.layer.method(row.in_shape) == "winograd":
-            flops *= WINOGRAD_SHARE
-            winograd.append(row.path)
+        method = row.layer.method(row.in_shape) if isinstance(row.layer, nn.Conv) else None
+        if method in ("winograd", "winograd4"):
+            flops *= winograd_share(method, row.in_shape)
+            winograd.append(f"{row.path} ({'F(4x4)' if method == 'winograd4' else 'F(2x2)'})")
         total += flops
     return round(total), winograd
 
@@ -714,7 +724,9 @@ def markdown(results):
     lines.append("")
     lines.append((f"GEMM limit (2048^3 fp32): jax {f(gemm.get('jax_gflops'), '.0f')} GFLOP/s, torch "
                   f"{f(gemm.get('torch_gflops'), '.0f')} GFLOP/s. " if gemm else "GEMM limit not measured. ")
-                 + (f"Winograd layers: {', '.join(winograd)} ({WINOGRAD_SHARE * 36:.0f}/36 of their multiplies). "
+                 + (f"Winograd layers: {', '.join(winograd)} "
+                    + ("(F(2x2): 16/36 of their multiplies, F(4x4): about 1/4). " if any("(F(" in w for w in winograd)
+                       else "(16/36 of their multiplies). ")  # files written before F(4x4) was chosen
                     if winograd else "")
                  + f"{compile_text}. Machine: {cpu.get('model')}, {cpu.get('cores')} cores, flags "
                  f"{' '.join(cpu.get('flags') or []) or 'unknown'}; jax {machine.get('jax')}, torch {machine.get('torch')}. "
@@ -725,15 +737,17 @@ def markdown(results):
 
 def load_text(results):
     """The footer's sentence on the machine's load (1-minute load average at the start of the
-    run, and at its end when it finished) and on a run stopped before its last item."""
+    run, and at its end when it finished) and on a run stopped before its last item. Only
+    the start says whether other jobs shared the machine: at the end the average includes
+    this run's own busy cores."""
     load = results.get("load_average_1min")
     if not load:
         return ""
     cores = results.get("cpu", {}).get("cores") or 1
     text = f" Load average (1 min) at the start of the run: {load['start']:.1f}"
-    text += f", at its end {load['end']:.1f}" if "end" in load else ""
+    text += f", at its end {load['end']:.1f} (this run's own threads included)" if "end" in load else ""
     text += f" on {cores} cores"
-    if max(load.values()) > 0.5 * cores:
+    if load["start"] > 0.5 * cores:  # the end's figure counts this run itself
         text += ": the machine was shared and loaded (other jobs beside this one), so read the ratios, not the rates"
     text += "."
     if "partial" in results:

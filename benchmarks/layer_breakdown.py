@@ -68,7 +68,7 @@ def layer_timers(layer, in_shape, batch, key):
     timers = {}
     if isinstance(layer, nn.Conv):
         methods = {}
-        for impl in ("winograd", "gemm", "xla"):
+        for impl in ("winograd", "winograd4", "gemm", "xla"):
             variant = dataclasses.replace(layer, impl=impl)
             methods.setdefault(variant.method(in_shape), variant)
         chosen = layer.method(in_shape)

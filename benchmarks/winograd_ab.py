@@ -3,7 +3,10 @@ import time, jax, jax.numpy as jnp, numpy as np
 from jaxnets import _cpu_conv as K, conv as C
 def gemm(x, w):
     return C.conv2d({"w": w, "b": jnp.zeros(w.shape[-1])}, x, stride=1, padding=1, impl="gemm")[0]
-for (b, h, c, o) in [(128, 32, 64, 64), (128, 16, 64, 128), (128, 8, 128, 128), (128, 15, 256, 256)]:
+import sys
+SHAPES = [(128, 32, 64, 64), (128, 16, 128, 128), (128, 8, 256, 256), (128, 4, 512, 512), (128, 15, 256, 256),
+          (128, 7, 256, 256), (128, 6, 256, 256), (128, 31, 64, 64), (128, 64, 64, 64)]
+for (b, h, c, o) in SHAPES[int(sys.argv[1]) if len(sys.argv) > 1 else 0:]:
     r = np.random.default_rng(0)
     x = jnp.float32(r.standard_normal((b, h, h, c))); w = jnp.float32(r.standard_normal((3, 3, c, o)) / 30)
     dy = jnp.float32(r.standard_normal((b, h, h, o)))

@@ -1,10 +1,11 @@
-"""CPU kernels behind :mod:`jaxnets.conv`: Winograd F(2x2, 3x3) and the phased max pool.
+"""CPU kernels behind :mod:`jaxnets.conv`: Winograd F(2x2, 3x3) and F(4x4, 3x3), and the phased max pool.
 
 Nothing here is part of the course material: these are faster ways, on XLA:CPU, to compute
 what the plain formulas in :mod:`jaxnets.conv` define. :func:`jaxnets.conv.conv_method`
 and :func:`jaxnets.conv._pool_form` (the one place that chooses) send a layer here only
 for the CPU implementations (``impl="winograd"``/``"gemm"``, or ``"auto"`` on a CPU
-backend) and only for the geometries in :func:`winograd_applies` / :func:`phased_pool_applies`.
+backend) and only for the geometries in :func:`winograd4_applies` / :func:`winograd_applies` /
+:func:`phased_pool_applies`.
 
 Both kernels see a pad-1 image of even height and width as the array
 (B, H/2+1, 2, W/2+1, 2, C) (:func:`phase_view`): padded row 2t+r is [t, r], so the
@@ -219,12 +220,26 @@ def stored(a):
 
 
 # ------------------------------------------------------------- winograd F(4x4, 3x3)
-# Not yet chosen by conv_method (issue 24, work in progress): the kernel, its adjoint and
-# its rounding error (tests/test_conv.py) are here so the per-shape A/B can be run. For a
-# 6x6 input tile d and a 3x3 kernel g, the 4x4 output tile is Y = A^T [(G g G^T) * (B^T d B)] A
-# with Lavin & Gray's matrices (points 0, 1, -1, 2, -2, inf); 36 products per 16 outputs
-# instead of 144 (4x fewer). H and W need not be multiples of 4: the image is zero-padded
-# to whole tiles and the output cropped.
+# For a 6x6 input tile d and a 3x3 kernel g, the 4x4 output tile is
+# Y = A^T [(G g G^T) * (B^T d B)] A with Lavin & Gray's matrices (points 0, 1, -1, 2, -2,
+# inf); 36 products per 16 outputs instead of 144 (4x fewer). H and W need not be
+# multiples of 4: the image is zero-padded to whole tiles and the output cropped. As for
+# F(2x2), the pad-1 image is seen phased, (B, th+1, 4, tw+1, 4, C), so that the six rows of
+# every tile are unit-stride slices and the transforms fuse; 36 separate GEMMs.
+# Same-process A/B, forward + backward at batch 128 on 2 cores (benchmarks/winograd_ab.py):
+# F(4x4) / F(2x2) / im2col 248 / 331 / 549 ms at 32x32x64->64, 119 / 156 / 292 at
+# 8x8x256->256, 127 / - / 187 at 7x7x256->256, but 123 / 83 / 154 at 6x6 and 208 / 178 /
+# 248 at 4x4 (one tile, mostly padding): hence the 7-pixel limit.
+# Chosen only by conv2d's impl="winograd4" (opt-in: see jaxnets.conv for why).
+
+WINOGRAD4_MIN_SIZE = 7
+
+
+def winograd4_applies(w_shape, x_shape, s_hw, pads):
+    """3x3, stride 1, pad 1, H and W >= :data:`WINOGRAD4_MIN_SIZE` (any parity), at least
+    :data:`WINOGRAD_MIN_CHANNELS` inputs."""
+    return (tuple(w_shape[:2]) == (3, 3) and s_hw == (1, 1) and pads == ((1, 1), (1, 1))
+            and min(x_shape[1:3]) >= WINOGRAD4_MIN_SIZE and w_shape[2] >= WINOGRAD_MIN_CHANNELS)
 
 _BT4 = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
         (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
@@ -238,62 +253,112 @@ def _tiles4(x_shape):
     return -(-x_shape[1] // 4), -(-x_shape[2] // 4)
 
 
-def _f4_input(x):
-    """``V = B^T d B`` of every 6x6 tile of the pad-1 image (zero-padded to whole tiles):
-    (6, 6, B, th, tw, C)."""
+def _lincomb(rows, terms):
+    """``[sum_i rows[a][i] * terms[i] for a]``, skipping zero coefficients (fused adds)."""
+    out = []
+    for row in rows:
+        acc = None
+        for c, t in zip(row, terms):
+            if c == 0:
+                continue
+            term = t if c == 1 else (-t if c == -1 else t * jnp.asarray(c, t.dtype))
+            acc = term if acc is None else acc + term
+        out.append(acc if acc is not None else jnp.zeros_like(terms[0]))
+    return out
+
+
+def _transpose(rows):
+    return tuple(zip(*rows))
+
+
+def _phase_view4(x):
+    """``x`` (B, H, W, C) padded by 1 on top/left and with zeros to 4(th+1) rows and 4(tw+1)
+    columns, seen as (B, th+1, 4, tw+1, 4, C): padded row 4t+r is [t, r]."""
     b, h, w, c = x.shape
     th, tw = _tiles4(x.shape)
-    xp = jnp.pad(x, ((0, 0), (1, 4 * th + 1 - h), (1, 4 * tw + 1 - w), (0, 0)))
-    d = jnp.stack([jnp.stack([xp[:, i : i + 4 * th : 4, j : j + 4 * tw : 4] for j in range(6)])
-                   for i in range(6)])
-    bt = jnp.asarray(_BT4, x.dtype)
-    return jnp.einsum("ai,bj,ij...->ab...", bt, bt, d)
+    cfg = ((0, 0, 0), (1, 4 * th + 3 - h, 0), (1, 4 * tw + 3 - w, 0), (0, 0, 0))
+    return lax.pad(x, jnp.zeros((), x.dtype), cfg).reshape(b, th + 1, 4, tw + 1, 4, c)
+
+
+def _tile6(z, axis):
+    """The six tile rows along ``axis`` of a (.., n+1, 4, ..) phased array: tile t covers
+    padded rows 4t..4t+5, i.e. [t, 0..3], [t+1, 0], [t+1, 1] (unit-stride slices)."""
+    n = z.shape[axis] - 1
+    take = lambda lo, phase: lax.index_in_dim(lax.slice_in_dim(z, lo, lo + n, axis=axis), phase, axis + 1, False)
+    return [take(k // 4, k % 4) for k in range(6)]
+
+
+def _untile6(d, axis):
+    """Adjoint of :func:`_tile6`: overlap-add the six tile rows back to (.., n+1, 4, ..)."""
+    cfg = lambda lo, hi: [(0, 0, 0)] * axis + [(lo, hi, 0)] + [(0, 0, 0)] * (d[0].ndim - axis - 1)
+    zero = jnp.zeros((), d[0].dtype)
+    phases = [lax.pad(d[p], zero, cfg(0, 1)) for p in range(4)]
+    for p in range(2):
+        phases[p] = phases[p] + lax.pad(d[4 + p], zero, cfg(1, 0))
+    return jnp.stack(phases, axis + 1)
+
+
+def _f4_input(x):
+    """``V = B^T d B`` of every 6x6 tile of the pad-1 image (zero-padded to whole tiles):
+    36 matrices (B*th*tw, C), entry (a, b) at 6a+b. The transforms are fused elementwise
+    sums of unit-stride slices of :func:`_phase_view4`."""
+    rows = _lincomb(_BT4, _tile6(_phase_view4(x), 1))  # each (B, th, tw+1, 4, C)
+    return [v.reshape(-1, x.shape[3]) for r in rows for v in _lincomb(_BT4, _tile6(r, 2))]
 
 
 def _f4_input_backward(dv, x_shape):
     """Adjoint of :func:`_f4_input`: ``dd = B dV B^T`` per tile, overlap-added, cropped."""
     b, h, w, c = x_shape
     th, tw = _tiles4(x_shape)
-    bt = jnp.asarray(_BT4, dv.dtype)
-    dd = jnp.einsum("ai,bj,ab...->ij...", bt, bt, dv)
-    dxp = jnp.zeros((b, 4 * th + 2, 4 * tw + 2, c), dv.dtype)
-    for i in range(6):
-        for j in range(6):
-            dxp = dxp.at[:, i : i + 4 * th : 4, j : j + 4 * tw : 4].add(dd[i, j])
-    return dxp[:, 1 : 1 + h, 1 : 1 + w]
+    dv = [v.reshape(b, th, tw, c) for v in dv]
+    bt_adj = _transpose(_BT4)
+    drows = [_untile6(_lincomb(bt_adj, dv[6 * a : 6 * a + 6]), axis=2) for a in range(6)]
+    dz = _untile6(_lincomb(bt_adj, drows), axis=1)
+    return dz.reshape(b, 4 * th + 4, 4 * tw + 4, c)[:, 1 : 1 + h, 1 : 1 + w, :]
 
 
 def _f4_filter(w):
-    """``U = G g G^T`` of a (3, 3, cin, cout) kernel: (6, 6, cin, cout)."""
+    """``U = G g G^T`` of a (3, 3, cin, cout) kernel: 36 matrices (cin, cout), entry (a, b) at 6a+b."""
     g = jnp.asarray(_G4, w.dtype)
-    return jnp.einsum("ai,bj,ij...->ab...", g, g, w)
+    u = jnp.einsum("ai,bj,ij...->ab...", g, g, w)
+    return [u[a, b] for a in range(6) for b in range(6)]
+
+
+def _f4_filter_backward(du):
+    """Adjoint of :func:`_f4_filter`: ``dg = G^T dU G``."""
+    g = jnp.asarray(_G4, du[0].dtype)
+    du = jnp.stack(du).reshape(6, 6, *du[0].shape)
+    return jnp.einsum("ai,bj,ab...->ij...", g, g, du)
 
 
 def _f4_output(m, x_shape):
     """``Y = A^T M A`` of every tile, the 4x4 tiles interleaved and cropped to (B, H, W, cout)."""
     b, h, w, _ = x_shape
     th, tw = _tiles4(x_shape)
-    at = jnp.asarray(_AT4, m.dtype)
-    y = jnp.einsum("pa,qb,ab...->pq...", at, at, m)  # (4, 4, B, th, tw, O)
-    y = y.transpose(2, 3, 0, 4, 1, 5).reshape(b, 4 * th, 4 * tw, -1)
-    return y[:, :h, :w]
+    m = [e.reshape(b, th, tw, -1) for e in m]
+    cols = [_lincomb(_AT4, m[6 * a : 6 * a + 6]) for a in range(6)]  # cols[a][q]
+    y = [_lincomb(_AT4, [cols[a][q] for a in range(6)]) for q in range(4)]  # y[q][p]
+    y = jnp.stack([jnp.stack([y[q][p] for q in range(4)], 3) for p in range(4)], 2)
+    return y.reshape(b, 4 * th, 4 * tw, -1)[:, :h, :w]
 
 
 def _f4_output_backward(dy):
-    """Adjoint of :func:`_f4_output`: ``dM = A dY A^T`` per tile, (6, 6, B, th, tw, O)."""
+    """Adjoint of :func:`_f4_output`: ``dM = A dY A^T`` per tile (dy zero-padded to whole
+    tiles), 36 matrices (B*th*tw, cout)."""
     b, h, w, o = dy.shape
     th, tw = _tiles4(dy.shape)
-    dy = jnp.pad(dy, ((0, 0), (0, 4 * th - h), (0, 4 * tw - w), (0, 0)))
-    dy = dy.reshape(b, th, 4, tw, 4, o).transpose(2, 4, 0, 1, 3, 5)
-    at = jnp.asarray(_AT4, dy.dtype)
-    return jnp.einsum("pa,qb,pq...->ab...", at, at, dy)
+    dy = jnp.pad(dy, ((0, 0), (0, 4 * th - h), (0, 4 * tw - w), (0, 0))).reshape(b, th, 4, tw, 4, o)
+    at_adj = _transpose(_AT4)
+    t = [_lincomb(at_adj, [dy[:, :, p, :, q] for q in range(4)]) for p in range(4)]  # t[p][b]
+    dm = [_lincomb(at_adj, [t[p][e] for p in range(4)]) for e in range(6)]  # dm[b][a]
+    return [dm[e][a].reshape(-1, o) for a in range(6) for e in range(6)]
 
 
 def winograd4_conv(x, w):
     """The pad-1, stride-1 3x3 convolution of ``x`` with ``w`` (no bias), by F(4x4, 3x3):
     36 GEMMs (tiles, cin) x (cin, cout), one per tile position."""
     v, u = _f4_input(x), _f4_filter(w)
-    return _f4_output(jnp.einsum("ab...c,abco->ab...o", v, u), x.shape)
+    return _f4_output([jnp.dot(vi, ui) for vi, ui in zip(v, u)], x.shape)
 
 
 def winograd4_conv_backward(x, w, dy):
@@ -302,8 +367,6 @@ def winograd4_conv_backward(x, w, dy):
     ``dV = dM U^T`` and ``dx`` = the tiles ``B dV B^T`` overlap-added, cropped."""
     v, u = _f4_input(x), _f4_filter(w)
     dm = _f4_output_backward(dy)
-    du = jnp.einsum("abnhwc,abnhwo->abco", v, dm)
-    g = jnp.asarray(_G4, du.dtype)
-    dw = jnp.einsum("ai,bj,ab...->ij...", g, g, du)
-    dx = _f4_input_backward(jnp.einsum("ab...o,abco->ab...c", dm, u), x.shape)
+    dw = _f4_filter_backward([jnp.dot(vi.T, dmi) for vi, dmi in zip(v, dm)])
+    dx = _f4_input_backward([jnp.dot(dmi, ui.T) for dmi, ui in zip(dm, u)], x.shape)
     return dw, dx

@@ -8,7 +8,7 @@ functions; bad shapes raise ``ValueError`` at trace time.
 Implementations of the convolution: the ``impl`` keyword
 ---------------------------------------------------------
 ``conv2d``/``conv2d_backward`` and ``max_pool``/``max_pool_backward`` take a static
-``impl``: ``"auto"`` (the default), ``"winograd"``, ``"gemm"`` or ``"xla"``. It is an
+``impl``: ``"auto"`` (the default), ``"winograd"``, ``"winograd4"``, ``"gemm"`` or ``"xla"``. It is an
 argument, never a global setting, and :func:`resolve_impl` is the one place where
 ``"auto"`` looks at the backend: ``"winograd"`` on CPU, ``"xla"`` on GPU/TPU.
 
@@ -24,6 +24,13 @@ argument, never a global setting, and :func:`resolve_impl` is the one place wher
 * ``"winograd"``: ``"gemm"``, except that the 3x3, stride-1, pad-1 convolutions of a VGG
   (even H and W >= 4, cin >= 16) run Winograd's F(2x2, 3x3), 2.25x fewer multiplications
   (:mod:`jaxnets._cpu_conv`; rounding differs from the direct sum by a few ulps).
+* ``"winograd4"`` (opt-in): ``"winograd"``, except that images of at least 7x7 (any
+  parity: tiles are zero-padded) run F(4x4, 3x3), 4x fewer multiplications; in a
+  same-process A/B of each shape (``python -m benchmarks.winograd_ab``) it is 1.3x faster
+  than F(2x2) from 8x8 to 64x64 and slower at 4x4 and 6x6, hence the split. Its rounding
+  error is ~1e-6 of the output's scale (F(2x2): ~1e-7; its points +-2 weigh a tile up to
+  8x); in float32 the course ConvNet's manual and autodiff gradients then differ by up to
+  ~6e-3 relative at batch 4 (BN amplifies it), which is why it is not the default.
 * ``"xla"``: ``lax.conv_general_dilated`` and, for the backward, the two convolutions
   that are its transposes. This is what cuDNN / the TPU compiler are good at.
 
@@ -61,11 +68,11 @@ from jaxnets import _cpu_conv
 from jaxnets._checks import check_choice, check_dim, check_ndim
 from jaxnets.layers import init_weights
 
-CONV_IMPLS = ("auto", "winograd", "gemm", "xla")
+CONV_IMPLS = ("auto", "winograd", "winograd4", "gemm", "xla")
 
 
 def resolve_impl(impl, *, layer="resolve_impl"):
-    """The implementation ``impl`` names on this backend: ``"winograd"``, ``"gemm"`` or ``"xla"``.
+    """The implementation ``impl`` names on this backend: ``"winograd"``, ``"winograd4"``, ``"gemm"`` or ``"xla"``.
 
     ``"auto"`` is ``"winograd"`` when ``jax.default_backend() == "cpu"`` and ``"xla"``
     otherwise; the others name themselves. Read at trace time, like every static argument.
@@ -77,11 +84,14 @@ def resolve_impl(impl, *, layer="resolve_impl"):
 
 
 def conv_method(layer, impl, w_shape, x_shape, s_hw, pads):
-    """What computes this convolution: ``"winograd"`` where F(2x2, 3x3) applies, else
-    ``"gemm"``, for the CPU implementations; ``"xla"`` for ``"xla"``."""
+    """What computes this convolution: ``"winograd4"`` (F(4x4, 3x3), only for ``impl="winograd4"``)
+    or ``"winograd"`` (F(2x2, 3x3)) where one applies, else ``"gemm"``, for the CPU
+    implementations; ``"xla"`` for ``"xla"``."""
     impl = resolve_impl(impl, layer=layer)
-    if impl == "winograd" and not _cpu_conv.winograd_applies(w_shape, x_shape, s_hw, pads):
-        return "gemm"
+    if impl == "winograd4" and _cpu_conv.winograd4_applies(w_shape, x_shape, s_hw, pads):
+        return "winograd4"
+    if impl in ("winograd", "winograd4"):
+        return "winograd" if _cpu_conv.winograd_applies(w_shape, x_shape, s_hw, pads) else "gemm"
     return impl
 
 
@@ -328,7 +338,9 @@ def conv2d(params, x, *, stride=1, padding="SAME", impl="auto"):
     k_hw, s_hw, pads, out_hw = _conv_geometry("conv2d", params, x, stride, padding)
     w = params["w"]
     method = conv_method("conv2d", impl, w.shape, x.shape, s_hw, pads)
-    if method == "winograd":
+    if method == "winograd4":
+        y = _cpu_conv.winograd4_conv(x, w)
+    elif method == "winograd":
         y = _cpu_conv.winograd_conv(x, w)
     elif method == "gemm":
         taps = live_taps(k_hw, s_hw, pads, x.shape[1:3], out_hw)
@@ -351,10 +363,12 @@ def conv2d_backward(params, cache, dy, *, stride=1, padding="SAME", impl="auto")
       interior padding ``stride-1``) and the ``kh*kw`` results are summed. The kernel
       positions im2col leaves out (:func:`live_taps`: they read only padding) get ``dW = 0``.
 
-    ``"winograd"`` (where it applies, see the module docstring): with ``V = B^T d B`` the
-    transformed input tiles, ``U = G g G^T`` the transformed kernel and ``M = V U`` (the 16
-    tile positions (a, b) each a GEMM over channels) so that ``y = A^T M A``, the backward is
-    the adjoint of each linear stage (:func:`jaxnets._cpu_conv.winograd_conv_backward`).
+    ``"winograd"``/``"winograd4"`` (where they apply, see the module docstring): with
+    ``V = B^T d B`` the transformed input tiles, ``U = G g G^T`` the transformed kernel and
+    ``M = V U`` (the 16 or 36 tile positions (a, b) each a GEMM over channels) so that
+    ``y = A^T M A``, the backward is the adjoint of each linear stage: ``dM = A dy A^T``,
+    ``dU = V^T dM``, ``dW = G^T dU G``, ``dV = dM U^T``, ``dx`` = ``B dV B^T`` overlap-added
+    (:func:`jaxnets._cpu_conv.winograd_conv_backward`, ``winograd4_conv_backward``).
 
     The ``"xla"`` implementation computes the same two quantities as convolutions:
     ``dW[i,j,c,o] = sum_{n,p,q} xp[n,p*s+i,q*s+j,c] dy[n,p,q,o]`` (x correlated with ``dy``
@@ -381,7 +395,9 @@ def conv2d_backward(params, cache, dy, *, stride=1, padding="SAME", impl="auto")
         )
     in_hw = x.shape[1:3]
     padded_hw = tuple(n + lo + hi for n, (lo, hi) in zip(in_hw, pads))
-    if method == "winograd":
+    if method == "winograd4":
+        dw, dx = _cpu_conv.winograd4_conv_backward(x, w, dy)
+    elif method == "winograd":
         dw, dx = _cpu_conv.winograd_conv_backward(x, w, dy)
     elif method == "gemm":
         taps = live_taps(k_hw, s_hw, pads, in_hw, out_hw)

@@ -34,15 +34,17 @@ CONV_CASES = [
     (3, 5, 7, 3, 4, 1, 2, "VALID"),
     (3, 5, 7, 2, 3, 1, 1, 1),
     (3, 7, 7, 2, 3, 2, 3, ((2, 1), (1, 2))),
-    # where "winograd" runs F(2x2, 3x3): 3x3, stride 1, pad 1, even H and W >= 4, cin >= 16
+    # where "winograd" runs F(2x2, 3x3): 3x3, stride 1, pad 1, even H and W of 4 or 6, cin >= 16
     (2, 4, 6, 16, 5, 3, 1, "SAME"),
     (1, 8, 4, 17, 3, 3, 1, 1),
+    # and F(4x4, 3x3): H and W >= 7, any parity (tiles zero-padded)
+    (1, 7, 9, 16, 3, 3, 1, 1),
     # kernel positions that read only padding, left out of im2col (conv_ops.live_taps)
     (2, 1, 1, 3, 4, 3, 1, 1),  # 1x1 image: the centre only (ResNet layer4 at 32 px, ImageNet stem)
     (2, 2, 2, 3, 4, 3, 2, 1),  # 2x2 -> 1x1 at stride 2: the bottom-right 2x2
     (2, 1, 3, 2, 3, 3, 1, 1),  # the middle kernel row, every column
 ]
-IMPLS = ("winograd", "gemm", "xla")
+IMPLS = ("winograd", "winograd4", "gemm", "xla")
 
 
 def _conv_inputs(case, dtype, seed=0):
@@ -64,7 +66,7 @@ def test_conv2d_backward_matches_vjp_and_fd(case):
     with jax.enable_x64(True):
         params, x, rng = _conv_inputs(case, jnp.float64)
         report = gradcheck.check(conv_ops.conv2d, conv_ops.conv2d_backward, x, params, coords=4,
-                                 stride=stride, padding=padding, impl="winograd")
+                                 stride=stride, padding=padding, impl="winograd4")
         assert report.ok, report
         pads = conv_ops._resolve_padding("t", padding, x.shape[1:3], params["w"].shape[:2], (stride, stride))
         out_shape = jax.eval_shape(lambda p, x: conv_ops.conv2d(p, x, stride=stride, padding=padding)[0], params, x).shape
@@ -86,7 +88,7 @@ def test_conv2d_backward_matches_vjp_and_fd(case):
             assert y.shape == ref.shape and _rel(y, ref) < 1e-12, impl
             assert jax.tree.structure(dp) == jax.tree.structure(params)
             assert dx.shape == x.shape and dx.dtype == jnp.float64
-        for impl in ("winograd", "xla"):
+        for impl in ("winograd", "winograd4", "xla"):
             for a, b in zip(jax.tree.leaves(results["gemm"][1]), jax.tree.leaves(results[impl][1])):
                 assert _rel(a, b) < 1e-12, impl
 
@@ -99,8 +101,7 @@ def test_live_taps_leave_out_only_the_positions_that_read_padding():
     assert live((7, 7), (2, 2), ((3, 3), (3, 3)), (32, 32), (16, 16)) == [(i, j) for i in range(7) for j in range(7)]
 
 
-@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[4], CONV_CASES[7], CONV_CASES[10], CONV_CASES[13]],
-                         ids=str)
+@pytest.mark.parametrize("case", [CONV_CASES[i] for i in (1, 4, 7, 10, 12, 14)], ids=str)
 def test_impls_agree_float32(case):
     stride, padding = case[6], case[7]
     params, x, rng = _conv_inputs(case, jnp.float32, seed=1)
@@ -113,6 +114,10 @@ def test_impls_agree_float32(case):
 
     for impl in IMPLS:
         out[impl] = jax.jit(run, static_argnums=2)(params, x, impl)
+    (yg, dpg, dxg), (yx, dpx, dxx) = out["winograd4"], out["xla"]
+    # F(4x4)'s error is a share of the output's scale (~1e-6), not of each element
+    for a, b in ((yg, yx), (dpg["w"], dpx["w"]), (dpg["b"], dpx["b"]), (dxg, dxx)):
+        assert _rel(a, b) < 1e-5
     for impl in ("winograd", "gemm"):
         (yg, dpg, dxg), (yx, dpx, dxx) = out[impl], out["xla"]
         np.testing.assert_allclose(yg, yx, rtol=1e-5, atol=1e-5)
@@ -122,28 +127,38 @@ def test_impls_agree_float32(case):
 
 
 @pytest.mark.parametrize("shape, cin, stride, padding, used", [
-    ((2, 8, 6), 16, 1, "SAME", True),
-    ((2, 8, 6), 16, 1, 1, True),
-    ((2, 8, 6), 15, 1, "SAME", False),  # too few input channels
-    ((2, 7, 6), 16, 1, "SAME", False),  # odd height
-    ((2, 2, 2), 16, 1, "SAME", False),  # a single tile
-    ((2, 8, 6), 16, 2, "SAME", False),
-    ((2, 8, 6), 16, 1, "VALID", False),
+    ((2, 8, 6), 16, 1, "SAME", "winograd"),
+    ((2, 8, 6), 16, 1, 1, "winograd"),
+    ((2, 4, 4), 16, 1, 1, "winograd"),
+    ((2, 8, 7), 16, 1, 1, "winograd4"),
+    ((2, 7, 15), 16, 1, 1, "winograd4"),  # odd sizes: F(4x4)'s padded tiles
+    ((2, 32, 32), 16, 1, 1, "winograd4"),
+    ((2, 8, 6), 15, 1, "SAME", "gemm"),  # too few input channels
+    ((2, 32, 32), 15, 1, "SAME", "gemm"),
+    ((2, 5, 6), 16, 1, "SAME", "gemm"),  # odd and under 7
+    ((2, 2, 2), 16, 1, "SAME", "gemm"),  # a single tile
+    ((2, 8, 6), 16, 2, "SAME", "gemm"),
+    ((2, 8, 8), 16, 1, "VALID", "gemm"),
 ])
 def test_winograd_used_where_it_applies(shape, cin, stride, padding, used):
-    """F(2x2, 3x3) is 16 GEMMs forward and 32 backward (plus the kernel transform's); every
-    other case is im2col's one GEMM forward and two backward."""
+    """Under impl="winograd4": F(2x2, 3x3) is 16 GEMMs forward and 32 backward (plus the kernel
+    transform's), F(4x4, 3x3) 36 and 72; every other case is im2col's one GEMM forward and two
+    backward. impl="winograd" (the CPU default) never runs F(4x4)."""
     params = conv_ops.conv2d_init(jax.random.PRNGKey(0), cin, 4)
     x = jnp.ones((*shape, cin))
-    y, cache = jax.eval_shape(lambda p, x: conv_ops.conv2d(p, x, stride=stride, padding=padding, impl="winograd"), params, x)
-    assert cache.method == ("winograd" if used else "gemm")
-    fwd = lambda p, x: conv_ops.conv2d(p, x, stride=stride, padding=padding, impl="winograd")[0]
+    method = lambda impl: jax.eval_shape(lambda p, x: conv_ops.conv2d(p, x, stride=stride, padding=padding, impl=impl),
+                                         params, x)[1].method
+    y, cache = jax.eval_shape(lambda p, x: conv_ops.conv2d(p, x, stride=stride, padding=padding, impl="winograd4"), params, x)
+    assert cache.method == used
+    f2 = cache.method == "winograd" or (used == "winograd4" and shape[1] % 2 == 0 and shape[2] % 2 == 0)
+    assert method("winograd") == ("winograd" if f2 else "gemm")
+    fwd = lambda p, x: conv_ops.conv2d(p, x, stride=stride, padding=padding, impl="winograd4")[0]
     bwd = lambda p, x: conv_ops.conv2d_backward(p, conv_ops.ConvCache(x, cache.method), jnp.ones(y.shape), stride=stride,
-                                         padding=padding, impl="winograd")
+                                         padding=padding, impl="winograd4")
     dots = lambda fn: sum(str(e.primitive) == "dot_general" for e in jax.make_jaxpr(fn)(params, x).jaxpr.eqns)
-    if used:
-        assert dots(fwd) >= 16 and dots(bwd) >= 32
-    else:
+    products = {"winograd": 16, "winograd4": 36, "gemm": 1}[used]
+    assert dots(fwd) >= products and dots(bwd) >= 2 * products
+    if used == "gemm":
         assert (dots(fwd), dots(bwd)) == (1, 2)
 
 
