@@ -272,21 +272,13 @@ EFFNET = {
                                 "--val-size", "0", "--sweep", "seed=0,1,2"])
        for n in _CONVNET_BUDGET},
 }
-# name: why not (the cost measured on the shared 2-core CPU under load average ~20, per epoch
-# and member: the frozen forward ran at ~22 img/s in effnet_probe_100, the 96 px train step at
-# 4.6 img/s and the evaluation forward at 30 img/s in benchmarks/effnet_cost.py, our ConvNet's
-# step at ~21 img/s in a first epoch of effnet_convnet_100, stopped)
+# name: why not (costs from the cells that ran: effnet_finetune_1000's members took ~10 min
+# each on the quiet 2-core CPU, 3 epochs of 10,000 images, niced beside development work)
 EFFNET_NOT_RUN = {
-    "effnet_probe_1000": "cost: 7.6 min per epoch per seed, ~1.4 CPU-hours with the 3 test evaluations",
-    "effnet_probe_full": "cost: 38 min per epoch per seed, ~2.2 CPU-hours",
-    "effnet_finetune_100": "cost: 3.6 min per epoch per seed, ~1.2 CPU-hours",
-    "effnet_scratch_100": "cost: 3.6 min per epoch per seed, ~1.2 CPU-hours",
-    "effnet_finetune_1000": "cost: 36 min per epoch per seed, ~5.5 CPU-hours",
-    "effnet_scratch_1000": "cost: 36 min per epoch per seed, ~5.5 CPU-hours",
-    "effnet_finetune_full": "cost: 3.0 CPU-hours per epoch per seed, ~9 CPU-hours",
-    "effnet_scratch_full": "cost: 3.0 CPU-hours per epoch per seed, ~9 CPU-hours",
-    "effnet_convnet_100": "cost: 0.8 min per epoch per seed, ~1.5 CPU-hours for 40 epochs x 3 seeds",
-    "effnet_convnet_1000": "cost: 8 min per epoch per seed, ~6.3 CPU-hours",
+    "effnet_finetune_full": "cost: ~18 min per seed for its one epoch of 50,000 images (effnet_finetune_1000 took "
+                            "~10.5 min per seed for 3 epochs of 10,000), ~1 CPU-hour; the session ended first",
+    "effnet_scratch_full": "cost: as the full fine-tune, ~1 CPU-hour; the session ended first",
+    "effnet_scratch_1000": "cost: as effnet_finetune_1000, ~32 min for the sweep; the session ended first",
 }
 ALL.update({k: (v[0], "n/a", v[3]) for k, v in EFFNET.items()})
 
@@ -742,8 +734,10 @@ def render_effnet():
             else:
                 row.append("not run")
         lines.append(f"| {_effnet_labels(method)} | " + " | ".join(row) + " |")
-    lines += ["", "Machine: " + ("; ".join(sorted(machines)) or "none yet") + ", shared with other jobs "
-              "(load average 10-22 on 2 cores while these ran).", "", "Commands:", ""]
+    lines += ["", "Machine: " + ("; ".join(sorted(machines)) or "none yet") + ". effnet_probe_100 ran while "
+              "other jobs loaded the 2 cores (load average 10-22); the other cells one after another at nice 19 "
+              "beside light development work (load average ~2-3), so their wall times are near a quiet machine's.",
+              "", "Commands:", ""]
     lines += [f"- {name}{' (not run here)' if name in EFFNET_NOT_RUN else ''}: `{_command(v[3])}`"
               for name, v in EFFNET.items()]
     return "\n".join(lines)
