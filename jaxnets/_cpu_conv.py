@@ -115,18 +115,19 @@ def _winograd_input_backward(dv, x_shape):
     return unphase_view(untile_halves(*_b(*drows), axis=1), x_shape)
 
 
-def _winograd_filter(w):
-    """``U = G g G^T`` of a (3, 3, cin, cout) kernel: 16 matrices (cin, cout), entry (a, b) at 4a+b."""
-    g = jnp.asarray(_G, w.dtype)
-    u = jnp.einsum("ai,ijco,bj->abco", g, w, g)
-    return [u[a, b] for a in range(4) for b in range(4)]
+def filter_transform(w, g_rows):
+    """``U = G g G^T`` of a (3, 3, cin, cout) kernel for the (n, 3) matrix ``G`` given by its
+    rows: n*n matrices (cin, cout), entry (a, b) at n*a+b (n = 4 for F(2x2), 6 for F(4x4))."""
+    g = jnp.asarray(g_rows, w.dtype)
+    u = jnp.einsum("ai,bj,ij...->ab...", g, g, w)
+    return [u[a, b] for a in range(len(g_rows)) for b in range(len(g_rows))]
 
 
-def _winograd_filter_backward(du):
-    """Adjoint of :func:`_winograd_filter`: ``dg = G^T dU G``."""
-    g = jnp.asarray(_G, du[0].dtype)
-    du = jnp.stack(du).reshape(4, 4, *du[0].shape)
-    return jnp.einsum("ai,abco,bj->ijco", g, du, g)
+def filter_transform_backward(du, g_rows):
+    """Adjoint of :func:`filter_transform`: ``dg = G^T dU G``."""
+    n = len(g_rows)
+    g = jnp.asarray(g_rows, du[0].dtype)
+    return jnp.einsum("ai,bj,ab...->ij...", g, g, jnp.stack(du).reshape(n, n, *du[0].shape))
 
 
 def _winograd_output(m, x_shape):
@@ -151,7 +152,7 @@ def winograd_conv(x, w):
     """The pad-1, stride-1 3x3 convolution of ``x`` with ``w`` (no bias), by F(2x2, 3x3)."""
     # 16 separate GEMMs rather than one batched dot_general: XLA:CPU runs them faster and
     # no stacked (16, tiles, C) copy is made.
-    v, u = _winograd_input(x), _winograd_filter(w)
+    v, u = _winograd_input(x), filter_transform(w, _G)
     return _winograd_output([jnp.dot(vi, ui) for vi, ui in zip(v, u)], x.shape)
 
 
@@ -159,9 +160,9 @@ def winograd_conv_backward(x, w, dy):
     """``(dw, dx)`` of :func:`winograd_conv`, the adjoint of each linear stage: ``dM = A dy A^T``;
     ``dU = V^T dM`` and ``dW = G^T dU G``; ``dV = dM U^T`` and ``dx`` = the tiles
     ``B dV B^T`` overlap-added back into the padded image, cropped."""
-    v, u = _winograd_input(x), _winograd_filter(w)
+    v, u = _winograd_input(x), filter_transform(w, _G)
     dm = _winograd_output_backward(dy)
-    dw = _winograd_filter_backward([jnp.dot(vi.T, dmi) for vi, dmi in zip(v, dm)])
+    dw = filter_transform_backward([jnp.dot(vi.T, dmi) for vi, dmi in zip(v, dm)], _G)
     dx = _winograd_input_backward([jnp.dot(dmi, ui.T) for dmi, ui in zip(dm, u)], x.shape)
     return dw, dx
 
@@ -317,20 +318,6 @@ def _f4_input_backward(dv, x_shape):
     return dz.reshape(b, 4 * th + 4, 4 * tw + 4, c)[:, 1 : 1 + h, 1 : 1 + w, :]
 
 
-def _f4_filter(w):
-    """``U = G g G^T`` of a (3, 3, cin, cout) kernel: 36 matrices (cin, cout), entry (a, b) at 6a+b."""
-    g = jnp.asarray(_G4, w.dtype)
-    u = jnp.einsum("ai,bj,ij...->ab...", g, g, w)
-    return [u[a, b] for a in range(6) for b in range(6)]
-
-
-def _f4_filter_backward(du):
-    """Adjoint of :func:`_f4_filter`: ``dg = G^T dU G``."""
-    g = jnp.asarray(_G4, du[0].dtype)
-    du = jnp.stack(du).reshape(6, 6, *du[0].shape)
-    return jnp.einsum("ai,bj,ab...->ij...", g, g, du)
-
-
 def _f4_output(m, x_shape):
     """``Y = A^T M A`` of every tile, the 4x4 tiles interleaved and cropped to (B, H, W, cout)."""
     b, h, w, _ = x_shape
@@ -357,7 +344,7 @@ def _f4_output_backward(dy):
 def winograd4_conv(x, w):
     """The pad-1, stride-1 3x3 convolution of ``x`` with ``w`` (no bias), by F(4x4, 3x3):
     36 GEMMs (tiles, cin) x (cin, cout), one per tile position."""
-    v, u = _f4_input(x), _f4_filter(w)
+    v, u = _f4_input(x), filter_transform(w, _G4)
     return _f4_output([jnp.dot(vi, ui) for vi, ui in zip(v, u)], x.shape)
 
 
@@ -365,8 +352,8 @@ def winograd4_conv_backward(x, w, dy):
     """``(dw, dx)`` of :func:`winograd4_conv`, the adjoint of each linear stage: ``dM = A dy A^T``
     (dy zero-padded to whole tiles); ``dU = V^T dM`` per position and ``dW = G^T dU G``;
     ``dV = dM U^T`` and ``dx`` = the tiles ``B dV B^T`` overlap-added, cropped."""
-    v, u = _f4_input(x), _f4_filter(w)
+    v, u = _f4_input(x), filter_transform(w, _G4)
     dm = _f4_output_backward(dy)
-    dw = _f4_filter_backward([jnp.dot(vi.T, dmi) for vi, dmi in zip(v, dm)])
+    dw = filter_transform_backward([jnp.dot(vi.T, dmi) for vi, dmi in zip(v, dm)], _G4)
     dx = _f4_input_backward([jnp.dot(dmi, ui.T) for dmi, ui in zip(dm, u)], x.shape)
     return dw, dx
